@@ -1,0 +1,6 @@
+"""Ray Serve deployments: one small class per model stage, composed through handles."""
+
+from deployments.classifier import Classifier
+from deployments.detector import Detector
+
+__all__ = ["Classifier", "Detector"]

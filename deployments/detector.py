@@ -1,0 +1,45 @@
+"""The detector deployment: one frame in, one Detections out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from deployments.execution import ComputeExecutor
+from deployments.models import build_detector
+from engines import Detections
+from serve_app.config import DetectorConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class DetectorResult:
+    detections: Detections
+    compute_ms: float
+
+
+@serve.deployment(name="detector")
+class Detector:
+    def __init__(self, config: DetectorConfig, device: str) -> None:
+        self._config = config
+        self._model = build_detector(config, device)
+        self._device = self._model.pnet.device
+        self._executor = ComputeExecutor(config.engine.execution, self._device, "detector")
+        logger.info("detector %s ready on %s (execution %s)", config.kind, self._device, self._executor.mode)
+
+    async def detect(self, frame: np.ndarray) -> DetectorResult:
+        detections, ms = await self._executor.run(self._model.detect, frame)
+        return DetectorResult(detections, ms)
+
+    async def describe(self) -> dict[str, object]:
+        return {
+            "kind": self._config.kind,
+            "labels": list(self._model.class_names),
+            "backend": self._config.engine.backend,
+            "device": self._device,
+            "execution": self._executor.mode,
+        }

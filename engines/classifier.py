@@ -1,0 +1,91 @@
+"""A secondary classifier: normalisation, the engine call in bounded batches, and post-processing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.base import Engine, EngineError
+from engines.detections import Classifications
+from engines.preprocess import Normalization, to_tensor
+
+OUTPUT_KINDS = ("softmax", "expected_value")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How to read the network's output row.
+
+    softmax: top-1 over `labels`; expected_value: sum(p_i * values_i) (e.g. age over 81 bins).
+    `apply_softmax` for networks that output logits. `threshold` on the top-1 probability
+    (DeepStream's classifier-threshold): below it the object gets no attribute.
+    """
+
+    kind: str
+    labels: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()
+    apply_softmax: bool = False
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTPUT_KINDS:
+            raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {self.kind!r}")
+        if self.kind == "expected_value" and not self.values:
+            raise ValueError("expected_value needs values (one per output class)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.values) if self.kind == "expected_value" else len(self.labels)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def postprocess(output: np.ndarray, spec: OutputSpec) -> Classifications:
+    """(N, classes) network output -> Classifications."""
+    probs = np.asarray(output, dtype=np.float32)
+    probs = probs.reshape(probs.shape[0], int(np.prod(probs.shape[1:])))
+    if spec.num_classes and probs.shape[1] != spec.num_classes:
+        raise EngineError(f"model returned {probs.shape[1]} classes, config names {spec.num_classes}")
+    if spec.apply_softmax:
+        probs = softmax(probs)
+    class_id = probs.argmax(axis=1).astype(np.int32) if len(probs) else np.zeros(0, np.int32)
+    score = probs[np.arange(len(probs)), class_id].astype(np.float32)
+    value = None
+    if spec.kind == "expected_value":
+        value = (probs @ np.asarray(spec.values, dtype=np.float32)).astype(np.float32)
+    return Classifications(spec.kind, class_id, score, score >= spec.threshold, value, spec.labels)
+
+
+class ClassifierModel:
+    """Runs one classifier on uint8 BGR crops already at network resolution."""
+
+    def __init__(self, engine: Engine, normalization: Normalization, output: OutputSpec, max_batch_size: int) -> None:
+        if len(engine.inputs) != 1:
+            raise EngineError(f"a classifier model needs exactly one input, this one has {len(engine.inputs)}")
+        self.engine = engine
+        self.normalization = normalization
+        self.output = output
+        self.max_batch_size = max_batch_size
+        self._input = engine.inputs[0]
+        self._output_name = engine.outputs[0].name
+
+    def check_geometry(self, height: int, width: int) -> None:
+        """Fail at startup when the configured input size or colour format cannot feed the model."""
+        self.engine.check_input_shape(self._input.name, (1, self.normalization.channels, height, width))
+
+    def predict(self, crops: np.ndarray) -> Classifications:
+        parts = []
+        for start in range(0, max(len(crops), 1), self.max_batch_size):
+            chunk = crops[start : start + self.max_batch_size]
+            if len(chunk) == 0:
+                break
+            tensor = to_tensor(chunk, self.normalization).astype(self._input.dtype, copy=False)
+            parts.append(postprocess(self.engine.run({self._input.name: tensor})[self._output_name], self.output))
+        if not parts:
+            return postprocess(np.zeros((0, max(self.output.num_classes, 1)), np.float32), self.output)
+        return Classifications.concatenate(parts)

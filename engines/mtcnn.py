@@ -1,0 +1,212 @@
+"""MTCNN face detector cascade (P-Net -> R-Net -> O-Net) in numpy/OpenCV over any Engine.
+
+A faithful port of facenet-pytorch 2.6.0's `detect_face` (MIT): same image pyramid, box
+regression, squaring, NMS thresholds and landmark arithmetic, so its pretrained weights give
+the same faces. Networks take RGB float32 NCHW, normalised as (x - 127.5) / 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from engines.base import Engine
+from engines.detections import Detections
+
+_STAGE_BATCH = 256  # candidates per R-Net / O-Net call
+
+
+@dataclass(frozen=True)
+class MtcnnParams:
+    min_face_size: float = 20.0
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    scale_factor: float = 0.709
+
+
+def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
+    """Scales at which P-Net's 12x12 window covers faces from min_face_size up to the image size."""
+    m = 12.0 / min_face_size
+    min_side = min(height, width) * m
+    scales = []
+    scale = m
+    while min_side >= 12:
+        scales.append(scale)
+        scale *= factor
+        min_side *= factor
+    return scales
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """IoU non-maximum suppression through OpenCV; indices by descending score."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rects = np.column_stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    keep = cv2.dnn.NMSBoxes(rects.tolist(), scores.astype(float).tolist(), 0.0, threshold)
+    return np.asarray(keep, dtype=np.int64).reshape(-1)
+
+
+def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """MTCNN's final NMS: overlap = intersection / smaller area (pixel-inclusive boxes)."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(scores)[::-1]
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        overlap = w * h / np.minimum(area[i], area[rest])
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    """facenet-pytorch `rerec`: grow each box to a square around its centre."""
+    boxes = boxes.copy()
+    h = boxes[:, 3] - boxes[:, 1]
+    w = boxes[:, 2] - boxes[:, 0]
+    side = np.maximum(w, h)
+    boxes[:, 0] += w * 0.5 - side * 0.5
+    boxes[:, 1] += h * 0.5 - side * 0.5
+    boxes[:, 2] = boxes[:, 0] + side
+    boxes[:, 3] = boxes[:, 1] + side
+    return boxes
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """facenet-pytorch `bbreg` (pixel-inclusive widths)."""
+    boxes = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, 0] += reg[:, 0] * w
+    boxes[:, 1] += reg[:, 1] * h
+    boxes[:, 2] += reg[:, 2] * w
+    boxes[:, 3] += reg[:, 3] * h
+    return boxes
+
+
+def _normalise(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) RGB -> (N, 3, H, W) float32, (x - 127.5) / 128."""
+    x = (pixels.astype(np.float32) - 127.5) * 0.0078125
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _patches(rgb: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """facenet-pytorch `pad` + crop + area resize; returns patches and the indices of boxes kept."""
+    h, w = rgb.shape[:2]
+    b = np.trunc(boxes[:, :4]).astype(np.int64)
+    x, y = np.maximum(b[:, 0], 1), np.maximum(b[:, 1], 1)
+    ex, ey = np.minimum(b[:, 2], w), np.minimum(b[:, 3], h)
+    kept = np.flatnonzero((ey > y - 1) & (ex > x - 1))
+    out = np.empty((len(kept), size, size, 3), dtype=np.float32)
+    for j, k in enumerate(kept):
+        region = rgb[y[k] - 1 : ey[k], x[k] - 1 : ex[k]]
+        out[j] = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
+    return out, kept
+
+
+class Mtcnn:
+    """Face detector: BGR uint8 frame -> Detections with 5 landmarks per face."""
+
+    class_names = ("face",)
+
+    def __init__(self, pnet: Engine, rnet: Engine, onet: Engine, params: MtcnnParams | None = None) -> None:
+        self.pnet, self.rnet, self.onet = pnet, rnet, onet
+        self.params = params or MtcnnParams()
+
+    def _run_batched(self, engine: Engine, patches: np.ndarray) -> dict[str, np.ndarray]:
+        x = _normalise(patches)
+        chunks = [engine.run_single(x[i : i + _STAGE_BATCH]) for i in range(0, len(x), _STAGE_BATCH)]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _stage1(self, rgb: np.ndarray) -> np.ndarray:
+        """P-Net over the pyramid: (K, 9) boxes x1 y1 x2 y2 score + 4 regression values."""
+        h, w = rgb.shape[:2]
+        threshold = self.params.thresholds[0]
+        found = []
+        for scale in pyramid_scales(h, w, self.params.min_face_size, self.params.scale_factor):
+            size = (int(w * scale + 1), int(h * scale + 1))
+            scaled = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+            out = self.pnet.run_single(_normalise(scaled[None]))
+            reg, prob = out["regression"][0], out["probability"][0, 1]
+            ys, xs = np.nonzero(prob >= threshold)
+            if len(ys) == 0:
+                continue
+            cells = np.stack([xs, ys], axis=1).astype(np.float32)
+            q1 = np.floor((2 * cells + 1) / scale)
+            q2 = np.floor((2 * cells + 12) / scale)
+            boxes = np.column_stack([q1, q2, prob[ys, xs], reg[:, ys, xs].T]).astype(np.float32)
+            found.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
+        if not found:
+            return np.zeros((0, 9), np.float32)
+        boxes = np.concatenate(found)
+        return boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
+
+    def detect(self, frame_bgr: np.ndarray) -> Detections:
+        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3:
+            raise ValueError(f"frame must be (H, W, 3) BGR, got {frame_bgr.shape}")
+        rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
+        empty = Detections.empty(self.class_names, num_landmarks=5)
+        t1, t2, t3 = self.params.thresholds
+
+        cand = self._stage1(rgb)
+        if len(cand) == 0:
+            return empty
+        rw, rh = cand[:, 2] - cand[:, 0], cand[:, 3] - cand[:, 1]
+        boxes = np.column_stack([
+            cand[:, 0] + cand[:, 5] * rw,
+            cand[:, 1] + cand[:, 6] * rh,
+            cand[:, 2] + cand[:, 7] * rw,
+            cand[:, 3] + cand[:, 8] * rh,
+            cand[:, 4],
+        ])
+        boxes = _square(boxes)
+
+        # Stage 2: R-Net refines and rejects.
+        patches, kept = _patches(rgb, boxes, 24)
+        if len(kept) == 0:
+            return empty
+        boxes = boxes[kept]
+        out = self._run_batched(self.rnet, patches)
+        score = out["probability"][:, 1]
+        passed = score > t2
+        boxes = np.column_stack([boxes[passed, :4], score[passed]])
+        reg = out["regression"][passed]
+        keep = nms(boxes[:, :4], boxes[:, 4], 0.7)
+        boxes = _square(_regress(boxes[keep], reg[keep]))
+        if len(boxes) == 0:
+            return empty
+
+        # Stage 3: O-Net gives final boxes, scores and landmarks.
+        patches, kept = _patches(rgb, boxes, 48)
+        if len(kept) == 0:
+            return empty
+        boxes = boxes[kept]
+        out = self._run_batched(self.onet, patches)
+        score = out["probability"][:, 1]
+        passed = score > t3
+        boxes = np.column_stack([boxes[passed, :4], score[passed]])
+        reg, points = out["regression"][passed], out["landmarks"][passed]
+        bw = boxes[:, 2] - boxes[:, 0] + 1
+        bh = boxes[:, 3] - boxes[:, 1] + 1
+        landmarks = np.stack(
+            [bw[:, None] * points[:, :5] + boxes[:, 0:1] - 1, bh[:, None] * points[:, 5:] + boxes[:, 1:2] - 1],
+            axis=2,
+        )
+        boxes = _regress(boxes, reg)
+        keep = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
+        boxes, landmarks = boxes[keep], landmarks[keep]
+        if len(boxes) == 0:
+            return empty
+        h, w = frame_bgr.shape[:2]
+        return Detections(
+            boxes[:, :4].astype(np.float32),
+            boxes[:, 4].astype(np.float32),
+            np.zeros(len(boxes), np.int32),
+            self.class_names,
+            landmarks.astype(np.float32),
+        ).clip(w, h)

@@ -1,0 +1,100 @@
+"""Classifier pre-processing, shared by every backend, in two steps:
+
+1. geometry (`crop_resize`): cut each object out of the frame and resize it to the network's
+   input size, still uint8 BGR. This runs where the frame is (the ingress), so only small uint8
+   crops at network resolution travel to the classifier deployments.
+2. photometric (`to_tensor`): colour conversion and DeepStream-style normalisation,
+   y = scale * (x - mean), to a float32 NCHW batch. This runs next to the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+COLOR_FORMATS = ("RGB", "BGR", "GRAY")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How an object's box becomes a network input (geometry only)."""
+
+    width: int
+    height: int
+    square: bool = True  # grow the box to a square around its centre (MTCNN-style)
+    padding: float = 0.0  # grow the box by this fraction of its size on each side
+
+    def boxes(self, xyxy: np.ndarray) -> np.ndarray:
+        """The crop boxes (float, may extend past the image) for detections `xyxy`."""
+        xyxy = np.asarray(xyxy, dtype=np.float32).reshape(-1, 4)
+        cx = (xyxy[:, 0] + xyxy[:, 2]) / 2
+        cy = (xyxy[:, 1] + xyxy[:, 3]) / 2
+        w = xyxy[:, 2] - xyxy[:, 0]
+        h = xyxy[:, 3] - xyxy[:, 1]
+        if self.square:
+            w = h = np.maximum(w, h)
+        w = w * (1 + 2 * self.padding)
+        h = h * (1 + 2 * self.padding)
+        return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+
+
+def crop_resize(frame: np.ndarray, xyxy: np.ndarray, spec: CropSpec) -> np.ndarray:
+    """(N, H, W, C) uint8 crops of `frame` at the network's size; out-of-image parts are black."""
+    boxes = spec.boxes(xyxy)
+    channels = frame.shape[2] if frame.ndim == 3 else 1
+    out = np.empty((len(boxes), spec.height, spec.width, channels), dtype=np.uint8)
+    fh, fw = frame.shape[:2]
+    for i, (x1, y1, x2, y2) in enumerate(np.round(boxes).astype(np.int64)):
+        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+        region = frame[max(y1, 0) : min(y2, fh), max(x1, 0) : min(x2, fw)]
+        pad = (max(-y1, 0), max(y2 - fh, 0), max(-x1, 0), max(x2 - fw, 0))
+        if region.size == 0:
+            out[i] = 0
+            continue
+        if any(pad):
+            region = cv2.copyMakeBorder(region, *pad, cv2.BORDER_CONSTANT, value=0)
+        interpolation = cv2.INTER_AREA if region.shape[0] > spec.height else cv2.INTER_LINEAR
+        resized = cv2.resize(region, (spec.width, spec.height), interpolation=interpolation)
+        out[i] = resized.reshape(spec.height, spec.width, channels)
+    return out
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Photometric pre-processing: DeepStream's model-color-format, net-scale-factor, offsets."""
+
+    color_format: str = "RGB"  # what the network wants; crops arrive as BGR
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    dtype: type = np.float32
+
+    def __post_init__(self) -> None:
+        if self.color_format not in COLOR_FORMATS:
+            raise ValueError(f"color_format must be one of {COLOR_FORMATS}, got {self.color_format!r}")
+        channels = 1 if self.color_format == "GRAY" else 3
+        if len(self.mean) not in (1, channels):
+            raise ValueError(f"mean needs 1 or {channels} values for {self.color_format}, got {len(self.mean)}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_format == "GRAY" else 3
+
+
+def to_tensor(crops_bgr: np.ndarray, spec: Normalization) -> np.ndarray:
+    """(N, H, W, 3) uint8 BGR crops -> (N, C, H, W) float tensor, y = scale * (x - mean)."""
+    if crops_bgr.ndim != 4 or crops_bgr.shape[3] != 3 or crops_bgr.dtype != np.uint8:
+        raise ValueError(f"crops must be (N, H, W, 3) uint8 BGR, got {crops_bgr.shape} {crops_bgr.dtype}")
+    if spec.color_format == "RGB":
+        pixels = crops_bgr[..., ::-1]
+    elif spec.color_format == "GRAY":
+        n, h, w, _ = crops_bgr.shape
+        flat = crops_bgr.reshape(n * h, w, 3)
+        pixels = cv2.cvtColor(flat, cv2.COLOR_BGR2GRAY).reshape(n, h, w, 1) if n else crops_bgr[..., :1]
+    else:
+        pixels = crops_bgr
+    x = pixels.astype(np.float32)
+    x -= np.asarray(spec.mean, dtype=np.float32)
+    x *= np.float32(spec.scale)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=spec.dtype)

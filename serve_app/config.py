@@ -1,0 +1,198 @@
+"""The pipeline's configuration: one pydantic model, validated before anything starts.
+
+Names follow DeepStream's nvinfer keys for secondary classifiers, in pythonic form:
+operate-on-class-ids -> operate_on_labels, input-object-min-width -> min_object_width,
+classifier-threshold -> threshold, net-scale-factor -> input.scale, offsets -> input.mean,
+model-color-format -> input.color_format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESERVED_NAMES = frozenset({"detector", "total", "ingress"})
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(value: str | Path) -> Path:
+    """An existing file: absolute, else relative to the working directory, else to the project root."""
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    folders = dict.fromkeys(str(c.parent) for c in candidates)
+    raise ValueError(f"file not found: {value} (looked in {', '.join(folders)})")
+
+
+ModelPath = Annotated[Path, Field(description="ONNX file; relative paths resolve against cwd, then the project root")]
+
+
+class DeploymentConfig(StrictModel):
+    """Ray Serve settings of one deployment. `num_gpus` is the fraction of one GPU it holds when a
+    GPU is used; on a machine with none, the deployment runs on CPU and asks for no GPU."""
+
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    num_cpus: float = Field(0.25, ge=0, description="fractional CPUs: 2-core machines cannot give each replica one")
+    num_gpus: float = Field(0.25, ge=0, le=1)
+    autoscaling_config: dict[str, Any] | None = None
+
+
+class EngineConfig(StrictModel):
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(1, ge=1)
+    inter_op_threads: int = Field(1, ge=1)
+    execution: Literal["auto", "thread", "inline"] = Field(
+        "auto",
+        description="where model compute runs in the replica: 'thread' (one dedicated worker thread; the "
+        "event loop stays free to batch), 'inline' (on the event loop; best for launch-bound GPU code), "
+        "'auto' (thread on CPU, inline on GPU)",
+    )
+
+
+class MtcnnConfig(StrictModel):
+    pnet: ModelPath = Path("models/mtcnn_pnet.onnx")
+    rnet: ModelPath = Path("models/mtcnn_rnet.onnx")
+    onet: ModelPath = Path("models/mtcnn_onet.onnx")
+    min_face_size: float = Field(20.0, gt=0)
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    scale_factor: float = Field(0.709, gt=0.1, lt=1.0)
+
+    @field_validator("pnet", "rnet", "onet", mode="before")
+    @classmethod
+    def _exists(cls, value: str | Path) -> Path:
+        return resolve_path(value)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probabilities(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(0.0 <= t <= 1.0 for t in value):
+            raise ValueError("thresholds must be probabilities in [0, 1]")
+        return value
+
+
+class DetectorConfig(StrictModel):
+    kind: Literal["mtcnn"] = "mtcnn"
+    mtcnn: MtcnnConfig = Field(default_factory=MtcnnConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
+
+
+class InputConfig(StrictModel):
+    """The network input: DeepStream's infer-dims, model-color-format, net-scale-factor, offsets."""
+
+    width: int = Field(ge=1, le=4096)
+    height: int = Field(ge=1, le=4096)
+    color_format: Literal["RGB", "BGR", "GRAY"] = "RGB"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+
+    @model_validator(mode="after")
+    def _mean_fits_channels(self) -> InputConfig:
+        channels = 1 if self.color_format == "GRAY" else 3
+        if len(self.mean) not in (1, channels):
+            raise ValueError(f"mean needs 1 or {channels} values for {self.color_format}, got {len(self.mean)}")
+        return self
+
+
+class CropConfig(StrictModel):
+    square: bool = Field(True, description="grow each box to a square around its centre before resizing")
+    padding: float = Field(0.0, ge=-0.4, le=2.0, description="grow (or shrink) the box by this fraction per side")
+
+
+class BatchingConfig(StrictModel):
+    """Cross-request batching (@serve.batch), sized in crops, not requests."""
+
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+
+class ClassifierConfig(StrictModel):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    model: ModelPath
+    kind: Literal["softmax", "expected_value"] = "softmax"
+    labels: list[str] | None = Field(None, description="class names, or use labels_file")
+    labels_file: Path | None = Field(None, description="one class name per line")
+    values: list[float] | None = Field(None, description="expected_value: the value of each class")
+    values_file: Path | None = Field(None, description="one value per line")
+    apply_softmax: bool = Field(False, description="the model outputs logits, not probabilities")
+    input: InputConfig
+    crop: CropConfig = Field(default_factory=CropConfig)
+    operate_on_labels: list[str] | None = Field(None, description="detector labels to classify; None: all")
+    min_object_width: float = Field(0, ge=0)
+    min_object_height: float = Field(0, ge=0)
+    threshold: float = Field(0.0, ge=0, le=1, description="top-1 probability below which no attribute is set")
+    timeout_s: float = Field(2.0, gt=0)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_exists(cls, value: str | Path) -> Path:
+        return resolve_path(value)
+
+    @field_validator("labels_file", "values_file", mode="before")
+    @classmethod
+    def _file_exists(cls, value: str | Path | None) -> Path | None:
+        return None if value is None else resolve_path(value)
+
+    @model_validator(mode="after")
+    def _read_label_and_value_files(self) -> ClassifierConfig:
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"classifier name {self.name!r} is reserved")
+        if self.labels is not None and self.labels_file is not None:
+            raise ValueError("give labels or labels_file, not both")
+        if self.values is not None and self.values_file is not None:
+            raise ValueError("give values or values_file, not both")
+        if self.labels_file is not None:
+            object.__setattr__(self, "labels", _read_lines(self.labels_file))
+        if self.values_file is not None:
+            try:
+                values = [float(v) for v in _read_lines(self.values_file)]
+            except ValueError as exc:
+                raise ValueError(f"values_file {self.values_file} holds a non-number: {exc}") from exc
+            object.__setattr__(self, "values", values)
+        if self.kind == "softmax" and not self.labels:
+            raise ValueError("a softmax classifier needs labels or labels_file")
+        if self.kind == "expected_value" and not self.values:
+            raise ValueError("an expected_value classifier needs values or values_file")
+        return self
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class IngressConfig(StrictModel):
+    mode: Literal["parallel", "sequential"] = "parallel"
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    detector_timeout_s: float = Field(10.0, gt=0)
+    deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0))
+
+
+class PipelineConfig(StrictModel):
+    """Everything `serve_app.app:build_app` needs; `serve_config.yaml` carries it under `args`."""
+
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    classifiers: list[ClassifierConfig] = Field(default_factory=list)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @field_validator("classifiers")
+    @classmethod
+    def _unique_names(cls, value: list[ClassifierConfig]) -> list[ClassifierConfig]:
+        names = [c.name for c in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"classifier names must be unique; repeated: {duplicates}")
+        return value

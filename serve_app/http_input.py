@@ -1,0 +1,65 @@
+"""Read an image out of an HTTP request: raw bytes or multipart field `image`, size-limited."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from serve_app.decoding import InputError
+
+RAW_TYPES = ("application/octet-stream",)
+MULTIPART = "multipart/form-data"
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise InputError(400, "bad_content_length", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise InputError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise InputError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+
+
+async def image_bytes(request: Request, limit: int) -> bytes:
+    media = _media_type(request)
+    if not (media.startswith("image/") or media in RAW_TYPES or media == MULTIPART):
+        raise InputError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {media!r} is not accepted; send image/* or application/octet-stream bytes, "
+            "or multipart/form-data with the file in field 'image'",
+        )
+    body = await read_limited(request, limit)
+    if media != MULTIPART:
+        return body
+    if not body:
+        raise InputError(400, "empty_body", "the request body is empty")
+
+    async def replay():  # noqa: ANN202 - async generator of the buffered body
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise InputError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from exc
+    if not form:
+        raise InputError(400, "bad_multipart", "the multipart body holds no complete part")
+    item = form.get("image")
+    if item is None:
+        raise InputError(422, "missing_image_field", "multipart body has no field named 'image'")
+    if isinstance(item, UploadFile):
+        return await item.read()
+    return item.encode()

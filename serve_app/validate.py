@@ -1,0 +1,50 @@
+"""Validate a Serve config file offline, before starting anything:
+
+    python -m serve_app.validate serve_config.yaml
+
+Exits 1 with the field at fault when an application's `args` would fail at startup (missing
+model, bad value, or a plan that cannot be scheduled on this machine's CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from serve_app.config import PipelineConfig
+from serve_app.placement import PlacementError
+
+
+def validate(path: Path) -> list[str]:
+    from serve_app.app import bind_pipeline
+
+    problems = []
+    document = yaml.safe_load(path.read_text())
+    for app in document.get("applications", []):
+        name = app.get("name", "?")
+        try:
+            config = PipelineConfig.model_validate(app.get("args", {}))
+            bind_pipeline(config, cluster_resources={"CPU": float(os.cpu_count() or 1), "GPU": 0.0})
+        except (ValidationError, PlacementError) as exc:
+            problems.append(f"application {name!r}: {exc}")
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    problems = validate(Path(argv[0]))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"{argv[0]}: OK")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""Shared fixtures: one local Ray instance (127.0.0.1 only) and the demo app deployed from serve_config.yaml."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_args() -> dict[str, Any]:
+    """The `args` of the shipped serve_config.yaml: the tests run exactly what users run."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    return config["applications"][0]["args"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url() -> Iterator[str]:
+    """Ray + Serve on this machine, HTTP on a free loopback port. Logical CPUs are raised to 4 so
+    the demo app and the fault-injection app fit side by side (the machine has 2 cores)."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="tests")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_app(serve_url: str) -> str:
+    """The face demo (MTCNN + age, gender, emotion) as configured in serve_config.yaml, at /."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(demo_args()), name="faces", route_prefix="/")
+    return serve_url
+
+
+@pytest.fixture()
+def client(demo_app: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=demo_app, timeout=60.0) as c:
+        yield c

@@ -1,0 +1,101 @@
+"""Config validation: a malformed config fails before anything starts, naming the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.config import PipelineConfig
+from serve_app.placement import PlacementError, check_fits, place
+from tests.conftest import ROOT, demo_args
+
+
+def validate(mutate: Any) -> PipelineConfig:
+    args = copy.deepcopy(demo_args())
+    mutate(args)
+    return PipelineConfig.model_validate(args)
+
+
+def test_shipped_config_is_valid_and_reads_label_files() -> None:
+    config = validate(lambda a: None)
+    names = [c.name for c in config.classifiers]
+    assert names == ["age", "gender", "emotion"]
+    age, gender, emotion = config.classifiers
+    assert age.values is not None and len(age.values) == 81 and age.values[0] == 0.25 and age.values[-1] == 80
+    assert gender.labels == ["female", "male"]
+    assert emotion.labels == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    assert config.detector.mtcnn.pnet.is_absolute() and config.detector.mtcnn.pnet.is_file()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field_fragment"),
+    [
+        (lambda a: a["classifiers"][0].update(model="models/nope.onnx"), "file not found: models/nope.onnx"),
+        (lambda a: a["detector"]["mtcnn"].update(pnet="missing.onnx"), "file not found: missing.onnx"),
+        (lambda a: a["classifiers"][1].update(name="Gender!"), "classifiers.1.name"),
+        (lambda a: a["classifiers"][1].update(name="age"), "repeated: ['age']"),
+        (lambda a: a["classifiers"][1].update(name="total"), "reserved"),
+        (lambda a: a["classifiers"][1].pop("labels_file"), "needs labels"),
+        (lambda a: a["classifiers"][0].pop("values_file"), "needs values"),
+        (lambda a: a["classifiers"][2]["input"].update(mean=[1, 2, 3]), "mean needs 1 or 1 values"),
+        (lambda a: a["classifiers"][2]["input"].update(color_format="CMYK"), "classifiers.2.input.color_format"),
+        (lambda a: a["classifiers"][0].update(threshold=1.5), "classifiers.0.threshold"),
+        (lambda a: a["classifiers"][0].update(timeout_s=0), "classifiers.0.timeout_s"),
+        (lambda a: a["classifiers"][0].update(unknown_key=1), "classifiers.0.unknown_key"),
+        (lambda a: a["ingress"].update(mode="diagonal"), "ingress.mode"),
+        (lambda a: a["detector"]["deployment"].update(num_gpus=1.5), "detector.deployment.num_gpus"),
+        (lambda a: a["detector"]["mtcnn"].update(thresholds=[0.6, 0.7, 7]), "thresholds must be probabilities"),
+    ],
+)
+def test_malformed_config_names_the_problem(mutate: Any, field_fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        validate(mutate)
+    assert field_fragment in str(info.value)
+
+
+def test_no_gpu_falls_back_to_cpu_and_asks_for_no_gpu() -> None:
+    config = validate(lambda a: None)
+    placement = place("age", config.classifiers[0].deployment, config.classifiers[0].engine, cluster_gpus=0)
+    assert (placement.device, placement.num_gpus, placement.num_cpus) == ("cpu", 0.0, 0.25)
+
+
+def test_gpu_cluster_gives_each_deployment_its_fraction() -> None:
+    config = validate(lambda a: None)
+    placements = [place(c.name, c.deployment, c.engine, cluster_gpus=1) for c in config.classifiers]
+    assert [(p.device, p.num_gpus) for p in placements] == [("cuda", 0.25)] * 3
+    detector = place("detector", config.detector.deployment, config.detector.engine, cluster_gpus=1)
+    check_fits([detector, *placements], {"CPU": 2, "GPU": 1})  # 4 x 0.25 of one RTX 3090
+
+
+def test_explicit_cuda_without_gpu_fails_loudly() -> None:
+    config = validate(lambda a: a["classifiers"][0]["engine"].update(device="cuda"))
+    with pytest.raises(PlacementError, match="age: device 'cuda' is configured but the Ray cluster has no GPU"):
+        place("age", config.classifiers[0].deployment, config.classifiers[0].engine, cluster_gpus=0)
+
+
+def test_plan_that_cannot_be_scheduled_fails_instead_of_waiting() -> None:
+    from serve_app.app import bind_pipeline
+
+    config = validate(lambda a: a["classifiers"][0]["deployment"].update(num_cpus=1, num_replicas=2))
+    with pytest.raises(PlacementError, match=r"need 3\.25 CPU in all .*age 1 x 2,.*cluster has 2;"):
+        bind_pipeline(config, cluster_resources={"CPU": 2.0})
+
+
+def test_shipped_config_fits_a_two_core_machine() -> None:
+    from serve_app.app import bind_pipeline
+
+    app = bind_pipeline(validate(lambda a: None), cluster_resources={"CPU": 2.0})
+    assert app is not None
+
+
+def test_validate_command_accepts_the_shipped_config_and_names_a_bad_field(tmp_path: Path) -> None:
+    from serve_app.validate import main
+
+    assert main([str(ROOT / "serve_config.yaml")]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "serve_config.yaml").read_text().replace("models/gender.onnx", "models/gone.onnx"))
+    assert main([str(bad)]) == 1

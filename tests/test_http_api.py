@@ -1,0 +1,110 @@
+"""The face demo served by Ray Serve on 127.0.0.1, exercised over real HTTP with real models."""
+
+from __future__ import annotations
+
+import cv2
+import httpx
+import numpy as np
+
+from tests.images import ASTRONAUT, NO_FACE, collage, encode, read
+
+PNG = {"Content-Type": "image/png"}
+
+
+def infer(client: httpx.Client, body: bytes, headers: dict[str, str] | None = None, **params: str) -> dict:
+    response = client.post("/v1/infer", content=body, headers=headers or PNG, params=params)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_astronaut_gets_one_face_with_every_attribute(client: httpx.Client) -> None:
+    result = infer(client, ASTRONAUT.read_bytes())
+    assert result["image"] == {"width": 512, "height": 512}
+    assert result["errors"] == {}
+    assert len(result["objects"]) == 1
+    face = result["objects"][0]
+    assert face["label"] == "face"
+    assert face["score"] > 0.99
+    x1, y1, x2, y2 = face["box"]
+    assert 160 < x1 < x2 < 290 and 40 < y1 < y2 < 200  # her face, in original pixels
+    assert len(face["landmarks"]) == 5
+    attributes = face["attributes"]
+    assert attributes["gender"]["label"] == "female" and attributes["gender"]["score"] > 0.9
+    assert attributes["emotion"]["label"] == "happy" and attributes["emotion"]["score"] > 0.9
+    assert 22 <= attributes["age"]["value"] <= 40  # she was 30-ish; the age model is coarse
+    assert list(attributes) == ["age", "gender", "emotion"]  # config order
+    assert set(result["timings_ms"]) == {"detector", "age", "gender", "emotion", "total"}
+    assert result["mode"] == "parallel"
+
+
+def test_collage_returns_each_face(client: httpx.Client) -> None:
+    result = infer(client, encode(collage(), ".jpg"), {"Content-Type": "image/jpeg"})
+    faces = sorted(result["objects"], key=lambda o: o["box"][0])
+    assert len(faces) == 3
+    for tile, face in enumerate(faces):  # one face per 512-pixel tile
+        assert tile * 512 <= face["box"][0] < face["box"][2] <= (tile + 1) * 512
+        assert set(face["attributes"]) == {"age", "gender", "emotion"}
+    assert [f["attributes"]["gender"]["label"] for f in faces[:2]] == ["female", "female"]
+    assert [f["attributes"]["emotion"]["label"] for f in faces[:2]] == ["happy", "happy"]
+
+
+def test_photo_without_faces_returns_none(client: httpx.Client) -> None:
+    result = infer(client, NO_FACE.read_bytes(), {"Content-Type": "image/jpeg"})
+    assert result["objects"] == []
+    assert result["errors"] == {}
+    assert result["image"] == {"width": 600, "height": 400}
+
+
+def test_sequential_and_parallel_give_identical_objects(client: httpx.Client) -> None:
+    body = encode(collage(), ".png")
+    parallel = infer(client, body, mode="parallel")
+    sequential = infer(client, body, mode="sequential")
+    assert sequential["mode"] == "sequential"
+    assert parallel["objects"] == sequential["objects"]
+
+
+def test_multipart_upload_and_octet_stream(client: httpx.Client) -> None:
+    body = ASTRONAUT.read_bytes()
+    multipart = client.post("/v1/infer", files={"image": ("astronaut.png", body, "image/png")})
+    assert multipart.status_code == 200, multipart.text
+    raw = infer(client, body, {"Content-Type": "application/octet-stream"})
+    assert multipart.json()["objects"] == raw["objects"]
+
+
+def test_annotate_returns_a_jpeg_of_the_same_size(client: httpx.Client) -> None:
+    response = client.post("/v1/annotate", content=ASTRONAUT.read_bytes(), headers=PNG)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    drawn = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
+    assert drawn.shape == (512, 512, 3)
+    original = read(ASTRONAUT)
+    # the box is drawn in green on her face's outline; elsewhere the image is the original (JPEG noise aside)
+    assert np.abs(drawn.astype(int) - original.astype(int)).mean() > 0.5
+    assert np.abs(drawn[400:, :100].astype(int) - original[400:, :100].astype(int)).mean() < 6
+
+
+def test_pipeline_describes_four_model_deployments(client: httpx.Client) -> None:
+    response = client.get("/v1/pipeline")
+    assert response.status_code == 200
+    pipeline = response.json()
+    assert pipeline["mode"] == "parallel"
+    assert pipeline["detector"]["kind"] == "mtcnn"
+    assert [c["name"] for c in pipeline["classifiers"]] == ["age", "gender", "emotion"]
+    for stage in [pipeline["detector"], *pipeline["classifiers"]]:
+        assert stage["backend"] == "onnxruntime"
+        assert stage["device"] == "cpu"  # no GPU here: the GPU-fraction config fell back to CPU
+    assert pipeline["classifiers"][0]["operate_on_labels"] == ["face"]
+
+
+def test_serve_status_lists_every_deployment(demo_app: str) -> None:
+    from ray import serve
+
+    app = serve.status().applications["faces"]
+    assert app.status == "RUNNING"
+    assert set(app.deployments) == {"ingress", "detector", "age", "gender", "emotion"}
+
+
+def test_healthz(client: httpx.Client) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "deployments": 5}

@@ -1,0 +1,74 @@
+"""A failing or slow classifier costs only its own attribute: the caller gets the rest plus an error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import demo_args
+from tests.images import ASTRONAUT
+
+
+def broken_classifier(path: Path) -> Path:
+    """A valid ONNX model taking [N, 3, 32, 32] that fails at run time (reshapes 3072*N values to 7x11)."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "shape"], ["probabilities"])],
+        "broken",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [7, 11])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, 11])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def faulty_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = demo_args()
+    small = {"num_cpus": 0.1, "num_gpus": 0}
+    gender = next(c for c in args["classifiers"] if c["name"] == "gender")
+    broken = {
+        **gender,
+        "name": "broken",
+        "model": str(broken_classifier(tmp_path_factory.mktemp("models") / "broken.onnx")),
+    }
+    hurried = {**gender, "name": "hurried", "timeout_s": 0.001}  # no Serve hop answers within 1 ms
+    config = {
+        "ingress": {"deployment": small},
+        "detector": {**args["detector"], "deployment": small},
+        "classifiers": [{**c, "deployment": small} for c in (gender, broken, hurried)],
+    }
+    serve.run(build_app(config), name="faulty", route_prefix="/faulty")
+    yield f"{serve_url}/faulty"
+    serve.delete("faulty")
+
+
+def test_failing_and_timed_out_classifiers_do_not_lose_the_others(faulty_app: str) -> None:
+    from ray import serve
+
+    with httpx.Client(base_url=faulty_app, timeout=60.0) as client:
+        for _ in range(2):  # and the failure does not take the replica down
+            response = client.post("/v1/infer", content=ASTRONAUT.read_bytes(), headers={"Content-Type": "image/png"})
+            assert response.status_code == 200, response.text
+            result = response.json()
+            (face,) = result["objects"]
+            assert face["attributes"] == {"gender": {"label": "female", "score": pytest.approx(0.9999, abs=1e-3)}}
+            assert result["errors"]["broken"]["code"] == "failed"
+            assert "Reshape" in result["errors"]["broken"]["message"] or "shape" in result["errors"]["broken"]["message"]
+            assert result["errors"]["hurried"] == {"code": "timeout", "message": "no answer within 0.001 s"}
+            assert set(result["timings_ms"]) >= {"detector", "gender", "broken", "hurried", "total"}
+    status = serve.status().applications["faulty"]
+    assert status.status == "RUNNING"
+    assert status.deployments["broken"].status == "HEALTHY"
