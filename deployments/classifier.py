@@ -39,7 +39,7 @@ class Classifier:
         try:
             self._model = build_classifier(config, device)
         except EngineError as exc:
-            raise ValueError(f"classifier {config.name!r} (model {config.model.name}): {exc}") from exc
+            raise ValueError(f"classifiers[{config.name}] (model {config.model.name}): {exc}") from exc
         self._device = self._model.engine.device
         self._executor = ComputeExecutor(config.engine.execution, self._device, config.name)
         self._shape = (config.input.height, config.input.width, 3)
@@ -80,7 +80,7 @@ class Classifier:
             "timeout_s": c.timeout_s,
             "input": c.input.model_dump(),
             "max_batch_size": self._max_batch,
-            "backend": c.engine.backend,
+            "backend": self._model.engine.backend,
             "device": self._device,
             "execution": self._executor.mode,
         }

@@ -11,6 +11,7 @@ from ray import serve
 from deployments.execution import ComputeExecutor
 from deployments.models import build_detector
 from engines import Detections
+from engines.yolo import Yolo
 from serve_app.config import DetectorConfig
 
 logger = logging.getLogger("ray.serve")
@@ -27,7 +28,7 @@ class Detector:
     def __init__(self, config: DetectorConfig, device: str) -> None:
         self._config = config
         self._model = build_detector(config, device)
-        self._device = self._model.pnet.device
+        self._device = self._model.device
         self._executor = ComputeExecutor(config.engine.execution, self._device, "detector")
         logger.info("detector %s ready on %s (execution %s)", config.kind, self._device, self._executor.mode)
 
@@ -36,10 +37,14 @@ class Detector:
         return DetectorResult(detections, ms)
 
     async def describe(self) -> dict[str, object]:
-        return {
+        description: dict[str, object] = {
             "kind": self._config.kind,
             "labels": list(self._model.class_names),
-            "backend": self._config.engine.backend,
+            "backend": self._model.backend,
             "device": self._device,
             "execution": self._executor.mode,
         }
+        if isinstance(self._model, Yolo):
+            description["layout"] = self._model.layout
+            description["model"] = self._config.yolo.model.name if self._config.yolo else None
+        return description

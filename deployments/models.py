@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
-from engines import create_engine
+from pathlib import Path
+
+from engines import Engine, EngineError, create_engine
 from engines.classifier import ClassifierModel, OutputSpec
 from engines.mtcnn import Mtcnn, MtcnnParams
 from engines.preprocess import Normalization
+from engines.yolo import Yolo, YoloParams
 from serve_app.config import ClassifierConfig, DetectorConfig, EngineConfig
 
 
-def _engine(cfg: EngineConfig, device: str, path: object):  # noqa: ANN202 - returns engines.Engine
-    return create_engine(cfg.backend, path, device, cfg.intra_op_threads, cfg.inter_op_threads)
+def _engine(cfg: EngineConfig, device: str, path: Path) -> Engine:
+    return create_engine(cfg.backend, path, device, cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16)
 
 
-def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn:
+def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | Yolo:
+    if cfg.kind == "yolo":
+        y = cfg.yolo
+        assert y is not None  # checked by DetectorConfig
+        params = YoloParams(
+            y.input_width,
+            y.input_height,
+            tuple(y.class_names or ()),
+            y.layout,
+            y.confidence_threshold,
+            y.iou_threshold,
+            y.max_detections,
+        )
+        try:
+            return Yolo(_engine(cfg.engine, device, y.model), params, y.model.name)
+        except EngineError as exc:
+            raise ValueError(f"detector.yolo (model {y.model.name}): {exc}") from exc
     m = cfg.mtcnn
     engines = [_engine(cfg.engine, device, p) for p in (m.pnet, m.rnet, m.onet)]
     return Mtcnn(*engines, MtcnnParams(m.min_face_size, m.thresholds, m.scale_factor))
@@ -22,15 +41,20 @@ def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn:
 def build_classifier(cfg: ClassifierConfig, device: str) -> ClassifierModel:
     model = ClassifierModel(
         _engine(cfg.engine, device, cfg.model),
-        Normalization(cfg.input.color_format, cfg.input.scale, cfg.input.mean),
+        Normalization(cfg.input.color_format, cfg.input.scale, cfg.input.mean, cfg.input.std),
         OutputSpec(
             cfg.kind,
             tuple(cfg.labels or ()),
             tuple(cfg.values or ()),
             cfg.apply_softmax,
             cfg.threshold,
+            cfg.top_k,
+            cfg.normalize,
         ),
         cfg.batching.max_batch_size,
     )
-    model.check_geometry(cfg.input.height, cfg.input.width)
+    try:
+        model.check_geometry(cfg.input.height, cfg.input.width)
+    except EngineError as exc:
+        raise ValueError(f"classifiers[{cfg.name}].input (model {cfg.model.name}): {exc}") from exc
     return model

@@ -10,14 +10,15 @@ from engines.base import Engine, EngineError
 from engines.detections import Classifications
 from engines.preprocess import Normalization, to_tensor
 
-OUTPUT_KINDS = ("softmax", "expected_value")
+OUTPUT_KINDS = ("softmax", "expected_value", "vector")
 
 
 @dataclass(frozen=True)
 class OutputSpec:
     """How to read the network's output row.
 
-    softmax: top-1 over `labels`; expected_value: sum(p_i * values_i) (e.g. age over 81 bins).
+    softmax: top-1 (and top-k) over `labels`; expected_value: sum(p_i * values_i) (e.g. age over
+    81 bins); vector: the raw output row (an embedding), optionally L2-normalised.
     `apply_softmax` for networks that output logits. `threshold` on the top-1 probability
     (DeepStream's classifier-threshold): below it the object gets no attribute.
     """
@@ -27,6 +28,8 @@ class OutputSpec:
     values: tuple[float, ...] = ()
     apply_softmax: bool = False
     threshold: float = 0.0
+    top_k: int = 1
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in OUTPUT_KINDS:
@@ -36,6 +39,8 @@ class OutputSpec:
 
     @property
     def num_classes(self) -> int:
+        if self.kind == "vector":
+            return 0
         return len(self.values) if self.kind == "expected_value" else len(self.labels)
 
 
@@ -51,14 +56,28 @@ def postprocess(output: np.ndarray, spec: OutputSpec) -> Classifications:
     probs = probs.reshape(probs.shape[0], int(np.prod(probs.shape[1:])))
     if spec.num_classes and probs.shape[1] != spec.num_classes:
         raise EngineError(f"model returned {probs.shape[1]} classes, config names {spec.num_classes}")
+    n = len(probs)
+    if spec.kind == "vector":
+        vector = probs
+        if spec.normalize:
+            vector = vector / np.maximum(np.linalg.norm(vector, axis=1, keepdims=True), 1e-12)
+        return Classifications(
+            "vector", np.zeros(n, np.int32), np.ones(n, np.float32), np.ones(n, bool), vector=vector.astype(np.float32)
+        )
     if spec.apply_softmax:
         probs = softmax(probs)
-    class_id = probs.argmax(axis=1).astype(np.int32) if len(probs) else np.zeros(0, np.int32)
-    score = probs[np.arange(len(probs)), class_id].astype(np.float32)
-    value = None
+    class_id = probs.argmax(axis=1).astype(np.int32) if n else np.zeros(0, np.int32)
+    score = probs[np.arange(n), class_id].astype(np.float32)
+    value = top_class_id = top_score = None
     if spec.kind == "expected_value":
         value = (probs @ np.asarray(spec.values, dtype=np.float32)).astype(np.float32)
-    return Classifications(spec.kind, class_id, score, score >= spec.threshold, value, spec.labels)
+    elif spec.top_k > 1:
+        k = min(spec.top_k, probs.shape[1])
+        top_class_id = np.argsort(-probs, axis=1, kind="stable")[:, :k].astype(np.int32)
+        top_score = np.take_along_axis(probs, top_class_id, axis=1).astype(np.float32)
+    return Classifications(
+        spec.kind, class_id, score, score >= spec.threshold, value, spec.labels, top_class_id, top_score
+    )
 
 
 class ClassifierModel:

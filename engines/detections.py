@@ -86,13 +86,18 @@ class Detections:
         return Detections(xyxy, self.confidence, self.class_id, self.class_names, self.landmarks)
 
 
+_ROW_ARRAYS = ("class_id", "score", "accepted", "value", "top_class_id", "top_score", "vector")
+
+
 @dataclass(frozen=True, eq=False)
 class Classifications:
     """One classifier's answer for N crops, row i for crop i.
 
-    `kind` says how to read it: "softmax" rows carry (class_id, score); "expected_value" rows
-    carry `value` (and the top class's probability as `score`). `accepted` is False where the
-    score fell below the classifier's threshold: those objects get no attribute.
+    `kind` says how to read it: "softmax" rows carry (class_id, score) and, with top-k > 1,
+    (top_class_id, top_score); "expected_value" rows carry `value` (and the top class's
+    probability as `score`); "vector" rows carry the raw output `vector` (embeddings).
+    `accepted` is False where the score fell below the classifier's threshold: those objects get
+    no attribute.
     """
 
     kind: str
@@ -101,36 +106,40 @@ class Classifications:
     accepted: np.ndarray  # (N,) bool
     value: np.ndarray | None = None  # (N,) float32 for expected_value
     labels: tuple[str, ...] = field(default=())
+    top_class_id: np.ndarray | None = None  # (N, k) int32 for softmax with top_k > 1
+    top_score: np.ndarray | None = None  # (N, k) float32
+    vector: np.ndarray | None = None  # (N, D) float32 for vector
 
     def __len__(self) -> int:
         return int(self.class_id.shape[0])
+
+    def _arrays(self) -> dict[str, np.ndarray | None]:
+        return {name: getattr(self, name) for name in _ROW_ARRAYS}
 
     @classmethod
     def concatenate(cls, parts: list[Classifications]) -> Classifications:
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
-        return cls(
-            first.kind,
-            np.concatenate([p.class_id for p in parts]),
-            np.concatenate([p.score for p in parts]),
-            np.concatenate([p.accepted for p in parts]),
-            None if first.value is None else np.concatenate([p.value for p in parts if p.value is not None]),
-            first.labels,
-        )
+        arrays = {
+            name: None if array is None else np.concatenate([getattr(p, name) for p in parts])
+            for name, array in first._arrays().items()
+        }
+        return cls(kind=first.kind, labels=first.labels, **arrays)
 
     def split(self, sizes: list[int]) -> list[Classifications]:
         bounds = np.cumsum(sizes)[:-1]
-        value_parts = [None] * len(sizes) if self.value is None else np.split(self.value, bounds)
+        pieces = {
+            name: [None] * len(sizes) if array is None else np.split(array, bounds)
+            for name, array in self._arrays().items()
+        }
         return [
-            Classifications(self.kind, c, s, a, v, self.labels)
-            for c, s, a, v in zip(
-                np.split(self.class_id, bounds),
-                np.split(self.score, bounds),
-                np.split(self.accepted, bounds),
-                value_parts,
-            )
+            Classifications(kind=self.kind, labels=self.labels, **{name: pieces[name][i] for name in pieces})
+            for i in range(len(sizes))
         ]
+
+    def _label(self, class_id: int) -> str:
+        return self.labels[class_id] if 0 <= class_id < len(self.labels) else str(class_id)
 
     def attribute(self, i: int) -> dict[str, Any] | None:
         """The JSON attribute for row i, or None where it was below threshold."""
@@ -139,6 +148,13 @@ class Classifications:
         if self.kind == "expected_value":
             assert self.value is not None
             return {"value": round(float(self.value[i]), 2)}
-        cid = int(self.class_id[i])
-        label = self.labels[cid] if cid < len(self.labels) else str(cid)
-        return {"label": label, "score": round(float(self.score[i]), 4)}
+        if self.kind == "vector":
+            assert self.vector is not None
+            return {"vector": [round(float(v), 6) for v in self.vector[i]]}
+        attribute: dict[str, Any] = {"label": self._label(int(self.class_id[i])), "score": round(float(self.score[i]), 4)}
+        if self.top_class_id is not None and self.top_score is not None:
+            attribute["top_k"] = [
+                {"label": self._label(int(c)), "score": round(float(s), 4)}
+                for c, s in zip(self.top_class_id[i], self.top_score[i])
+            ]
+        return attribute

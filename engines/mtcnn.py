@@ -117,6 +117,8 @@ class Mtcnn:
     def __init__(self, pnet: Engine, rnet: Engine, onet: Engine, params: MtcnnParams | None = None) -> None:
         self.pnet, self.rnet, self.onet = pnet, rnet, onet
         self.params = params or MtcnnParams()
+        self.device = pnet.device
+        self.backend = pnet.backend
 
     def _run_batched(self, engine: Engine, patches: np.ndarray) -> dict[str, np.ndarray]:
         x = _normalise(patches)

@@ -25,6 +25,7 @@ class CropSpec:
     height: int
     square: bool = True  # grow the box to a square around its centre (MTCNN-style)
     padding: float = 0.0  # grow the box by this fraction of its size on each side
+    keep_aspect: bool = False  # letterbox the crop into width x height instead of stretching it
 
     def boxes(self, xyxy: np.ndarray) -> np.ndarray:
         """The crop boxes (float, may extend past the image) for detections `xyxy`."""
@@ -55,27 +56,48 @@ def crop_resize(frame: np.ndarray, xyxy: np.ndarray, spec: CropSpec) -> np.ndarr
             continue
         if any(pad):
             region = cv2.copyMakeBorder(region, *pad, cv2.BORDER_CONSTANT, value=0)
-        interpolation = cv2.INTER_AREA if region.shape[0] > spec.height else cv2.INTER_LINEAR
-        resized = cv2.resize(region, (spec.width, spec.height), interpolation=interpolation)
-        out[i] = resized.reshape(spec.height, spec.width, channels)
+        out[i] = _fit(region, spec).reshape(spec.height, spec.width, channels)
     return out
+
+
+def _fit(region: np.ndarray, spec: CropSpec) -> np.ndarray:
+    """Resize to the network size: stretched, or scaled to fit and centred on black (keep_aspect)."""
+    h, w = region.shape[:2]
+    if not spec.keep_aspect:
+        interpolation = cv2.INTER_AREA if h > spec.height else cv2.INTER_LINEAR
+        return cv2.resize(region, (spec.width, spec.height), interpolation=interpolation)
+    scale = min(spec.width / w, spec.height / h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(region, (new_w, new_h), interpolation=interpolation)
+    canvas = np.zeros((spec.height, spec.width) + region.shape[2:], dtype=region.dtype)
+    top, left = (spec.height - new_h) // 2, (spec.width - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resized.reshape(canvas[top : top + new_h, left : left + new_w].shape)
+    return canvas
 
 
 @dataclass(frozen=True)
 class Normalization:
-    """Photometric pre-processing: DeepStream's model-color-format, net-scale-factor, offsets."""
+    """Photometric pre-processing: DeepStream's model-color-format, net-scale-factor, offsets,
+    plus a per-channel std (torchvision-style models): y = scale * (x - mean) / std."""
 
     color_format: str = "RGB"  # what the network wants; crops arrive as BGR
     scale: float = 1.0
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0,)
     dtype: type = np.float32
 
     def __post_init__(self) -> None:
         if self.color_format not in COLOR_FORMATS:
             raise ValueError(f"color_format must be one of {COLOR_FORMATS}, got {self.color_format!r}")
         channels = 1 if self.color_format == "GRAY" else 3
-        if len(self.mean) not in (1, channels):
-            raise ValueError(f"mean needs 1 or {channels} values for {self.color_format}, got {len(self.mean)}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, channels):
+                raise ValueError(
+                    f"{name} needs 1 or {channels} values for {self.color_format}, got {len(getattr(self, name))}"
+                )
+        if any(v == 0 for v in self.std):
+            raise ValueError("std values must be non-zero")
 
     @property
     def channels(self) -> int:
@@ -83,7 +105,7 @@ class Normalization:
 
 
 def to_tensor(crops_bgr: np.ndarray, spec: Normalization) -> np.ndarray:
-    """(N, H, W, 3) uint8 BGR crops -> (N, C, H, W) float tensor, y = scale * (x - mean)."""
+    """(N, H, W, 3) uint8 BGR crops -> (N, C, H, W) float tensor, y = scale * (x - mean) / std."""
     if crops_bgr.ndim != 4 or crops_bgr.shape[3] != 3 or crops_bgr.dtype != np.uint8:
         raise ValueError(f"crops must be (N, H, W, 3) uint8 BGR, got {crops_bgr.shape} {crops_bgr.dtype}")
     if spec.color_format == "RGB":
@@ -97,4 +119,6 @@ def to_tensor(crops_bgr: np.ndarray, spec: Normalization) -> np.ndarray:
     x = pixels.astype(np.float32)
     x -= np.asarray(spec.mean, dtype=np.float32)
     x *= np.float32(spec.scale)
+    if any(v != 1.0 for v in spec.std):
+        x /= np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=spec.dtype)

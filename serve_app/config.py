@@ -47,8 +47,13 @@ class DeploymentConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    backend: Literal["onnxruntime", "tensorrt", "torch"] = Field(
+        "onnxruntime",
+        description="onnxruntime (ONNX; CPU, or CUDA with onnxruntime-gpu), torch (ONNX through onnx2torch; "
+        "CUDA or CPU), tensorrt (a serialized .engine built on the serving GPU; CUDA only)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = Field(False, description="torch backend on CUDA: run the model in half precision")
     intra_op_threads: int = Field(1, ge=1)
     inter_op_threads: int = Field(1, ge=1)
     execution: Literal["auto", "thread", "inline"] = Field(
@@ -80,11 +85,47 @@ class MtcnnConfig(StrictModel):
         return value
 
 
+class YoloConfig(StrictModel):
+    """A YOLO-family ONNX export (or TensorRT engine): ultralytics v8/v11 [1, 4+C, N] or v5 [1, N, 5+C]."""
+
+    model: ModelPath
+    input_width: int = Field(640, ge=32, le=4096)
+    input_height: int = Field(640, ge=32, le=4096)
+    layout: Literal["auto", "v8", "v5"] = "auto"
+    confidence_threshold: float = Field(0.25, ge=0, le=1)
+    iou_threshold: float = Field(0.45, ge=0, le=1)
+    max_detections: int = Field(300, ge=1)
+    class_names: list[str] | None = None
+    class_names_file: Path | None = Field(None, description="one class name per line")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_exists(cls, value: str | Path) -> Path:
+        return resolve_path(value)
+
+    @field_validator("class_names_file", mode="before")
+    @classmethod
+    def _file_exists(cls, value: str | Path | None) -> Path | None:
+        return None if value is None else resolve_path(value)
+
+    @model_validator(mode="after")
+    def _read_names(self) -> YoloConfig:
+        _inline_or_file(self, "class_names", "class_names_file", str)
+        return self
+
+
 class DetectorConfig(StrictModel):
-    kind: Literal["mtcnn"] = "mtcnn"
+    kind: Literal["mtcnn", "yolo"] = "mtcnn"
     mtcnn: MtcnnConfig = Field(default_factory=MtcnnConfig)
+    yolo: YoloConfig | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
+
+    @model_validator(mode="after")
+    def _section_for_kind(self) -> DetectorConfig:
+        if self.kind == "yolo" and self.yolo is None:
+            raise ValueError("detector.kind is yolo but the detector.yolo section is missing")
+        return self
 
 
 class InputConfig(StrictModel):
@@ -93,20 +134,27 @@ class InputConfig(StrictModel):
     width: int = Field(ge=1, le=4096)
     height: int = Field(ge=1, le=4096)
     color_format: Literal["RGB", "BGR", "GRAY"] = "RGB"
-    scale: float = 1.0
+    scale: float = Field(1.0, description="y = scale * (x - mean) / std")
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0,)
 
     @model_validator(mode="after")
-    def _mean_fits_channels(self) -> InputConfig:
+    def _fits_channels(self) -> InputConfig:
         channels = 1 if self.color_format == "GRAY" else 3
-        if len(self.mean) not in (1, channels):
-            raise ValueError(f"mean needs 1 or {channels} values for {self.color_format}, got {len(self.mean)}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, channels):
+                raise ValueError(
+                    f"{name} needs 1 or {channels} values for {self.color_format}, got {len(getattr(self, name))}"
+                )
+        if any(v == 0 for v in self.std):
+            raise ValueError("std values must be non-zero")
         return self
 
 
 class CropConfig(StrictModel):
     square: bool = Field(True, description="grow each box to a square around its centre before resizing")
     padding: float = Field(0.0, ge=-0.4, le=2.0, description="grow (or shrink) the box by this fraction per side")
+    keep_aspect: bool = Field(False, description="letterbox the crop into the input size instead of stretching it")
 
 
 class BatchingConfig(StrictModel):
@@ -119,12 +167,14 @@ class BatchingConfig(StrictModel):
 class ClassifierConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     model: ModelPath
-    kind: Literal["softmax", "expected_value"] = "softmax"
+    kind: Literal["softmax", "expected_value", "vector"] = "softmax"
     labels: list[str] | None = Field(None, description="class names, or use labels_file")
     labels_file: Path | None = Field(None, description="one class name per line")
     values: list[float] | None = Field(None, description="expected_value: the value of each class")
     values_file: Path | None = Field(None, description="one value per line")
     apply_softmax: bool = Field(False, description="the model outputs logits, not probabilities")
+    top_k: int = Field(1, ge=1, le=100, description="softmax: also return the k best labels")
+    normalize: bool = Field(False, description="vector: L2-normalise the output (embeddings)")
     input: InputConfig
     crop: CropConfig = Field(default_factory=CropConfig)
     operate_on_labels: list[str] | None = Field(None, description="detector labels to classify; None: all")
@@ -150,18 +200,8 @@ class ClassifierConfig(StrictModel):
     def _read_label_and_value_files(self) -> ClassifierConfig:
         if self.name in RESERVED_NAMES:
             raise ValueError(f"classifier name {self.name!r} is reserved")
-        if self.labels is not None and self.labels_file is not None:
-            raise ValueError("give labels or labels_file, not both")
-        if self.values is not None and self.values_file is not None:
-            raise ValueError("give values or values_file, not both")
-        if self.labels_file is not None:
-            object.__setattr__(self, "labels", _read_lines(self.labels_file))
-        if self.values_file is not None:
-            try:
-                values = [float(v) for v in _read_lines(self.values_file)]
-            except ValueError as exc:
-                raise ValueError(f"values_file {self.values_file} holds a non-number: {exc}") from exc
-            object.__setattr__(self, "values", values)
+        _inline_or_file(self, "labels", "labels_file", str)
+        _inline_or_file(self, "values", "values_file", float)
         if self.kind == "softmax" and not self.labels:
             raise ValueError("a softmax classifier needs labels or labels_file")
         if self.kind == "expected_value" and not self.values:
@@ -169,8 +209,18 @@ class ClassifierConfig(StrictModel):
         return self
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+def _inline_or_file(model: BaseModel, field: str, file_field: str, parse: type) -> None:
+    """Fill `field` from the one-item-per-line file named by `file_field` (exactly one may be given)."""
+    path = getattr(model, file_field)
+    if path is None:
+        return
+    if getattr(model, field) is not None:
+        raise ValueError(f"give {field} or {file_field}, not both")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        object.__setattr__(model, field, [parse(line) for line in lines])
+    except ValueError as exc:
+        raise ValueError(f"{file_field} {path} holds a bad entry: {exc}") from exc
 
 
 class IngressConfig(StrictModel):

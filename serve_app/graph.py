@@ -46,7 +46,9 @@ class ClassifierRoute:
         return cls(
             config.name,
             handle,
-            CropSpec(config.input.width, config.input.height, config.crop.square, config.crop.padding),
+            CropSpec(
+                config.input.width, config.input.height, config.crop.square, config.crop.padding, config.crop.keep_aspect
+            ),
             None if config.operate_on_labels is None else frozenset(config.operate_on_labels),
             config.min_object_width,
             config.min_object_height,

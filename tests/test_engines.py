@@ -132,3 +132,19 @@ def test_missing_model_and_unknown_backend_fail_clearly(tmp_path: Path) -> None:
     bad.write_bytes(b"not a model")
     with pytest.raises(EngineError, match="cannot load ONNX model bad.onnx"):
         create_engine("onnxruntime", bad)
+
+
+def test_vector_and_top_k_outputs() -> None:
+    raw = np.array([[3.0, 4.0], [0.0, 2.0]], np.float32)
+    vectors = postprocess(raw, OutputSpec("vector", normalize=True))
+    np.testing.assert_allclose(vectors.vector, [[0.6, 0.8], [0.0, 1.0]])
+    assert vectors.attribute(0) == {"vector": [0.6, 0.8]}
+    probs = np.array([[0.2, 0.5, 0.3]], np.float32)
+    top = postprocess(probs, OutputSpec("softmax", labels=("a", "b", "c"), top_k=2))
+    assert top.attribute(0) == {
+        "label": "b",
+        "score": 0.5,
+        "top_k": [{"label": "b", "score": 0.5}, {"label": "c", "score": 0.3}],
+    }
+    again = Classifications.concatenate(top.split([1, 0]))
+    np.testing.assert_array_equal(again.top_class_id, top.top_class_id)

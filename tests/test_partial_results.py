@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from tests.conftest import demo_args
 from tests.images import ASTRONAUT
-
-
-def broken_classifier(path: Path) -> Path:
-    """A valid ONNX model taking [N, 3, 32, 32] that fails at run time (reshapes 3072*N values to 7x11)."""
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["image", "shape"], ["probabilities"])],
-        "broken",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [7, 11])],
-        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, 11])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+from tests.onnx_models import broken_classifier
 
 
 @pytest.fixture(scope="module")

@@ -54,3 +54,11 @@ def test_to_tensor_gray_uses_luma() -> None:
 def test_normalization_rejects_wrong_mean_length() -> None:
     with pytest.raises(ValueError, match="mean needs 1 or 3"):
         Normalization("RGB", 1.0, (1.0, 2.0))
+
+
+def test_to_tensor_divides_by_per_channel_std() -> None:
+    crops = np.full((1, 1, 1, 3), 255, np.uint8)
+    x = to_tensor(crops, Normalization("RGB", 1 / 255, (0.0,), (0.5, 0.25, 1.0)))
+    np.testing.assert_allclose(x.reshape(3), [2.0, 4.0, 1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="std values must be non-zero"):
+        Normalization("RGB", 1.0, (0.0,), (0.0,))

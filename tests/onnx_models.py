@@ -1,0 +1,74 @@
+"""Small ONNX models the tests build themselves with onnx.helper, with outputs known in advance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def constant_yolo(path: Path, output: np.ndarray, size: int = 64) -> Path:
+    """A "detector" taking [1, 3, size, size] whose output is always `output` (any YOLO layout)."""
+    const = numpy_helper.from_array(output.astype(np.float32), "raw")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0),  # ties the output to the input
+            helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+            helper.make_node("Add", ["raw", "nothing"], ["output0"]),
+        ],
+        "constant_yolo",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(output.shape))],
+        [const, numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )
+    return _save(graph, path)
+
+
+def mean_colour_classifier(path: Path, size: int = 8, sharpness: float = 0.1) -> Path:
+    """A real (if tiny) colour classifier: softmax over the mean of each RGB channel of [N, 3, size, size]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=0),
+            helper.make_node("Mul", ["mean", "k"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "mean_colour",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        [
+            numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+            numpy_helper.from_array(np.array(sharpness, np.float32), "k"),
+        ],
+    )
+    return _save(graph, path, opset=18)
+
+
+def broken_classifier(path: Path, size: int = 32) -> Path:
+    """A valid model taking [N, 3, size, size] that fails at run time (reshapes 3*size*size*N values to 7x11)."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "shape"], ["probabilities"])],
+        "broken",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [7, 11])],
+        [numpy_helper.from_array(np.array([7, 11], np.int64), "shape")],
+    )
+    return _save(graph, path)
+
+
+def v8_rows(boxes: list[tuple[float, float, float, float, int, float]], num_classes: int) -> np.ndarray:
+    """Ultralytics v8 output [1, 4 + C, N] from (cx, cy, w, h, class, score) rows."""
+    out = np.zeros((1, 4 + num_classes, len(boxes)), np.float32)
+    for i, (cx, cy, w, h, cls, score) in enumerate(boxes):
+        out[0, :4, i] = (cx, cy, w, h)
+        out[0, 4 + cls, i] = score
+    return out
