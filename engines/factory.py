@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engines.base import Engine, EngineError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 def create_engine(
@@ -15,11 +15,26 @@ def create_engine(
     device: str = "auto",
     intra_op_threads: int = 1,
     inter_op_threads: int = 1,
+    fp16: bool = False,
 ) -> Engine:
+    """Load `path` with `backend` on `device` ("auto", "cpu" or "cuda").
+
+    onnxruntime and torch take ONNX files; tensorrt takes a serialized engine (see
+    `python -m engines.tensorrt_build`). Threads apply to onnxruntime, fp16 to torch (TensorRT
+    precision is chosen when the engine is built).
+    """
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     if not Path(path).is_file():
         raise EngineError(f"model file not found: {path}")
     if backend == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, device, intra_op_threads, inter_op_threads)
-    raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        from engines.torch_engine import TorchEngine
+
+        return TorchEngine(path, device, fp16)
+    from engines.tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine(path, device)

@@ -1,0 +1,92 @@
+"""Torch backend: the same ONNX file converted with onnx2torch, on CUDA (optionally fp16) or CPU.
+
+This is the GPU path where TensorRT is not installed (our GPU machine has torch but neither
+TensorRT nor onnxruntime-gpu), so GPU numbers come from the project's own code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.base import Engine, EngineError, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+_ONNX_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
+
+
+def _register_missing_converters() -> None:
+    """onnx2torch 1.5.15 lacks Pad-18 (opset 18 models such as age.onnx); without the optional
+    `axes` input it is the same operator as Pad-13, so reuse that converter."""
+    from onnx import defs
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
+
+    pad18 = OperationDescription(defs.ONNX_DOMAIN, "Pad", 18)
+    if pad18 not in _CONVERTER_REGISTRY:
+        add_converter(operation_type="Pad", version=18)(_CONVERTER_REGISTRY[OperationDescription(defs.ONNX_DOMAIN, "Pad", 13)])
+
+
+def _spec(value_info: Any) -> TensorSpec:
+    tensor = value_info.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    if tensor.elem_type not in _ONNX_TYPES:
+        raise EngineError(f"tensor {value_info.name!r} has unsupported ONNX type {tensor.elem_type}")
+    return TensorSpec(value_info.name, dims, np.dtype(_ONNX_TYPES[tensor.elem_type]))
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, path: Path, device: str = "auto", fp16: bool = False) -> None:
+        try:
+            import onnx
+            import torch
+            from onnx2torch import convert
+        except ImportError as exc:
+            raise EngineError(f"the torch backend needs torch and onnx2torch ({exc.name} is missing): pip install '.[torch]'") from exc
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device 'cuda' asked for the torch backend, but torch sees no CUDA GPU")
+        self.device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+        _register_missing_converters()
+        try:
+            model = onnx.load(str(path))
+            module = convert(model)
+        except Exception as exc:  # onnx2torch raises NotImplementedError and friends
+            raise EngineError(f"onnx2torch cannot convert {Path(path).name}: {exc}") from exc
+        initializers = {i.name for i in model.graph.initializer}
+        self._inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
+        self._outputs = [_spec(v) for v in model.graph.output]
+        self._fp16 = fp16 and self.device == "cuda"
+        module = module.eval().to(self.device)
+        if self._fp16:
+            module = module.half()
+        self._module = module
+        self._torch = torch
+        logger.info("loaded %s through onnx2torch on %s%s", Path(path).name, self.device, " fp16" if self._fp16 else "")
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        tensors = []
+        for spec in self._inputs:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(self.device, non_blocking=True)
+            tensors.append(t.half() if self._fp16 and t.is_floating_point() else t)
+        with torch.inference_mode():
+            out = self._module(*tensors)
+        out = out if isinstance(out, (list, tuple)) else (out,)
+        return {
+            spec.name: (o.float() if o.is_floating_point() else o).cpu().numpy()
+            for spec, o in zip(self._outputs, out)
+        }

@@ -1,0 +1,60 @@
+"""The torch backend (onnx2torch) gives the same answers as ONNX Runtime on every shipped model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import create_engine
+from engines.mtcnn import Mtcnn
+from tests.images import collage
+
+pytest.importorskip("onnx2torch", reason="the torch backend needs torch and onnx2torch: pip install '.[torch]'")
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SHAPES = {
+    "age": (5, 3, 64, 64),
+    "gender": (5, 3, 32, 32),
+    "emotion": (5, 1, 64, 64),
+    "mtcnn_pnet": (1, 3, 75, 101),
+    "mtcnn_rnet": (7, 3, 24, 24),
+    "mtcnn_onet": (7, 3, 48, 48),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_torch_matches_onnxruntime_on_cpu(name: str) -> None:
+    path = MODELS / f"{name}.onnx"
+    reference, candidate = create_engine("onnxruntime", path, "cpu"), create_engine("torch", path, "cpu")
+    assert (candidate.backend, candidate.device) == ("torch", "cpu")
+    assert [t.name for t in candidate.inputs] == [t.name for t in reference.inputs]
+    assert [t.name for t in candidate.outputs] == [t.name for t in reference.outputs]
+    x = np.random.default_rng(0).normal(0, 1, SHAPES[name]).astype(np.float32)
+    expected, got = reference.run_single(x), candidate.run_single(x)
+    for output in expected:
+        assert got[output].shape == expected[output].shape
+        np.testing.assert_allclose(got[output], expected[output], atol=1e-4, rtol=1e-3)
+
+
+def test_torch_mtcnn_finds_the_same_faces() -> None:
+    def detector(backend: str) -> Mtcnn:
+        return Mtcnn(*(create_engine(backend, MODELS / f"mtcnn_{n}.onnx", "cpu") for n in ("pnet", "rnet", "onet")))
+
+    image = collage()
+    ort_faces, torch_faces = detector("onnxruntime").detect(image), detector("torch").detect(image)
+    assert len(torch_faces) == len(ort_faces) == 3
+    np.testing.assert_allclose(torch_faces.xyxy, ort_faces.xyxy, atol=0.5)
+
+
+def test_fp16_is_ignored_on_cpu_and_cuda_refused_without_a_gpu() -> None:
+    import torch
+
+    from engines import EngineError
+
+    engine = create_engine("torch", MODELS / "gender.onnx", "auto", fp16=True)
+    assert engine.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="torch sees no CUDA GPU"):
+            create_engine("torch", MODELS / "gender.onnx", "cuda")
