@@ -17,6 +17,7 @@ from deployments.execution import ComputeExecutor
 from deployments.models import build_classifier
 from engines import Classifications, EngineError
 from serve_app.config import ClassifierConfig
+from serve_app.telemetry import StageMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,6 +47,8 @@ class Classifier:
         self._max_batch = config.batching.max_batch_size
         self._batched.set_max_batch_size(self._max_batch)
         self._batched.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)
+        self._metrics = StageMetrics(config.name)
+        self._probe = np.zeros((1, *self._shape), np.uint8)
         logger.info("classifier %s ready on %s (execution %s)", config.name, self._device, self._executor.mode)
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:
@@ -65,7 +68,17 @@ class Classifier:
     async def _batched(self, chunks: list[np.ndarray]) -> list[tuple[Classifications, float, int]]:
         batch = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
         result, ms = await self._executor.run(self._model.predict, batch)
+        self._metrics.record(ms, len(batch))
         return [(part, ms, len(batch)) for part in result.split([len(c) for c in chunks])]
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically: a replica whose engine cannot classify a blank crop is restarted."""
+        try:
+            result, _ = await self._executor.run(self._model.predict, self._probe)
+            if len(result) != 1:
+                raise RuntimeError(f"{len(result)} results for 1 crop")
+        except Exception as exc:
+            raise RuntimeError(f"{self._config.name}: health probe failed: {type(exc).__name__}: {exc}") from exc
 
     async def describe(self) -> dict[str, object]:
         c = self._config

@@ -13,6 +13,7 @@ from deployments.models import build_detector
 from engines import Detections
 from engines.yolo import Yolo
 from serve_app.config import DetectorConfig
+from serve_app.telemetry import StageMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -30,11 +31,21 @@ class Detector:
         self._model = build_detector(config, device)
         self._device = self._model.device
         self._executor = ComputeExecutor(config.engine.execution, self._device, "detector")
+        self._metrics = StageMetrics("detector")
+        self._probe = np.zeros((48, 48, 3), np.uint8)
         logger.info("detector %s ready on %s (execution %s)", config.kind, self._device, self._executor.mode)
 
     async def detect(self, frame: np.ndarray) -> DetectorResult:
         detections, ms = await self._executor.run(self._model.detect, frame)
+        self._metrics.record(ms)
         return DetectorResult(detections, ms)
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically: a replica whose engine cannot run a blank frame is restarted."""
+        try:
+            await self._executor.run(self._model.detect, self._probe)
+        except Exception as exc:
+            raise RuntimeError(f"detector: health probe failed: {type(exc).__name__}: {exc}") from exc
 
     async def describe(self) -> dict[str, object]:
         description: dict[str, object] = {

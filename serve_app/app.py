@@ -22,7 +22,9 @@ def _options(name: str, deployment: DeploymentConfig, placement: Placement) -> d
     options: dict[str, object] = {
         "name": name,
         "max_ongoing_requests": deployment.max_ongoing_requests,
-        "ray_actor_options": placement.actor_options(),
+        "max_constructor_retry_count": deployment.max_constructor_retry_count,
+        "ray_actor_options": placement.actor_options(deployment.env_vars),
+        "logging_config": {"enable_access_log": deployment.access_log},
     }
     if deployment.autoscaling_config:
         options["autoscaling_config"] = deployment.autoscaling_config

@@ -44,6 +44,9 @@ class DeploymentConfig(StrictModel):
     num_cpus: float = Field(0.25, ge=0, description="fractional CPUs: 2-core machines cannot give each replica one")
     num_gpus: float = Field(0.25, ge=0, le=1)
     autoscaling_config: dict[str, Any] | None = None
+    access_log: bool = Field(True, description="Serve's per-request access log lines (about 2 ms a hop on 2 cores)")
+    max_constructor_retry_count: int = Field(3, ge=1, description="replica start attempts before the app fails")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of this deployment's replicas")
 
 
 class EngineConfig(StrictModel):
@@ -223,11 +226,24 @@ def _inline_or_file(model: BaseModel, field: str, file_field: str, parse: type) 
         raise ValueError(f"{file_field} {path} holds a bad entry: {exc}") from exc
 
 
+class HandleConfig(StrictModel):
+    """Options of the ingress's DeploymentHandles to the detector and classifiers (Ray Serve 2.60)."""
+
+    by_reference: bool = Field(True, description="False: results come back by value, not through the object store")
+    prefer_local_routing: bool = Field(False, description="prefer replicas on the ingress's own node")
+
+
 class IngressConfig(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
+    handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     detector_timeout_s: float = Field(10.0, gt=0)
+    auth_token_env: str | None = Field(
+        "PIPELINE_API_TOKEN",
+        description="environment variable holding the bearer token; when it is set, /v1 requests need "
+        "'Authorization: Bearer <token>'",
+    )
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0))
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from engines import Classifications, Detections
 from engines.preprocess import CropSpec, crop_resize
@@ -64,11 +66,14 @@ class GraphResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+_PATH = re.compile(r"[\w.~-]*(?:/[\w.~-]+)+\.(?:h|hpp|c|cc|cpp|cu|py|onnx|engine|so)(?::\d+)?")
+
+
 def _short_error(exc: BaseException) -> str:
-    """One line naming the failure, without tracebacks or internal paths."""
+    """One line naming the failure, without tracebacks, file paths or source locations."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
-    first = text[0] if text else ""
+    first = _PATH.sub("<path>", text[0] if text else "")
     return f"{type(cause).__name__}: {first}"[:300]
 
 
@@ -122,13 +127,27 @@ class InferenceGraph:
             raise DetectorUnavailable(f"the detector failed: {_short_error(exc)}") from exc
         return result.detections
 
+    async def _call_with_retry(self, route: ClassifierRoute, crops: np.ndarray) -> Any:
+        """One classifier call; retried once if the replica died under it (Serve routes the retry to a
+        live replica, or holds it until the replacement is up, within the same deadline)."""
+        for attempt in (1, 2):
+            response = route.handle.classify.remote(crops)
+            try:
+                return await _await(response)
+            except asyncio.CancelledError:  # the deadline passed: stop the work on the replica too
+                response.cancel()
+                raise
+            except (RayActorError, ActorUnavailableError) as exc:
+                if attempt == 2:
+                    raise
+                logger.warning("classifier %s: replica lost (%s); retrying once", route.name, type(exc).__name__)
+        raise AssertionError("unreachable")
+
     async def _classify(self, route: ClassifierRoute, crops: np.ndarray, out: GraphResult, indices: np.ndarray) -> None:
         start = time.perf_counter()
-        response = route.handle.classify.remote(crops)
         try:
-            result = await asyncio.wait_for(_await(response), route.timeout_s)
+            result = await asyncio.wait_for(self._call_with_retry(route, crops), route.timeout_s)
         except asyncio.TimeoutError:
-            response.cancel()
             out.errors[route.name] = StageError(code="timeout", message=f"no answer within {route.timeout_s:g} s")
         except Exception as exc:
             logger.warning("classifier %s failed: %s", route.name, _short_error(exc))

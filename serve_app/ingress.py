@@ -4,20 +4,25 @@
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.annotate import annotate
+from serve_app.auth import BearerAuth
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError, decode_image
 from serve_app.graph import ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, merge
 from serve_app.http_input import image_bytes
 from serve_app.schema import ErrorResponse, ImageInfo, InferResponse, Mode, PipelineDescription
+from serve_app.telemetry import IngressMetrics
+
+T = TypeVar("T")
 
 logger = logging.getLogger("ray.serve")
 
@@ -27,7 +32,7 @@ api = FastAPI(
     version="0.1.0",
 )
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
 }
 
 
@@ -62,25 +67,48 @@ class Ingress:
     ) -> None:
         self._config = config
         self._limits = config.ingress
+        options = config.ingress.handles
+        detector = detector.options(_by_reference=options.by_reference, _prefer_local_routing=options.prefer_local_routing)
+        classifiers = {
+            name: h.options(_by_reference=options.by_reference, _prefer_local_routing=options.prefer_local_routing)
+            for name, h in classifiers.items()
+        }
         routes = [ClassifierRoute.from_config(c, classifiers[c.name]) for c in config.classifiers]
         self._graph = InferenceGraph(detector, routes, config.ingress.detector_timeout_s)
         self._detector = detector
         self._classifiers = classifiers
+        self._auth = BearerAuth(config.ingress.auth_token_env)
+        self._metrics = IngressMetrics()
 
-    async def _infer(self, request: Request, mode: Mode | None) -> tuple[Any, GraphResult, float, Mode]:
+    async def _counted(self, route: str, work: Awaitable[T]) -> T:
+        """Await `work`, counting the answer's status in pipeline_requests_total{route, status}."""
+        status = 500
+        try:
+            result = await work
+            status = 200
+            return result
+        except InputError as exc:
+            status = exc.status
+            raise
+        except DetectorUnavailable:
+            status = 503
+            raise
+        finally:
+            self._metrics.requests.inc(tags={"route": route, "status": str(status)})
+
+    async def _infer(self, request: Request, mode: Mode | None) -> tuple[Any, GraphResult, dict[str, float], Mode]:
         start = time.perf_counter()
+        self._auth.check(request.headers.get("authorization"))
         data = await image_bytes(request, self._limits.max_body_bytes)
         frame = decode_image(data, self._limits.max_image_pixels)
         chosen: Mode = mode or self._limits.mode
         result = await self._graph.run(frame, chosen)
-        return frame, result, start, chosen
+        timings = {**result.timings_ms, "total": round((time.perf_counter() - start) * 1e3, 2)}
+        self._metrics.record(timings, len(result.detections), {n: e.code for n, e in result.errors.items()})
+        return frame, result, timings, chosen
 
-    @api.post("/v1/infer", response_model=InferResponse, responses=ERRORS)
-    async def infer(self, request: Request, mode: Mode | None = None) -> InferResponse:
-        """Body: image bytes (image/*, application/octet-stream) or multipart field `image`."""
-        frame, result, start, chosen = await self._infer(request, mode)
-        timings = dict(result.timings_ms)
-        timings["total"] = round((time.perf_counter() - start) * 1e3, 2)
+    async def _infer_json(self, request: Request, mode: Mode | None) -> InferResponse:
+        frame, result, timings, chosen = await self._infer(request, mode)
         return InferResponse(
             image=ImageInfo(width=frame.shape[1], height=frame.shape[0]),
             objects=merge(result.detections, result.outputs),
@@ -89,12 +117,20 @@ class Ingress:
             mode=chosen,
         )
 
-    @api.post("/v1/annotate", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
-    async def annotate(self, request: Request, mode: Mode | None = None) -> Response:
-        """Same input as /v1/infer; returns the image as JPEG with boxes and attributes drawn."""
+    async def _annotate_jpeg(self, request: Request, mode: Mode | None) -> Response:
         frame, result, _, _ = await self._infer(request, mode)
         jpeg = annotate(frame, merge(result.detections, result.outputs))
         return Response(content=jpeg, media_type="image/jpeg")
+
+    @api.post("/v1/infer", response_model=InferResponse, responses=ERRORS)
+    async def infer(self, request: Request, mode: Mode | None = None) -> InferResponse:
+        """Body: image bytes (image/*, application/octet-stream) or multipart field `image`."""
+        return await self._counted("/v1/infer", self._infer_json(request, mode))
+
+    @api.post("/v1/annotate", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
+    async def annotate(self, request: Request, mode: Mode | None = None) -> Response:
+        """Same input as /v1/infer; returns the image as JPEG with boxes and attributes drawn."""
+        return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode))
 
     async def _describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         names = list(self._classifiers)
@@ -103,8 +139,9 @@ class Ingress:
         return answers[0], list(answers[1:])
 
     @api.get("/v1/pipeline", response_model=PipelineDescription, responses={503: {"model": ErrorResponse}})
-    async def pipeline(self) -> PipelineDescription | JSONResponse:
+    async def pipeline(self, authorization: str | None = Header(None)) -> PipelineDescription | JSONResponse:
         """The running graph: the detector and each classifier with its filters, backend and device."""
+        self._auth.check(authorization)
         try:
             detector, classifiers = await self._describe_all(10.0)
         except Exception as exc:  # a deployment is down or still starting

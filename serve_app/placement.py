@@ -29,8 +29,11 @@ class Placement:
     num_gpus: float
     replicas: int  # replicas that must fit at start (min_replicas under autoscaling)
 
-    def actor_options(self) -> dict[str, float]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+    def actor_options(self, env_vars: dict[str, str] | None = None) -> dict[str, object]:
+        options: dict[str, object] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if env_vars:
+            options["runtime_env"] = {"env_vars": dict(env_vars)}
+        return options
 
 
 def _start_replicas(deployment: DeploymentConfig) -> int:

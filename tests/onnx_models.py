@@ -17,19 +17,25 @@ def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
     return path
 
 
-def constant_yolo(path: Path, output: np.ndarray, size: int = 64) -> Path:
-    """A "detector" taking [1, 3, size, size] whose output is always `output` (any YOLO layout)."""
+def constant_yolo(path: Path, output: np.ndarray, size: int = 64, only_when_bright: bool = False) -> Path:
+    """A "detector" taking [1, 3, size, size] whose output is always `output` (any YOLO layout).
+
+    only_when_bright: the output is scaled by 10 x the input's mean instead, so a black frame yields
+    nothing while a real photo yields (roughly) `output` times a few.
+    """
     const = numpy_helper.from_array(output.astype(np.float32), "raw")
+    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0)]  # ties the output to the input
+    if only_when_bright:
+        nodes += [helper.make_node("Mul", ["mean", "gain"], ["factor"]), helper.make_node("Mul", ["raw", "factor"], ["output0"])]
+    else:
+        nodes += [helper.make_node("Mul", ["mean", "zero"], ["nothing"]), helper.make_node("Add", ["raw", "nothing"], ["output0"])]
     graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0),  # ties the output to the input
-            helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
-            helper.make_node("Add", ["raw", "nothing"], ["output0"]),
-        ],
+        nodes,
         "constant_yolo",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(output.shape))],
-        [const, numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+        [const, numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+         numpy_helper.from_array(np.array(10.0, np.float32), "gain")],
     )
     return _save(graph, path)
 
@@ -72,3 +78,36 @@ def v8_rows(boxes: list[tuple[float, float, float, float, int, float]], num_clas
         out[0, :4, i] = (cx, cy, w, h)
         out[0, 4 + cls, i] = score
     return out
+
+
+def fails_on_bright_classifier(path: Path, size: int = 32) -> Path:
+    """[N, 3, size, size] -> [N, 2] probabilities, but fails at run time whenever any input value is
+    positive (any real photo after mean subtraction); a black health-probe crop passes."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image", "hw"], ["mean"], keepdims=0),
+            helper.make_node("Slice", ["mean", "start", "stop", "axis1"], ["two"]),
+            helper.make_node("Softmax", ["two"], ["soft"], axis=1),
+            helper.make_node("ReduceMax", ["image"], ["peak"], keepdims=0),
+            helper.make_node("Greater", ["peak", "zero"], ["bright"]),
+            helper.make_node("Cast", ["bright"], ["extra"], to=TensorProto.INT64),
+            helper.make_node("Add", ["two_cols", "extra"], ["cols"]),
+            helper.make_node("Unsqueeze", ["cols", "axis0"], ["cols1"]),
+            helper.make_node("Concat", ["minus_one", "cols1"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["soft", "shape"], ["probabilities"]),
+        ],
+        "fails_on_bright",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        [
+            numpy_helper.from_array(np.array([2, 3], np.int64), "hw"),
+            numpy_helper.from_array(np.array([0], np.int64), "start"),
+            numpy_helper.from_array(np.array([2], np.int64), "stop"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(2, np.int64), "two_cols"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        ],
+    )
+    return _save(graph, path, opset=18)

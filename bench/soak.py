@@ -1,0 +1,158 @@
+"""Bounded soak: many requests at high concurrency against the face demo on 127.0.0.1.
+
+    python -m bench.soak --requests 10000 --concurrency 32     # the long soak (docs/reliability.md)
+
+Counts every answer by status, fails on any 5xx or lost response (exception or no answer), and
+samples the resident memory of every Serve replica process to show it stays flat. Stops by itself
+after --requests or --time-limit, whichever comes first. tests/test_soak.py runs a short one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def replica_rss_mib() -> dict[str, float]:
+    """Resident memory of each Serve replica process on this machine, by process title."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ServeReplica:" not in cmdline:
+                continue
+            rss_pages = int((proc / "statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        title = cmdline.split("ServeReplica:", 1)[1].split()[0]
+        out[f"{title}[{proc.name}]"] = rss_pages * 4096 / 2**20
+    return out
+
+
+@dataclass
+class SoakResult:
+    requests: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    lost: int = 0
+    partial: int = 0  # 200s that carried a classifier error
+    latencies_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    rss_start: dict[str, float] = field(default_factory=dict)
+    rss_end: dict[str, float] = field(default_factory=dict)
+    rss_samples: list[float] = field(default_factory=list)  # total replica RSS over time
+
+    @property
+    def server_errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
+
+    def summary(self) -> dict[str, object]:
+        growth = {k: round(self.rss_end[k] - self.rss_start[k], 1) for k in self.rss_start if k in self.rss_end}
+        return {
+            "requests": self.requests,
+            "statuses": dict(self.statuses),
+            "server_errors": self.server_errors,
+            "lost": self.lost,
+            "partial_answers": self.partial,
+            "p50_ms": round(float(np.percentile(self.latencies_ms, 50)), 1) if self.latencies_ms else None,
+            "p95_ms": round(float(np.percentile(self.latencies_ms, 95)), 1) if self.latencies_ms else None,
+            "throughput_rps": round(self.requests / self.wall_s, 1) if self.wall_s else None,
+            "replica_rss_mib_start": {k: round(v, 1) for k, v in self.rss_start.items()},
+            "replica_rss_mib_growth": growth,
+            "total_rss_mib_samples": [round(v, 1) for v in self.rss_samples],
+        }
+
+
+async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, time_limit_s: float,
+               sample_every_s: float = 5.0, warmup: int = 20) -> SoakResult:
+    import httpx
+
+    result = SoakResult()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        for i in range(warmup):  # so that start-up allocations do not count as growth
+            await client.post(url, content=bodies[i % len(bodies)], headers={"Content-Type": "image/jpeg"})
+        result.rss_start = replica_rss_mib()
+        remaining = requests
+        deadline = time.perf_counter() + time_limit_s
+        next_sample = 0.0
+
+        async def worker(w: int) -> None:
+            nonlocal remaining, next_sample
+            i = w
+            while remaining > 0 and time.perf_counter() < deadline:
+                remaining -= 1
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    response = await client.post(url, content=bodies[i % len(bodies)],
+                                                 headers={"Content-Type": "image/jpeg"})
+                except httpx.HTTPError:
+                    result.lost += 1
+                    continue
+                result.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                result.statuses[response.status_code] += 1
+                if response.status_code == 200 and response.json()["errors"]:
+                    result.partial += 1
+                result.requests += 1
+                if time.perf_counter() >= next_sample:
+                    next_sample = time.perf_counter() + sample_every_s
+                    result.rss_samples.append(sum(replica_rss_mib().values()))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        result.wall_s = time.perf_counter() - start
+    result.rss_end = replica_rss_mib()
+    return result
+
+
+def test_bodies() -> list[bytes]:
+    from tests.images import ASTRONAUT, NO_FACE, collage, encode, read
+
+    return [encode(read(ASTRONAUT), ".jpg"), encode(collage(), ".jpg"), NO_FACE.read_bytes()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--time-limit", type=float, default=3600.0)
+    parser.add_argument("--out", default="bench/out/soak.json")
+    opts = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from bench.workloads import face_args
+    from serve_app.app import build_app
+
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8011})
+    try:
+        args = face_args()
+        args["ingress"]["deployment"]["max_ongoing_requests"] = 64
+        serve.run(build_app(args), name="soak", route_prefix="/")
+        result = asyncio.run(soak("http://127.0.0.1:8011/v1/infer", test_bodies(), opts.requests, opts.concurrency,
+                                  opts.time_limit))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    summary = result.summary()
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "total_rss_mib_samples"}, indent=2))
+    ok = result.server_errors == 0 and result.lost == 0 and result.requests == opts.requests
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

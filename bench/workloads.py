@@ -1,0 +1,52 @@
+"""The pipelines the benchmark runs: the shipped face demo, and MTCNN plus resnet stand-in classifiers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGENET = {"color_format": "RGB", "scale": 1 / 255, "mean": [123.675, 116.28, 103.53], "std": [0.229, 0.224, 0.225]}
+
+
+def face_args() -> dict[str, Any]:
+    return copy.deepcopy(yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"])
+
+
+def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
+    """MTCNN detector + resnet18/34/50 classifiers on every face."""
+    args = face_args()
+    template = args["classifiers"][0]
+    args["classifiers"] = [
+        {
+            "name": name,
+            "model": str(path),
+            "kind": "softmax",
+            "labels": [f"class_{i}" for i in range(1000)],
+            "apply_softmax": True,
+            "input": {"width": size, "height": size, **IMAGENET},
+            "operate_on_labels": ["face"],
+            "timeout_s": 10.0,
+            "engine": dict(template["engine"]),
+            "deployment": dict(template["deployment"]),
+        }
+        for name, path in models.items()
+    ]
+    return args
+
+
+def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, access_log: bool,
+         by_reference: bool, max_batch_size: int | None) -> dict[str, Any]:
+    """Apply one benchmark variant's settings to every deployment."""
+    args = copy.deepcopy(args)
+    for stage in (args["detector"], *args["classifiers"]):
+        stage["engine"].update(device=device, backend=backend, fp16=fp16)
+        stage["deployment"]["access_log"] = access_log
+        if max_batch_size is not None and stage is not args["detector"]:
+            stage.setdefault("batching", {})["max_batch_size"] = max_batch_size
+    args["ingress"]["deployment"]["access_log"] = access_log
+    args["ingress"].setdefault("handles", {})["by_reference"] = by_reference
+    return args
