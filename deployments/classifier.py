@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments.execution import ComputeExecutor
 from deployments.models import build_classifier
+from deployments.placement_log import warn_if_gpu_unused
 from engines import Classifications, EngineError
 from serve_app.config import ClassifierConfig
 from serve_app.telemetry import StageMetrics
@@ -42,6 +43,7 @@ class Classifier:
         except EngineError as exc:
             raise ValueError(f"classifiers[{config.name}] (model {config.model.name}): {exc}") from exc
         self._device = self._model.engine.device
+        warn_if_gpu_unused(config.name, device, self._device, self._model.engine.backend)
         self._executor = ComputeExecutor(config.engine.execution, self._device, config.name)
         self._shape = (config.input.height, config.input.width, 3)
         self._max_batch = config.batching.max_batch_size

@@ -10,6 +10,7 @@ from ray import serve
 
 from deployments.execution import ComputeExecutor
 from deployments.models import build_detector
+from deployments.placement_log import warn_if_gpu_unused
 from engines import Detections
 from engines.yolo import Yolo
 from serve_app.config import DetectorConfig
@@ -30,6 +31,7 @@ class Detector:
         self._config = config
         self._model = build_detector(config, device)
         self._device = self._model.device
+        warn_if_gpu_unused("detector", device, self._device, self._model.backend)
         self._executor = ComputeExecutor(config.engine.execution, self._device, "detector")
         self._metrics = StageMetrics("detector")
         self._probe = np.zeros((48, 48, 3), np.uint8)

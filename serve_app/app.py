@@ -23,7 +23,7 @@ def _options(name: str, deployment: DeploymentConfig, placement: Placement) -> d
         "name": name,
         "max_ongoing_requests": deployment.max_ongoing_requests,
         "max_constructor_retry_count": deployment.max_constructor_retry_count,
-        "ray_actor_options": placement.actor_options(deployment.env_vars),
+        "ray_actor_options": placement.actor_options(deployment),
         "logging_config": {"enable_access_log": deployment.access_log},
     }
     if deployment.autoscaling_config:
@@ -61,9 +61,8 @@ def bind_pipeline(config: PipelineConfig, cluster_resources: Mapping[str, float]
         for c, p in zip(config.classifiers, classifier_places)
     }
     logger.info(
-        "pipeline: detector on %s, classifiers %s, mode %s",
-        detector_place.device,
-        {p.name: p.device for p in classifier_places},
+        "pipeline: GPU fractions %s, mode %s",
+        {p.name: p.num_gpus for p in (detector_place, *classifier_places)},
         config.ingress.mode,
     )
     return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(

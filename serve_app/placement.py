@@ -24,15 +24,21 @@ class PlacementError(ValueError):
 @dataclass(frozen=True)
 class Placement:
     name: str
-    device: str  # "cpu" or "cuda": where the engine will run
+    device: str  # what the engine is asked for: "cpu" (no GPU held), else the configured "auto" or "cuda"
     num_cpus: float
     num_gpus: float
     replicas: int  # replicas that must fit at start (min_replicas under autoscaling)
 
-    def actor_options(self, env_vars: dict[str, str] | None = None) -> dict[str, object]:
+    @property
+    def holds_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+    def actor_options(self, deployment: DeploymentConfig) -> dict[str, object]:
         options: dict[str, object] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if env_vars:
-            options["runtime_env"] = {"env_vars": dict(env_vars)}
+        if deployment.resources:
+            options["resources"] = dict(deployment.resources)
+        if deployment.env_vars:
+            options["runtime_env"] = {"env_vars": dict(deployment.env_vars)}
         return options
 
 
@@ -58,7 +64,7 @@ def place(
             raise PlacementError(f"{name}: device 'cuda' is configured but the Ray cluster has no GPU")
         logger.warning("%s: no GPU in the Ray cluster; falling back to CPU (num_gpus 0)", name)
         return Placement(name, "cpu", deployment.num_cpus, 0.0, replicas)
-    return Placement(name, "cuda", deployment.num_cpus, deployment.num_gpus, replicas)
+    return Placement(name, engine.device, deployment.num_cpus, deployment.num_gpus, replicas)
 
 
 def check_fits(placements: list[Placement], cluster: Mapping[str, float]) -> None:

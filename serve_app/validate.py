@@ -1,9 +1,9 @@
 """Validate a Serve config file offline, before starting anything:
 
-    python -m serve_app.validate serve_config.yaml
+    python -m serve_app.validate serve_config.yaml [--gpus N]
 
 Exits 1 with the field at fault when an application's `args` would fail at startup (missing
-model, bad value, or a plan that cannot be scheduled on this machine's CPUs).
+model, bad value, or a plan that cannot be scheduled on this machine's CPUs and N GPUs, default 0).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from serve_app.config import PipelineConfig
 from serve_app.placement import PlacementError
 
 
-def validate(path: Path) -> list[str]:
+def validate(path: Path, gpus: float = 0.0) -> list[str]:
     from serve_app.app import bind_pipeline
 
     problems = []
@@ -28,17 +28,20 @@ def validate(path: Path) -> list[str]:
         name = app.get("name", "?")
         try:
             config = PipelineConfig.model_validate(app.get("args", {}))
-            bind_pipeline(config, cluster_resources={"CPU": float(os.cpu_count() or 1), "GPU": 0.0})
+            bind_pipeline(config, cluster_resources={"CPU": float(os.cpu_count() or 1), "GPU": gpus})
         except (ValidationError, PlacementError) as exc:
             problems.append(f"application {name!r}: {exc}")
     return problems
 
 
 def main(argv: list[str]) -> int:
+    gpus = 0.0
+    if len(argv) == 3 and argv[1] == "--gpus":
+        gpus, argv = float(argv[2]), argv[:1]
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    problems = validate(Path(argv[0]))
+    problems = validate(Path(argv[0]), gpus)
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:

@@ -66,7 +66,7 @@ def test_no_gpu_falls_back_to_cpu_and_asks_for_no_gpu() -> None:
 def test_gpu_cluster_gives_each_deployment_its_fraction() -> None:
     config = validate(lambda a: None)
     placements = [place(c.name, c.deployment, c.engine, cluster_gpus=1) for c in config.classifiers]
-    assert [(p.device, p.num_gpus) for p in placements] == [("cuda", 0.25)] * 3
+    assert [(p.device, p.num_gpus, p.holds_gpu) for p in placements] == [("auto", 0.25, True)] * 3
     detector = place("detector", config.detector.deployment, config.detector.engine, cluster_gpus=1)
     check_fits([detector, *placements], {"CPU": 2, "GPU": 1})  # 4 x 0.25 of one RTX 3090
 
@@ -99,3 +99,11 @@ def test_validate_command_accepts_the_shipped_config_and_names_a_bad_field(tmp_p
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "serve_config.yaml").read_text().replace("models/gender.onnx", "models/gone.onnx"))
     assert main([str(bad)]) == 1
+
+
+def test_example_configs_validate() -> None:
+    from serve_app.validate import main
+
+    assert main([str(ROOT / "examples/autoscaling.yaml")]) == 0
+    assert main([str(ROOT / "examples/faces_gpu.yaml"), "--gpus", "1"]) == 0
+    assert main([str(ROOT / "examples/faces_gpu.yaml")]) == 1  # device cuda, and no GPU: refused up front

@@ -58,3 +58,23 @@ def test_fp16_is_ignored_on_cpu_and_cuda_refused_without_a_gpu() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="torch sees no CUDA GPU"):
             create_engine("torch", MODELS / "gender.onnx", "cuda")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("fp16", [False, True])
+def test_torch_on_cuda_matches_onnxruntime(name: str, fp16: bool) -> None:
+    path = MODELS / f"{name}.onnx"
+    reference = create_engine("onnxruntime", path, "cpu")
+    candidate = create_engine("torch", path, "cuda", fp16=fp16)
+    assert candidate.device == "cuda"
+    x = np.random.default_rng(1).normal(0, 1, SHAPES[name]).astype(np.float32)
+    expected, got = reference.run_single(x), candidate.run_single(x)
+    for output in expected:
+        np.testing.assert_allclose(got[output], expected[output], atol=2e-2 if fp16 else 1e-3, rtol=2e-2 if fp16 else 1e-3)
