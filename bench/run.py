@@ -36,9 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (environment for the whole Ray cluster, config overrides)
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
-    "default": ({}, {"access_log": True, "by_reference": True}),
+    "serve-defaults": ({}, {"access_log": True, "by_reference": True}),
+    "by-value": ({}, {"access_log": True, "by_reference": False}),  # the project's defaults
     "no-access-log": ({}, {"access_log": False, "by_reference": True}),
     "no-log+by-value": ({}, {"access_log": False, "by_reference": False}),
+    "no-log+by-value+inline": ({}, {"access_log": False, "by_reference": False, "execution": "inline"}),
+    "throughput-optimized": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {"access_log": False, "by_reference": False}),
     "no-log+same-loop": (
         {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
         {"access_log": False, "by_reference": True},
@@ -142,7 +145,7 @@ def run_variant(opts: argparse.Namespace) -> dict[str, Any]:
                     continue
                 args = tune(base, device=opts.device, backend=opts.backend, fp16=opts.fp16,
                             access_log=overrides["access_log"], by_reference=overrides["by_reference"],
-                            max_batch_size=max_batch)
+                            max_batch_size=max_batch, execution=overrides.get("execution", "auto"))
                 config = PipelineConfig.model_validate(args)
                 if batching == "batched" and opts.inprocess:
                     out["inprocess"] = measure_inprocess(InProcessPipeline(config, opts.device), frame, n)

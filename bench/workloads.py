@@ -39,11 +39,11 @@ def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
 
 
 def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, access_log: bool,
-         by_reference: bool, max_batch_size: int | None) -> dict[str, Any]:
+         by_reference: bool, max_batch_size: int | None, execution: str = "auto") -> dict[str, Any]:
     """Apply one benchmark variant's settings to every deployment."""
     args = copy.deepcopy(args)
     for stage in (args["detector"], *args["classifiers"]):
-        stage["engine"].update(device=device, backend=backend, fp16=fp16)
+        stage["engine"].update(device=device, backend=backend, fp16=fp16, execution=execution)
         stage["deployment"]["access_log"] = access_log
         if max_batch_size is not None and stage is not args["detector"]:
             stage.setdefault("batching", {})["max_batch_size"] = max_batch_size

@@ -1,0 +1,22 @@
+"""Scale-out: the graph on a local two-node Ray cluster, classifiers placed on the second node.
+
+It runs in a subprocess because it needs a Ray of its own (the rest of the suite shares one)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_classifiers_run_on_the_second_node() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.two_node_check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"ok"'))
+    result = json.loads(line)
+    assert result["ok"] is True
+    assert {result["replica_nodes"][n] for n in ("age", "gender", "emotion")} == {result["worker"]}
