@@ -115,22 +115,15 @@ def _workload_args(name: str, opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_variant(opts: argparse.Namespace) -> dict[str, Any]:
-    import httpx
     import ray
     from ray import serve
 
-    from bench.inprocess import InProcessPipeline
-    from bench.workloads import tune
-    from serve_app.app import build_app
-    from serve_app.config import PipelineConfig
-    from serve_app.graph import ClassifierRoute, InferenceGraph
     from tests.images import ASTRONAUT, encode, read
 
     _, overrides = VARIANTS[opts.variant]
     loop = asyncio.new_event_loop()  # one loop for every handle call: handles bind to the loop they first run on
     frame = read(ASTRONAUT)
     body = encode(frame, ".jpg")
-    n = opts.requests
     results: dict[str, Any] = {"variant": opts.variant, "workloads": {}}
     ray.init(num_cpus=opts.ray_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)
@@ -138,39 +131,62 @@ def run_variant(opts: argparse.Namespace) -> dict[str, Any]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         for workload in opts.workloads:
-            base = _workload_args(workload, opts)
-            out: dict[str, Any] = {}
-            for batching, max_batch in (("batched", None), ("unbatched", 1)):
-                if batching == "unbatched" and not opts.unbatched:
-                    continue
-                args = tune(base, device=opts.device, backend=opts.backend, fp16=opts.fp16,
-                            access_log=overrides["access_log"], by_reference=overrides["by_reference"],
-                            max_batch_size=max_batch, execution=overrides.get("execution", "auto"))
-                config = PipelineConfig.model_validate(args)
-                if batching == "batched" and opts.inprocess:
-                    out["inprocess"] = measure_inprocess(InProcessPipeline(config, opts.device), frame, n)
-                app = f"bench-{workload}-{batching}"
-                serve.run(build_app(args), name=app, route_prefix=f"/{app}")
-                url = f"http://127.0.0.1:{port}/{app}/v1/infer"
-                with httpx.Client(timeout=60) as client:  # warm every replica and batch path
-                    for _ in range(5):
-                        client.post(url, content=body, headers={"Content-Type": "image/jpeg"}).raise_for_status()
-                if batching == "batched":
-                    routes = [ClassifierRoute.from_config(c, serve.get_deployment_handle(c.name, app))
-                              for c in config.classifiers]
-                    graph = InferenceGraph(serve.get_deployment_handle("detector", app), routes, 30.0)
-                    out["handles"] = loop.run_until_complete(measure_handles(graph, frame, n))
-                    out["http"] = loop.run_until_complete(measure_http(url, body, n, opts.time_limit))
-                else:
-                    out["http_unbatched"] = loop.run_until_complete(
-                        measure_http(url, body, n, opts.time_limit, levels=((16, "parallel"),)))
-                serve.delete(app)
-            results["workloads"][workload] = out
+            try:
+                results["workloads"][workload] = measure_workload(workload, opts, overrides, frame, body, port, loop)
+            except Exception as exc:  # one broken workload must not cost the others' numbers
+                import traceback
+
+                traceback.print_exc()
+                results.setdefault("failed", {})[workload] = f"{type(exc).__name__}: {exc}"
+                for app_name in list(serve.status().applications):
+                    serve.delete(app_name)
     finally:
         serve.shutdown()
         ray.shutdown()
         loop.close()
     return results
+
+
+def measure_workload(workload: str, opts: argparse.Namespace, overrides: dict[str, Any], frame: np.ndarray,
+                     body: bytes, port: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    import httpx
+    from ray import serve
+
+    from bench.inprocess import InProcessPipeline
+    from bench.workloads import tune
+    from serve_app.app import build_app
+    from serve_app.config import PipelineConfig
+    from serve_app.graph import ClassifierRoute, InferenceGraph
+
+    n = opts.requests
+    base = _workload_args(workload, opts)
+    out: dict[str, Any] = {}
+    for batching, max_batch in (("batched", None), ("unbatched", 1)):
+        if batching == "unbatched" and not opts.unbatched:
+            continue
+        args = tune(base, device=opts.device, backend=opts.backend, fp16=opts.fp16,
+                    access_log=overrides["access_log"], by_reference=overrides["by_reference"],
+                    max_batch_size=max_batch, execution=overrides.get("execution", "auto"))
+        config = PipelineConfig.model_validate(args)
+        if batching == "batched" and opts.inprocess:
+            out["inprocess"] = measure_inprocess(InProcessPipeline(config, opts.device), frame, n)
+        app = f"bench-{workload}-{batching}"
+        serve.run(build_app(args), name=app, route_prefix=f"/{app}")
+        url = f"http://127.0.0.1:{port}/{app}/v1/infer"
+        with httpx.Client(timeout=60) as client:  # warm every replica and batch path
+            for _ in range(5):
+                client.post(url, content=body, headers={"Content-Type": "image/jpeg"}).raise_for_status()
+        if batching == "batched":
+            routes = [ClassifierRoute.from_config(c, serve.get_deployment_handle(c.name, app))
+                      for c in config.classifiers]
+            graph = InferenceGraph(serve.get_deployment_handle("detector", app), routes, 30.0)
+            out["handles"] = loop.run_until_complete(measure_handles(graph, frame, n))
+            out["http"] = loop.run_until_complete(measure_http(url, body, n, opts.time_limit))
+        else:
+            out["http_unbatched"] = loop.run_until_complete(
+                measure_http(url, body, n, opts.time_limit, levels=((16, "parallel"),)))
+        serve.delete(app)
+    return out
 
 
 def measure_inprocess(pipeline: Any, frame: np.ndarray, n: int) -> dict[str, Any]:
@@ -276,6 +292,8 @@ def report(env: dict[str, Any], variants: list[dict[str, Any]]) -> str:
              + (f", torch {env['torch']}" if "torch" in env else ""),
              f"Command: `{env['command']}` ({env['date']})", ""]
     for v in variants:
+        for name, error in v.get("failed", {}).items():
+            lines += [f"### {name} / {v['variant']}", f"FAILED: {error}", ""]
         for name, w in v["workloads"].items():
             lines.append(f"### {name} / {v['variant']}")
             ip = w.get("inprocess")
@@ -345,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(variants) > 1:  # ratios for later variants use the first variant's in-process baseline
         for v in variants[1:]:
             for name, w in v["workloads"].items():
-                w.setdefault("inprocess", variants[0]["workloads"][name].get("inprocess"))
+                w.setdefault("inprocess", variants[0]["workloads"].get(name, {}).get("inprocess"))
     result = {"environment": env, "variants": variants}
     path = out / f"bench-{opts.device}{('-' + opts.tag) if opts.tag else ''}.json"
     path.write_text(json.dumps(result, indent=2))

@@ -31,6 +31,36 @@ def _register_missing_converters() -> None:
         add_converter(operation_type="Pad", version=18)(_CONVERTER_REGISTRY[OperationDescription(defs.ONNX_DOMAIN, "Pad", 13)])
 
 
+def _fold_constant_aliases(model: Any) -> None:
+    """Turn Constant nodes, and Identity nodes over initializers, into initializers.
+
+    torch.onnx's exporter de-duplicates equal weights behind Identity nodes (e.g. the zero biases
+    of freshly folded convs), and onnx2torch only reads conv weights and biases from initializers.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        source = None
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
+            source = numpy_helper.to_array(initializers[node.input[0]])
+        elif node.op_type == "Constant" and node.output[0] not in outputs:
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                source = numpy_helper.to_array(value.t)
+        if source is None:
+            kept.append(node)
+            continue
+        tensor = numpy_helper.from_array(source, node.output[0])
+        graph.initializer.append(tensor)
+        initializers[tensor.name] = tensor
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def _spec(value_info: Any) -> TensorSpec:
     tensor = value_info.type.tensor_type
     dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
@@ -55,6 +85,7 @@ class TorchEngine(Engine):
         _register_missing_converters()
         try:
             model = onnx.load(str(path))
+            _fold_constant_aliases(model)
             module = convert(model)
         except Exception as exc:  # onnx2torch raises NotImplementedError and friends
             raise EngineError(f"onnx2torch cannot convert {Path(path).name}: {exc}") from exc
