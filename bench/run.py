@@ -110,7 +110,7 @@ def _workload_args(name: str, opts: argparse.Namespace) -> dict[str, Any]:
         return workloads.face_args()
     from bench.standin import export_resnets
 
-    models = export_resnets(Path(opts.out) / "models", opts.standin_size)
+    models = export_resnets(ROOT / "bench" / "out" / "models", opts.standin_size)
     return workloads.standin_args(models, opts.standin_size)
 
 

@@ -35,12 +35,21 @@ def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | Yolo:
             raise ValueError(f"detector.yolo (model {y.model.name}): {exc}") from exc
     m = cfg.mtcnn
     engines = [_engine(cfg.engine, device, p) for p in (m.pnet, m.rnet, m.onet)]
-    return Mtcnn(*engines, MtcnnParams(m.min_face_size, m.thresholds, m.scale_factor))
+    detector = Mtcnn(*engines, MtcnnParams(m.min_face_size, m.thresholds, m.scale_factor),
+                     pad_batches=_pads(cfg.engine, engines[0]))
+    detector.warm_up()
+    return detector
+
+
+def _pads(cfg: EngineConfig, engine: Engine) -> bool:
+    """Bucket batch sizes where the engine specialises per shape: `auto` means on CUDA."""
+    return cfg.pad_batches if cfg.pad_batches != "auto" else engine.device == "cuda"
 
 
 def build_classifier(cfg: ClassifierConfig, device: str) -> ClassifierModel:
+    engine = _engine(cfg.engine, device, cfg.model)
     model = ClassifierModel(
-        _engine(cfg.engine, device, cfg.model),
+        engine,
         Normalization(cfg.input.color_format, cfg.input.scale, cfg.input.mean, cfg.input.std),
         OutputSpec(
             cfg.kind,
@@ -52,9 +61,11 @@ def build_classifier(cfg: ClassifierConfig, device: str) -> ClassifierModel:
             cfg.normalize,
         ),
         cfg.batching.max_batch_size,
+        pad_batches=_pads(cfg.engine, engine),
     )
     try:
         model.check_geometry(cfg.input.height, cfg.input.width)
     except EngineError as exc:
         raise ValueError(f"classifiers[{cfg.name}].input (model {cfg.model.name}): {exc}") from exc
+    model.warm_up(cfg.input.height, cfg.input.width)
     return model

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.base import Engine, EngineError
+from engines.batching import pad_batch, warm_buckets
 from engines.detections import Classifications
 from engines.preprocess import Normalization, to_tensor
 
@@ -83,13 +84,21 @@ def postprocess(output: np.ndarray, spec: OutputSpec) -> Classifications:
 class ClassifierModel:
     """Runs one classifier on uint8 BGR crops already at network resolution."""
 
-    def __init__(self, engine: Engine, normalization: Normalization, output: OutputSpec, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        normalization: Normalization,
+        output: OutputSpec,
+        max_batch_size: int,
+        pad_batches: bool = False,
+    ) -> None:
         if len(engine.inputs) != 1:
             raise EngineError(f"a classifier model needs exactly one input, this one has {len(engine.inputs)}")
         self.engine = engine
         self.normalization = normalization
         self.output = output
         self.max_batch_size = max_batch_size
+        self.pad_batches = pad_batches  # pad to power-of-two sizes (engines that specialise per shape)
         self._input = engine.inputs[0]
         self._output_name = engine.outputs[0].name
 
@@ -104,7 +113,16 @@ class ClassifierModel:
             if len(chunk) == 0:
                 break
             tensor = to_tensor(chunk, self.normalization).astype(self._input.dtype, copy=False)
-            parts.append(postprocess(self.engine.run({self._input.name: tensor})[self._output_name], self.output))
+            if self.pad_batches:
+                tensor = pad_batch(tensor, self.max_batch_size)
+            raw = self.engine.run({self._input.name: tensor})[self._output_name][: len(chunk)]
+            parts.append(postprocess(raw, self.output))
         if not parts:
             return postprocess(np.zeros((0, max(self.output.num_classes, 1)), np.float32), self.output)
         return Classifications.concatenate(parts)
+
+    def warm_up(self, height: int, width: int) -> None:
+        """Run every batch bucket once, so no request pays for a new shape (only with pad_batches)."""
+        if self.pad_batches:
+            sample = (self.normalization.channels, height, width)
+            warm_buckets(lambda x: self.engine.run({self._input.name: x}), sample, self._input.dtype, self.max_batch_size)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from engines.base import Engine
+from engines.batching import pad_batch, warm_buckets
 from engines.detections import Detections
 
 _STAGE_BATCH = 256  # candidates per R-Net / O-Net call
@@ -114,16 +115,34 @@ class Mtcnn:
 
     class_names = ("face",)
 
-    def __init__(self, pnet: Engine, rnet: Engine, onet: Engine, params: MtcnnParams | None = None) -> None:
+    def __init__(
+        self,
+        pnet: Engine,
+        rnet: Engine,
+        onet: Engine,
+        params: MtcnnParams | None = None,
+        pad_batches: bool = False,
+    ) -> None:
         self.pnet, self.rnet, self.onet = pnet, rnet, onet
         self.params = params or MtcnnParams()
+        self.pad_batches = pad_batches  # pad R-Net/O-Net batches to power-of-two sizes (see engines.batching)
         self.device = pnet.device
         self.backend = pnet.backend
 
     def _run_batched(self, engine: Engine, patches: np.ndarray) -> dict[str, np.ndarray]:
         x = _normalise(patches)
-        chunks = [engine.run_single(x[i : i + _STAGE_BATCH]) for i in range(0, len(x), _STAGE_BATCH)]
+        chunks = []
+        for i in range(0, len(x), _STAGE_BATCH):
+            part = x[i : i + _STAGE_BATCH]
+            out = engine.run_single(pad_batch(part, _STAGE_BATCH) if self.pad_batches else part)
+            chunks.append({name: value[: len(part)] for name, value in out.items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def warm_up(self) -> None:
+        """Run R-Net and O-Net once per batch bucket (only with pad_batches)."""
+        if self.pad_batches:
+            for engine, size in ((self.rnet, 24), (self.onet, 48)):
+                warm_buckets(engine.run_single, (3, size, size), np.dtype(np.float32), _STAGE_BATCH)
 
     def _stage1(self, rgb: np.ndarray) -> np.ndarray:
         """P-Net over the pyramid: (K, 9) boxes x1 y1 x2 y2 score + 4 regression values."""

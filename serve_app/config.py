@@ -60,6 +60,11 @@ class EngineConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fp16: bool = Field(False, description="torch backend on CUDA: run the model in half precision")
+    pad_batches: Literal["auto"] | bool = Field(
+        "auto",
+        description="pad batches to power-of-two sizes and warm each at start-up, so per-shape kernel "
+        "selection never happens under load; auto: on CUDA only",
+    )
     intra_op_threads: int = Field(1, ge=1)
     inter_op_threads: int = Field(1, ge=1)
     execution: Literal["auto", "thread", "inline"] = Field(

@@ -148,3 +148,28 @@ def test_vector_and_top_k_outputs() -> None:
     }
     again = Classifications.concatenate(top.split([1, 0]))
     np.testing.assert_array_equal(again.top_class_id, top.top_class_id)
+
+
+def test_batch_buckets_pad_and_results_are_unchanged() -> None:
+    from engines.batching import bucket, buckets, pad_batch
+
+    assert [bucket(n, 32) for n in (1, 2, 3, 5, 17, 32, 40)] == [1, 2, 4, 8, 32, 32, 40]
+    assert buckets(32) == [1, 2, 4, 8, 16, 32] and buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert pad_batch(np.ones((3, 2), np.float32), 32).shape == (4, 2)
+    engine = create_engine("onnxruntime", MODELS / "gender.onnx")
+    crops = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+
+    def model(pad: bool) -> ClassifierModel:
+        return ClassifierModel(engine, Normalization("RGB", 1 / 256, MEANS), OutputSpec("softmax", ("f", "m")), 8, pad)
+
+    padded, plain = model(True), model(False)
+    padded.warm_up(32, 32)
+    np.testing.assert_allclose(padded.predict(crops).score, plain.predict(crops).score, rtol=1e-5)
+    detector = Mtcnn(*(create_engine("onnxruntime", MODELS / f"mtcnn_{n}.onnx") for n in ("pnet", "rnet", "onet")),
+                     pad_batches=True)
+    np.testing.assert_allclose(detector.detect(read(ASTRONAUT)).xyxy, mtcnn_plain_boxes(), atol=1e-3)
+
+
+def mtcnn_plain_boxes() -> np.ndarray:
+    plain = Mtcnn(*(create_engine("onnxruntime", MODELS / f"mtcnn_{n}.onnx") for n in ("pnet", "rnet", "onet")))
+    return plain.detect(read(ASTRONAUT)).xyxy

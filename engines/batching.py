@@ -1,0 +1,43 @@
+"""Batch-size buckets for engines that specialise per input shape.
+
+On CUDA, torch/cuDNN (and TensorRT profiles) pick and cache kernels per shape, so the first batch of
+each new size is slow; under cross-request batching the size varies from call to call. Padding a
+batch up to the next power of two bounds the distinct shapes to log2(max) + 1, and `warm_buckets`
+runs each one once at start-up. (On the GPU machine, unpadded face classifiers timed out at
+concurrency 16 while new shapes were compiled: docs/benchmarks.md.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, capped at `limit` (n itself when n >= limit)."""
+    if n >= limit:
+        return n
+    return min(1 << max(n - 1, 0).bit_length(), limit)
+
+
+def buckets(limit: int) -> list[int]:
+    sizes, size = [], 1
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
+
+
+def pad_batch(x: np.ndarray, limit: int) -> np.ndarray:
+    """`x` with zero rows appended up to its bucket size (unchanged when already there)."""
+    target = bucket(len(x), limit)
+    if target == len(x):
+        return x
+    padding = np.zeros((target - len(x), *x.shape[1:]), dtype=x.dtype)
+    return np.concatenate([x, padding])
+
+
+def warm_buckets(run: Callable[[np.ndarray], object], sample_shape: tuple[int, ...], dtype: np.dtype, limit: int) -> None:
+    for size in buckets(limit):
+        run(np.zeros((size, *sample_shape), dtype=dtype))
