@@ -115,7 +115,7 @@ async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, t
     return result
 
 
-def test_bodies() -> list[bytes]:
+def sample_bodies() -> list[bytes]:
     from tests.images import ASTRONAUT, NO_FACE, collage, encode, read
 
     return [encode(read(ASTRONAUT), ".jpg"), encode(collage(), ".jpg"), NO_FACE.read_bytes()]
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args = face_args()
         args["ingress"]["deployment"]["max_ongoing_requests"] = 64
         serve.run(build_app(args), name="soak", route_prefix="/")
-        result = asyncio.run(soak("http://127.0.0.1:8011/v1/infer", test_bodies(), opts.requests, opts.concurrency,
+        result = asyncio.run(soak("http://127.0.0.1:8011/v1/infer", sample_bodies(), opts.requests, opts.concurrency,
                                   opts.time_limit))
     finally:
         serve.shutdown()

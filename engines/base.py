@@ -38,14 +38,16 @@ class Engine(abc.ABC):
 
     backend: str
     device: str
+    _inputs: list[TensorSpec]  # set by each backend's constructor
+    _outputs: list[TensorSpec]
 
     @property
-    @abc.abstractmethod
-    def inputs(self) -> list[TensorSpec]: ...
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
 
     @property
-    @abc.abstractmethod
-    def outputs(self) -> list[TensorSpec]: ...
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
 
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -144,6 +144,20 @@ class Mtcnn:
             for engine, size in ((self.rnet, 24), (self.onet, 48)):
                 warm_buckets(engine.run_single, (3, size, size), np.dtype(np.float32), _STAGE_BATCH)
 
+    def _refine(
+        self, engine: Engine, rgb: np.ndarray, boxes: np.ndarray, size: int, threshold: float
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run a refinement net on each box's patch; keep the boxes it scores above `threshold`.
+
+        Returns (K, 5) boxes with the net's score, and the net's other outputs for the same K rows."""
+        patches, kept = _patches(rgb, boxes, size)
+        if len(kept) == 0:
+            return np.zeros((0, 5), np.float32), {}
+        out = self._run_batched(engine, patches)
+        score = out["probability"][:, 1]
+        passed = score > threshold
+        return np.column_stack([boxes[kept][passed, :4], score[passed]]), {k: v[passed] for k, v in out.items()}
+
     def _stage1(self, rgb: np.ndarray) -> np.ndarray:
         """P-Net over the pyramid: (K, 9) boxes x1 y1 x2 y2 score + 4 regression values."""
         h, w = rgb.shape[:2]
@@ -188,30 +202,17 @@ class Mtcnn:
         boxes = _square(boxes)
 
         # Stage 2: R-Net refines and rejects.
-        patches, kept = _patches(rgb, boxes, 24)
-        if len(kept) == 0:
-            return empty
-        boxes = boxes[kept]
-        out = self._run_batched(self.rnet, patches)
-        score = out["probability"][:, 1]
-        passed = score > t2
-        boxes = np.column_stack([boxes[passed, :4], score[passed]])
-        reg = out["regression"][passed]
+        boxes, out = self._refine(self.rnet, rgb, boxes, 24, t2)
         keep = nms(boxes[:, :4], boxes[:, 4], 0.7)
-        boxes = _square(_regress(boxes[keep], reg[keep]))
+        boxes = _square(_regress(boxes[keep], out["regression"][keep]))
         if len(boxes) == 0:
             return empty
 
         # Stage 3: O-Net gives final boxes, scores and landmarks.
-        patches, kept = _patches(rgb, boxes, 48)
-        if len(kept) == 0:
+        boxes, out = self._refine(self.onet, rgb, boxes, 48, t3)
+        if len(boxes) == 0:
             return empty
-        boxes = boxes[kept]
-        out = self._run_batched(self.onet, patches)
-        score = out["probability"][:, 1]
-        passed = score > t3
-        boxes = np.column_stack([boxes[passed, :4], score[passed]])
-        reg, points = out["regression"][passed], out["landmarks"][passed]
+        reg, points = out["regression"], out["landmarks"]
         bw = boxes[:, 2] - boxes[:, 0] + 1
         bh = boxes[:, 3] - boxes[:, 1] + 1
         landmarks = np.stack(

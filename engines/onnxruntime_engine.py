@@ -75,14 +75,6 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"tensor {getattr(arg, 'name')!r} has unsupported type {type_name}")
         return TensorSpec(getattr(arg, "name"), tuple(getattr(arg, "shape")), _ORT_TYPES[type_name])
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self._session.run(self._output_names, dict(feeds))
         return dict(zip(self._output_names, values))

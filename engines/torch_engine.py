@@ -100,14 +100,6 @@ class TorchEngine(Engine):
         self._torch = torch
         logger.info("loaded %s through onnx2torch on %s%s", Path(path).name, self.device, " fp16" if self._fp16 else "")
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         tensors = []

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engines.preprocess import Normalization
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESERVED_NAMES = frozenset({"detector", "total", "ingress"})
 
@@ -151,14 +153,7 @@ class InputConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fits_channels(self) -> InputConfig:
-        channels = 1 if self.color_format == "GRAY" else 3
-        for name in ("mean", "std"):
-            if len(getattr(self, name)) not in (1, channels):
-                raise ValueError(
-                    f"{name} needs 1 or {channels} values for {self.color_format}, got {len(getattr(self, name))}"
-                )
-        if any(v == 0 for v in self.std):
-            raise ValueError("std values must be non-zero")
+        Normalization(self.color_format, self.scale, self.mean, self.std)  # raises ValueError naming the problem
         return self
 
 

@@ -27,13 +27,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_url() -> Iterator[str]:
+def metrics_port() -> int:
+    """Where Ray's Prometheus endpoint answers (/metrics) for the session's Ray."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_url(metrics_port: int) -> Iterator[str]:
     """Ray + Serve on this machine, HTTP on a free loopback port. Logical CPUs are raised to 4 so
     the demo app and the fault-injection app fit side by side (the machine has 2 cores)."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="tests")
+    ray.init(
+        num_cpus=4,
+        num_gpus=0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        namespace="tests",
+        _metrics_export_port=metrics_port,
+    )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
