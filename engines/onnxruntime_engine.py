@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,11 +70,10 @@ class OnnxRuntimeEngine(Engine):
         logger.info("loaded %s on %s (%s)", Path(path).name, self.device, active)
 
     @staticmethod
-    def _spec(arg: object) -> TensorSpec:
-        type_name = getattr(arg, "type")
-        if type_name not in _ORT_TYPES:
-            raise EngineError(f"tensor {getattr(arg, 'name')!r} has unsupported type {type_name}")
-        return TensorSpec(getattr(arg, "name"), tuple(getattr(arg, "shape")), _ORT_TYPES[type_name])
+    def _spec(arg: Any) -> TensorSpec:  # onnxruntime.NodeArg
+        if arg.type not in _ORT_TYPES:
+            raise EngineError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+        return TensorSpec(arg.name, tuple(arg.shape), _ORT_TYPES[arg.type])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self._session.run(self._output_names, dict(feeds))

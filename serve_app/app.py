@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
-from ray import serve
 from ray.serve import Application
 
 from deployments import Classifier, Detector
