@@ -200,7 +200,6 @@ def measure_inprocess(pipeline: Any, frame: np.ndarray, n: int) -> dict[str, Any
         "stage_p50_ms": {k: round(pct(v, 50), 2) for k, v in stages.items()},
         "sequential_p50_ms": round(pct([r.sequential for r in runs], 50), 2),
         "ideal_parallel_p50_ms": round(pct([r.ideal_parallel for r in runs], 50), 2),
-        "ideal_sequential_p50_ms": round(pct([r.sequential for r in runs], 50), 2),
         "batched_throughput_rps": {k: round(v, 1) for k, v in pipeline.batched_throughput(frame, 16, 20).items()},
     }
 

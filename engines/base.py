@@ -59,14 +59,6 @@ class Engine(abc.ABC):
             raise EngineError(f"model has {len(self.inputs)} inputs; run_single needs exactly one")
         return self.run({self.inputs[0].name: batch})
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "backend": self.backend,
-            "device": self.device,
-            "inputs": [{"name": t.name, "shape": list(t.shape)} for t in self.inputs],
-            "outputs": [{"name": t.name, "shape": list(t.shape)} for t in self.outputs],
-        }
-
     def check_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise EngineError naming the tensor when `shape` cannot feed input `name`."""
         spec = next((t for t in self.inputs if t.name == name), None)

@@ -111,10 +111,6 @@ class InferenceGraph:
         self._routes = routes
         self._detector_timeout_s = detector_timeout_s
 
-    @property
-    def routes(self) -> list[ClassifierRoute]:
-        return self._routes
-
     async def _detect(self, frame: np.ndarray) -> Detections:
         response = self._detector.detect.remote(frame)
         try:

@@ -29,10 +29,6 @@ class Placement:
     num_gpus: float
     replicas: int  # replicas that must fit at start (min_replicas under autoscaling)
 
-    @property
-    def holds_gpu(self) -> bool:
-        return self.num_gpus > 0
-
     def actor_options(self, deployment: DeploymentConfig) -> dict[str, object]:
         options: dict[str, object] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if deployment.resources:

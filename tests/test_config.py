@@ -66,7 +66,7 @@ def test_no_gpu_falls_back_to_cpu_and_asks_for_no_gpu() -> None:
 def test_gpu_cluster_gives_each_deployment_its_fraction() -> None:
     config = validate(lambda a: None)
     placements = [place(c.name, c.deployment, c.engine, cluster_gpus=1) for c in config.classifiers]
-    assert [(p.device, p.num_gpus, p.holds_gpu) for p in placements] == [("auto", 0.25, True)] * 3
+    assert [(p.device, p.num_gpus) for p in placements] == [("auto", 0.25)] * 3
     detector = place("detector", config.detector.deployment, config.detector.engine, cluster_gpus=1)
     check_fits([detector, *placements], {"CPU": 2, "GPU": 1})  # 4 x 0.25 of one RTX 3090
 
