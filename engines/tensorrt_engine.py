@@ -57,6 +57,8 @@ class TensorRTEngine(Engine):
             self._engine = engine
             self._context = engine.create_execution_context()
             self.plan = BindingPlan.from_engine(engine)
+            self._inputs = [TensorSpec(b.name, b.shape, b.dtype) for b in self.plan.inputs]
+            self._outputs = [TensorSpec(b.name, b.shape, b.dtype) for b in self.plan.outputs]
             self._stream = cuda.Stream()
             self._host: dict[str, np.ndarray] = {}
             self._device: dict[str, Any] = {}
@@ -69,14 +71,6 @@ class TensorRTEngine(Engine):
             self._context_handle.pop()
         self.device = "cuda"
         logger.info("loaded TensorRT engine %s (max batch %s)", Path(path).name, self.plan.max_batch)
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec(b.name, b.shape, b.dtype) for b in self.plan.inputs]
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec(b.name, b.shape, b.dtype) for b in self.plan.outputs]
 
     def check_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
         binding = next((b for b in self.plan.inputs if b.name == name), None)

@@ -26,10 +26,6 @@ class BearerAuth:
         else:
             logger.info("bearer auth on (token from %s)", env_var)
 
-    @property
-    def enabled(self) -> bool:
-        return self._token is not None
-
     def check(self, authorization: str | None) -> None:
         """Raise a 401 InputError unless `authorization` is `Bearer <the token>`."""
         if self._token is None:

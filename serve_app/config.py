@@ -235,7 +235,7 @@ class HandleConfig(StrictModel):
     by_reference: bool = Field(
         False,
         description="True: Serve's default (results through the object store). False measured faster on the 2-core "
-        "CPU box (docs/benchmarks.md: c16 throughput +12 %, stand-in p50 -8 %)",
+        "CPU box (docs/benchmarks.md: c16 throughput +18 % on the face demo, +8 % on the stand-ins)",
     )
     prefer_local_routing: bool = Field(False, description="prefer replicas on the ingress's own node")
 

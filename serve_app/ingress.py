@@ -67,12 +67,13 @@ class Ingress:
     ) -> None:
         self._config = config
         self._limits = config.ingress
-        options = config.ingress.handles
-        detector = detector.options(_by_reference=options.by_reference, _prefer_local_routing=options.prefer_local_routing)
-        classifiers = {
-            name: h.options(_by_reference=options.by_reference, _prefer_local_routing=options.prefer_local_routing)
-            for name, h in classifiers.items()
-        }
+        handles = config.ingress.handles
+
+        def tuned(handle: DeploymentHandle) -> DeploymentHandle:
+            return handle.options(_by_reference=handles.by_reference, _prefer_local_routing=handles.prefer_local_routing)
+
+        detector = tuned(detector)
+        classifiers = {name: tuned(h) for name, h in classifiers.items()}
         routes = [ClassifierRoute.from_config(c, classifiers[c.name]) for c in config.classifiers]
         self._graph = InferenceGraph(detector, routes, config.ingress.detector_timeout_s)
         self._detector = detector
