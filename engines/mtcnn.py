@@ -181,6 +181,10 @@ class Mtcnn:
         boxes = np.concatenate(found)
         return boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
 
+    def detect_batch(self, frames_bgr: list[np.ndarray]) -> list[Detections]:
+        """Frames in turn: P-Net's input size differs per frame and per pyramid level."""
+        return [self.detect(frame) for frame in frames_bgr]
+
     def detect(self, frame_bgr: np.ndarray) -> Detections:
         if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3:
             raise ValueError(f"frame must be (H, W, 3) BGR, got {frame_bgr.shape}")

@@ -130,12 +130,32 @@ class Yolo:
         self.class_names = params.class_names
         self._input = engine.inputs[0]
         self._output = engine.outputs[0].name
+        batch_axis = self._input.fixed_dims()[0]
+        self._fixed_batch: int | None = batch_axis  # None: any batch size; else the export's fixed batch
 
     def detect(self, frame_bgr: np.ndarray) -> Detections:
+        return self.detect_batch([frame_bgr])[0]
+
+    def detect_batch(self, frames_bgr: list[np.ndarray]) -> list[Detections]:
+        """Every frame letterboxed to the network size, then one engine call for all (DeepStream's
+        stream muxer does the same), or one call per frame where the model's batch axis is fixed."""
         p = self.params
-        canvas, box = letterbox(frame_bgr, p.input_width, p.input_height)
-        x = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)[None].astype(np.float32) / 255.0
-        output = self.engine.run({self._input.name: x.astype(self._input.dtype, copy=False)})[self._output]
+        boxed = [letterbox(frame, p.input_width, p.input_height) for frame in frames_bgr]
+        x = np.stack([cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).transpose(2, 0, 1) for canvas, _ in boxed])
+        x = (x.astype(np.float32) / 255.0).astype(self._input.dtype, copy=False)
+        if self._fixed_batch is None:
+            outputs = self.engine.run({self._input.name: x})[self._output]
+            if len(outputs) != len(x):
+                raise EngineError(f"YOLO output batch is {len(outputs)} for {len(x)} frames: {outputs.shape}")
+        else:
+            step = self._fixed_batch
+            outputs = np.concatenate(
+                [self.engine.run({self._input.name: x[i : i + step]})[self._output] for i in range(0, len(x), step)]
+            )
+        return [self._finish(outputs[i : i + 1], box, frame) for i, ((_, box), frame) in enumerate(zip(boxed, frames_bgr))]
+
+    def _finish(self, output: np.ndarray, box: Letterbox, frame_bgr: np.ndarray) -> Detections:
+        p = self.params
         xyxy, score, class_id = decode(output, self.layout, p.confidence_threshold)
         keep = class_aware_nms(xyxy, score, class_id, p.iou_threshold, p.max_detections)
         num_classes = len(self.class_names)
