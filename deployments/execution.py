@@ -1,10 +1,14 @@
-"""Where a replica runs model compute relative to its asyncio event loop.
+"""Where a stage runs model compute relative to its asyncio event loop.
 
-Measured on the H100 (see ../shared/ray-serve-notes.md): GPU work in Serve's default thread pool
-(sync `def` methods) ran ~10x slower than in one process, while `async def` methods that compute
-on the event loop ran at in-process speed. On CPU, ONNX Runtime releases the GIL, so a single
-dedicated worker thread keeps the event loop free to gather @serve.batch batches and answer
-health checks while a batch computes. `auto` picks inline for CUDA and the thread for CPU.
+- `inline`: on the event loop itself. A stage that has its replica to itself loses nothing by it
+  (the replica's control plane runs on Serve's own loop), and skips a thread hand-off per batch:
+  measured on the 2-core CPU box, an in-replica MTCNN ran at in-process speed inline and ~5 ms slower on
+  a worker thread; on the GPU machine, launch-bound CUDA code in a thread pool ran ~10x slower
+  (../shared/ray-serve-notes.md).
+- `thread`: on one dedicated worker thread per stage. Where several stages share a process (layouts
+  `colocated` and `ingress`), this is what lets them overlap: ONNX Runtime and torch release the GIL
+  while they compute, and on a GPU each engine has its own CUDA stream.
+- `auto`: inline when the stage is alone in its process, a thread when it shares it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ T = TypeVar("T")
 
 
 class ComputeExecutor:
-    def __init__(self, mode: str, device: str, name: str) -> None:
+    def __init__(self, mode: str, shared: bool, name: str) -> None:
         if mode == "auto":
-            mode = "inline" if device == "cuda" else "thread"
+            mode = "thread" if shared else "inline"
         if mode not in ("inline", "thread"):
             raise ValueError(f"unknown execution mode {mode!r}")
         self.mode = mode

@@ -1,4 +1,4 @@
-"""The application builder `serve_config.yaml` imports: `serve_app.app:build_app`."""
+"""The application builder Serve imports: `serve_app.app:build_app`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import ray
 from ray.serve import Application
 
-from deployments import Classifier, Detector
+from deployments import Classifier, ClassifierPool, Detector
 from serve_app.config import DeploymentConfig, PipelineConfig
 from serve_app.ingress import Ingress
-from serve_app.placement import Placement, check_fits, place
+from serve_app.placement import Placement, check_fits, combine, place
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,10 +39,14 @@ def build_app(args: dict[str, Any] | PipelineConfig) -> Application:
 
 
 def bind_pipeline(config: PipelineConfig, cluster_resources: Mapping[str, float] | None = None) -> Application:
-    """Bind the ingress, detector and one deployment per classifier into one Serve application.
+    """Bind the ingress and the model deployments of `config.layout` into one Serve application.
 
     Resources are resolved against the running Ray cluster first, so a machine without a GPU
     runs the same config on CPU, and a plan that cannot be scheduled fails here, loudly.
+    - separate: the detector and each classifier in a deployment of its own, each with its GPU fraction;
+    - colocated: the detector alone, every classifier in one `classifiers` deployment that asks for the
+      sum of their fractions (its other settings are the first classifier's);
+    - ingress: every model in the ingress replica, which asks for the sum of all fractions.
     """
     resources = dict(cluster_resources if cluster_resources is not None else ray.cluster_resources())
     gpus = float(resources.get("GPU", 0.0))
@@ -50,20 +54,38 @@ def bind_pipeline(config: PipelineConfig, cluster_resources: Mapping[str, float]
     detector_place = place("detector", config.detector.deployment, config.detector.engine, gpus)
     classifier_places = [place(c.name, c.deployment, c.engine, gpus) for c in config.classifiers]
     ingress_place = place("ingress", config.ingress.deployment, None, gpus)
-    check_fits([ingress_place, detector_place, *classifier_places], resources)
+    devices = {p.name: p.device for p in (detector_place, *classifier_places)}
+    logger.info(
+        "pipeline: layout %s, GPU fractions %s, mode %s",
+        config.layout,
+        {p.name: p.num_gpus for p in (detector_place, *classifier_places)},
+        config.ingress.mode,
+    )
+
+    if config.layout == "ingress":
+        host = combine("ingress", [ingress_place, detector_place, *classifier_places])
+        check_fits([host], resources)
+        return Ingress.options(**_options("ingress", config.ingress.deployment, host)).bind(config, devices=devices)
 
     detector = Detector.options(**_options("detector", config.detector.deployment, detector_place)).bind(
         config.detector, detector_place.device
     )
+    if config.layout == "colocated" and config.classifiers:
+        shared = combine("classifiers", classifier_places)
+        check_fits([ingress_place, detector_place, shared], resources)
+        first = config.classifiers[0].deployment
+        pool = ClassifierPool.options(**_options("classifiers", first, shared)).bind(
+            list(config.classifiers), {c.name: devices[c.name] for c in config.classifiers}
+        )
+        return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(
+            config, detector=detector, pool=pool
+        )
+
+    check_fits([ingress_place, detector_place, *classifier_places], resources)
     classifiers = {
         c.name: Classifier.options(**_options(c.name, c.deployment, p)).bind(c, p.device)
         for c, p in zip(config.classifiers, classifier_places)
     }
-    logger.info(
-        "pipeline: GPU fractions %s, mode %s",
-        {p.name: p.num_gpus for p in (detector_place, *classifier_places)},
-        config.ingress.mode,
-    )
     return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(
-        detector, classifiers, config
+        config, detector=detector, classifiers=classifiers
     )

@@ -71,9 +71,9 @@ class EngineConfig(StrictModel):
     inter_op_threads: int = Field(1, ge=1)
     execution: Literal["auto", "thread", "inline"] = Field(
         "auto",
-        description="where model compute runs in the replica: 'thread' (one dedicated worker thread; the "
-        "event loop stays free to batch), 'inline' (on the event loop; best for launch-bound GPU code), "
-        "'auto' (thread on CPU, inline on GPU)",
+        description="where model compute runs in the replica: 'inline' (on the event loop: no hand-off), "
+        "'thread' (one dedicated worker thread, so stages that share a process overlap), "
+        "'auto' (inline when the stage has its replica to itself, thread when it shares it)",
     )
 
 
@@ -132,6 +132,10 @@ class DetectorConfig(StrictModel):
     mtcnn: MtcnnConfig = Field(default_factory=MtcnnConfig)
     yolo: YoloConfig | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    batching: BatchingConfig = Field(
+        default_factory=lambda: BatchingConfig(max_batch_size=8),
+        description="frames of concurrent requests batched into one engine call (YOLO; MTCNN runs them in turn)",
+    )
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
 
     @model_validator(mode="after")
@@ -164,10 +168,12 @@ class CropConfig(StrictModel):
 
 
 class BatchingConfig(StrictModel):
-    """Cross-request batching (@serve.batch), sized in crops, not requests."""
+    """Cross-request batching, sized in items (crops for a classifier, frames for the detector).
+
+    A batch never waits for company: a call that finds the engine idle runs at once, and calls that
+    arrive while a batch computes go together in the next one (deployments/batcher.py)."""
 
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
 
 
 class ClassifierConfig(StrictModel):
@@ -242,6 +248,11 @@ class HandleConfig(StrictModel):
 
 class IngressConfig(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
+    detector_input: Literal["encoded", "frame"] = Field(
+        "encoded",
+        description="what goes to a remote detector: the compressed bytes as received (decoded there, while the "
+        "ingress decodes its own copy for the crops) or the decoded frame (a 512x512 photo is 786 KB raw)",
+    )
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -254,9 +265,18 @@ class IngressConfig(StrictModel):
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0))
 
 
+Layout = Literal["separate", "colocated", "ingress"]
+
+
 class PipelineConfig(StrictModel):
     """Everything `serve_app.app:build_app` needs; `serve_config.yaml` carries it under `args`."""
 
+    layout: Layout = Field(
+        "separate",
+        description="where the models run: 'separate' (a deployment per model, each with its own GPU fraction), "
+        "'colocated' (the detector alone; every classifier in one shared deployment, run concurrently), "
+        "'ingress' (every model inside the ingress replica: no inner hop at all)",
+    )
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     classifiers: list[ClassifierConfig] = Field(default_factory=list)
     ingress: IngressConfig = Field(default_factory=IngressConfig)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import struct
 
-import cv2
 import numpy as np
+
+from engines.image import decode_bgr
 
 
 class InputError(ValueError):
@@ -66,8 +67,8 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """BGR uint8 (H, W, 3) frame; grey, 16-bit and alpha images are converted, not refused."""
+def check_header(data: bytes, max_pixels: int) -> None:
+    """Refuse an empty body, or an image whose header declares a zero or too large size, before decoding."""
     if not data:
         raise InputError(400, "empty_body", "the request body is empty; send image bytes")
     size = image_dimensions(data)
@@ -81,13 +82,19 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 "image_too_large",
                 f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
             )
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    try:
-        frame = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    except cv2.error:
-        frame = None
-    if frame is None or frame.size == 0:
+
+
+def decode_checked(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode bytes whose header `check_header` passed: BGR uint8 (H, W, 3)."""
+    frame = decode_bgr(data)
+    if frame is None:
         raise InputError(400, "undecodable_image", "the body is not an image OpenCV can decode (JPEG, PNG, ...)")
     if frame.shape[0] * frame.shape[1] > max_pixels:
         raise InputError(413, "image_too_large", f"the decoded image exceeds {max_pixels} pixels")
-    return np.ascontiguousarray(frame)
+    return frame
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """BGR uint8 (H, W, 3) frame; grey, 16-bit and alpha images are converted, not refused."""
+    check_header(data, max_pixels)
+    return decode_checked(data, max_pixels)

@@ -3,7 +3,7 @@
 This is the DeepStream "detector -> classifier1 -> classifier2 -> classifier3" pipeline with the
 secondary classifiers run concurrently (latency t_det + max(t_i) instead of t_det + sum(t_i)).
 A classifier that fails or times out costs only its own attribute: the answer carries every
-other result plus a per-classifier error.
+other result plus a per-classifier error. Every call records where its time went (`CallSpan`).
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from ray.exceptions import ActorUnavailableError, RayActorError
 
+from deployments.stages import StageTiming
 from engines import Classifications, Detections
 from engines.preprocess import CropSpec, crop_resize
+from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
 from serve_app.schema import DetectedObject, StageError
 
@@ -33,10 +34,10 @@ class DetectorUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ClassifierRoute:
-    """Which objects one classifier sees, and how they are cropped for it."""
+    """Which objects one classifier sees, how they are cropped for it, and how it is reached."""
 
     name: str
-    handle: Any  # ray.serve.handle.DeploymentHandle (kept loose so unit tests can pass fakes)
+    client: ClassifierClient | None  # None where only the geometry is needed (the in-process benchmark)
     crop: CropSpec
     labels: frozenset[str] | None
     min_width: float
@@ -44,10 +45,10 @@ class ClassifierRoute:
     timeout_s: float
 
     @classmethod
-    def from_config(cls, config: ClassifierConfig, handle: Any) -> ClassifierRoute:
+    def from_config(cls, config: ClassifierConfig, client: ClassifierClient | None) -> ClassifierRoute:
         return cls(
             config.name,
-            handle,
+            client,
             CropSpec(
                 config.input.width, config.input.height, config.crop.square, config.crop.padding, config.crop.keep_aspect
             ),
@@ -58,12 +59,32 @@ class ClassifierRoute:
         )
 
 
+@dataclass(frozen=True)
+class CallSpan:
+    """One stage call seen from both ends: the round trip at the caller, the timing inside the stage."""
+
+    started_at: float  # time.perf_counter() when the call was made
+    round_trip_ms: float
+    timing: StageTiming
+
+    @property
+    def transport_ms(self) -> float:
+        """Everything between caller and stage that is not the stage's own time: routing, (de)serialisation,
+        scheduling of the replica's threads and processes."""
+        return max(self.round_trip_ms - self.timing.handler_ms, 0.0)
+
+
 @dataclass
 class GraphResult:
     detections: Detections
+    frame: np.ndarray | None = None  # the decoded image the crops were cut from
     outputs: dict[str, tuple[np.ndarray, Classifications]] = field(default_factory=dict)
     errors: dict[str, StageError] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, CallSpan] = field(default_factory=dict)  # "detector" and each classifier that answered
+    decode_ms: float = 0.0  # the ingress's decode while the detector worked (run_encoded only)
+    crop_ms: float = 0.0
+    classify_ms: float = 0.0
 
 
 _PATH = re.compile(r"[\w.~-]*(?:/[\w.~-]+)+\.(?:h|hpp|c|cc|cpp|cu|py|onnx|engine|so)(?::\d+)?")
@@ -74,11 +95,12 @@ def _short_error(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
     first = _PATH.sub("<path>", text[0] if text else "")
-    return f"{type(cause).__name__}: {first}"[:300]
+    kind = getattr(cause, "kind", None) or type(cause).__name__  # StageFailed names the stage's own exception
+    return f"{kind}: {first}"[:300]
 
 
-async def _await(response: Awaitable[Any]) -> Any:
-    return await response
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1e3, 3)
 
 
 def merge(detections: Detections, outputs: Mapping[str, tuple[np.ndarray, Classifications]]) -> list[DetectedObject]:
@@ -106,56 +128,68 @@ def merge(detections: Detections, outputs: Mapping[str, tuple[np.ndarray, Classi
 
 
 class InferenceGraph:
-    def __init__(self, detector: Any, routes: list[ClassifierRoute], detector_timeout_s: float) -> None:
+    def __init__(self, detector: DetectorClient, routes: list[ClassifierRoute], detector_timeout_s: float) -> None:
         self._detector = detector
         self._routes = routes
         self._detector_timeout_s = detector_timeout_s
 
-    async def _detect(self, frame: np.ndarray) -> Detections:
-        response = self._detector.detect.remote(frame)
+    async def _detect(self, image: np.ndarray | bytes, out: GraphResult) -> None:
+        start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(_await(response), self._detector_timeout_s)
-        except asyncio.TimeoutError as exc:
-            response.cancel()
+            async with asyncio.timeout(self._detector_timeout_s):
+                result = await self._detector.detect(image)
+        except TimeoutError as exc:
             raise DetectorUnavailable(f"the detector did not answer within {self._detector_timeout_s:g} s") from exc
         except Exception as exc:
             logger.warning("detector failed: %s", _short_error(exc))
             raise DetectorUnavailable(f"the detector failed: {_short_error(exc)}") from exc
-        return result.detections
-
-    async def _call_with_retry(self, route: ClassifierRoute, crops: np.ndarray) -> Any:
-        """One classifier call; retried once if the replica died under it (Serve routes the retry to a
-        live replica, or holds it until the replacement is up, within the same deadline)."""
-        for attempt in (1, 2):
-            response = route.handle.classify.remote(crops)
-            try:
-                return await _await(response)
-            except asyncio.CancelledError:  # the deadline passed: stop the work on the replica too
-                response.cancel()
-                raise
-            except (RayActorError, ActorUnavailableError) as exc:
-                if attempt == 2:
-                    raise
-                logger.warning("classifier %s: replica lost (%s); retrying once", route.name, type(exc).__name__)
-        raise AssertionError("unreachable")
+        out.detections = result.detections
+        out.calls["detector"] = CallSpan(start, _ms(start), result.timing)
+        out.timings_ms["detector"] = round(out.calls["detector"].round_trip_ms, 2)
 
     async def _classify(self, route: ClassifierRoute, crops: np.ndarray, out: GraphResult, indices: np.ndarray) -> None:
+        assert route.client is not None
         start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self._call_with_retry(route, crops), route.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(route.timeout_s):
+                result = await route.client.classify(crops)
+        except TimeoutError:
             out.errors[route.name] = StageError(code="timeout", message=f"no answer within {route.timeout_s:g} s")
         except Exception as exc:
             logger.warning("classifier %s failed: %s", route.name, _short_error(exc))
             out.errors[route.name] = StageError(code="failed", message=_short_error(exc))
         else:
             out.outputs[route.name] = (indices, result.classifications)
-        out.timings_ms[route.name] = round((time.perf_counter() - start) * 1e3, 2)
+            out.calls[route.name] = CallSpan(start, _ms(start), result.timing)
+        out.timings_ms[route.name] = round(_ms(start), 2)
+
+    async def run_encoded(self, data: bytes, decode: Callable[[bytes], np.ndarray], mode: str) -> GraphResult:
+        """Send the compressed bytes to the detector and decode them here meanwhile (the crops need the
+        frame): the decode leaves the critical path and a few KB cross the hop instead of a raw frame.
+        If the local decode fails (bad input), the detector's work is cancelled and the error raised."""
+        out = GraphResult(Detections.empty())
+        detecting = asyncio.ensure_future(self._detect(data, out))
+        await asyncio.sleep(0)  # let the detector call go out before the decode holds the loop
+        start = time.perf_counter()
+        try:
+            frame = decode(data)
+        except BaseException:
+            detecting.cancel()
+            raise
+        out.decode_ms = _ms(start)
+        out.frame = frame
+        await detecting
+        return await self._classify_all(frame, out, mode)
 
     async def run(self, frame: np.ndarray, mode: str) -> GraphResult:
+        """The detector gets the decoded frame (the detector runs in this process, or the bytes are not kept)."""
+        out = GraphResult(Detections.empty(), frame)
+        await self._detect(frame, out)
+        return await self._classify_all(frame, out, mode)
+
+    async def _classify_all(self, frame: np.ndarray, out: GraphResult, mode: str) -> GraphResult:
+        detections = out.detections
         start = time.perf_counter()
-        detections = await self._detect(frame)
-        out = GraphResult(detections, timings_ms={"detector": round((time.perf_counter() - start) * 1e3, 2)})
         calls = []
         for route in self._routes:
             indices = detections.select(route.labels, route.min_width, route.min_height)
@@ -163,11 +197,16 @@ class InferenceGraph:
                 continue
             crops = crop_resize(frame, detections.xyxy[indices], route.crop)
             calls.append((route, crops, indices))
+        out.crop_ms = _ms(start)
+        start = time.perf_counter()
         if mode == "sequential":
             for route, crops, indices in calls:
                 await self._classify(route, crops, out, indices)
+        elif len(calls) == 1:
+            await self._classify(*calls[0][:2], out, calls[0][2])
         else:
             await asyncio.gather(*(self._classify(route, crops, out, indices) for route, crops, indices in calls))
+        out.classify_ms = _ms(start)
         order = [route.name for route in self._routes]  # answer in config order, not completion order
         out.outputs = {n: out.outputs[n] for n in order if n in out.outputs}
         out.errors = {n: out.errors[n] for n in order if n in out.errors}

@@ -3,23 +3,28 @@
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.stages import ClassifierStage, DetectorStage
 from serve_app.annotate import annotate
 from serve_app.auth import BearerAuth
+from serve_app.clients import ClassifierClient, DetectorClient, PooledClassifiers, RemoteClassifier, RemoteDetector
 from serve_app.config import PipelineConfig
-from serve_app.decoding import InputError, decode_image
-from serve_app.graph import ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, merge
+from serve_app.decoding import InputError, check_header, decode_checked
+from serve_app.graph import CallSpan, ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, merge
 from serve_app.http_input import image_bytes
-from serve_app.schema import ErrorResponse, ImageInfo, InferResponse, Mode, PipelineDescription
+from serve_app.schema import CallTrace, ErrorResponse, ImageInfo, InferResponse, Mode, PipelineDescription, Trace
 from serve_app.telemetry import IngressMetrics
 
 T = TypeVar("T")
@@ -56,14 +61,58 @@ async def _detector_unavailable(_: Request, exc: DetectorUnavailable) -> JSONRes
     return _error(503, "detector_unavailable", str(exc))
 
 
+@dataclass(frozen=True)
+class _Inference:
+    frame: np.ndarray
+    result: GraphResult
+    mode: Mode
+    start: float  # perf_counter at the request's arrival in the ingress
+    read_body_ms: float
+    decode_ms: float
+
+
+def _call_trace(span: CallSpan, request_start: float) -> CallTrace:
+    t = span.timing
+    return CallTrace(
+        start_ms=round((span.started_at - request_start) * 1e3, 2),
+        round_trip_ms=round(span.round_trip_ms, 2),
+        transport_ms=round(span.transport_ms, 2),
+        queue_ms=round(t.queue_ms, 2),
+        compute_ms=round(t.compute_ms, 2),
+        batch_size=t.batch_size,
+    )
+
+
+def _spans(trace: Trace) -> dict[str, float]:
+    """The trace flattened for the pipeline_span_ms{span} metric."""
+    spans = {"read_body": trace.read_body_ms, "decode": trace.decode_ms, "crop": trace.crop_ms, "merge": trace.merge_ms}
+    for name, call in (("detector", trace.detector), *trace.classifiers.items()):
+        spans |= {f"{name}.transport": call.transport_ms, f"{name}.queue": call.queue_ms,
+                  f"{name}.compute": call.compute_ms}
+    return spans
+
+
+def _now(describe: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    async def call() -> T:
+        return describe()
+
+    return call
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
+    """Holds the graph. Where the models run depends on `config.layout`: behind the handles given here
+    (`separate`: one per model; `colocated`: the detector and one shared `classifiers` deployment), or
+    in this replica (`ingress`: no handles; the stages are built here, each on its device in `devices`)."""
+
     def __init__(
         self,
-        detector: DeploymentHandle,
-        classifiers: dict[str, DeploymentHandle],
         config: PipelineConfig,
+        detector: "DeploymentHandle | None" = None,
+        classifiers: dict[str, DeploymentHandle] | None = None,
+        pool: DeploymentHandle | None = None,
+        devices: Mapping[str, str] | None = None,
     ) -> None:
         self._config = config
         self._limits = config.ingress
@@ -72,12 +121,40 @@ class Ingress:
         def tuned(handle: DeploymentHandle) -> DeploymentHandle:
             return handle.options(_by_reference=handles.by_reference, _prefer_local_routing=handles.prefer_local_routing)
 
-        detector = tuned(detector)
-        classifiers = {name: tuned(h) for name, h in classifiers.items()}
-        routes = [ClassifierRoute.from_config(c, classifiers[c.name]) for c in config.classifiers]
-        self._graph = InferenceGraph(detector, routes, config.ingress.detector_timeout_s)
-        self._detector = detector
-        self._classifiers = classifiers
+        describers: list[Callable[[], Awaitable[Any]]] = []
+        detector_client: DetectorClient
+        clients: dict[str, ClassifierClient]
+        if detector is None:  # layout "ingress": the models live in this replica
+            devices = devices or {}
+            stage = DetectorStage(config.detector, devices.get("detector", "cpu"), shared=True)
+            stages = {c.name: ClassifierStage(c, devices.get(c.name, "cpu"), shared=True) for c in config.classifiers}
+            detector_client, clients = stage, dict(stages)
+            describers = [_now(stage.describe), *(_now(s.describe) for s in stages.values())]
+            self._health: list[Callable[[], Awaitable[None]]] = [stage.check_health,
+                                                                 *(s.check_health for s in stages.values())]
+        else:
+            detector = tuned(detector)
+            detector_client = RemoteDetector(detector)
+            describers = [detector.describe.remote]
+            if pool is not None:
+                pool = tuned(pool)
+                pooled = PooledClassifiers(pool)
+                clients = {c.name: pooled.client(c.name) for c in config.classifiers}
+                describers.append(pool.describe.remote)
+            else:
+                tuned_handles = {name: tuned(h) for name, h in (classifiers or {}).items()}
+                clients = {c.name: RemoteClassifier(tuned_handles[c.name], c.name) for c in config.classifiers}
+                describers += [tuned_handles[c.name].describe.remote for c in config.classifiers]
+            self._health = []
+        routes = [ClassifierRoute.from_config(c, clients[c.name]) for c in config.classifiers]
+        self._graph = InferenceGraph(detector_client, routes, config.ingress.detector_timeout_s)
+        self._describers = describers
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+            logger.info("HTTP goes through Serve's Python proxy; starting Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
+                        "(README) saves ~10 ms a request on 2 cores (docs/benchmarks.md)")
+        # Compressed bytes to a remote detector; a detector held here takes the decoded frame.
+        self._send_encoded = config.ingress.detector_input == "encoded" and detector is not None
+        self._deployments = {"separate": 2 + len(config.classifiers), "colocated": 3, "ingress": 1}[config.layout]
         self._auth = BearerAuth(config.ingress.auth_token_env)
         self._metrics = IngressMetrics()
 
@@ -97,36 +174,65 @@ class Ingress:
         finally:
             self._metrics.requests.inc(tags={"route": route, "status": str(status)})
 
-    async def _infer(self, request: Request, mode: Mode | None) -> tuple[Any, GraphResult, dict[str, float], Mode]:
+    async def _infer(self, request: Request, mode: Mode | None) -> _Inference:
         start = time.perf_counter()
         self._auth.check(request.headers.get("authorization"))
         data = await image_bytes(request, self._limits.max_body_bytes)
-        frame = decode_image(data, self._limits.max_image_pixels)
+        read_at = time.perf_counter()
         chosen: Mode = mode or self._limits.mode
-        result = await self._graph.run(frame, chosen)
-        timings = {**result.timings_ms, "total": round((time.perf_counter() - start) * 1e3, 2)}
-        self._metrics.record(timings, len(result.detections), {n: e.code for n, e in result.errors.items()})
-        return frame, result, timings, chosen
+        limit = self._limits.max_image_pixels
+        check_header(data, limit)
+        if self._send_encoded:
+            result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen)
+            decode_ms = result.decode_ms
+        else:
+            frame = decode_checked(data, limit)
+            decode_ms = (time.perf_counter() - read_at) * 1e3
+            result = await self._graph.run(frame, chosen)
+        assert result.frame is not None
+        return _Inference(result.frame, result, chosen, start, (read_at - start) * 1e3, decode_ms)
 
-    async def _infer_json(self, request: Request, mode: Mode | None) -> InferResponse:
-        frame, result, timings, chosen = await self._infer(request, mode)
-        return InferResponse(
+    async def _infer_json(self, request: Request, mode: Mode | None, trace: bool) -> Response:
+        run = await self._infer(request, mode)
+        frame, result = run.frame, run.result
+        merged_at = time.perf_counter()
+        objects = merge(result.detections, result.outputs)
+        now = time.perf_counter()
+        total_ms = round((now - run.start) * 1e3, 2)
+        timings = {**result.timings_ms, "total": total_ms}
+        breakdown = Trace(
+            read_body_ms=round(run.read_body_ms, 2),
+            decode_ms=round(run.decode_ms, 2),
+            detector=_call_trace(result.calls["detector"], run.start),
+            crop_ms=round(result.crop_ms, 2),
+            classifiers={n: _call_trace(s, run.start) for n, s in result.calls.items() if n != "detector"},
+            classify_ms=round(result.classify_ms, 2),
+            merge_ms=round((now - merged_at) * 1e3, 2),
+            total_ms=total_ms,
+        )
+        self._metrics.record(timings, len(result.detections), {n: e.code for n, e in result.errors.items()},
+                             _spans(breakdown))
+        answer = InferResponse(
             image=ImageInfo(width=frame.shape[1], height=frame.shape[0]),
-            objects=merge(result.detections, result.outputs),
+            objects=objects,
             errors=result.errors,
             timings_ms=timings,
-            mode=chosen,
+            mode=run.mode,
+            trace=breakdown if trace else None,
         )
+        # Serialised here, once: returning the model would make FastAPI validate and encode it again.
+        return Response(answer.model_dump_json(exclude_none=not trace), media_type="application/json")
 
     async def _annotate_jpeg(self, request: Request, mode: Mode | None) -> Response:
-        frame, result, _, _ = await self._infer(request, mode)
-        jpeg = annotate(frame, merge(result.detections, result.outputs))
+        run = await self._infer(request, mode)
+        jpeg = annotate(run.frame, merge(run.result.detections, run.result.outputs))
         return Response(content=jpeg, media_type="image/jpeg")
 
     @api.post("/v1/infer", response_model=InferResponse, responses=ERRORS)
-    async def infer(self, request: Request, mode: Mode | None = None) -> InferResponse:
-        """Body: image bytes (image/*, application/octet-stream) or multipart field `image`."""
-        return await self._counted("/v1/infer", self._infer_json(request, mode))
+    async def infer(self, request: Request, mode: Mode | None = None, trace: bool = False) -> Response:
+        """Body: image bytes (image/*, application/octet-stream) or multipart field `image`.
+        `trace=true` adds the per-request breakdown of where the time went."""
+        return await self._counted("/v1/infer", self._infer_json(request, mode, trace))
 
     @api.post("/v1/annotate", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
     async def annotate(self, request: Request, mode: Mode | None = None) -> Response:
@@ -134,10 +240,13 @@ class Ingress:
         return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode))
 
     async def _describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        names = list(self._classifiers)
-        calls = [self._detector.describe.remote(), *(self._classifiers[n].describe.remote() for n in names)]
-        answers = await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
-        return answers[0], list(answers[1:])
+        async with asyncio.timeout(timeout_s):
+            answers = await asyncio.gather(*(describe() for describe in self._describers))
+            await asyncio.gather(*(check() for check in self._health))
+        detector, classifiers = answers[0], []
+        for answer in answers[1:]:  # the shared `classifiers` deployment answers for all of them
+            classifiers.extend(answer if isinstance(answer, list) else [answer])
+        return detector, classifiers
 
     @api.get("/v1/pipeline", response_model=PipelineDescription, responses={503: {"model": ErrorResponse}})
     async def pipeline(self, authorization: str | None = Header(None)) -> PipelineDescription | JSONResponse:
@@ -149,6 +258,7 @@ class Ingress:
             return _error(503, "pipeline_unavailable", f"a deployment did not answer: {type(exc).__name__}")
         return PipelineDescription(
             mode=self._limits.mode,
+            layout=self._config.layout,
             detector=detector,
             classifiers=classifiers,
             limits={"max_body_bytes": self._limits.max_body_bytes, "max_image_pixels": self._limits.max_image_pixels},
@@ -161,4 +271,10 @@ class Ingress:
             await self._describe_all(5.0)
         except Exception as exc:
             return _error(503, "not_ready", f"a deployment did not answer: {type(exc).__name__}")
-        return JSONResponse({"status": "ok", "deployments": 2 + len(self._classifiers)})
+        return JSONResponse({"status": "ok", "layout": self._config.layout, "deployments": self._deployments})
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically: in layout `ingress` the engines held here must answer."""
+        for check in self._health:
+            await check()
+

@@ -63,6 +63,25 @@ def place(
     return Placement(name, engine.device, deployment.num_cpus, deployment.num_gpus, replicas)
 
 
+def combine(name: str, parts: list[Placement]) -> Placement:
+    """One replica that hosts the models of `parts`: it asks for the sum of their CPUs and GPU fractions."""
+    gpus = sum(p.num_gpus for p in parts)
+    if gpus > 1 + 1e-9:
+        detail = ", ".join(f"{p.name} {p.num_gpus:g}" for p in parts if p.num_gpus)
+        raise PlacementError(
+            f"{name}: the models it hosts ask for {gpus:g} GPUs in all ({detail}), but one replica holds at most "
+            "one GPU; lower their deployment.num_gpus so the sum is <= 1"
+        )
+    devices = {p.device for p in parts if p.num_gpus}
+    return Placement(
+        name,
+        devices.pop() if len(devices) == 1 else "cpu" if not devices else "auto",
+        round(sum(p.num_cpus for p in parts), 6),
+        round(gpus, 6),
+        max(p.replicas for p in parts),
+    )
+
+
 def check_fits(placements: list[Placement], cluster: Mapping[str, float]) -> None:
     """Fail when the replicas that must start cannot all be scheduled at once."""
     for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):

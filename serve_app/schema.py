@@ -30,12 +30,40 @@ class StageError(BaseModel):
     message: str
 
 
+class CallTrace(BaseModel):
+    """One stage call on the critical path, split into its parts (milliseconds)."""
+
+    start_ms: float = Field(description="when the call was made, from the request's arrival in the ingress")
+    round_trip_ms: float = Field(description="the call as the ingress saw it")
+    transport_ms: float = Field(description="round trip minus the stage's own time: routing, (de)serialisation, "
+                                "scheduling of the replica's threads and processes")
+    queue_ms: float = Field(description="inside the stage, waiting for the engine (a batch in progress)")
+    compute_ms: float = Field(description="model compute of the batch this call rode in")
+    batch_size: int = Field(description="frames or crops in that batch")
+
+
+class Trace(BaseModel):
+    """Where one request's time went inside the service (`?trace=true`). What the client measures
+    beyond `total_ms` is the HTTP proxy, the response's serialisation and the network."""
+
+    read_body_ms: float
+    decode_ms: float = Field(description="the ingress's decode; with detector_input 'encoded' it runs while the "
+                             "detector works, off the critical path")
+    detector: CallTrace
+    crop_ms: float
+    classifiers: dict[str, CallTrace] = Field(description="each classifier that answered")
+    classify_ms: float = Field(description="the fan-out, first call sent to last answer in")
+    merge_ms: float
+    total_ms: float
+
+
 class InferResponse(BaseModel):
     image: ImageInfo
     objects: list[DetectedObject]
     errors: dict[str, StageError] = Field(default_factory=dict, description="per classifier that did not answer")
     timings_ms: dict[str, float]
     mode: Mode
+    trace: Trace | None = Field(None, description="the per-request breakdown, with ?trace=true")
 
 
 class ErrorBody(BaseModel):
@@ -49,6 +77,7 @@ class ErrorResponse(BaseModel):
 
 class PipelineDescription(BaseModel):
     mode: Mode
+    layout: str
     detector: dict[str, Any]
     classifiers: list[dict[str, Any]]
     limits: dict[str, int]

@@ -7,8 +7,11 @@ replica and application tags. Metric names (Prometheus adds Ray's `ray_` prefix)
 - pipeline_stage_latency_ms{stage}: wall time of each stage seen from the ingress (detector, each classifier, total)
 - pipeline_objects_per_image: detected objects per image
 - pipeline_classifier_errors_total{classifier, code}: classifier calls that failed or timed out
-- pipeline_batch_size{classifier}: crops per @serve.batch call in a classifier replica
-- pipeline_compute_ms{stage}: model compute time inside the detector / classifier replicas
+- pipeline_span_ms{span}: the critical path of each request, span by span (read_body, decode,
+  detector.transport / .queue / .compute, crop, <classifier>.transport / .queue / .compute, merge): the
+  same breakdown that `?trace=true` returns with one answer
+- pipeline_batch_size{stage}: items (frames or crops) per engine call in a detector / classifier stage
+- pipeline_compute_ms{stage}: model compute time of each engine call in the detector / classifier stages
 """
 
 from __future__ import annotations
@@ -39,16 +42,27 @@ class IngressMetrics:
             tag_keys=("classifier", "code"),
         )
 
-    def record(self, timings_ms: dict[str, float], objects: int, errors: dict[str, str]) -> None:
+        self.spans = Histogram(
+            "pipeline_span_ms",
+            description="Each span of a request's critical path, seen from the ingress (ms)",
+            boundaries=LATENCY_MS,
+            tag_keys=("span",),
+        )
+
+    def record(
+        self, timings_ms: dict[str, float], objects: int, errors: dict[str, str], spans: dict[str, float]
+    ) -> None:
         for stage, ms in timings_ms.items():
             self.stage_latency.observe(ms, tags={"stage": stage})
+        for span, ms in spans.items():
+            self.spans.observe(ms, tags={"span": span})
         self.objects.observe(objects)
         for name, code in errors.items():
             self.classifier_errors.inc(tags={"classifier": name, "code": code})
 
 
 class StageMetrics:
-    """Inside a model replica: compute time and, for classifiers, batch sizes."""
+    """Inside a model stage: compute time and items of each engine call."""
 
     def __init__(self, stage: str) -> None:
         self._tags = {"stage": stage}
@@ -57,11 +71,10 @@ class StageMetrics:
             tag_keys=("stage",),
         )
         self.batch_size = Histogram(
-            "pipeline_batch_size", description="Crops per batched classifier call", boundaries=COUNTS,
-            tag_keys=("classifier",),
+            "pipeline_batch_size", description="Items (frames or crops) per engine call", boundaries=COUNTS,
+            tag_keys=("stage",),
         )
 
-    def record(self, compute_ms: float, batch: int | None = None) -> None:
+    def record(self, batch_size: int, compute_ms: float) -> None:
         self.compute.observe(compute_ms, tags=self._tags)
-        if batch is not None:
-            self.batch_size.observe(batch, tags={"classifier": self._tags["stage"]})
+        self.batch_size.observe(batch_size, tags=self._tags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The tests run the service the way the README starts it: behind Serve's HAProxy ingress. Set before anything
+# imports ray.serve, which reads it once (RAY_SERVE_ENABLE_HA_PROXY=0 runs the suite behind the Python proxy).
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 
 
 def demo_args() -> dict[str, Any]:

@@ -139,7 +139,7 @@ def test_health_checks_fail_when_an_engine_is_broken(tmp_path: Path) -> None:
     config = PipelineConfig.model_validate(demo_args()).classifiers[1]  # gender
     replica = Classifier.func_or_class(config, "cpu")
     asyncio.run(replica.check_health())  # a working engine passes
-    replica._model.engine = create_engine("onnxruntime", broken_classifier(tmp_path / "b.onnx"))
+    replica._stage._model.engine = create_engine("onnxruntime", broken_classifier(tmp_path / "b.onnx"))
     with pytest.raises(RuntimeError, match="gender: health probe failed"):
         asyncio.run(replica.check_health())
 
@@ -151,6 +151,6 @@ def test_detector_health_probe_runs_the_real_cascade(tmp_path: Path) -> None:
 
     replica = Detector.func_or_class(PipelineConfig.model_validate(demo_args()).detector, "cpu")
     asyncio.run(replica.check_health())
-    replica._model.pnet = create_engine("onnxruntime", broken_classifier(tmp_path / "b.onnx"))
+    replica._stage._model.pnet = create_engine("onnxruntime", broken_classifier(tmp_path / "b.onnx"))
     with pytest.raises(RuntimeError, match="detector: health probe failed"):
         asyncio.run(replica.check_health())

@@ -107,4 +107,35 @@ def test_serve_status_lists_every_deployment(demo_app: str) -> None:
 def test_healthz(client: httpx.Client) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "deployments": 5}
+    assert response.json() == {"status": "ok", "layout": "separate", "deployments": 5}
+
+
+def test_trace_says_where_each_request_spent_its_time(client: httpx.Client) -> None:
+    body = ASTRONAUT.read_bytes()
+    assert "trace" not in infer(client, body)  # only on request
+    trace = infer(client, body, trace="true")["trace"]
+    assert set(trace["classifiers"]) == {"age", "gender", "emotion"}
+    detector = trace["detector"]
+    for call in (detector, *trace["classifiers"].values()):
+        assert call["compute_ms"] > 0 and call["batch_size"] >= 1
+        assert call["transport_ms"] >= 0 and call["queue_ms"] >= 0
+        parts = call["transport_ms"] + call["queue_ms"] + call["compute_ms"]
+        assert call["round_trip_ms"] >= parts - 0.05  # rounding of each part
+        assert call["start_ms"] >= detector["start_ms"]
+    for call in trace["classifiers"].values():  # the crops need the detections
+        assert call["start_ms"] >= detector["start_ms"] + detector["round_trip_ms"]
+    assert trace["total_ms"] >= detector["round_trip_ms"] + trace["crop_ms"] + trace["classify_ms"]
+
+
+def _intervals(trace: dict) -> list[tuple[float, float]]:
+    return sorted((c["start_ms"], c["start_ms"] + c["round_trip_ms"]) for c in trace["classifiers"].values())
+
+
+def test_classifier_calls_are_in_flight_together_in_parallel_mode_only(client: httpx.Client) -> None:
+    body = encode(collage(), ".jpg")
+    parallel = _intervals(infer(client, body, {"Content-Type": "image/jpeg"}, trace="true")["trace"])
+    assert len(parallel) == 3
+    assert max(start for start, _ in parallel) < min(end for _, end in parallel)  # all three out at once
+    sequential = _intervals(infer(client, body, {"Content-Type": "image/jpeg"}, trace="true", mode="sequential")["trace"])
+    for (_, end), (next_start, _) in zip(sequential, sequential[1:]):
+        assert next_start >= end  # one after another: each waits for the previous answer

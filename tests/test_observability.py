@@ -41,7 +41,9 @@ def test_pipeline_metrics_reach_the_prometheus_endpoint(client: httpx.Client, me
             r'^ray_pipeline_stage_latency_ms_bucket\{.*stage="detector".*\}',
             r'^ray_pipeline_stage_latency_ms_count\{.*stage="emotion".*\} [1-9]',
             r"^ray_pipeline_objects_per_image_count\{.*\} [1-9]",
-            r'^ray_pipeline_batch_size_count\{.*classifier="gender".*\} [1-9]',
+            r'^ray_pipeline_batch_size_count\{.*stage="gender".*\} [1-9]',
+            r'^ray_pipeline_span_ms_count\{.*span="detector.transport".*\} [1-9]',
+            r'^ray_pipeline_span_ms_count\{.*span="age.compute".*\} [1-9]',
             r'^ray_pipeline_compute_ms_count\{.*stage="detector".*\} [1-9]',
         ],
     )

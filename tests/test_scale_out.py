@@ -5,6 +5,7 @@ It runs in a subprocess because it needs a Ray of its own (the rest of the suite
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,11 @@ from tests.conftest import ROOT
 
 
 def test_classifiers_run_on_the_second_node() -> None:
+    # Serve's Python proxy here: with the HAProxy ingress, each simulated node would start its own HAProxy on
+    # the same HTTP port of this one host (on a real cluster each node has its own address).
+    env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.two_node_check"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tests.two_node_check"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"ok"'))

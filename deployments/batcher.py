@@ -1,0 +1,111 @@
+"""Cross-request batching that never waits: a batch runs as soon as the engine is free.
+
+`@serve.batch` holds every call for `batch_wait_timeout_s` hoping for company, so at low load each
+call pays the wait and gains nothing (measured: a 2 ms wait made a bare hop 1.4 -> 4.0 ms). Here a
+call that finds the engine idle runs at once, alone; calls that arrive while a batch computes
+queue and go together in the next batch, up to `max_batch_size` items. Under load batches form by
+themselves (like Triton's dynamic batcher with no queue delay), at no latency cost when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from deployments.execution import ComputeExecutor
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One call's result, with where its time went."""
+
+    result: R
+    queue_ms: float  # from submit to the start of the batch it rode in
+    compute_ms: float  # that batch's compute time
+    batch_size: int  # items (e.g. crops) in that batch
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    size: int
+    future: asyncio.Future[Batched[R]]
+    enqueued: float
+
+
+class GreedyBatcher(Generic[T, R]):
+    """Runs `run_batch(items) -> results` (one result per item, in order) on `executor`.
+
+    Items are sized by `size_of` (crops in a chunk, say); a batch holds up to `max_batch_size`
+    units, and always at least one item. One batch computes at a time per batcher.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        executor: ComputeExecutor,
+        max_batch_size: int,
+        size_of: Callable[[T], int] = lambda _: 1,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._run_batch = run_batch
+        self._executor = executor
+        self._max = max_batch_size
+        self._size_of = size_of
+        self._on_batch = on_batch  # (batch size, compute ms), called on the event loop once per batch
+        self._pending: deque[_Pending[T, R]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, item: T) -> Batched[R]:
+        loop = asyncio.get_running_loop()
+        entry = _Pending(item, self._size_of(item), loop.create_future(), time.perf_counter())
+        self._pending.append(entry)
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return await entry.future
+
+    def _take(self) -> list[_Pending[T, R]]:
+        batch = [self._pending.popleft()]
+        total = batch[0].size
+        while self._pending and total + self._pending[0].size <= self._max:
+            entry = self._pending.popleft()
+            total += entry.size
+            batch.append(entry)
+        return [e for e in batch if not e.future.done()]  # callers that gave up (timeout) are dropped
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = self._take()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                results, compute_ms = await self._executor.run(self._run_batch, [e.item for e in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
+            except Exception as exc:  # the whole batch shares the failure; the batcher lives on
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                continue
+            size = sum(e.size for e in batch)
+            if self._on_batch is not None:
+                self._on_batch(size, compute_ms)
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    queue_ms = (started - entry.enqueued) * 1e3
+                    entry.future.set_result(Batched(result, queue_ms, compute_ms, size))
+            await asyncio.sleep(0)  # let calls that arrived during the compute join the next batch

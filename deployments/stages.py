@@ -1,0 +1,200 @@
+"""The model stages, free of Ray Serve: what a detector or classifier replica does with a call.
+
+A Serve deployment (deployments/detector.py, classifier.py, classifier_pool.py) is a thin shell
+around one or more stages, and the ingress can hold stages itself (layout `ingress`), so the same
+code runs wherever a model is placed. Each call reports where its time went (`StageTiming`), which
+the ingress turns into the per-request breakdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from deployments.batcher import Batched, GreedyBatcher
+from deployments.execution import ComputeExecutor
+from deployments.models import build_classifier, build_detector
+from deployments.placement_log import warn_if_gpu_unused
+from engines import Classifications, Detections, EngineError
+from engines.image import decode_bgr
+from engines.yolo import Yolo
+from serve_app.config import ClassifierConfig, DetectorConfig
+from serve_app.telemetry import StageMetrics
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Where one call's time went inside the stage (milliseconds)."""
+
+    handler_ms: float  # arrival in the stage to its answer
+    queue_ms: float  # waiting for the engine (a batch in progress)
+    compute_ms: float  # model compute of the batch this call rode in
+    batch_size: int  # items (frames or crops) in that batch
+
+
+@dataclass(frozen=True)
+class DetectorResult:
+    detections: Detections
+    timing: StageTiming
+
+
+@dataclass(frozen=True)
+class ClassifierResult:
+    classifications: Classifications
+    timing: StageTiming
+
+
+@dataclass(frozen=True)
+class StageFailure:
+    """One stage's failure inside a call that served several (the shared `classifiers` deployment)."""
+
+    type: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> StageFailure:
+        return cls(type(exc).__name__, str(exc))
+
+
+class StageFailed(RuntimeError):
+    """Raised at the caller for a `StageFailure`; `kind` names the exception type raised in the stage."""
+
+    def __init__(self, failure: StageFailure) -> None:
+        super().__init__(failure.message)
+        self.kind = failure.type
+
+
+def _timing(start: float, parts: list[Batched[Any]]) -> StageTiming:
+    return StageTiming(
+        round((time.perf_counter() - start) * 1e3, 3),
+        round(max(p.queue_ms for p in parts), 3),
+        round(max(p.compute_ms for p in parts), 3),
+        max(p.batch_size for p in parts),
+    )
+
+
+class DetectorStage:
+    """One frame in, one Detections out; frames of concurrent calls are batched (never waited for)."""
+
+    def __init__(self, config: DetectorConfig, device: str, shared: bool = False) -> None:
+        """`shared`: other stages run in the same process (layouts `colocated` and `ingress`)."""
+        self._config = config
+        self._model = build_detector(config, device)
+        self.device = self._model.device
+        warn_if_gpu_unused("detector", device, self.device, self._model.backend)
+        self._executor = ComputeExecutor(config.engine.execution, shared, "detector")
+        self._metrics = StageMetrics("detector")
+        self._batcher: GreedyBatcher[np.ndarray, Detections] = GreedyBatcher(
+            self._model.detect_batch, self._executor, config.batching.max_batch_size, on_batch=self._metrics.record
+        )
+        self._probe = np.zeros((48, 48, 3), np.uint8)
+        logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
+
+    async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
+        """`image`: a BGR frame, or the compressed bytes (a few KB instead of a megabyte over the hop),
+        decoded here with the same decoder as the ingress's."""
+        start = time.perf_counter()
+        if isinstance(image, bytes):
+            frame = decode_bgr(image)
+            if frame is None:
+                raise ValueError("the detector could not decode the image bytes")
+            image = frame
+        part = await self._batcher.submit(image)
+        return DetectorResult(part.result, _timing(start, [part]))
+
+    async def check_health(self) -> None:
+        try:
+            await self._executor.run(self._model.detect, self._probe)
+        except Exception as exc:
+            raise RuntimeError(f"detector: health probe failed: {type(exc).__name__}: {exc}") from exc
+
+    def describe(self) -> dict[str, object]:
+        description: dict[str, object] = {
+            "kind": self._config.kind,
+            "labels": list(self._model.class_names),
+            "backend": self._model.backend,
+            "device": self.device,
+            "execution": self._executor.mode,
+            "max_batch_size": self._config.batching.max_batch_size,
+        }
+        if isinstance(self._model, Yolo):
+            description["layout"] = self._model.layout
+            description["model"] = self._config.yolo.model.name if self._config.yolo else None
+        return description
+
+
+class ClassifierStage:
+    """uint8 BGR crops at the network's input size in, one Classifications out.
+
+    Crops of concurrent calls are batched together (sized in crops), without waiting when idle."""
+
+    def __init__(self, config: ClassifierConfig, device: str, shared: bool = False) -> None:
+        """`shared`: other stages run in the same process (layouts `colocated` and `ingress`)."""
+        self._config = config
+        self.name = config.name
+        try:
+            self._model = build_classifier(config, device)
+        except EngineError as exc:
+            raise ValueError(f"classifiers[{config.name}] (model {config.model.name}): {exc}") from exc
+        self.device = self._model.engine.device
+        warn_if_gpu_unused(config.name, device, self.device, self._model.engine.backend)
+        self._executor = ComputeExecutor(config.engine.execution, shared, config.name)
+        self._shape = (config.input.height, config.input.width, 3)
+        self._max_batch = config.batching.max_batch_size
+        self._metrics = StageMetrics(config.name)
+        self._batcher: GreedyBatcher[np.ndarray, Classifications] = GreedyBatcher(
+            self._predict_chunks, self._executor, self._max_batch, size_of=len, on_batch=self._metrics.record
+        )
+        self._probe = np.zeros((1, *self._shape), np.uint8)
+        logger.info("classifier %s ready on %s (execution %s)", config.name, self.device, self._executor.mode)
+
+    def _predict_chunks(self, chunks: list[np.ndarray]) -> list[Classifications]:
+        batch = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        return self._model.predict(batch).split([len(c) for c in chunks])
+
+    async def classify(self, crops: np.ndarray) -> ClassifierResult:
+        start = time.perf_counter()
+        if crops.dtype != np.uint8 or crops.shape[1:] != self._shape:
+            raise ValueError(f"{self.name}: crops must be (N, {self._shape}) uint8, got {crops.shape} {crops.dtype}")
+        if len(crops) == 0:
+            return ClassifierResult(self._model.predict(crops), StageTiming(0.0, 0.0, 0.0, 0))
+        if len(crops) <= self._max_batch:
+            parts = [await self._batcher.submit(crops)]
+        else:
+            chunks = [crops[i : i + self._max_batch] for i in range(0, len(crops), self._max_batch)]
+            parts = list(await asyncio.gather(*(self._batcher.submit(chunk) for chunk in chunks)))
+        result = Classifications.concatenate([p.result for p in parts]) if len(parts) > 1 else parts[0].result
+        return ClassifierResult(result, _timing(start, parts))
+
+    async def check_health(self) -> None:
+        try:
+            result, _ = await self._executor.run(self._model.predict, self._probe)
+            if len(result) != 1:
+                raise RuntimeError(f"{len(result)} results for 1 crop")
+        except Exception as exc:
+            raise RuntimeError(f"{self.name}: health probe failed: {type(exc).__name__}: {exc}") from exc
+
+    def describe(self) -> dict[str, object]:
+        c = self._config
+        return {
+            "name": c.name,
+            "kind": c.kind,
+            "model": c.model.name,
+            "operate_on_labels": c.operate_on_labels,
+            "min_object_width": c.min_object_width,
+            "min_object_height": c.min_object_height,
+            "threshold": c.threshold,
+            "timeout_s": c.timeout_s,
+            "input": c.input.model_dump(),
+            "max_batch_size": self._max_batch,
+            "backend": self._model.engine.backend,
+            "device": self.device,
+            "execution": self._executor.mode,
+        }

@@ -1,0 +1,127 @@
+"""How the graph reaches a model stage: through a Serve handle, or in this very process.
+
+The graph only needs `await detector.detect(frame)` and `await classifier.classify(crops)`. Remote
+clients add what a network hop needs (cancel the replica's work when the caller gives up, one
+retry when a classifier replica dies under the call); a stage held in the ingress (layout `ingress`)
+is its own client: `DetectorStage` and `ClassifierStage` have the same two methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from deployments.stages import ClassifierResult, DetectorResult, StageFailed, StageFailure
+
+logger = logging.getLogger("ray.serve")
+
+
+class DetectorClient(Protocol):
+    async def detect(self, image: np.ndarray | bytes) -> DetectorResult: ...
+
+
+class ClassifierClient(Protocol):
+    async def classify(self, crops: np.ndarray) -> ClassifierResult: ...
+
+
+async def _awaited(response: Any) -> Any:
+    """Await a DeploymentResponse; if the caller is cancelled (a deadline), cancel the replica's work too."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
+class RemoteDetector:
+    def __init__(self, handle: Any) -> None:  # ray.serve.handle.DeploymentHandle
+        self._handle = handle
+
+    async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
+        return await _awaited(self._handle.detect.remote(image))
+
+
+async def _retried_once(name: str, call: Callable[[], Any]) -> Any:
+    """Await `call()`; once more if the replica died under it (Serve routes the retry to a live replica,
+    or holds it until the replacement is up, within the caller's deadline)."""
+    try:
+        return await _awaited(call())
+    except (RayActorError, ActorUnavailableError) as exc:
+        logger.warning("%s: replica lost (%s); retrying once", name, type(exc).__name__)
+    return await _awaited(call())
+
+
+class RemoteClassifier:
+    """A classifier in a deployment of its own (layout `separate`)."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._handle = handle
+        self._name = name
+
+    async def classify(self, crops: np.ndarray) -> ClassifierResult:
+        return await _retried_once(f"classifier {self._name}", lambda: self._handle.classify.remote(crops))
+
+
+class PooledClassifiers:
+    """The classifiers of the shared `classifiers` deployment (layout `colocated`).
+
+    Calls made in the same event-loop tick (one request's fan-out, or several requests') travel as one
+    `classify_many` call: one hop instead of one per classifier. Each caller still waits, times out and
+    fails on its own; `client(name)` gives the per-classifier view the graph uses."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._batch: list[tuple[str, np.ndarray, asyncio.Future[ClassifierResult]]] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def client(self, name: str) -> ClassifierClient:
+        return _PooledClassifier(self, name)
+
+    async def classify(self, name: str, crops: np.ndarray) -> ClassifierResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ClassifierResult] = loop.create_future()
+        if self._batch is None:
+            self._batch = []
+            loop.call_soon(self._flush)
+        self._batch.append((name, crops, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch or [], None
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[str, np.ndarray, asyncio.Future[ClassifierResult]]]) -> None:
+        live = [entry for entry in batch if not entry[2].done()]  # callers that timed out already are dropped
+        if not live:
+            return
+        calls = [(name, crops) for name, crops, _ in live]
+        try:
+            answers = await _retried_once("classifiers", lambda: self._handle.classify_many.remote(calls))
+        except Exception as exc:
+            for _, _, future in live:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), answer in zip(live, answers):
+            if future.done():
+                continue
+            if isinstance(answer, StageFailure):
+                future.set_exception(StageFailed(answer))
+            else:
+                future.set_result(answer)
+
+
+class _PooledClassifier:
+    def __init__(self, pool: PooledClassifiers, name: str) -> None:
+        self._pool = pool
+        self._name = name
+
+    async def classify(self, crops: np.ndarray) -> ClassifierResult:
+        return await self._pool.classify(self._name, crops)

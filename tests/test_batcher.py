@@ -1,0 +1,127 @@
+"""The greedy batcher: an idle engine runs a call at once; calls that arrive during a batch go together."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from deployments.batcher import GreedyBatcher
+from deployments.execution import ComputeExecutor
+
+
+class Recorder:
+    """A batch function on a worker thread that can be held mid-batch, recording every batch it ran."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.hold = False
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.batches.append(list(items))
+        self.started.set()
+        if self.hold:
+            self.release.wait(10)
+            self.hold = False
+        if "bad" in items:
+            raise ValueError("a bad item")
+        return [item.upper() for item in items]
+
+
+async def _until(event: threading.Event) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, event.wait, 10)
+
+
+def test_a_call_on_an_idle_engine_runs_at_once_without_waiting_for_company() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        batcher = GreedyBatcher(recorder, ComputeExecutor("inline", False, "t"), max_batch_size=8)
+        call = asyncio.ensure_future(batcher.submit("a"))
+        for _ in range(3):  # a few loop iterations, no timer: a batcher that waits for company is not done yet
+            await asyncio.sleep(0)
+        assert call.done()
+        answer = call.result()
+        assert (answer.result, answer.batch_size) == ("A", 1)
+        assert recorder.batches == [["a"]]
+
+    asyncio.run(scenario())
+
+
+def test_calls_that_arrive_while_a_batch_computes_go_together_in_the_next() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        recorder.hold = True
+        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=8)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await _until(recorder.started)  # "a" is computing
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in ("b", "c", "d")]
+        await asyncio.sleep(0)
+        recorder.release.set()
+        answers = await asyncio.gather(first, *rest)
+        assert [a.result for a in answers] == ["A", "B", "C", "D"]
+        assert recorder.batches == [["a"], ["b", "c", "d"]]
+        assert [a.batch_size for a in answers] == [1, 3, 3, 3]
+        assert answers[1].queue_ms > 0  # they waited for the first batch, and the trace says so
+
+    asyncio.run(scenario())
+
+
+def test_batches_are_sized_in_items_and_never_exceed_the_limit() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        recorder.hold = True
+        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=5, size_of=len)
+        first = asyncio.ensure_future(batcher.submit("x"))
+        await _until(recorder.started)
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in ("aa", "bbb", "cc", "dddddd")]
+        await asyncio.sleep(0)
+        recorder.release.set()
+        answers = await asyncio.gather(first, *rest)
+        # 2 + 3 fills 5; "cc" starts the next; a 6-item call exceeds the limit and goes alone
+        assert recorder.batches == [["x"], ["aa", "bbb"], ["cc"], ["dddddd"]]
+        assert [a.batch_size for a in answers] == [1, 5, 5, 2, 6]
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_batch_fails_its_callers_only_and_the_batcher_goes_on() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        recorder.hold = True
+        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=2)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await _until(recorder.started)
+        doomed = [asyncio.ensure_future(batcher.submit(x)) for x in ("bad", "b")]
+        fine = asyncio.ensure_future(batcher.submit("c"))
+        await asyncio.sleep(0)
+        recorder.release.set()
+        assert (await first).result == "A"
+        for call in doomed:
+            with pytest.raises(ValueError, match="a bad item"):
+                await call
+        assert (await fine).result == "C"
+        assert (await batcher.submit("d")).result == "D"
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_gave_up_is_dropped_from_the_next_batch() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        recorder.hold = True
+        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=8)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await _until(recorder.started)
+        gone = asyncio.ensure_future(batcher.submit("gone"))
+        kept = asyncio.ensure_future(batcher.submit("kept"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        recorder.release.set()
+        await first
+        assert (await kept).result == "KEPT"
+        assert recorder.batches == [["a"], ["kept"]]
+
+    asyncio.run(scenario())
