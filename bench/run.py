@@ -1,19 +1,21 @@
-"""One command, one table: the in-process pipeline and the Ray Serve graph, side by side on the same
-models and images.
+"""One command, one table: the in-process pipeline, a plain FastAPI server, and the Ray Serve graph in
+each layout, side by side on the same models and the same image.
 
-    python -m bench.run                      # CPU, face demo + resnet stand-ins, every variant
+    python -m bench.run                      # CPU: face demo + resnet stand-ins, the default variants
     python -m bench.run --device cuda --backend torch --fp16 --standin-size 224   # on a GPU
 
 For each workload it measures, in one run:
-  1. in process (project engines, no Ray): each stage's time, classifiers sequential, and the ideal
-     parallel figure t_det + max(t_i) from the same per-request stage times;
-  2. the Serve graph through handles (driver -> detector/classifier deployments), sequential and parallel;
-  3. the graph end to end over HTTP on 127.0.0.1, at concurrency 1 (sequential and parallel), 4 and 16;
-  4. concurrency 16 without cross-request batching (max_batch_size 1);
-and the framework CPU per request (all processes, minus model compute). Each Serve variant (access
-logs, handle options, Serve's event-loop settings) runs in a fresh Ray in its own subprocess.
-Load is bounded in count and time, talks only to 127.0.0.1, and stops by itself.
-Results: a markdown table on stdout and JSON under --out.
+  1. in process (project engines, no Ray, no HTTP): decode and each stage's time, the classifiers one
+     after another, the ideal parallel figure decode + t_det + max(t_i), and each stage's batched throughput;
+  2. the anchor: the same engines in one FastAPI + uvicorn process, classifiers sequential, same HTTP
+     path and same per-request work (bench/anchor.py), at concurrency 1, 4 and 16;
+  3. the bare Serve hop on this machine (bench/hops.py): one handle call between replicas, and three
+     in parallel;
+  4. each Serve variant (layout, ingress proxy, execution), end to end over HTTP on 127.0.0.1 at
+     concurrency 1 (sequential and parallel), 4 and 16, with the per-request breakdown (`?trace=true`)
+     of the c1 parallel requests and the server CPU per request (all processes, from /proc/stat).
+Each Serve variant runs in a fresh Ray in its own subprocess. Load is bounded in count and time, talks
+only to 127.0.0.1, and stops by itself. Results: markdown on stdout, JSON under --out.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -33,20 +36,20 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
-# name -> (environment for the whole Ray cluster, config overrides)
+# name -> (environment of the whole Ray cluster, config overrides)
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
-    "serve-defaults": ({}, {"access_log": True, "by_reference": True}),
-    "by-value": ({}, {"access_log": True, "by_reference": False}),  # the project's defaults
-    "no-access-log": ({}, {"access_log": False, "by_reference": True}),
-    "no-log+by-value": ({}, {"access_log": False, "by_reference": False}),
-    "no-log+by-value+inline": ({}, {"access_log": False, "by_reference": False, "execution": "inline"}),
-    "throughput-optimized": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {"access_log": False, "by_reference": False}),
-    "no-log+same-loop": (
-        {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
-        {"access_log": False, "by_reference": True},
-    ),
+    "separate": ({}, {"layout": "separate"}),
+    "separate+haproxy": (HAPROXY, {"layout": "separate"}),
+    "colocated+haproxy": (HAPROXY, {"layout": "colocated"}),
+    "ingress+haproxy": (HAPROXY, {"layout": "ingress"}),
+    "separate+haproxy+thread": (HAPROXY, {"layout": "separate", "execution": "thread"}),
+    "separate+haproxy+frame": (HAPROXY, {"layout": "separate", "detector_input": "frame"}),
+    "separate+haproxy+no-log": (HAPROXY, {"layout": "separate", "access_log": False}),
 }
+DEFAULT_VARIANTS = ["separate", "separate+haproxy", "colocated+haproxy", "ingress+haproxy"]
+LEVELS = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -93,109 +96,101 @@ async def closed_loop(call, concurrency: int, requests: int, time_limit_s: float
     return latencies, time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One variant, in a fresh process with its own Ray.
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _workload_args(name: str, opts: argparse.Namespace) -> dict[str, Any]:
+def workload_args(name: str, device: str, backend: str, fp16: bool, standin_size: int,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from bench import workloads
 
     if name == "face":
-        return workloads.face_args()
-    from bench.standin import export_resnets
+        base = workloads.face_args()
+    else:
+        from bench.standin import export_resnets
 
-    models = export_resnets(ROOT / "bench" / "out" / "models", opts.standin_size)
-    return workloads.standin_args(models, opts.standin_size)
-
-
-def run_variant(opts: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    from ray import serve
-
-    from tests.images import ASTRONAUT, encode, read
-
-    _, overrides = VARIANTS[opts.variant]
-    loop = asyncio.new_event_loop()  # one loop for every handle call: handles bind to the loop they first run on
-    frame = read(ASTRONAUT)
-    body = encode(frame, ".jpg")
-    results: dict[str, Any] = {"variant": opts.variant, "workloads": {}}
-    ray.init(num_cpus=opts.ray_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        for workload in opts.workloads:
-            try:
-                results["workloads"][workload] = measure_workload(workload, opts, overrides, frame, body, port, loop)
-            except Exception as exc:  # one broken workload must not cost the others' numbers
-                import traceback
-
-                traceback.print_exc()
-                results.setdefault("failed", {})[workload] = f"{type(exc).__name__}: {exc}"
-                for app_name in list(serve.status().applications):
-                    serve.delete(app_name)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        loop.close()
-    return results
+        base = workloads.standin_args(export_resnets(ROOT / "bench" / "out" / "models", standin_size), standin_size)
+    return workloads.tune(base, device=device, backend=backend, fp16=fp16, **(overrides or {}))
 
 
-def measure_workload(workload: str, opts: argparse.Namespace, overrides: dict[str, Any], frame: np.ndarray,
-                     body: bytes, port: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-    import httpx
-    from ray import serve
-
-    from bench.inprocess import InProcessPipeline
-    from bench.workloads import tune
-    from serve_app.app import build_app
+def workload_config(name: str, device: str, backend: str, fp16: bool, standin_size: int) -> Any:
     from serve_app.config import PipelineConfig
-    from serve_app.graph import ClassifierRoute, InferenceGraph
 
-    n = opts.requests
-    base = _workload_args(workload, opts)
-    out: dict[str, Any] = {}
-    for batching, max_batch in (("batched", None), ("unbatched", 1)):
-        if batching == "unbatched" and not opts.unbatched:
-            continue
-        args = tune(base, device=opts.device, backend=opts.backend, fp16=opts.fp16,
-                    access_log=overrides["access_log"], by_reference=overrides["by_reference"],
-                    max_batch_size=max_batch, execution=overrides.get("execution", "auto"))
-        config = PipelineConfig.model_validate(args)
-        if batching == "batched" and opts.inprocess:
-            out["inprocess"] = measure_inprocess(InProcessPipeline(config, opts.device), frame, n)
-        app = f"bench-{workload}-{batching}"
-        serve.run(build_app(args), name=app, route_prefix=f"/{app}")
-        url = f"http://127.0.0.1:{port}/{app}/v1/infer"
-        with httpx.Client(timeout=60) as client:  # warm every replica and batch path
-            for _ in range(5):
-                client.post(url, content=body, headers={"Content-Type": "image/jpeg"}).raise_for_status()
-        if batching == "batched":
-            routes = [ClassifierRoute.from_config(c, serve.get_deployment_handle(c.name, app))
-                      for c in config.classifiers]
-            graph = InferenceGraph(serve.get_deployment_handle("detector", app), routes, 30.0)
-            out["handles"] = loop.run_until_complete(measure_handles(graph, frame, n))
-            out["http"] = loop.run_until_complete(measure_http(url, body, n, opts.time_limit))
+    return PipelineConfig.model_validate(workload_args(name, device, backend, fp16, standin_size))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTTP load, the same for the graph and the anchor.
+
+
+def _flatten(trace: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in trace.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
         else:
-            out["http_unbatched"] = loop.run_until_complete(
-                measure_http(url, body, n, opts.time_limit, levels=((16, "parallel"),)))
-        serve.delete(app)
+            out[f"{prefix}{key}"] = float(value)
     return out
 
 
-def measure_inprocess(pipeline: Any, frame: np.ndarray, n: int) -> dict[str, Any]:
+async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
+                       trace: bool = True) -> dict[str, Any]:
+    import httpx
+
+    out: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        for _ in range(5):  # warm every replica and batch path
+            (await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})).raise_for_status()
+        for concurrency, mode in levels:
+            errors = 0
+            traces: list[dict[str, float]] = []
+            want_trace = trace and concurrency == 1 and mode == "parallel"
+
+            async def call(m: str = mode, t: bool = want_trace) -> None:
+                nonlocal errors
+                t0 = time.perf_counter()
+                params = {"mode": m, **({"trace": "true"} if t else {})}
+                response = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"}, params=params)
+                client_ms = (time.perf_counter() - t0) * 1e3
+                answer = response.json() if response.status_code == 200 else {}
+                if response.status_code != 200 or answer.get("errors"):
+                    errors += 1
+                elif t and answer.get("trace"):
+                    spans = _flatten(answer["trace"])
+                    spans["proxy_and_http_ms"] = client_ms - spans["total_ms"]
+                    traces.append(spans)
+
+            count = n if concurrency == 1 else n * 2
+            cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+            lat, wall = await closed_loop(call, concurrency, count, time_limit)
+            cpu_ms = ((busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)) * 1e3 / max(len(lat), 1)
+            key = f"c{concurrency}_{mode}"
+            out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_ms, 1)}
+            if traces:
+                out["breakdown_p50_ms"] = {k: round(statistics.median(t[k] for t in traces), 2) for k in traces[0]
+                                           if all(k in t for t in traces)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines: in process, and the FastAPI anchor.
+
+
+def measure_inprocess(opts: argparse.Namespace, workload: str, body: bytes) -> dict[str, Any]:
+    from bench.inprocess import InProcessPipeline
+
+    pipeline = InProcessPipeline(workload_config(workload, opts.device, opts.backend, opts.fp16, opts.standin_size),
+                                 opts.device)
     for _ in range(3):
-        pipeline.run(frame)
-    runs = [pipeline.run(frame) for _ in range(n)]
-    stages = {"detector": [r.detector for r in runs]}
+        pipeline.run(body)
+    runs = [pipeline.run(body) for _ in range(opts.requests)]
+    stages = {"decode": [r.decode for r in runs], "detector": [r.detector for r in runs]}
     for name in runs[0].classifiers:
         stages[name] = [r.classifiers[name] for r in runs]
+    frame = pipeline.decode(body)
     return {
         "stage_p50_ms": {k: round(pct(v, 50), 2) for k, v in stages.items()},
         "sequential_p50_ms": round(pct([r.sequential for r in runs], 50), 2),
@@ -204,42 +199,78 @@ def measure_inprocess(pipeline: Any, frame: np.ndarray, n: int) -> dict[str, Any
     }
 
 
-async def measure_handles(graph: Any, frame: np.ndarray, n: int) -> dict[str, Any]:
-    out = {}
-    for mode in ("sequential", "parallel"):
-        lat, wall = await closed_loop(lambda m=mode: graph.run(frame, m), 1, n, 120)
-        out[mode] = summary(lat, wall)
-    return out
-
-
-async def measure_http(url: str, body: bytes, n: int, time_limit: float,
-                       levels: tuple = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))) -> dict:
+def measure_anchor(opts: argparse.Namespace, workload: str, body: bytes) -> dict[str, Any]:
     import httpx
 
-    out: dict[str, Any] = {}
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        for concurrency, mode in levels:
-            errors = 0
-
-            async def call(m: str = mode) -> None:
-                nonlocal errors
-                response = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"},
-                                             params={"mode": m})
-                if response.status_code != 200 or response.json()["errors"]:
-                    errors += 1
-
-            count = n if concurrency == 1 else n * 2
-            cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
-            lat, wall = await closed_loop(call, concurrency, count, time_limit)
-            cpu_ms = ((busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)) * 1e3 / max(len(lat), 1)
-            key = f"c{concurrency}_{mode}"
-            out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_ms, 1)}
-    return out
+    port = _free_port()
+    cmd = [sys.executable, "-m", "bench.anchor", "--port", str(port), "--workload", workload, "--device", opts.device,
+           "--backend", opts.backend, "--standin-size", str(opts.standin_size), *(["--fp16"] if opts.fp16 else [])]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"anchor server exited: {server.stderr.read()[-2000:] if server.stderr else ''}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        levels = ((1, "sequential"), (4, "sequential"), (16, "sequential"))
+        return asyncio.run(measure_http(f"http://127.0.0.1:{port}/v1/infer", body, opts.requests, opts.time_limit,
+                                        levels=levels, trace=False))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole table: every variant in its own subprocess, then one report.
+# One Serve variant, in a fresh process with its own Ray.
+
+
+def run_variant(opts: argparse.Namespace, body: bytes) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from bench.hops import measure_bare_hops
+    from serve_app.app import build_app
+
+    _, overrides = VARIANTS[opts.variant]
+    results: dict[str, Any] = {"variant": opts.variant, "workloads": {}}
+    ray.init(num_cpus=opts.ray_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        if opts.hops:
+            results["bare_hops"] = measure_bare_hops()
+        for workload in opts.workloads:
+            app = f"bench-{workload}"
+            try:
+                args = workload_args(workload, opts.device, opts.backend, opts.fp16, opts.standin_size, overrides)
+                serve.run(build_app(args), name=app, route_prefix=f"/{app}")
+                url = f"http://127.0.0.1:{port}/{app}/v1/infer"
+                results["workloads"][workload] = {
+                    "http": asyncio.run(measure_http(url, body, opts.requests, opts.time_limit))}
+            except Exception as exc:  # one broken workload must not cost the others' numbers
+                import traceback
+
+                traceback.print_exc()
+                results.setdefault("failed", {})[workload] = f"{type(exc).__name__}: {exc}"
+            finally:
+                if app in serve.status().applications:
+                    serve.delete(app)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report.
 
 
 def environment(opts: argparse.Namespace) -> dict[str, Any]:
@@ -262,66 +293,111 @@ def environment(opts: argparse.Namespace) -> dict[str, Any]:
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpus"] = torch.cuda.device_count()
     return info
 
 
-def ratios(w: dict[str, Any]) -> dict[str, float]:
-    ip, http = w.get("inprocess"), w.get("http", {})
+def ratios(ip: dict[str, Any] | None, anchor: dict[str, Any] | None, http: dict[str, Any],
+           hops: dict[str, float] | None) -> dict[str, float]:
+    """The benchmark issue's targets, each as one number (see docs/benchmarks.md)."""
     r: dict[str, float] = {}
-    if not ip or not http:
+    if not ip or "c1_parallel" not in http:
         return r
-    par, seq = http["c1_parallel"]["p50_ms"], http["c1_sequential"]["p50_ms"]
+    par = http["c1_parallel"]["p50_ms"]
     stages = ip["stage_p50_ms"]
-    det, cls = stages["detector"], [v for k, v in stages.items() if k != "detector"]
-    ideal_par, ideal_seq = det + max(cls), det + sum(cls)
-    r["parallel_http_p50_over_ideal"] = round(par / ideal_par, 3)
-    r["seq_over_par_achieved_vs_theoretical"] = round((seq / par) / (ideal_seq / ideal_par), 3)
-    r["graph_minus_inprocess_sequential_ms"] = round(seq - ip["sequential_p50_ms"], 1)
-    r["graph_minus_inprocess_parallel_ideal_ms"] = round(par - ideal_par, 1)
-    compute_ms = det + sum(cls)
+    classifiers = [v for k, v in stages.items() if k not in ("decode", "detector")]
+    ideal = stages["decode"] + stages["detector"] + max(classifiers, default=0.0)
+    r["c1_parallel_over_ideal"] = round(par / ideal, 3)
+    r["c1_parallel_over_inprocess_sequential"] = round(par / ip["sequential_p50_ms"], 3)
+    if anchor and "c1_sequential" in anchor:
+        r["c1_parallel_over_anchor"] = round(par / anchor["c1_sequential"]["p50_ms"], 3)
+    if "c1_sequential" in http:
+        seq = http["c1_sequential"]["p50_ms"]
+        theory = (stages["detector"] + sum(classifiers)) / (stages["detector"] + max(classifiers, default=0.0))
+        r["seq_over_par_achieved_vs_theoretical"] = round((seq / par) / theory, 3)
+    b = http.get("breakdown_p50_ms", {})
+    if hops and b:
+        if "detector.transport_ms" in b:
+            r["detector_hop_over_bare_hop"] = round(b["detector.transport_ms"] / hops["bare_hop_p50_ms"], 2)
+        computes = [v for k, v in b.items() if k.startswith("classifiers.") and k.endswith(".compute_ms")]
+        if computes and "classify_ms" in b:
+            fanout_overhead = b["classify_ms"] - max(computes)
+            r["fanout_overhead_over_bare_fanout_x3"] = round(fanout_overhead / hops["bare_fanout_x3_p50_ms"], 2)
+    compute_ms = stages["detector"] + sum(classifiers)
     r["framework_cpu_ms_per_request"] = round(http["c1_parallel"]["server_cpu_ms_per_request"] - compute_ms, 1)
-    slowest = min(ip["batched_throughput_rps"].values())
-    r["c16_throughput_over_slowest_stage"] = round(http["c16_parallel"]["rps"] / slowest, 3)
+    if "c16_parallel" in http:
+        slowest = min(ip["batched_throughput_rps"].values())
+        r["c16_throughput_over_slowest_stage"] = round(http["c16_parallel"]["rps"] / slowest, 3)
+    r["worst_p95_over_p50"] = round(max(s["p95_ms"] / s["p50_ms"] for k, s in http.items() if k.startswith("c")), 2)
     return r
 
 
-def report(env: dict[str, Any], variants: list[dict[str, Any]]) -> str:
+def _http_rows(label: str, table: dict[str, Any]) -> list[str]:
+    rows = []
+    for key, s in table.items():
+        if not key.startswith("c"):
+            continue
+        c, mode = key.split("_", 1)
+        rows.append(f"| {label} | {mode} | {c[1:]} | {s['p50_ms']} | {s['p95_ms']} | {s['rps']} | "
+                    f"{s['server_cpu_ms_per_request']} | {s['errors']} |")
+    return rows
+
+
+def report(result: dict[str, Any]) -> str:
+    env = result["environment"]
     lines = [f"Machine: {env['cpu_model']}, {env['cpus']} cores" + (f", {env['gpu']}" if "gpu" in env else ""),
              f"Versions: Python {env['python']}, Ray {env['ray']}, ONNX Runtime {env['onnxruntime']}"
              + (f", torch {env['torch']}" if "torch" in env else ""),
              f"Command: `{env['command']}` ({env['date']})", ""]
-    for v in variants:
-        for name, error in v.get("failed", {}).items():
-            lines += [f"### {name} / {v['variant']}", f"FAILED: {error}", ""]
-        for name, w in v["workloads"].items():
-            lines.append(f"### {name} / {v['variant']}")
-            ip = w.get("inprocess")
-            if ip:
-                stages = ", ".join(f"{k} {ms}" for k, ms in ip["stage_p50_ms"].items())
-                lines.append(f"in process p50 ms: {stages}; sequential {ip['sequential_p50_ms']}, "
-                             f"ideal parallel (t_det + max t_i) {ip['ideal_parallel_p50_ms']}")
-            lines.append("")
-            lines.append("| path | mode | concurrency | p50 ms | p95 ms | req/s | server CPU ms/req |")
-            lines.append("|---|---|---|---|---|---|---|")
-            for mode, s in w.get("handles", {}).items():
-                lines.append(f"| handles | {mode} | 1 | {s['p50_ms']} | {s['p95_ms']} | {s['rps']} | |")
-            for label, table in (("HTTP", w.get("http", {})), ("HTTP, no batching", w.get("http_unbatched", {}))):
-                for key, s in table.items():
-                    c, mode = key.split("_", 1)
-                    lines.append(f"| {label} | {mode} | {c[1:]} | {s['p50_ms']} | {s['p95_ms']} | {s['rps']} | "
-                                 f"{s['server_cpu_ms_per_request']} |")
-            r = ratios(w)
-            if r:
-                lines.append("")
-                lines.append("ratios: " + ", ".join(f"{k} = {val}" for k, val in r.items()))
-            lines.append("")
+    hops = result.get("bare_hops")
+    if hops:
+        lines += [f"Bare Serve hop on this machine: {hops['bare_hop_p50_ms']} ms; three in parallel "
+                  f"{hops['bare_fanout_x3_p50_ms']} ms (p50)", ""]
+    for name, w in result["workloads"].items():
+        ip, anchor = w.get("inprocess"), w.get("anchor")
+        lines.append(f"### {name}")
+        if ip:
+            stages = ", ".join(f"{k} {ms}" for k, ms in ip["stage_p50_ms"].items())
+            lines.append(f"In process p50 ms: {stages}; sequential (decode + t_det + sum t_i) {ip['sequential_p50_ms']}, "
+                         f"ideal parallel (decode + t_det + max t_i) {ip['ideal_parallel_p50_ms']}; batched "
+                         f"throughput (req/s): " + ", ".join(f"{k} {v}" for k, v in ip["batched_throughput_rps"].items()))
+        lines += ["", "| server | mode | concurrency | p50 ms | p95 ms | req/s | server CPU ms/req | errors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        if anchor:
+            lines += _http_rows("anchor: FastAPI, one process", anchor)
+        for variant, http in w.get("variants", {}).items():
+            lines += _http_rows(variant, http)
+        breakdowns = {v: h["breakdown_p50_ms"] for v, h in w.get("variants", {}).items() if "breakdown_p50_ms" in h}
+        if breakdowns:
+            keys = list(dict.fromkeys(k for b in breakdowns.values() for k in b))
+            lines += ["", "Where the time goes, c1 parallel, p50 of each span (ms; `?trace=true`):", "",
+                      "| span | " + " | ".join(breakdowns) + " |", "|---|" + "---|" * len(breakdowns)]
+            for k in keys:
+                lines.append(f"| {k} | " + " | ".join(str(b.get(k, "")) for b in breakdowns.values()) + " |")
+        lines += ["", "Ratios (targets: c1_parallel_over_ideal <= 1.15; on GPU c1_parallel_over_inprocess_sequential "
+                  "and _over_anchor < 1; hops <= 1.5; framework CPU <= 20 ms; c16 >= 0.9; p95/p50 <= 3):", "",
+                  "| variant | " + " | ".join(RATIO_KEYS) + " |", "|---|" + "---|" * len(RATIO_KEYS)]
+        for variant, http in w.get("variants", {}).items():
+            r = ratios(ip, anchor, http, hops)
+            lines.append(f"| {variant} | " + " | ".join(str(r.get(k, "")) for k in RATIO_KEYS) + " |")
+        for variant, error in w.get("failed", {}).items():
+            lines.append(f"\n{variant}: FAILED: {error}")
+        lines.append("")
     return "\n".join(lines)
 
 
+RATIO_KEYS = ["c1_parallel_over_ideal", "c1_parallel_over_inprocess_sequential", "c1_parallel_over_anchor",
+              "seq_over_par_achieved_vs_theoretical", "detector_hop_over_bare_hop",
+              "fanout_overhead_over_bare_fanout_x3", "framework_cpu_ms_per_request",
+              "c16_throughput_over_slowest_stage", "worst_p95_over_p50"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tests.images import ASTRONAUT, encode, read
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["face", "standin"], choices=["face", "standin"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     parser.add_argument("--fp16", action="store_true")
@@ -331,42 +407,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs for Ray (default: the machine's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--tag", default="", help="suffix for the JSON file name")
+    parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip the FastAPI anchor")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # inner mode: run one variant, print JSON
-    parser.add_argument("--no-inprocess", dest="inprocess", action="store_false")
-    parser.add_argument("--no-unbatched", dest="unbatched", action="store_false")
+    parser.add_argument("--hops", action="store_true", help=argparse.SUPPRESS)  # inner: also the bare hop
     opts = parser.parse_args(argv)
     opts.ray_cpus = opts.ray_cpus or os.cpu_count()
+    body = encode(read(ASTRONAUT), ".jpg")
 
     if opts.variant:
-        print("RESULT " + json.dumps(run_variant(opts)), flush=True)
+        print("RESULT " + json.dumps(run_variant(opts, body)), flush=True)
         return 0
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(opts)
-    variants = []
+    path = out / f"bench-{opts.device}{('-' + opts.tag) if opts.tag else ''}.json"
+    result: dict[str, Any] = {"environment": environment(opts), "workloads": {w: {} for w in opts.workloads}}
+    for workload in opts.workloads:
+        print(f"in process and anchor: {workload} ...", file=sys.stderr, flush=True)
+        result["workloads"][workload]["inprocess"] = measure_inprocess(opts, workload, body)
+        if opts.anchor:
+            result["workloads"][workload]["anchor"] = measure_anchor(opts, workload, body)
+    inner = [a for a in (argv if argv is not None else sys.argv[1:])]
     for i, name in enumerate(opts.variants):
-        child_env = {**os.environ, **VARIANTS[name][0]}
-        cmd = [sys.executable, "-m", "bench.run", "--variant", name, *(argv if argv is not None else sys.argv[1:])]
-        if i > 0:
-            cmd.append("--no-inprocess")  # the in-process baseline is measured once, in the first variant
+        cmd = [sys.executable, "-m", "bench.run", "--variant", name, *inner, *(["--hops"] if i == 0 else [])]
         print(f"running variant {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env=child_env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(cmd, env={**os.environ, **VARIANTS[name][0]}, cwd=ROOT, capture_output=True, text=True,
+                              timeout=1800)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.stderr.write(f"variant {name} failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
             continue
-        variants.append(json.loads(line[len("RESULT "):]))
-    if not variants:
-        return 1
-    if len(variants) > 1:  # ratios for later variants use the first variant's in-process baseline
-        for v in variants[1:]:
-            for name, w in v["workloads"].items():
-                w.setdefault("inprocess", variants[0]["workloads"].get(name, {}).get("inprocess"))
-    result = {"environment": env, "variants": variants}
-    path = out / f"bench-{opts.device}{('-' + opts.tag) if opts.tag else ''}.json"
+        variant = json.loads(line[len("RESULT "):])
+        if "bare_hops" in variant:
+            result["bare_hops"] = variant["bare_hops"]
+        for workload, w in variant["workloads"].items():
+            result["workloads"][workload].setdefault("variants", {})[name] = w["http"]
+        for workload, error in variant.get("failed", {}).items():
+            result["workloads"][workload].setdefault("failed", {})[name] = error
+        path.write_text(json.dumps(result, indent=2))  # after each variant: a run cut short keeps what it measured
     path.write_text(json.dumps(result, indent=2))
-    print(report(env, variants))
+    print(report(result))
     print(f"\n(JSON: {path})")
     return 0
 

@@ -38,15 +38,17 @@ def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
     return args
 
 
-def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, access_log: bool,
-         by_reference: bool, max_batch_size: int | None, execution: str = "auto") -> dict[str, Any]:
+def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout: str = "separate",
+         access_log: bool = True, execution: str = "auto", detector_input: str = "encoded",
+         max_batch_size: int | None = None) -> dict[str, Any]:
     """Apply one benchmark variant's settings to every deployment."""
     args = copy.deepcopy(args)
+    args["layout"] = layout
     for stage in (args["detector"], *args["classifiers"]):
         stage["engine"].update(device=device, backend=backend, fp16=fp16, execution=execution)
         stage["deployment"]["access_log"] = access_log
-        if max_batch_size is not None and stage is not args["detector"]:
+        if max_batch_size is not None:
             stage.setdefault("batching", {})["max_batch_size"] = max_batch_size
     args["ingress"]["deployment"]["access_log"] = access_log
-    args["ingress"].setdefault("handles", {})["by_reference"] = by_reference
+    args["ingress"]["detector_input"] = detector_input
     return args
