@@ -149,7 +149,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             traces: list[dict[str, float]] = []
             want_trace = trace and concurrency == 1 and mode == "parallel"
 
-            async def call(m: str = mode, t: bool = want_trace) -> None:
+            async def call(m: str = mode, t: bool = want_trace, sink: list = traces) -> None:
                 nonlocal errors
                 t0 = time.perf_counter()
                 params = {"mode": m, **({"trace": "true"} if t else {})}
@@ -161,7 +161,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                 elif t and answer.get("trace"):
                     spans = _flatten(answer["trace"])
                     spans["proxy_and_http_ms"] = client_ms - spans["total_ms"]
-                    traces.append(spans)
+                    sink.append(spans)
 
             count = n if concurrency == 1 else n * 2
             cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
@@ -184,7 +184,8 @@ def measure_inprocess(opts: argparse.Namespace, workload: str, body: bytes) -> d
 
     pipeline = InProcessPipeline(workload_config(workload, opts.device, opts.backend, opts.fp16, opts.standin_size),
                                  opts.device)
-    for _ in range(3):
+    warm_until = time.monotonic() + 3.0  # GPU and CPU clocks ramp up: a short warm-up measured the ramp
+    while time.monotonic() < warm_until:
         pipeline.run(body)
     runs = [pipeline.run(body) for _ in range(opts.requests)]
     stages = {"decode": [r.decode for r in runs], "detector": [r.detector for r in runs]}

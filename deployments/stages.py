@@ -24,7 +24,7 @@ from engines import Classifications, Detections, EngineError
 from engines.image import decode_bgr
 from engines.yolo import Yolo
 from serve_app.config import ClassifierConfig, DetectorConfig
-from serve_app.telemetry import StageMetrics
+from deployments.metrics import StageMetrics
 
 logger = logging.getLogger("ray.serve")
 

@@ -19,16 +19,22 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 
 
-def demo_args() -> dict[str, Any]:
-    """The `args` of the shipped serve_config.yaml: the tests run exactly what users run."""
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    return config["applications"][0]["args"]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# HAProxy's stats and metrics ports are fixed (8404, 9101) unless set: free ones, so nothing else on the machine
+# can make the suite fail, and the suite takes nothing a running service of the machine holds.
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+
+
+def demo_args() -> dict[str, Any]:
+    """The `args` of the shipped serve_config.yaml: the tests run exactly what users run."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    return config["applications"][0]["args"]
 
 
 @pytest.fixture(scope="session")

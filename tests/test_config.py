@@ -107,3 +107,47 @@ def test_example_configs_validate() -> None:
     assert main([str(ROOT / "examples/autoscaling.yaml")]) == 0
     assert main([str(ROOT / "examples/faces_gpu.yaml"), "--gpus", "1"]) == 0
     assert main([str(ROOT / "examples/faces_gpu.yaml")]) == 1  # device cuda, and no GPU: refused up front
+
+
+def _actor_options(app: Any) -> dict[str, dict[str, Any]]:
+    """Each deployment of a bound application: name -> ray_actor_options."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif hasattr(value, "_bound_deployment"):  # a bound Serve Application
+            deployment = value._bound_deployment
+            replica = deployment._replica_config
+            found[deployment.name] = replica.ray_actor_options
+            walk(replica.init_args)
+            walk(replica.init_kwargs)
+
+    walk(app)
+    return found
+
+
+def test_each_layout_binds_its_deployments_with_the_summed_fractions() -> None:
+    from serve_app.app import bind_pipeline
+
+    gpu = {"CPU": 4.0, "GPU": 1.0}
+    separate = _actor_options(bind_pipeline(validate(lambda a: None), cluster_resources=gpu))
+    assert set(separate) == {"ingress", "detector", "age", "gender", "emotion"}
+    colocated = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="colocated")), cluster_resources=gpu))
+    assert set(colocated) == {"ingress", "detector", "classifiers"}
+    assert (colocated["classifiers"]["num_gpus"], colocated["classifiers"]["num_cpus"]) == (0.75, 0.75)
+    ingress = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="ingress")), cluster_resources=gpu))
+    assert set(ingress) == {"ingress"}
+    assert (ingress["ingress"]["num_gpus"], ingress["ingress"]["num_cpus"]) == (1.0, 1.5)
+
+
+def test_a_layout_that_puts_more_than_one_gpu_in_a_replica_fails_naming_the_fractions() -> None:
+    from serve_app.app import bind_pipeline
+
+    config = validate(lambda a: [a.update(layout="ingress"), a["detector"]["deployment"].update(num_gpus=0.5)])
+    with pytest.raises(PlacementError, match=r"ingress: the models it hosts ask for 1\.25 GPUs in all \(detector 0\.5"):
+        bind_pipeline(config, cluster_resources={"CPU": 4.0, "GPU": 1.0})
