@@ -241,7 +241,7 @@ class HandleConfig(StrictModel):
     by_reference: bool = Field(
         False,
         description="True: Serve's default (results through the object store). False measured faster on the 2-core "
-        "CPU box (docs/benchmarks.md: c16 throughput +18 % on the face demo, +8 % on the stand-ins)",
+        "CPU box (2026-11-28: c16 throughput +18 % on the face demo, +8 % on the stand-ins)",
     )
     prefer_local_routing: bool = Field(False, description="prefer replicas on the ingress's own node")
 
