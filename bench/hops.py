@@ -1,6 +1,7 @@
 """The floor: a bare Serve handle call between two replicas on this machine, measured the way
 ../shared/probes/serve_hops.py does (from inside a replica, an echo deployment, 8 crops of 64x64x3 uint8),
-one call at a time and three in parallel (the fan-out's shape). Runs in the caller's Ray."""
+one call at a time and three in parallel (the fan-out's shape), and the overhead of a call whose callee takes
+50 ms (it sleeps: no CPU), which is what Serve itself costs a hop to a detector. Runs in the caller's Ray."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ CROPS = np.zeros((8, 64, 64, 3), np.uint8)
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class Echo:
     async def classify(self, crops: np.ndarray) -> int:
+        return int(crops.shape[0])
+
+    async def slow(self, crops: np.ndarray, ms: float) -> int:
+        await asyncio.sleep(ms / 1e3)
         return int(crops.shape[0])
 
 
@@ -39,8 +44,14 @@ class HopProbe:
             t = time.perf_counter()
             await asyncio.gather(*(e.classify.remote(CROPS) for e in self._echoes))
             fanned.append((time.perf_counter() - t) * 1e3)
+        slow = []
+        for _ in range(max(n // 4, 10)):
+            t = time.perf_counter()
+            await one.slow.remote(CROPS, 50.0)
+            slow.append((time.perf_counter() - t) * 1e3 - 50.0)
         return {"bare_hop_p50_ms": round(statistics.median(single), 2),
-                "bare_fanout_x3_p50_ms": round(statistics.median(fanned), 2)}
+                "bare_fanout_x3_p50_ms": round(statistics.median(fanned), 2),
+                "bare_hop_to_a_50ms_callee_overhead_p50_ms": round(statistics.median(slow), 2)}
 
 
 def measure_bare_hops(n: int = 200) -> dict[str, float]:

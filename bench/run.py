@@ -353,7 +353,8 @@ def report(result: dict[str, Any]) -> str:
     hops = result.get("bare_hops")
     if hops:
         lines += [f"Bare Serve hop on this machine: {hops['bare_hop_p50_ms']} ms; three in parallel "
-                  f"{hops['bare_fanout_x3_p50_ms']} ms (p50)", ""]
+                  f"{hops['bare_fanout_x3_p50_ms']} ms; overhead of a hop to a callee that takes 50 ms "
+                  f"{hops.get('bare_hop_to_a_50ms_callee_overhead_p50_ms', 'n/a')} ms (p50)", ""]
     for name, w in result["workloads"].items():
         ip, anchor = w.get("inprocess"), w.get("anchor")
         lines.append(f"### {name}")
