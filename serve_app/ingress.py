@@ -99,6 +99,52 @@ def _now(describe: Callable[[], T]) -> Callable[[], Awaitable[T]]:
     return call
 
 
+@dataclass(frozen=True)
+class _Wiring:
+    """How the graph reaches its stages, and how /healthz and /v1/pipeline ask them."""
+
+    detector: DetectorClient
+    classifiers: dict[str, ClassifierClient]
+    describers: list[Callable[[], Awaitable[Any]]]
+    health: list[Callable[[], Awaitable[None]]]  # engines held in this replica; Serve checks the others
+
+
+def _in_process(config: PipelineConfig, devices: Mapping[str, str]) -> _Wiring:
+    detector = DetectorStage(config.detector, devices.get("detector", "cpu"), shared=True)
+    stages = {c.name: ClassifierStage(c, devices.get(c.name, "cpu"), shared=True) for c in config.classifiers}
+    return _Wiring(
+        detector,
+        dict(stages),
+        [_now(detector.describe), *(_now(s.describe) for s in stages.values())],
+        [detector.check_health, *(s.check_health for s in stages.values())],
+    )
+
+
+def _remote(
+    config: PipelineConfig,
+    detector: DeploymentHandle,
+    classifiers: dict[str, DeploymentHandle],
+    pool: DeploymentHandle | None,
+) -> _Wiring:
+    options = config.ingress.handles
+
+    def tuned(handle: DeploymentHandle) -> DeploymentHandle:
+        return handle.options(_by_reference=options.by_reference, _prefer_local_routing=options.prefer_local_routing)
+
+    detector = tuned(detector)
+    describers: list[Callable[[], Awaitable[Any]]] = [detector.describe.remote]
+    if pool is not None:  # layout "colocated"
+        pool = tuned(pool)
+        pooled = PooledClassifiers(pool)
+        clients: dict[str, ClassifierClient] = {c.name: pooled.client(c.name) for c in config.classifiers}
+        describers.append(pool.describe.remote)
+    else:
+        handles = {c.name: tuned(classifiers[c.name]) for c in config.classifiers}
+        clients = {name: RemoteClassifier(handle, name) for name, handle in handles.items()}
+        describers += [handle.describe.remote for handle in handles.values()]
+    return _Wiring(RemoteDetector(detector), clients, describers, [])
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
@@ -109,54 +155,29 @@ class Ingress:
     def __init__(
         self,
         config: PipelineConfig,
-        detector: "DeploymentHandle | None" = None,
+        detector: DeploymentHandle | None = None,
         classifiers: dict[str, DeploymentHandle] | None = None,
         pool: DeploymentHandle | None = None,
         devices: Mapping[str, str] | None = None,
     ) -> None:
         self._config = config
         self._limits = config.ingress
-        handles = config.ingress.handles
-
-        def tuned(handle: DeploymentHandle) -> DeploymentHandle:
-            return handle.options(_by_reference=handles.by_reference, _prefer_local_routing=handles.prefer_local_routing)
-
-        describers: list[Callable[[], Awaitable[Any]]] = []
-        detector_client: DetectorClient
-        clients: dict[str, ClassifierClient]
         if detector is None:  # layout "ingress": the models live in this replica
-            devices = devices or {}
-            stage = DetectorStage(config.detector, devices.get("detector", "cpu"), shared=True)
-            stages = {c.name: ClassifierStage(c, devices.get(c.name, "cpu"), shared=True) for c in config.classifiers}
-            detector_client, clients = stage, dict(stages)
-            describers = [_now(stage.describe), *(_now(s.describe) for s in stages.values())]
-            self._health: list[Callable[[], Awaitable[None]]] = [stage.check_health,
-                                                                 *(s.check_health for s in stages.values())]
+            wiring = _in_process(config, devices or {})
         else:
-            detector = tuned(detector)
-            detector_client = RemoteDetector(detector)
-            describers = [detector.describe.remote]
-            if pool is not None:
-                pool = tuned(pool)
-                pooled = PooledClassifiers(pool)
-                clients = {c.name: pooled.client(c.name) for c in config.classifiers}
-                describers.append(pool.describe.remote)
-            else:
-                tuned_handles = {name: tuned(h) for name, h in (classifiers or {}).items()}
-                clients = {c.name: RemoteClassifier(tuned_handles[c.name], c.name) for c in config.classifiers}
-                describers += [tuned_handles[c.name].describe.remote for c in config.classifiers]
-            self._health = []
-        routes = [ClassifierRoute.from_config(c, clients[c.name]) for c in config.classifiers]
-        self._graph = InferenceGraph(detector_client, routes, config.ingress.detector_timeout_s)
-        self._describers = describers
+            wiring = _remote(config, detector, classifiers or {}, pool)
+        routes = [ClassifierRoute.from_config(c, wiring.classifiers[c.name]) for c in config.classifiers]
+        self._graph = InferenceGraph(wiring.detector, routes, config.ingress.detector_timeout_s)
+        self._describers = wiring.describers
+        self._health = wiring.health
+        self._deployments = 1 if detector is None else 1 + len(wiring.describers)  # the ingress and what it calls
+        # Compressed bytes to a remote detector; a detector held here takes the decoded frame.
+        self._send_encoded = config.ingress.detector_input == "encoded" and detector is not None
+        self._auth = BearerAuth(config.ingress.auth_token_env)
+        self._metrics = IngressMetrics()
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             logger.info("HTTP goes through Serve's Python proxy; starting Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
                         "(README) saves ~10 ms a request on 2 cores (docs/benchmarks.md)")
-        # Compressed bytes to a remote detector; a detector held here takes the decoded frame.
-        self._send_encoded = config.ingress.detector_input == "encoded" and detector is not None
-        self._deployments = {"separate": 2 + len(config.classifiers), "colocated": 3, "ingress": 1}[config.layout]
-        self._auth = BearerAuth(config.ingress.auth_token_env)
-        self._metrics = IngressMetrics()
 
     async def _counted(self, route: str, work: Awaitable[T]) -> T:
         """Await `work`, counting the answer's status in pipeline_requests_total{route, status}."""
