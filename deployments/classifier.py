@@ -10,6 +10,7 @@ import numpy as np
 from ray import serve
 
 from deployments.stages import ClassifierResult, ClassifierStage
+from deployments.startup import freeze_startup_heap
 from serve_app.config import ClassifierConfig
 
 
@@ -17,6 +18,7 @@ from serve_app.config import ClassifierConfig
 class Classifier:
     def __init__(self, config: ClassifierConfig, device: str) -> None:
         self._stage = ClassifierStage(config, device)
+        freeze_startup_heap()
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:
         return await self._stage.classify(crops)

@@ -15,6 +15,7 @@ import numpy as np
 from ray import serve
 
 from deployments.stages import ClassifierResult, ClassifierStage, StageFailure
+from deployments.startup import freeze_startup_heap
 from serve_app.config import ClassifierConfig
 
 
@@ -22,6 +23,7 @@ from serve_app.config import ClassifierConfig
 class ClassifierPool:
     def __init__(self, configs: list[ClassifierConfig], devices: dict[str, str]) -> None:
         self._stages = {c.name: ClassifierStage(c, devices[c.name], shared=True) for c in configs}
+        freeze_startup_heap()
 
     async def classify(self, name: str, crops: np.ndarray) -> ClassifierResult:
         stage = self._stages.get(name)

@@ -6,6 +6,7 @@ import numpy as np
 from ray import serve
 
 from deployments.stages import DetectorResult, DetectorStage
+from deployments.startup import freeze_startup_heap
 from serve_app.config import DetectorConfig
 
 
@@ -13,6 +14,7 @@ from serve_app.config import DetectorConfig
 class Detector:
     def __init__(self, config: DetectorConfig, device: str) -> None:
         self._stage = DetectorStage(config, device)
+        freeze_startup_heap()
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
         return await self._stage.detect(image)

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.stages import ClassifierStage, DetectorStage
+from deployments.startup import freeze_startup_heap
 from serve_app.annotate import annotate
 from serve_app.auth import BearerAuth
 from serve_app.clients import ClassifierClient, DetectorClient, PooledClassifiers, RemoteClassifier, RemoteDetector
@@ -175,6 +176,7 @@ class Ingress:
         self._send_encoded = config.ingress.detector_input == "encoded" and detector is not None
         self._auth = BearerAuth(config.ingress.auth_token_env)
         self._metrics = IngressMetrics()
+        freeze_startup_heap()
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             logger.info("HTTP goes through Serve's Python proxy; starting Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
                         "(README) saves ~10 ms a request on 2 cores (docs/benchmarks.md)")
