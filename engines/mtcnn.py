@@ -145,18 +145,30 @@ class Mtcnn:
                 warm_buckets(engine.run_single, (3, size, size), np.dtype(np.float32), _STAGE_BATCH)
 
     def _refine(
-        self, engine: Engine, rgb: np.ndarray, boxes: np.ndarray, size: int, threshold: float
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run a refinement net on each box's patch; keep the boxes it scores above `threshold`.
-
-        Returns (K, 5) boxes with the net's score, and the net's other outputs for the same K rows."""
-        patches, kept = _patches(rgb, boxes, size)
-        if len(kept) == 0:
-            return np.zeros((0, 5), np.float32), {}
-        out = self._run_batched(engine, patches)
-        score = out["probability"][:, 1]
-        passed = score > threshold
-        return np.column_stack([boxes[kept][passed, :4], score[passed]]), {k: v[passed] for k, v in out.items()}
+        self, engine: Engine, frames: list[tuple[np.ndarray, np.ndarray]], size: int, threshold: float
+    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Run a refinement net on the patch of each box of each (rgb, boxes) frame, all frames in one
+        batch; keep the boxes it scores above `threshold`. Per frame: (K, 5) boxes with the net's score, and
+        the net's other outputs for the same K rows."""
+        cut = [_patches(rgb, boxes, size) for rgb, boxes in frames]
+        counts = [len(kept) for _, kept in cut]
+        empty = (np.zeros((0, 5), np.float32), {})
+        if sum(counts) == 0:
+            return [empty for _ in frames]
+        out = self._run_batched(engine, np.concatenate([patches for patches, _ in cut]))
+        results: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        offset = 0
+        for (_, boxes), (_, kept), n in zip(frames, cut, counts):
+            if n == 0:
+                results.append(empty)
+                continue
+            rows = {k: v[offset : offset + n] for k, v in out.items()}
+            offset += n
+            score = rows["probability"][:, 1]
+            passed = score > threshold
+            results.append((np.column_stack([boxes[kept][passed, :4], score[passed]]),
+                            {k: v[passed] for k, v in rows.items()}))
+        return results
 
     def _stage1(self, rgb: np.ndarray) -> np.ndarray:
         """P-Net over the pyramid: (K, 9) boxes x1 y1 x2 y2 score + 4 regression values."""
@@ -182,38 +194,30 @@ class Mtcnn:
         return boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
 
     def detect_batch(self, frames_bgr: list[np.ndarray]) -> list[Detections]:
-        """Frames in turn: P-Net's input size differs per frame and per pyramid level."""
-        return [self.detect(frame) for frame in frames_bgr]
-
-    def detect(self, frame_bgr: np.ndarray) -> Detections:
-        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3:
-            raise ValueError(f"frame must be (H, W, 3) BGR, got {frame_bgr.shape}")
-        rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
-        empty = Detections.empty(self.class_names, num_landmarks=5)
-        t1, t2, t3 = self.params.thresholds
-
-        cand = self._stage1(rgb)
-        if len(cand) == 0:
-            return empty
-        rw, rh = cand[:, 2] - cand[:, 0], cand[:, 3] - cand[:, 1]
-        boxes = np.column_stack([
-            cand[:, 0] + cand[:, 5] * rw,
-            cand[:, 1] + cand[:, 6] * rh,
-            cand[:, 2] + cand[:, 7] * rw,
-            cand[:, 3] + cand[:, 8] * rh,
-            cand[:, 4],
-        ])
-        boxes = _square(boxes)
+        """Faces of several frames. P-Net runs frame by frame (its input size differs per frame and pyramid
+        level); the candidates of every frame go through R-Net together, then through O-Net together."""
+        for frame in frames_bgr:
+            if frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(f"frame must be (H, W, 3) BGR, got {frame.shape}")
+        rgbs = [cv2.cvtColor(frame, cv2.COLOR_BGR2RGB).astype(np.float32) for frame in frames_bgr]
+        _, t2, t3 = self.params.thresholds
+        stage1 = [_square(_candidates(self._stage1(rgb))) for rgb in rgbs]
 
         # Stage 2: R-Net refines and rejects.
-        boxes, out = self._refine(self.rnet, rgb, boxes, 24, t2)
-        keep = nms(boxes[:, :4], boxes[:, 4], 0.7)
-        boxes = _square(_regress(boxes[keep], out["regression"][keep]))
-        if len(boxes) == 0:
-            return empty
+        stage2 = []
+        for boxes, out in self._refine(self.rnet, list(zip(rgbs, stage1)), 24, t2):
+            keep = nms(boxes[:, :4], boxes[:, 4], 0.7)
+            stage2.append(_square(_regress(boxes[keep], out["regression"][keep])) if len(keep) else boxes[:0])
 
         # Stage 3: O-Net gives final boxes, scores and landmarks.
-        boxes, out = self._refine(self.onet, rgb, boxes, 48, t3)
+        refined = self._refine(self.onet, list(zip(rgbs, stage2)), 48, t3)
+        return [self._finish(boxes, out, frame) for (boxes, out), frame in zip(refined, frames_bgr)]
+
+    def detect(self, frame_bgr: np.ndarray) -> Detections:
+        return self.detect_batch([frame_bgr])[0]
+
+    def _finish(self, boxes: np.ndarray, out: dict[str, np.ndarray], frame_bgr: np.ndarray) -> Detections:
+        empty = Detections.empty(self.class_names, num_landmarks=5)
         if len(boxes) == 0:
             return empty
         reg, points = out["regression"], out["landmarks"]
@@ -236,3 +240,15 @@ class Mtcnn:
             self.class_names,
             landmarks.astype(np.float32),
         ).clip(w, h)
+
+
+def _candidates(cand: np.ndarray) -> np.ndarray:
+    """P-Net's (K, 9) boxes with their regression applied: (K, 5) x1 y1 x2 y2 score."""
+    rw, rh = cand[:, 2] - cand[:, 0], cand[:, 3] - cand[:, 1]
+    return np.column_stack([
+        cand[:, 0] + cand[:, 5] * rw,
+        cand[:, 1] + cand[:, 6] * rh,
+        cand[:, 2] + cand[:, 7] * rw,
+        cand[:, 3] + cand[:, 8] * rh,
+        cand[:, 4],
+    ])

@@ -134,7 +134,8 @@ class DetectorConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     batching: BatchingConfig = Field(
         default_factory=lambda: BatchingConfig(max_batch_size=8),
-        description="frames of concurrent requests batched into one engine call (YOLO; MTCNN runs them in turn)",
+        description="frames of concurrent requests batched into one call (YOLO: one engine run; MTCNN: R-Net and "
+        "O-Net once for the candidates of all frames, P-Net per frame)",
     )
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
 

@@ -38,6 +38,16 @@ def test_mtcnn_on_collage_and_on_no_face(mtcnn: Mtcnn) -> None:
     assert len(empty) == 0 and empty.landmarks is not None and empty.landmarks.shape == (0, 5, 2)
 
 
+def test_mtcnn_batch_of_frames_gives_each_frame_its_own_faces(mtcnn: Mtcnn) -> None:
+    frames = [read(ASTRONAUT), read(NO_FACE), collage(), read(ASTRONAUT)[:, ::-1].copy()]
+    batched = mtcnn.detect_batch(frames)  # R-Net and O-Net see every frame's candidates at once
+    assert [len(d) for d in batched] == [1, 0, 3, 1]
+    for alone, together in zip([mtcnn.detect(f) for f in frames], batched, strict=True):
+        np.testing.assert_allclose(together.xyxy, alone.xyxy, atol=1e-3)
+        np.testing.assert_allclose(together.confidence, alone.confidence, atol=1e-5)
+        np.testing.assert_allclose(together.landmarks, alone.landmarks, atol=1e-3)
+
+
 def test_pyramid_and_nms() -> None:
     scales = pyramid_scales(100, 200, min_face_size=20, factor=0.5)
     assert scales == pytest.approx([0.6, 0.3, 0.15])  # 12/20, halved while 100 * scale >= 12
