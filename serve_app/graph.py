@@ -175,6 +175,7 @@ class InferenceGraph:
             frame = decode(data)
         except BaseException:
             detecting.cancel()
+            await asyncio.gather(detecting, return_exceptions=True)  # leave no outcome unread
             raise
         out.decode_ms = _ms(start)
         out.frame = frame
@@ -199,11 +200,9 @@ class InferenceGraph:
             calls.append((route, crops, indices))
         out.crop_ms = _ms(start)
         start = time.perf_counter()
-        if mode == "sequential":
+        if mode == "sequential" or len(calls) == 1:  # one call needs no task of its own
             for route, crops, indices in calls:
                 await self._classify(route, crops, out, indices)
-        elif len(calls) == 1:
-            await self._classify(*calls[0][:2], out, calls[0][2])
         else:
             await asyncio.gather(*(self._classify(route, crops, out, indices) for route, crops, indices in calls))
         out.classify_ms = _ms(start)
