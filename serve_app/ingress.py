@@ -179,7 +179,7 @@ class Ingress:
         freeze_startup_heap()
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             logger.info("HTTP goes through Serve's Python proxy; starting Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
-                        "(README) saves ~10 ms a request on 2 cores (docs/benchmarks.md)")
+                        "(README) saves 5-7 ms a request on 2 cores (docs/benchmarks.md)")
 
     async def _counted(self, route: str, work: Awaitable[T]) -> T:
         """Await `work`, counting the answer's status in pipeline_requests_total{route, status}."""
