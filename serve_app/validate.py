@@ -19,11 +19,29 @@ from serve_app.config import PipelineConfig
 from serve_app.placement import PlacementError
 
 
+def _load(path: Path) -> tuple[dict, str | None]:
+    """The YAML document, or one line saying why it cannot be read (no traceback)."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        return {}, f"{path}: cannot read the file: {exc.strerror}"
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return {}, f"{path}: not valid YAML{where}: {problem}"
+    if not isinstance(document, dict):
+        return {}, f"{path}: expected a Serve config (a mapping with 'applications'), got {type(document).__name__}"
+    return document, None
+
+
 def validate(path: Path, gpus: float = 0.0) -> list[str]:
     from serve_app.app import bind_pipeline
 
+    document, unreadable = _load(path)
+    if unreadable:
+        return [unreadable]
     problems = []
-    document = yaml.safe_load(path.read_text())
     for app in document.get("applications", []):
         name = app.get("name", "?")
         try:

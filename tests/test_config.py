@@ -101,6 +101,23 @@ def test_validate_command_accepts_the_shipped_config_and_names_a_bad_field(tmp_p
     assert main([str(bad)]) == 1
 
 
+def test_validate_command_names_file_line_and_column_of_a_yaml_error(tmp_path: Path, capsys: Any) -> None:
+    from serve_app.validate import main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("applications:\n  - name: faces\n    args: {detector: [unclosed\n")
+    assert main([str(broken)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith(f"{broken}: not valid YAML at line 4, column 1:")
+    assert main([str(tmp_path / "missing.yaml")]) == 1
+    assert capsys.readouterr().err.strip() == f"{tmp_path / 'missing.yaml'}: cannot read the file: No such file or directory"
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    assert main([str(scalar)]) == 1
+    assert "expected a Serve config" in capsys.readouterr().err
+
+
 def test_example_configs_validate() -> None:
     from serve_app.validate import main
 
