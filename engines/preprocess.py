@@ -94,7 +94,8 @@ class Normalization:
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, channels):
                 raise ValueError(
-                    f"{name} needs 1 or {channels} values for {self.color_format}, got {len(getattr(self, name))}"
+                    f"{name} needs {'1 value' if channels == 1 else f'1 or {channels} values'} for "
+                    f"{self.color_format}, got {len(getattr(self, name))}"
                 )
         if any(v == 0 for v in self.std):
             raise ValueError("std values must be non-zero")

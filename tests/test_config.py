@@ -41,7 +41,7 @@ def test_shipped_config_is_valid_and_reads_label_files() -> None:
         (lambda a: a["classifiers"][1].update(name="total"), "reserved"),
         (lambda a: a["classifiers"][1].pop("labels_file"), "needs labels"),
         (lambda a: a["classifiers"][0].pop("values_file"), "needs values"),
-        (lambda a: a["classifiers"][2]["input"].update(mean=[1, 2, 3]), "mean needs 1 or 1 values"),
+        (lambda a: a["classifiers"][2]["input"].update(mean=[1, 2, 3]), "mean needs 1 value for GRAY, got 3"),
         (lambda a: a["classifiers"][2]["input"].update(color_format="CMYK"), "classifiers.2.input.color_format"),
         (lambda a: a["classifiers"][0].update(threshold=1.5), "classifiers.0.threshold"),
         (lambda a: a["classifiers"][0].update(timeout_s=0), "classifiers.0.timeout_s"),
