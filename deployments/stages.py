@@ -18,13 +18,13 @@ import numpy as np
 
 from deployments.batcher import Batched, GreedyBatcher
 from deployments.execution import ComputeExecutor
+from deployments.metrics import StageMetrics
 from deployments.models import build_classifier, build_detector
 from deployments.placement_log import warn_if_gpu_unused
 from engines import Classifications, Detections, EngineError
 from engines.image import decode_bgr
 from engines.yolo import Yolo
 from serve_app.config import ClassifierConfig, DetectorConfig
-from deployments.metrics import StageMetrics
 
 logger = logging.getLogger("ray.serve")
 

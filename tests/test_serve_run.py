@@ -15,16 +15,10 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, _free_port
 from tests.images import ASTRONAUT
 
 SERVE = Path(sys.executable).parent / "serve"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:
