@@ -38,6 +38,7 @@ class Engine(abc.ABC):
 
     backend: str
     device: str
+    max_batch: int | None = None  # the largest batch one engine run takes (None: any); `run` splits larger ones
     _inputs: list[TensorSpec]  # set by each backend's constructor
     _outputs: list[TensorSpec]
 
@@ -52,6 +53,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; returns every output by name."""
+
+    def batch_limit(self, wanted: int) -> int:
+        """`wanted`, or the engine's own maximum batch when that is smaller: the size to chunk and pad to."""
+        return wanted if self.max_batch is None else max(1, min(wanted, self.max_batch))
 
     def run_single(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a model that has exactly one input."""

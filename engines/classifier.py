@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ from engines.base import Engine, EngineError
 from engines.batching import pad_batch, warm_buckets
 from engines.detections import Classifications
 from engines.preprocess import Normalization, to_tensor
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_KINDS = ("softmax", "expected_value", "vector")
 
@@ -97,7 +100,11 @@ class ClassifierModel:
         self.engine = engine
         self.normalization = normalization
         self.output = output
-        self.max_batch_size = max_batch_size
+        # never pad or chunk past what one engine run takes (a TensorRT profile's maximum batch)
+        self.max_batch_size = engine.batch_limit(max_batch_size)
+        if self.max_batch_size < max_batch_size:
+            logger.warning("max_batch_size %d is above the engine's maximum batch; using %d",
+                           max_batch_size, self.max_batch_size)
         self.pad_batches = pad_batches  # pad to power-of-two sizes (engines that specialise per shape)
         self._input = engine.inputs[0]
         self._output_name = engine.outputs[0].name

@@ -132,9 +132,10 @@ class Mtcnn:
     def _run_batched(self, engine: Engine, patches: np.ndarray) -> dict[str, np.ndarray]:
         x = _normalise(patches)
         chunks = []
-        for i in range(0, len(x), _STAGE_BATCH):
-            part = x[i : i + _STAGE_BATCH]
-            out = engine.run_single(pad_batch(part, _STAGE_BATCH) if self.pad_batches else part)
+        limit = engine.batch_limit(_STAGE_BATCH)
+        for i in range(0, len(x), limit):
+            part = x[i : i + limit]
+            out = engine.run_single(pad_batch(part, limit) if self.pad_batches else part)
             chunks.append({name: value[: len(part)] for name, value in out.items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
@@ -142,7 +143,7 @@ class Mtcnn:
         """Run R-Net and O-Net once per batch bucket (only with pad_batches)."""
         if self.pad_batches:
             for engine, size in ((self.rnet, 24), (self.onet, 48)):
-                warm_buckets(engine.run_single, (3, size, size), np.dtype(np.float32), _STAGE_BATCH)
+                warm_buckets(engine.run_single, (3, size, size), np.dtype(np.float32), engine.batch_limit(_STAGE_BATCH))
 
     def _refine(
         self, engine: Engine, frames: list[tuple[np.ndarray, np.ndarray]], size: int, threshold: float

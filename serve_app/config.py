@@ -143,6 +143,12 @@ class DetectorConfig(StrictModel):
     def _section_for_kind(self) -> DetectorConfig:
         if self.kind == "yolo" and self.yolo is None:
             raise ValueError("detector.kind is yolo but the detector.yolo section is missing")
+        if self.kind == "mtcnn" and self.engine.backend == "tensorrt":
+            raise ValueError(
+                "detector.engine.backend: kind mtcnn cannot use backend tensorrt: its P-Net runs at a different "
+                "input size at every pyramid scale, which one fixed-shape engine cannot take; run MTCNN on "
+                "onnxruntime or torch (the classifiers can still use tensorrt), or use kind yolo"
+            )
         return self
 
 

@@ -40,20 +40,26 @@ def constant_yolo(path: Path, output: np.ndarray, size: int = 64, only_when_brig
     return _save(graph, path)
 
 
-def mean_colour_classifier(path: Path, size: int = 8, sharpness: float = 0.1) -> Path:
-    """A real (if tiny) colour classifier: softmax over the mean of each RGB channel of [N, 3, size, size]."""
+def mean_colour_classifier(path: Path, size: int = 8, sharpness: float = 0.1, batch: int | str = "N",
+                           flatten: bool = False) -> Path:
+    """A real (if tiny) colour classifier: softmax over the mean of each RGB channel of [N, 3, size, size].
+
+    batch: a fixed batch size makes a static-batch export (as ultralytics' default is); flatten: the
+    output is [N * 3] instead of [N, 3] (an output whose axis 0 is not the batch)."""
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["image", "axes"], ["mean"], keepdims=0),
             helper.make_node("Mul", ["mean", "k"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+            helper.make_node("Softmax", ["logits"], ["soft" if flatten else "probabilities"], axis=1),
+            *([helper.make_node("Reshape", ["soft", "flat"], ["probabilities"])] if flatten else []),
         ],
         "mean_colour",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["flat"] if flatten else [batch, 3])],
         [
             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
             numpy_helper.from_array(np.array(sharpness, np.float32), "k"),
+            *([numpy_helper.from_array(np.array([-1], np.int64), "flat")] if flatten else []),
         ],
     )
     return _save(graph, path, opset=18)
@@ -111,3 +117,26 @@ def fails_on_bright_classifier(path: Path, size: int = 32) -> Path:
         ],
     )
     return _save(graph, path, opset=18)
+
+
+def doubler(path: Path) -> Path:
+    """[N, 3, H, W] -> 2x the input, every axis dynamic: an output whose non-batch axes follow the input's
+    height and width (as a fully convolutional detector's do)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "doubler",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+    )
+    return _save(graph, path)
+
+
+def nonzero_positions(path: Path) -> Path:
+    """[N, 4] -> the positions of its non-zero values, [2, K]: an output whose size depends on the data."""
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["positions"])],
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("positions", TensorProto.INT64, [2, "K"])],
+    )
+    return _save(graph, path)
