@@ -9,7 +9,7 @@ from engines.classifier import ClassifierModel, OutputSpec
 from engines.mtcnn import Mtcnn, MtcnnParams
 from engines.preprocess import Normalization
 from engines.yolo import Yolo, YoloParams
-from serve_app.config import ClassifierConfig, DetectorConfig, EngineConfig
+from serve_app.config import ClassifierConfig, DetectorConfig, EngineConfig, PipelineConfig
 
 
 def _engine(cfg: EngineConfig, device: str, path: Path) -> Engine:
@@ -69,3 +69,39 @@ def build_classifier(cfg: ClassifierConfig, device: str) -> ClassifierModel:
         raise ValueError(f"classifiers[{cfg.name}].input (model {cfg.model.name}): {exc}") from exc
     model.warm_up(cfg.input.height, cfg.input.width)
     return model
+
+
+def _onnx_checks(config: PipelineConfig) -> list[tuple[str, EngineConfig, Path, tuple[int, ...], int]]:
+    """(where, engine config, model file, input shape the config implies, classes it names or 0) per model."""
+    checks = []
+    d = config.detector
+    if d.kind == "yolo" and d.yolo is not None:
+        checks.append(("detector.yolo", d.engine, d.yolo.model, (1, 3, d.yolo.input_height, d.yolo.input_width), 0))
+    else:
+        checks += [("detector.mtcnn.rnet", d.engine, d.mtcnn.rnet, (1, 3, 24, 24), 0),
+                   ("detector.mtcnn.onet", d.engine, d.mtcnn.onet, (1, 3, 48, 48), 0)]
+    for c in config.classifiers:
+        channels = 1 if c.input.color_format == "GRAY" else 3
+        classes = len(c.values or ()) if c.kind == "expected_value" else len(c.labels or ()) if c.kind == "softmax" else 0
+        checks.append((f"classifiers[{c.name}]", c.engine, c.model, (1, channels, c.input.height, c.input.width), classes))
+    return checks
+
+
+def check_models(config: PipelineConfig) -> list[str]:
+    """Open every ONNX model of `config` on CPU and check it against the config, without starting anything:
+    the input size and colour channels, and a classifier's number of classes. One line per problem.
+    TensorRT engines need a GPU to open; they are checked when they load."""
+    problems = []
+    for where, engine_cfg, path, shape, classes in _onnx_checks(config):
+        if engine_cfg.backend == "tensorrt":
+            continue
+        try:
+            engine = create_engine("onnxruntime", path, "cpu")
+            engine.check_input_shape(engine.inputs[0].name, shape)
+        except EngineError as exc:
+            problems.append(f"{where} (model {path.name}): {exc}")
+            continue
+        last = engine.outputs[0].fixed_dims()[-1] if engine.outputs and engine.outputs[0].shape else None
+        if classes and last is not None and last != classes:
+            problems.append(f"{where} (model {path.name}): the model outputs {last} classes, the config names {classes}")
+    return problems

@@ -73,7 +73,7 @@ def _spec(value_info: Any) -> TensorSpec:
 class TorchEngine(Engine):
     backend = "torch"
 
-    def __init__(self, path: Path, device: str = "auto", fp16: bool = False) -> None:
+    def __init__(self, path: Path, device: str = "auto", fp16: bool = False, intra_op_threads: int = 1) -> None:
         try:
             import onnx
             import torch
@@ -83,6 +83,10 @@ class TorchEngine(Engine):
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device 'cuda' asked for the torch backend, but torch sees no CUDA GPU")
         self.device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            # torch's CPU thread pool is per process and defaults to every core: hold it to the replica's share
+            # (stages that share a process, as in layout "ingress", share one pool; the last setting wins)
+            torch.set_num_threads(intra_op_threads)
         _register_missing_converters()
         try:
             model = onnx.load(str(path))
@@ -93,11 +97,10 @@ class TorchEngine(Engine):
         initializers = {i.name for i in model.graph.initializer}
         self._inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
         self._outputs = [_spec(v) for v in model.graph.output]
+        # fp16 through autocast, not .half(): ops that need fp32 (softmax, reductions, the casts some
+        # exports contain) stay in fp32, and inputs and weights keep their types
         self._fp16 = fp16 and self.device == "cuda"
-        module = module.eval().to(self.device)
-        if self._fp16:
-            module = module.half()
-        self._module = module
+        self._module = module.eval().to(self.device)
         self._torch = torch
         # Each engine queues its work on its own stream, so engines that share a process (layouts colocated
         # and ingress) overlap on the GPU instead of serialising on the default stream.
@@ -106,13 +109,17 @@ class TorchEngine(Engine):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        with torch.inference_mode(), (torch.cuda.stream(self._stream) if self._stream else nullcontext()):
-            tensors = []
-            for spec in self._inputs:
-                t = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(self.device, non_blocking=True)
-                tensors.append(t.half() if self._fp16 and t.is_floating_point() else t)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self._fp16 else nullcontext()
+        with torch.inference_mode(), (torch.cuda.stream(self._stream) if self._stream else nullcontext()), autocast:
+            tensors = [torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(self.device, non_blocking=True)
+                       for spec in self._inputs]
             out = self._module(*tensors)
             out = out if isinstance(out, (list, tuple)) else (out,)
+            if len(out) != len(self._outputs):
+                raise EngineError(
+                    f"the converted model returned {len(out)} outputs, the ONNX graph declares "
+                    f"{len(self._outputs)} ({[s.name for s in self._outputs]})"
+                )
             # .cpu() waits for this stream's work only, then copies
             return {
                 spec.name: (o.float() if o.is_floating_point() else o).cpu().numpy()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -38,18 +38,24 @@ def build_app(args: dict[str, Any] | PipelineConfig) -> Application:
     return bind_pipeline(config)
 
 
-def bind_pipeline(config: PipelineConfig, cluster_resources: Mapping[str, float] | None = None) -> Application:
+def cluster_nodes() -> list[dict[str, float]]:
+    """Each live node's total resources, as Ray reports them."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] | None = None) -> Application:
     """Bind the ingress and the model deployments of `config.layout` into one Serve application.
 
-    Resources are resolved against the running Ray cluster first, so a machine without a GPU
-    runs the same config on CPU, and a plan that cannot be scheduled fails here, loudly.
+    Resources are resolved against the running Ray cluster's nodes first (`nodes`: each node's
+    resources; default: asked from Ray), so a machine without a GPU runs the same config on CPU, and a
+    plan that cannot be scheduled fails here, loudly.
     - separate: the detector and each classifier in a deployment of its own, each with its GPU fraction;
     - colocated: the detector alone, every classifier in one `classifiers` deployment that asks for the
       sum of their fractions (its other settings are the first classifier's);
     - ingress: every model in the ingress replica, which asks for the sum of all fractions.
     """
-    resources = dict(cluster_resources if cluster_resources is not None else ray.cluster_resources())
-    gpus = float(resources.get("GPU", 0.0))
+    resources = list(nodes) if nodes is not None else cluster_nodes()
+    gpus = sum(float(n.get("GPU", 0.0)) for n in resources)
 
     detector_place = place("detector", config.detector.deployment, config.detector.engine, gpus)
     classifier_places = [place(c.name, c.deployment, c.engine, gpus) for c in config.classifiers]

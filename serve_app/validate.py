@@ -1,13 +1,16 @@
-"""Validate a Serve config file offline, before starting anything:
+"""Check a Serve config file offline, before starting anything: one line per problem, exit 1 if any.
 
-    python -m serve_app.validate serve_config.yaml [--gpus N]
+    python -m serve_app.validate serve_config.yaml [--gpus N] [--resources NAME=N ...]
 
-Exits 1 with the field at fault when an application's `args` would fail at startup (missing
-model, bad value, or a plan that cannot be scheduled on this machine's CPUs and N GPUs, default 0).
+Checks each application's `args`: the config's fields, that every model file exists and fits the
+input size, colour format and classes the config gives it, and that the plan can be scheduled on
+this machine (its CPUs, N GPUs, and the custom resources given).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -35,37 +38,69 @@ def _load(path: Path) -> tuple[dict, str | None]:
     return document, None
 
 
-def validate(path: Path, gpus: float = 0.0) -> list[str]:
+def field_errors(exc: ValidationError) -> list[str]:
+    """pydantic's errors as `field.path: message` lines, without its URLs and input dumps."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "args"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None = None) -> list[str]:
+    from deployments.models import check_models
     from serve_app.app import bind_pipeline
 
+    # (after importing Ray, which sets its loggers up) the placement's "falling back to CPU" warnings
+    # describe the plan, not a problem with the file
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
     document, unreadable = _load(path)
     if unreadable:
         return [unreadable]
+    node = {"CPU": float(os.cpu_count() or 1), "GPU": gpus, **(resources or {})}
     problems = []
     for app in document.get("applications", []):
-        name = app.get("name", "?")
+        prefix = f"{path}: application {app.get('name', '?')!r}"
         try:
             config = PipelineConfig.model_validate(app.get("args", {}))
-            bind_pipeline(config, cluster_resources={"CPU": float(os.cpu_count() or 1), "GPU": gpus})
-        except (ValidationError, PlacementError) as exc:
-            problems.append(f"application {name!r}: {exc}")
+        except ValidationError as exc:
+            problems += [f"{prefix}: {line}" for line in field_errors(exc)]
+            continue
+        problems += [f"{prefix}: {line}" for line in check_models(config)]
+        try:
+            bind_pipeline(config, [node])
+        except PlacementError as exc:
+            problems.append(f"{prefix}: {exc}")
     return problems
 
 
-def main(argv: list[str]) -> int:
-    gpus = 0.0
-    if len(argv) == 3 and argv[1] == "--gpus":
-        gpus, argv = float(argv[2]), argv[:1]
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    problems = validate(Path(argv[0]), gpus)
+def _resource(text: str) -> tuple[str, float]:
+    name, _, amount = text.partition("=")
+    try:
+        if not name:
+            raise ValueError
+        return name, float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve_app.validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", type=Path, help="a Serve config file, e.g. serve_config.yaml")
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs to plan for (default 0: this machine's CPU only)")
+    parser.add_argument("--resources", type=_resource, action="append", default=[], metavar="NAME=N",
+                        help="a custom Ray resource the cluster offers, e.g. classifier_node=4 (repeatable)")
+    args = parser.parse_args(argv)
+    problems = validate(args.config, args.gpus, dict(args.resources))
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:
-        print(f"{argv[0]}: OK")
+        print(f"{args.config}: OK")
     return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

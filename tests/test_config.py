@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from serve_app.config import PipelineConfig
@@ -68,7 +69,7 @@ def test_gpu_cluster_gives_each_deployment_its_fraction() -> None:
     placements = [place(c.name, c.deployment, c.engine, cluster_gpus=1) for c in config.classifiers]
     assert [(p.device, p.num_gpus) for p in placements] == [("auto", 0.25)] * 3
     detector = place("detector", config.detector.deployment, config.detector.engine, cluster_gpus=1)
-    check_fits([detector, *placements], {"CPU": 2, "GPU": 1})  # 4 x 0.25 of one RTX 3090
+    check_fits([detector, *placements], [{"CPU": 2, "GPU": 1}])  # 4 x 0.25 of one RTX 3090
 
 
 def test_explicit_cuda_without_gpu_fails_loudly() -> None:
@@ -82,14 +83,33 @@ def test_plan_that_cannot_be_scheduled_fails_instead_of_waiting() -> None:
 
     config = validate(lambda a: a["classifiers"][0]["deployment"].update(num_cpus=1, num_replicas=2))
     with pytest.raises(PlacementError, match=r"need 3\.25 CPU in all .*age 1 x 2,.*cluster has 2;"):
-        bind_pipeline(config, cluster_resources={"CPU": 2.0})
+        bind_pipeline(config, [{"CPU": 2.0}])
 
 
 def test_shipped_config_fits_a_two_core_machine() -> None:
     from serve_app.app import bind_pipeline
 
-    app = bind_pipeline(validate(lambda a: None), cluster_resources={"CPU": 2.0})
-    assert app is not None
+    options = _actor_options(bind_pipeline(validate(lambda a: None), [{"CPU": 2.0}]))
+    assert set(options) == {"ingress", "detector", "age", "gender", "emotion"}
+    assert sum(o["num_cpus"] for o in options.values()) <= 2.0
+    assert all(o["num_gpus"] == 0 for o in options.values())  # no GPU here: the GPU fractions fall back to CPU
+
+
+def test_placement_counts_custom_resources_and_per_node_fit() -> None:
+    from serve_app.app import bind_pipeline
+
+    document = yaml.safe_load((ROOT / "examples/autoscaling.yaml").read_text())
+    autoscaling = PipelineConfig.model_validate(document["applications"][0]["args"])
+    with pytest.raises(PlacementError, match=r"need 0\.6 classifier_node in all .* cluster has 0 \(start a node"):
+        bind_pipeline(autoscaling, [{"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(PlacementError, match=r"age: one replica asks for CPU 0\.1, GPU 0\.1, classifier_node 0\.1, more than any single node"):
+        bind_pipeline(autoscaling, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "classifier_node": 4.0}])  # no node has both
+    bind_pipeline(autoscaling, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0, "classifier_node": 4.0}])  # fits
+
+    # layout ingress puts 1.5 CPU in one replica: two nodes of 1 CPU hold 2 in all but not that replica
+    config = validate(lambda a: a.update(layout="ingress"))
+    with pytest.raises(PlacementError, match=r"ingress: one replica asks for CPU 1\.5, more than any single node"):
+        bind_pipeline(config, [{"CPU": 1.0}, {"CPU": 1.0}])
 
 
 def test_validate_command_accepts_the_shipped_config_and_names_a_bad_field(tmp_path: Path) -> None:
@@ -118,10 +138,32 @@ def test_validate_command_names_file_line_and_column_of_a_yaml_error(tmp_path: P
     assert "expected a Serve config" in capsys.readouterr().err
 
 
+def test_validate_checks_model_shapes_and_prints_one_line_per_problem(tmp_path: Path, capsys: Any) -> None:
+    from serve_app.validate import main
+
+    shipped = (ROOT / "serve_config.yaml").read_text()
+    wrong_size = tmp_path / "wrong_size.yaml"
+    wrong_size.write_text(shipped.replace("width: 32, height: 32", "width: 48, height: 48"))
+    assert main([str(wrong_size)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{wrong_size}: application 'faces': classifiers[gender] (model gender.onnx): "
+                   "input 'images' takes shape ['N', 3, 32, 32], got [1, 3, 48, 48]"]
+    two_bad = tmp_path / "two_bad.yaml"
+    two_bad.write_text(shipped.replace("models/age.onnx", "models/gone.onnx").replace("mode: parallel", "mode: fast"))
+    assert main([str(two_bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and not any("errors.pydantic.dev" in line or "Traceback" in line for line in err)
+    assert "classifiers.0.model: file not found: models/gone.onnx" in err[0] and "ingress.mode:" in err[1]
+    with pytest.raises(SystemExit) as help_exit:
+        main(["--help"])
+    assert help_exit.value.code == 0 and "one line per problem" in capsys.readouterr().out
+
+
 def test_example_configs_validate() -> None:
     from serve_app.validate import main
 
-    assert main([str(ROOT / "examples/autoscaling.yaml")]) == 0
+    assert main([str(ROOT / "examples/autoscaling.yaml"), "--resources", "classifier_node=4"]) == 0
+    assert main([str(ROOT / "examples/autoscaling.yaml")]) == 1  # nothing offers classifier_node
     assert main([str(ROOT / "examples/faces_gpu.yaml"), "--gpus", "1"]) == 0
     assert main([str(ROOT / "examples/faces_gpu.yaml")]) == 1  # device cuda, and no GPU: refused up front
 
@@ -151,13 +193,13 @@ def _actor_options(app: Any) -> dict[str, dict[str, Any]]:
 def test_each_layout_binds_its_deployments_with_the_summed_fractions() -> None:
     from serve_app.app import bind_pipeline
 
-    gpu = {"CPU": 4.0, "GPU": 1.0}
-    separate = _actor_options(bind_pipeline(validate(lambda a: None), cluster_resources=gpu))
+    gpu = [{"CPU": 4.0, "GPU": 1.0}]
+    separate = _actor_options(bind_pipeline(validate(lambda a: None), nodes=gpu))
     assert set(separate) == {"ingress", "detector", "age", "gender", "emotion"}
-    colocated = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="colocated")), cluster_resources=gpu))
+    colocated = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="colocated")), nodes=gpu))
     assert set(colocated) == {"ingress", "detector", "classifiers"}
     assert (colocated["classifiers"]["num_gpus"], colocated["classifiers"]["num_cpus"]) == (0.75, 0.75)
-    ingress = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="ingress")), cluster_resources=gpu))
+    ingress = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="ingress")), nodes=gpu))
     assert set(ingress) == {"ingress"}
     assert (ingress["ingress"]["num_gpus"], ingress["ingress"]["num_cpus"]) == (1.0, 1.5)
 
@@ -167,4 +209,4 @@ def test_a_layout_that_puts_more_than_one_gpu_in_a_replica_fails_naming_the_frac
 
     config = validate(lambda a: [a.update(layout="ingress"), a["detector"]["deployment"].update(num_gpus=0.5)])
     with pytest.raises(PlacementError, match=r"ingress: the models it hosts ask for 1\.25 GPUs in all \(detector 0\.5"):
-        bind_pipeline(config, cluster_resources={"CPU": 4.0, "GPU": 1.0})
+        bind_pipeline(config, [{"CPU": 4.0, "GPU": 1.0}])

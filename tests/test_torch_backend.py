@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engines import create_engine
+from engines import EngineError, create_engine
 from engines.mtcnn import Mtcnn
 from tests.images import collage
 
-pytest.importorskip("onnx2torch", reason="the torch backend needs torch and onnx2torch: pip install '.[torch]'")
+if os.environ.get("CI") == "true":  # the test extra installs them: in CI, a failed install fails, it does not skip
+    import onnx2torch  # noqa: F401
+    import torch  # noqa: F401
+else:
+    pytest.importorskip("onnx2torch", reason="the torch backend needs torch and onnx2torch: pip install '.[torch]'")
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SHAPES = {
@@ -48,16 +53,42 @@ def test_torch_mtcnn_finds_the_same_faces() -> None:
     np.testing.assert_allclose(torch_faces.xyxy, ort_faces.xyxy, atol=0.5)
 
 
-def test_fp16_is_ignored_on_cpu_and_cuda_refused_without_a_gpu() -> None:
+def test_fp16_changes_nothing_on_cpu_and_cuda_is_refused_without_a_gpu() -> None:
     import torch
 
-    from engines import EngineError
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: fp16 applies there (test_torch_on_cuda_matches_onnxruntime)")
+    x = np.random.default_rng(3).normal(0, 1, SHAPES["gender"]).astype(np.float32)
+    full = create_engine("torch", MODELS / "gender.onnx", "cpu").run_single(x)["probabilities"]
+    half = create_engine("torch", MODELS / "gender.onnx", "auto", fp16=True).run_single(x)["probabilities"]
+    assert half.dtype == np.float32
+    np.testing.assert_array_equal(half, full)  # bit for bit: no half precision anywhere on CPU
+    with pytest.raises(EngineError, match="torch sees no CUDA GPU"):
+        create_engine("torch", MODELS / "gender.onnx", "cuda")
 
-    engine = create_engine("torch", MODELS / "gender.onnx", "auto", fp16=True)
-    assert engine.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(EngineError, match="torch sees no CUDA GPU"):
-            create_engine("torch", MODELS / "gender.onnx", "cuda")
+
+def test_intra_op_threads_bounds_torch_on_cpu() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        create_engine("torch", MODELS / "gender.onnx", "cpu", intra_op_threads=1)
+        assert torch.get_num_threads() == 1
+        create_engine("torch", MODELS / "gender.onnx", "cpu", intra_op_threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_output_count_mismatch_is_an_error_not_a_silent_drop() -> None:
+    import torch
+
+    engine = create_engine("torch", MODELS / "mtcnn_pnet.onnx", "cpu")  # two outputs
+    convert = engine._module
+    engine._module = lambda *x: convert(*x)[:1]  # a conversion that lost an output
+    with pytest.raises(EngineError, match=r"returned 1 outputs, the ONNX graph declares 2"):
+        engine.run_single(np.zeros(SHAPES["mtcnn_pnet"], np.float32))
+    assert isinstance(convert(torch.zeros(SHAPES["mtcnn_pnet"])), (list, tuple))
 
 
 def _cuda() -> bool:
