@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -12,21 +15,45 @@ RAW_TYPES = ("application/octet-stream",)
 MULTIPART = "multipart/form-data"
 
 
+# A refused body is still read (and dropped) up to this many times the limit, for at most this long, before the
+# 413 goes out: a client that sends the whole body before it reads (urllib, and most with `Connection: close`)
+# would otherwise have its connection reset mid-send and never see the answer (nginx's "lingering close").
+DRAIN_FACTOR = 4
+DRAIN_SECONDS = 5.0
+
+
+async def _drain(chunks: AsyncIterator[bytes], budget: int) -> None:
+    """Read and drop what is left of the body, up to `budget` bytes and DRAIN_SECONDS."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in chunks:
+                budget -= len(chunk)
+                if budget < 0:
+                    return
+    except TimeoutError:
+        return
+
+
 async def read_limited(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes (after draining
+    a bounded rest of it, so that the client is still listening when the 413 comes)."""
     declared = request.headers.get("content-length")
+    chunks = request.stream()
     if declared is not None:
         if not declared.strip().isdigit():
             raise InputError(400, "bad_content_length", "Content-Length is not a number")
         if int(declared) > limit:
+            if int(declared) <= DRAIN_FACTOR * limit:
+                await _drain(chunks, int(declared))
             raise InputError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}")
-    chunks, total = [], 0
-    async for chunk in request.stream():
+    parts, total = [], 0
+    async for chunk in chunks:
         total += len(chunk)
         if total > limit:
+            await _drain(chunks, DRAIN_FACTOR * limit - total)
             raise InputError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _media_type(request: Request) -> str:
