@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 
-def replica_rss_mib() -> dict[str, float]:
-    """Resident memory of each Serve replica process on this machine, by process title."""
+def replica_rss_mib(app: str) -> dict[str, float]:
+    """Resident memory of each replica process of Serve application `app` on this machine, by process title."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -35,7 +35,8 @@ def replica_rss_mib() -> dict[str, float]:
         except (OSError, ValueError, IndexError):
             continue
         title = cmdline.split("ServeReplica:", 1)[1].split()[0]
-        out[f"{title}[{proc.name}]"] = rss_pages * 4096 / 2**20
+        if title.startswith(f"{app}:"):
+            out[f"{title}[{proc.name}]"] = rss_pages * 4096 / 2**20
     return out
 
 
@@ -48,6 +49,7 @@ class SoakResult:
     latencies_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     rss_start: dict[str, float] = field(default_factory=dict)
+    rss_middle: dict[str, float] = field(default_factory=dict)  # halfway through the requests
     rss_end: dict[str, float] = field(default_factory=dict)
     rss_samples: list[float] = field(default_factory=list)  # total replica RSS over time
 
@@ -55,8 +57,11 @@ class SoakResult:
     def server_errors(self) -> int:
         return sum(n for status, n in self.statuses.items() if status >= 500)
 
+    def growth(self, since: dict[str, float]) -> dict[str, float]:
+        """Each replica's RSS growth (MiB) from `since` to the end."""
+        return {k: round(self.rss_end[k] - since[k], 1) for k in since if k in self.rss_end}
+
     def summary(self) -> dict[str, object]:
-        growth = {k: round(self.rss_end[k] - self.rss_start[k], 1) for k in self.rss_start if k in self.rss_end}
         return {
             "requests": self.requests,
             "statuses": dict(self.statuses),
@@ -67,13 +72,16 @@ class SoakResult:
             "p95_ms": round(float(np.percentile(self.latencies_ms, 95)), 1) if self.latencies_ms else None,
             "throughput_rps": round(self.requests / self.wall_s, 1) if self.wall_s else None,
             "replica_rss_mib_start": {k: round(v, 1) for k, v in self.rss_start.items()},
-            "replica_rss_mib_growth": growth,
+            "replica_rss_mib_growth": self.growth(self.rss_start),
+            "replica_rss_mib_growth_second_half": self.growth(self.rss_middle),
             "total_rss_mib_samples": [round(v, 1) for v in self.rss_samples],
         }
 
 
 async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, time_limit_s: float,
-               sample_every_s: float = 5.0, warmup: int = 20) -> SoakResult:
+               app: str, sample_every_s: float = 5.0, warmup: int = 20) -> SoakResult:
+    """`requests` POSTs at `concurrency` to `url`, bounded by `time_limit_s`; the RSS of application `app`'s
+    replicas after the warm-up, halfway, at the end, and every `sample_every_s`."""
     import httpx
 
     result = SoakResult()
@@ -81,7 +89,7 @@ async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, t
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         for i in range(warmup):  # so that start-up allocations do not count as growth
             await client.post(url, content=bodies[i % len(bodies)], headers={"Content-Type": "image/jpeg"})
-        result.rss_start = replica_rss_mib()
+        result.rss_start = replica_rss_mib(app)
         remaining = requests
         deadline = time.perf_counter() + time_limit_s
         next_sample = 0.0
@@ -104,14 +112,16 @@ async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, t
                 if response.status_code == 200 and response.json()["errors"]:
                     result.partial += 1
                 result.requests += 1
+                if result.requests == requests // 2:
+                    result.rss_middle = replica_rss_mib(app)
                 if time.perf_counter() >= next_sample:
                     next_sample = time.perf_counter() + sample_every_s
-                    result.rss_samples.append(sum(replica_rss_mib().values()))
+                    result.rss_samples.append(sum(replica_rss_mib(app).values()))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         result.wall_s = time.perf_counter() - start
-    result.rss_end = replica_rss_mib()
+    result.rss_end = replica_rss_mib(app)
     return result
 
 
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         args["ingress"]["deployment"]["max_ongoing_requests"] = 64
         serve.run(build_app(args), name="soak", route_prefix="/")
         result = asyncio.run(soak("http://127.0.0.1:8011/v1/infer", sample_bodies(), opts.requests, opts.concurrency,
-                                  opts.time_limit))
+                                  opts.time_limit, app="soak"))
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -49,6 +49,7 @@ class DetectorResult:
 class ClassifierResult:
     classifications: Classifications
     timing: StageTiming
+    attempts: int = 1  # calls it took: 2 when the caller retried after losing a replica
 
 
 @dataclass(frozen=True)

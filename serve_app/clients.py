@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -46,14 +47,15 @@ class RemoteDetector:
         return await _awaited(self._handle.detect.remote(image))
 
 
-async def _retried_once(name: str, call: Callable[[], Any]) -> Any:
+async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
     """Await `call()`; once more if the replica died under it (Serve routes the retry to a live replica,
-    or holds it until the replacement is up, within the caller's deadline)."""
+    or holds it until the replacement is up, within the caller's deadline). Returns the answer and the
+    number of calls it took."""
     try:
-        return await _awaited(call())
+        return await _awaited(call()), 1
     except (RayActorError, ActorUnavailableError) as exc:
         logger.warning("%s: replica lost (%s); retrying once", name, type(exc).__name__)
-    return await _awaited(call())
+    return await _awaited(call()), 2
 
 
 class RemoteClassifier:
@@ -64,7 +66,8 @@ class RemoteClassifier:
         self._name = name
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:
-        return await _retried_once(f"classifier {self._name}", lambda: self._handle.classify.remote(crops))
+        result, attempts = await _retried_once(f"classifier {self._name}", lambda: self._handle.classify.remote(crops))
+        return result if attempts == 1 else replace(result, attempts=attempts)
 
 
 class PooledClassifiers:
@@ -103,7 +106,7 @@ class PooledClassifiers:
             return
         calls = [(name, crops) for name, crops, _ in live]
         try:
-            answers = await _retried_once("classifiers", lambda: self._handle.classify_many.remote(calls))
+            answers, attempts = await _retried_once("classifiers", lambda: self._handle.classify_many.remote(calls))
         except Exception as exc:
             for _, _, future in live:
                 if not future.done():
@@ -115,7 +118,7 @@ class PooledClassifiers:
             if isinstance(answer, StageFailure):
                 future.set_exception(StageFailed(answer))
             else:
-                future.set_result(answer)
+                future.set_result(answer if attempts == 1 else replace(answer, attempts=attempts))
 
 
 class _PooledClassifier:

@@ -66,6 +66,7 @@ class CallSpan:
     started_at: float  # time.perf_counter() when the call was made
     round_trip_ms: float
     timing: StageTiming
+    attempts: int = 1  # 2 when a lost replica made the client call again
 
     @property
     def transport_ms(self) -> float:
@@ -160,7 +161,7 @@ class InferenceGraph:
             out.errors[route.name] = StageError(code="failed", message=_short_error(exc))
         else:
             out.outputs[route.name] = (indices, result.classifications)
-            out.calls[route.name] = CallSpan(start, _ms(start), result.timing)
+            out.calls[route.name] = CallSpan(start, _ms(start), result.timing, result.attempts)
         out.timings_ms[route.name] = round(_ms(start), 2)
 
     async def run_encoded(self, data: bytes, decode: Callable[[bytes], np.ndarray], mode: str) -> GraphResult:

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import FastAPI, Header, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.stages import ClassifierStage, DetectorStage
@@ -25,18 +29,45 @@ from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError, check_header, decode_checked
 from serve_app.graph import CallSpan, ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, merge
 from serve_app.http_input import image_bytes
-from serve_app.schema import CallTrace, ErrorResponse, ImageInfo, InferResponse, Mode, PipelineDescription, Trace
+from serve_app.schema import (
+    IMAGE_BODY,
+    CallTrace,
+    ErrorResponse,
+    Health,
+    ImageInfo,
+    InferResponse,
+    Mode,
+    PipelineDescription,
+    Trace,
+)
 from serve_app.telemetry import IngressMetrics
 
 T = TypeVar("T")
 
 logger = logging.getLogger("ray.serve")
 
-api = FastAPI(
+# FastAPIOffline serves Swagger UI and ReDoc from files in its wheel: /docs works without internet access.
+api = FastAPIOffline(
     title="Parallel inference graph",
     description="A detector, then every classifier in parallel on each detected object, merged into one answer.",
     version="0.1.0",
 )
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document, plus the bearer scheme of the /v1 routes (Swagger's Authorize button)."""
+    if api.openapi_schema is None:
+        document = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        document.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in document["paths"].items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}, {}]  # {}: when ingress.auth_token_env is unset
+        api.openapi_schema = document
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)
 }
@@ -57,9 +88,37 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _error(422, "invalid_parameter", details)
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own 404 and 405 (and any other HTTPException) in the one error shape."""
+    response = _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+    for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+        response.headers[name] = value
+    return response
+
+
 @api.exception_handler(DetectorUnavailable)
 async def _detector_unavailable(_: Request, exc: DetectorUnavailable) -> JSONResponse:
     return _error(503, "detector_unavailable", str(exc))
+
+
+class NotReady(Exception):
+    """Deployments of the graph that did not answer, by name."""
+
+    def __init__(self, failed: Mapping[str, BaseException], timeout_s: float) -> None:
+        def why(exc: BaseException) -> str:
+            if isinstance(exc, TimeoutError):
+                return f"no answer within {timeout_s:g} s: still starting, or busy"
+            if isinstance(exc, DeploymentUnavailableError):
+                return "unavailable: its replicas failed to start; `serve status` and the replica logs say why"
+            return type(exc).__name__
+
+        names = ", ".join(f"{name} ({why(exc)})" for name, exc in failed.items())
+        super().__init__(f"not ready: {names}")
+        self.names = list(failed)
 
 
 @dataclass(frozen=True)
@@ -81,6 +140,7 @@ def _call_trace(span: CallSpan, request_start: float) -> CallTrace:
         queue_ms=round(t.queue_ms, 2),
         compute_ms=round(t.compute_ms, 2),
         batch_size=t.batch_size,
+        attempts=span.attempts,
     )
 
 
@@ -106,7 +166,7 @@ class _Wiring:
 
     detector: DetectorClient
     classifiers: dict[str, ClassifierClient]
-    describers: list[Callable[[], Awaitable[Any]]]
+    describers: dict[str, Callable[[], Awaitable[Any]]]  # by deployment (or, in layout ingress, stage) name
     health: list[Callable[[], Awaitable[None]]]  # engines held in this replica; Serve checks the others
 
 
@@ -116,7 +176,7 @@ def _in_process(config: PipelineConfig, devices: Mapping[str, str]) -> _Wiring:
     return _Wiring(
         detector,
         dict(stages),
-        [_now(detector.describe), *(_now(s.describe) for s in stages.values())],
+        {"detector": _now(detector.describe), **{name: _now(s.describe) for name, s in stages.items()}},
         [detector.check_health, *(s.check_health for s in stages.values())],
     )
 
@@ -130,19 +190,22 @@ def _remote(
     options = config.ingress.handles
 
     def tuned(handle: DeploymentHandle) -> DeploymentHandle:
-        return handle.options(_by_reference=options.by_reference, _prefer_local_routing=options.prefer_local_routing)
+        # local routing is an init option of the handle (setting it through options() is deprecated in 2.60)
+        if options.prefer_local_routing and not handle.is_initialized:
+            handle._init(_prefer_local_routing=True)
+        return handle.options(_by_reference=options.by_reference)
 
     detector = tuned(detector)
-    describers: list[Callable[[], Awaitable[Any]]] = [detector.describe.remote]
+    describers: dict[str, Callable[[], Awaitable[Any]]] = {"detector": detector.describe.remote}
     if pool is not None:  # layout "colocated"
         pool = tuned(pool)
         pooled = PooledClassifiers(pool)
         clients: dict[str, ClassifierClient] = {c.name: pooled.client(c.name) for c in config.classifiers}
-        describers.append(pool.describe.remote)
+        describers["classifiers"] = pool.describe.remote
     else:
         handles = {c.name: tuned(classifiers[c.name]) for c in config.classifiers}
         clients = {name: RemoteClassifier(handle, name) for name, handle in handles.items()}
-        describers += [handle.describe.remote for handle in handles.values()]
+        describers |= {name: handle.describe.remote for name, handle in handles.items()}
     return _Wiring(RemoteDetector(detector), clients, describers, [])
 
 
@@ -251,34 +314,48 @@ class Ingress:
         jpeg = annotate(run.frame, merge(run.result.detections, run.result.outputs))
         return Response(content=jpeg, media_type="image/jpeg")
 
-    @api.post("/v1/infer", response_model=InferResponse, responses=ERRORS)
+    @api.post("/v1/infer", response_model=InferResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
     async def infer(self, request: Request, mode: Mode | None = None, trace: bool = False) -> Response:
         """Body: image bytes (image/*, application/octet-stream) or multipart field `image`.
         `trace=true` adds the per-request breakdown of where the time went."""
         return await self._counted("/v1/infer", self._infer_json(request, mode, trace))
 
-    @api.post("/v1/annotate", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS})
+    @api.post("/v1/annotate", response_class=Response, openapi_extra=IMAGE_BODY,
+              responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}, **ERRORS})
     async def annotate(self, request: Request, mode: Mode | None = None) -> Response:
         """Same input as /v1/infer; returns the image as JPEG with boxes and attributes drawn."""
         return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode))
 
     async def _describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        async with asyncio.timeout(timeout_s):
-            answers = await asyncio.gather(*(describe() for describe in self._describers))
-            await asyncio.gather(*(check() for check in self._health))
+        """Every deployment's description; raises NotReady naming each one that did not answer in time."""
+        async def ask(describe: Callable[[], Awaitable[Any]]) -> Any:
+            async with asyncio.timeout(timeout_s):
+                return await describe()
+
+        names = list(self._describers)
+        answers = await asyncio.gather(*(ask(self._describers[n]) for n in names), return_exceptions=True)
+        failed = {n: a for n, a in zip(names, answers) if isinstance(a, BaseException)}
+        for check in self._health:
+            try:
+                await check()
+            except Exception as exc:  # an engine held in this replica
+                failed.setdefault("ingress", exc)
+        if failed:
+            raise NotReady(failed, timeout_s)
         detector, classifiers = answers[0], []
         for answer in answers[1:]:  # the shared `classifiers` deployment answers for all of them
             classifiers.extend(answer if isinstance(answer, list) else [answer])
         return detector, classifiers
 
-    @api.get("/v1/pipeline", response_model=PipelineDescription, responses={503: {"model": ErrorResponse}})
-    async def pipeline(self, authorization: str | None = Header(None)) -> PipelineDescription | JSONResponse:
+    @api.get("/v1/pipeline", response_model=PipelineDescription,
+             responses={code: {"model": ErrorResponse} for code in (401, 503)})
+    async def pipeline(self, request: Request) -> PipelineDescription | JSONResponse:
         """The running graph: the detector and each classifier with its filters, backend and device."""
-        self._auth.check(authorization)
+        self._auth.check(request.headers.get("authorization"))
         try:
             detector, classifiers = await self._describe_all(10.0)
-        except Exception as exc:  # a deployment is down or still starting
-            return _error(503, "pipeline_unavailable", f"a deployment did not answer: {type(exc).__name__}")
+        except NotReady as exc:  # a deployment is down or still starting
+            return _error(503, "pipeline_unavailable", str(exc))
         return PipelineDescription(
             mode=self._limits.mode,
             layout=self._config.layout,
@@ -287,13 +364,13 @@ class Ingress:
             limits={"max_body_bytes": self._limits.max_body_bytes, "max_image_pixels": self._limits.max_image_pixels},
         )
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def healthz(self) -> JSONResponse:
-        """200 once every deployment answers, 503 otherwise."""
+        """200 once every deployment answers, 503 naming those that do not (still starting, or failed)."""
         try:
             await self._describe_all(5.0)
-        except Exception as exc:
-            return _error(503, "not_ready", f"a deployment did not answer: {type(exc).__name__}")
+        except NotReady as exc:
+            return _error(503, "not_ready", str(exc))
         return JSONResponse({"status": "ok", "layout": self._config.layout, "deployments": self._deployments})
 
     async def check_health(self) -> None:

@@ -40,6 +40,7 @@ class CallTrace(BaseModel):
     queue_ms: float = Field(description="inside the stage, waiting for the engine (a batch in progress)")
     compute_ms: float = Field(description="model compute of the batch this call rode in")
     batch_size: int = Field(description="frames or crops in that batch")
+    attempts: int = Field(1, description="calls it took: 2 when a replica was lost under the first and the call was retried")
 
 
 class Trace(BaseModel):
@@ -81,3 +82,28 @@ class PipelineDescription(BaseModel):
     detector: dict[str, Any]
     classifiers: list[dict[str, Any]]
     limits: dict[str, int]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    layout: str = Field(description="where the models run: separate, colocated or ingress")
+    deployments: int = Field(description="deployments of the graph that answered, the ingress included")
+
+
+_BINARY = {"type": "string", "format": "binary"}
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: its bytes as the body (any image/* type, or application/octet-stream), "
+        "or multipart/form-data with the file in the field `image`.",
+        "content": {
+            "image/jpeg": {"schema": _BINARY},
+            "image/png": {"schema": _BINARY},
+            "image/*": {"schema": _BINARY},
+            "application/octet-stream": {"schema": _BINARY},
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"], "properties": {"image": _BINARY}}
+            },
+        },
+    }
+}

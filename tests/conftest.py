@@ -29,6 +29,9 @@ def _free_port() -> int:
 # can make the suite fail, and the suite takes nothing a running service of the machine holds.
 os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
 os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+# Behind HAProxy a deleted app's ingress stays reachable 30 s so load balancers can deregister it; nothing
+# balances the tests' loopback traffic, so each serve.delete would only wait. (The service keeps Serve's default.)
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 
 def demo_args() -> dict[str, Any]:

@@ -140,3 +140,52 @@ def nonzero_positions(path: Path) -> Path:
         [helper.make_tensor_value_info("positions", TensorProto.INT64, [2, "K"])],
     )
     return _save(graph, path)
+
+
+def slow_classifier(path: Path, size: int = 32, iterations: int = 250, width: int = 384) -> Path:
+    """[N, 3, size, size] -> [N, 2] softmax over the mean of the first two channels, after a fixed amount of
+    work per call (a Loop of `iterations` width x width MatMuls tied to the input, so nothing is folded away
+    at load): a classifier whose calls stay in flight long enough to be caught by a fault."""
+    loop_body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["state_in", "weights"], ["product"]),
+            helper.make_node("Tanh", ["product"], ["state_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [width, width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [width, width])],
+    )
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image", "hw"], ["mean"], keepdims=0),  # [N, 3]
+            helper.make_node("ReduceMean", ["mean"], ["scalar"], keepdims=0),
+            helper.make_node("Mul", ["scalar", "zero"], ["nothing"]),
+            helper.make_node("Add", ["seed", "nothing"], ["start"]),  # the loop depends on the input
+            helper.make_node("Loop", ["trips", "true", "start"], ["end"], body=loop_body),
+            helper.make_node("ReduceMean", ["end"], ["spun"], keepdims=0),
+            helper.make_node("Mul", ["spun", "zero"], ["tiny"]),
+            helper.make_node("Slice", ["mean", "start0", "stop2", "axis1"], ["two"]),
+            helper.make_node("Add", ["two", "tiny"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "slow",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        [
+            numpy_helper.from_array(np.array([2, 3], np.int64), "hw"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(rng.normal(0, 0.05, (width, width)).astype(np.float32), "seed"),
+            numpy_helper.from_array(rng.normal(0, 0.05, (width, width)).astype(np.float32), "weights"),
+            numpy_helper.from_array(np.array(iterations, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "true"),
+            numpy_helper.from_array(np.array([0], np.int64), "start0"),
+            numpy_helper.from_array(np.array([2], np.int64), "stop2"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ],
+    )
+    return _save(graph, path, opset=18)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +13,16 @@ import pytest
 
 from tests.conftest import demo_args
 from tests.images import ASTRONAUT
-from tests.onnx_models import broken_classifier, constant_yolo, v8_rows
+from tests.onnx_models import broken_classifier, constant_yolo, slow_classifier, v8_rows
 
 PNG = {"Content-Type": "image/png"}
 SMALL = {"num_cpus": 0.1, "num_gpus": 0}
 
 
 @pytest.fixture(scope="module")
-def fault_app(serve_url: str) -> Iterator[str]:
+def fault_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """gender and emotion, plus `slow` (about 1 s a call on this machine, two replicas): a classifier whose
+    calls are still in flight when one of its replicas is killed."""
     from ray import serve
 
     from serve_app.app import build_app
@@ -27,7 +30,12 @@ def fault_app(serve_url: str) -> Iterator[str]:
     args = demo_args()
     args["ingress"]["deployment"] = {**SMALL, "env_vars": {"PIPELINE_API_TOKEN": "s3cret-token"}}
     args["detector"]["deployment"] = SMALL
+    gender = next(c for c in args["classifiers"] if c["name"] == "gender")
+    slow = {**gender, "name": "slow", "labels": ["a", "b"], "timeout_s": 20,
+            "model": str(slow_classifier(tmp_path_factory.mktemp("slow") / "slow.onnx", iterations=900))}
+    slow.pop("labels_file", None)
     args["classifiers"] = [{**c, "deployment": SMALL} for c in args["classifiers"] if c["name"] in ("gender", "emotion")]
+    args["classifiers"].append({**slow, "deployment": {**SMALL, "num_replicas": 2}})
     serve.run(build_app(args), name="faults", route_prefix="/faults")
     yield f"{serve_url}/faults"
     serve.delete("faults")
@@ -60,39 +68,56 @@ def test_bearer_token_guards_the_inference_endpoints(fault_app: str) -> None:
 
 
 def test_killing_a_classifier_replica_under_load_loses_no_request(fault_app: str) -> None:
+    """One of the two `slow` replicas is killed while a burst is in flight: every request is still answered
+    200, each with its `slow` attribute (a call lost with the replica is retried on the other one) or a
+    per-classifier error saying why, and the other classifiers never suffer. Serve brings a new replica up."""
     import ray
     from ray import serve
 
-    (victim,) = _replica_actor_names("faults", "gender")
+    victim, _ = _replica_actor_names("faults", "slow")
     body = ASTRONAUT.read_bytes()
 
     async def load() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=fault_app, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=fault_app, timeout=90) as client:
             async def one() -> httpx.Response:
-                return await client.post("/v1/infer", content=body, headers={**PNG, **AUTH})
+                return await client.post("/v1/infer", params={"trace": "true"}, content=body, headers={**PNG, **AUTH})
 
-            first = await asyncio.gather(*(one() for _ in range(4)))
+            burst = [asyncio.ensure_future(one()) for _ in range(24)]
+            # `slow` is the bottleneck (about 1 s a call, whatever the batch): once an answer is back, both
+            # replicas are in the middle of their next batch, with the rest queued behind it
+            await asyncio.wait(burst, return_when=asyncio.FIRST_COMPLETED)
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-            rest = await asyncio.gather(*(one() for _ in range(12)))
-            return [*first, *rest]
+            late = [asyncio.ensure_future(one()) for _ in range(4)]  # and calls made after the kill
+            return await asyncio.gather(*burst, *late)
 
     responses = asyncio.run(load())
-    assert [r.status_code for r in responses] == [200] * len(responses)
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {200: len(responses)}, f"statuses: {dict(statuses)}"
+    outcomes: Counter[str] = Counter()
     for r in responses:
         result = r.json()
         (face,) = result["objects"]
-        assert face["attributes"]["emotion"]["label"] == "happy"  # the other classifier never suffers
-        assert "gender" in face["attributes"] or result["errors"]["gender"]["code"] in ("failed", "timeout")
+        assert face["attributes"]["emotion"]["label"] == "happy"  # the other classifiers never suffer
+        assert face["attributes"]["gender"]["label"] == "female"
+        if "slow" in face["attributes"]:
+            outcomes["retried" if result["trace"]["classifiers"]["slow"]["attempts"] == 2 else "first call"] += 1
+        else:
+            error = result["errors"]["slow"]
+            assert error["code"] in ("failed", "timeout") and error["message"], error
+            outcomes[f"error {error['code']}"] += 1
+    assert outcomes["retried"] >= 1, f"no call in flight on the killed replica was retried; outcomes: {dict(outcomes)}"
+    assert outcomes["retried"] + outcomes["first call"] == len(responses), f"outcomes: {dict(outcomes)}"
 
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # Serve brings a new replica up
-        names = _replica_actor_names("faults", "gender")
-        if names and names != [victim] and serve.status().applications["faults"].deployments["gender"].status == "HEALTHY":
-            break
-        time.sleep(1)
+    deadline, healthy = time.monotonic() + 90, False
+    while time.monotonic() < deadline and not healthy:  # Serve brings a new replica up
+        names = _replica_actor_names("faults", "slow")
+        status = serve.status().applications["faults"].deployments["slow"].status
+        healthy = len(names) == 2 and victim not in names and status == "HEALTHY"
+        time.sleep(0.5)
+    assert healthy, f"slow replicas {_replica_actor_names('faults', 'slow')} not back to two healthy after 90 s"
     with httpx.Client(base_url=fault_app, timeout=60) as client:
         after = client.post("/v1/infer", content=body, headers={**PNG, **AUTH}).json()
-    assert after["objects"][0]["attributes"]["gender"]["label"] == "female"
+    assert set(after["objects"][0]["attributes"]) == {"gender", "emotion", "slow"}
     assert after["errors"] == {}
 
 
@@ -154,3 +179,47 @@ def test_detector_health_probe_runs_the_real_cascade(tmp_path: Path) -> None:
     replica._stage._model.pnet = create_engine("onnxruntime", broken_classifier(tmp_path / "b.onnx"))
     with pytest.raises(RuntimeError, match="detector: health probe failed"):
         asyncio.run(replica.check_health())
+
+
+def test_healthz_names_the_deployment_that_never_comes_up(serve_url: str, tmp_path: Path) -> None:
+    """A classifier whose model cannot load never starts: /healthz and /v1/pipeline say 503 naming it (not
+    Serve's plain-text 404), and /v1/infer still answers with the other classifiers plus its error."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    corrupt = tmp_path / "emotion.onnx"
+    corrupt.write_bytes(b"this is not an ONNX model")
+    args = demo_args()
+    args["ingress"]["deployment"] = SMALL
+    args["detector"]["deployment"] = SMALL
+    args["classifiers"] = [
+        {**c, "deployment": SMALL} if c["name"] == "gender"
+        else {**c, "model": str(corrupt), "deployment": {**SMALL, "max_constructor_retry_count": 1}}
+        for c in args["classifiers"] if c["name"] in ("gender", "emotion")
+    ]
+    serve._run(build_app(args), name="halfup", route_prefix="/halfup", _blocking=False)
+    try:
+        with httpx.Client(base_url=f"{serve_url}/halfup", timeout=60) as client:
+            deadline = time.monotonic() + 90
+            health = client.get("/healthz")
+            while health.status_code == 404 and time.monotonic() < deadline:  # Serve's, until the ingress is up
+                time.sleep(0.5)
+                health = client.get("/healthz")
+            assert health.status_code == 503, health.text
+            error = health.json()["error"]
+            assert error["code"] == "not_ready" and error["message"].startswith("not ready: emotion ("), error
+            assert "gender" not in error["message"] and "detector" not in error["message"]
+            pipeline = client.get("/v1/pipeline")
+            assert pipeline.status_code == 503 and "emotion" in pipeline.json()["error"]["message"]
+            result = client.post("/v1/infer", content=ASTRONAUT.read_bytes(), headers=PNG).json()
+            assert result["objects"][0]["attributes"]["gender"]["label"] == "female"
+            assert result["errors"]["emotion"]["code"] in ("timeout", "failed"), result["errors"]
+            deadline = time.monotonic() + 60  # once Serve gives up on it, the 503 says so
+            while "unavailable" not in client.get("/healthz").text and time.monotonic() < deadline:
+                time.sleep(1)
+            assert client.get("/healthz").json()["error"]["message"] == (
+                "not ready: emotion (unavailable: its replicas failed to start; `serve status` and the replica logs "
+                "say why)")
+    finally:
+        serve.delete("halfup")

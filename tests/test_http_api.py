@@ -139,3 +139,29 @@ def test_classifier_calls_are_in_flight_together_in_parallel_mode_only(client: h
     sequential = _intervals(infer(client, body, {"Content-Type": "image/jpeg"}, trace="true", mode="sequential")["trace"])
     for (_, end), (next_start, _) in zip(sequential, sequential[1:]):
         assert next_start >= end  # one after another: each waits for the previous answer
+
+
+def test_openapi_document_describes_the_real_api_and_docs_work_offline(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    infer_body = document["paths"]["/v1/infer"]["post"]["requestBody"]["content"]
+    assert {"image/*", "application/octet-stream", "multipart/form-data"} <= set(infer_body)
+    assert infer_body["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+    assert "requestBody" in document["paths"]["/v1/annotate"]["post"]
+    pipeline = document["paths"]["/v1/pipeline"]["get"]
+    assert not pipeline.get("parameters"), pipeline.get("parameters")  # no stray `authorization` parameter
+    assert pipeline["security"] == [{"bearer": []}, {}]
+    assert "503" in document["paths"]["/healthz"]["get"]["responses"]
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    page = client.get("/docs")
+    assert page.status_code == 200 and "cdn.jsdelivr.net" not in page.text  # nothing fetched from the internet
+    script = next(part.split('"')[0] for part in page.text.split("src=\"")[1:] if "swagger-ui-bundle" in part)
+    bundle = client.get(script)
+    assert bundle.status_code == 200 and len(bundle.content) > 500_000
+
+
+def test_unknown_paths_and_methods_get_the_one_error_shape(client: httpx.Client) -> None:
+    missing = client.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = client.get("/v1/infer")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"

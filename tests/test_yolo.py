@@ -135,7 +135,9 @@ def test_example_vehicle_pipeline_classifies_only_vehicles(vehicles_app: str) ->
     assert car["box"] == pytest.approx([160, 200, 480, 440], abs=0.1)
     assert car["attributes"]["color"]["label"] == "red" and car["attributes"]["color"]["score"] > 0.99
     assert [k["label"] for k in car["attributes"]["color"]["top_k"]] == ["red", "blue", "green"]
-    assert car["attributes"]["type"]["label"] in {"sedan", "suv", "van"}
+    # the stand-in type model is the colour model too: a red crop is its class 0, which the type labels call sedan
+    # (its score differs: the example crops for `type` with other settings)
+    assert car["attributes"]["type"]["label"] == "sedan"
     assert person["attributes"] == {}  # operate_on_labels keeps the classifiers off people
     assert result["errors"] == {}
     assert pipeline["detector"]["kind"] == "yolo" and pipeline["detector"]["layout"] == "v8"
