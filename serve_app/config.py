@@ -197,6 +197,11 @@ class ClassifierConfig(StrictModel):
     input: InputConfig
     crop: CropConfig = Field(default_factory=CropConfig)
     operate_on_labels: list[str] | None = Field(None, description="detector labels to classify; None: all")
+    operate_on_classifiers: dict[str, list[str]] | None = Field(
+        None,
+        description="classify only objects for which each named classifier gave one of these labels, as soon as "
+        "those classifiers have answered (DeepStream's operate-on-gie-id with operate-on-class-ids)",
+    )
     min_object_width: float = Field(0, ge=0)
     min_object_height: float = Field(0, ge=0)
     threshold: float = Field(0.0, ge=0, le=1, description="top-1 probability below which no attribute is set")
@@ -262,6 +267,7 @@ class IngressConfig(StrictModel):
     )
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")
     max_image_pixels: int = Field(40_000_000, ge=1)
     detector_timeout_s: float = Field(10.0, gt=0)
     auth_token_env: str | None = Field(
@@ -296,3 +302,63 @@ class PipelineConfig(StrictModel):
         if duplicates:
             raise ValueError(f"classifier names must be unique; repeated: {duplicates}")
         return value
+
+    @model_validator(mode="after")
+    def _chains(self) -> PipelineConfig:
+        """operate_on_classifiers names known classifiers that give labels, with their labels, and no cycle."""
+        by_name = {c.name: c for c in self.classifiers}
+        for c in self.classifiers:
+            where = f"classifiers[{c.name}].operate_on_classifiers"
+            for parent, labels in (c.operate_on_classifiers or {}).items():
+                if parent not in by_name:
+                    raise ValueError(f"{where}: unknown classifier {parent!r}; the classifiers are {', '.join(by_name)}")
+                known = by_name[parent].labels or []
+                if by_name[parent].kind != "softmax":
+                    raise ValueError(f"{where}.{parent}: {parent} is {by_name[parent].kind} and gives no label to select on")
+                for label in labels:
+                    if label not in known:
+                        raise ValueError(f"{where}.{parent}: {label!r} is not a label of {parent} ({', '.join(known)})")
+        cycle = _cycle({c.name: list(c.operate_on_classifiers or {}) for c in self.classifiers})
+        if cycle:
+            raise ValueError(f"classifiers: operate_on_classifiers form a cycle: {' -> '.join(cycle)}")
+        return self
+
+    def edges(self) -> list[tuple[str, str, list[str]]]:
+        """(parent, child, labels) for every operate_on_classifiers entry, in config order."""
+        return [(parent, c.name, list(labels)) for c in self.classifiers
+                for parent, labels in (c.operate_on_classifiers or {}).items()]
+
+    def with_dependencies(self, names: list[str]) -> list[str]:
+        """`names` and every classifier they depend on, directly or not, in config order."""
+        parents = {c.name: list(c.operate_on_classifiers or {}) for c in self.classifiers}
+        wanted: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo.extend(parents[name])
+        return [c.name for c in self.classifiers if c.name in wanted]
+
+
+def _cycle(parents: dict[str, list[str]]) -> list[str]:
+    """A cycle in the child -> parent graph as a closed path (empty when there is none)."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str]:
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done:
+            return []
+        for parent in parents.get(name, []):
+            found = visit(parent, [*path, name])
+            if found:
+                return found
+        done.add(name)
+        return []
+
+    for name in parents:
+        found = visit(name, [])
+        if found:
+            return found
+    return []

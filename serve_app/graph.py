@@ -2,8 +2,11 @@
 
 This is the DeepStream "detector -> classifier1 -> classifier2 -> classifier3" pipeline with the
 secondary classifiers run concurrently (latency t_det + max(t_i) instead of t_det + sum(t_i)).
-A classifier that fails or times out costs only its own attribute: the answer carries every
-other result plus a per-classifier error. Every call records where its time went (`CallSpan`).
+A classifier chained on others (`operate_on_classifiers`) starts as soon as its own parents have
+answered, on the objects they selected; the independent ones start together right after the detector.
+A classifier that fails or times out costs only its own attribute (and its dependents', which say
+why): the answer carries every other result plus a per-classifier error. Every call records where
+its time went (`CallSpan`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,7 @@ class ClassifierRoute:
     min_width: float
     min_height: float
     timeout_s: float
+    parents: tuple[tuple[str, frozenset[str]], ...] = ()  # classifier -> the labels of it this one runs on
 
     @classmethod
     def from_config(cls, config: ClassifierConfig, client: ClassifierClient | None) -> ClassifierRoute:
@@ -56,6 +60,7 @@ class ClassifierRoute:
             config.min_object_width,
             config.min_object_height,
             config.timeout_s,
+            tuple((name, frozenset(labels)) for name, labels in (config.operate_on_classifiers or {}).items()),
         )
 
 
@@ -164,7 +169,8 @@ class InferenceGraph:
             out.calls[route.name] = CallSpan(start, _ms(start), result.timing, result.attempts)
         out.timings_ms[route.name] = round(_ms(start), 2)
 
-    async def run_encoded(self, data: bytes, decode: Callable[[bytes], np.ndarray], mode: str) -> GraphResult:
+    async def run_encoded(self, data: bytes, decode: Callable[[bytes], np.ndarray], mode: str,
+                          only: Collection[str] | None = None) -> GraphResult:
         """Send the compressed bytes to the detector and decode them here meanwhile (the crops need the
         frame): the decode leaves the critical path and a few KB cross the hop instead of a raw frame.
         If the local decode fails (bad input), the detector's work is cancelled and the error raised."""
@@ -181,34 +187,85 @@ class InferenceGraph:
         out.decode_ms = _ms(start)
         out.frame = frame
         await detecting
-        return await self._classify_all(frame, out, mode)
+        return await self._classify_all(frame, out, mode, only)
 
-    async def run(self, frame: np.ndarray, mode: str) -> GraphResult:
-        """The detector gets the decoded frame (the detector runs in this process, or the bytes are not kept)."""
+    async def run(self, frame: np.ndarray, mode: str, only: Collection[str] | None = None) -> GraphResult:
+        """The detector gets the decoded frame (the detector runs in this process, or the bytes are not kept).
+        `only`: the classifiers to run (with their parents already included); None: all."""
         out = GraphResult(Detections.empty(), frame)
         await self._detect(frame, out)
-        return await self._classify_all(frame, out, mode)
+        return await self._classify_all(frame, out, mode, only)
 
-    async def _classify_all(self, frame: np.ndarray, out: GraphResult, mode: str) -> GraphResult:
-        detections = out.detections
+    def _selected(self, route: ClassifierRoute, out: GraphResult) -> np.ndarray | StageError:
+        """The objects `route` runs on: its detector filters, then each parent's labels. A parent that did not
+        answer skips it, with the reason."""
+        indices = out.detections.select(route.labels, route.min_width, route.min_height)
+        for parent, labels in route.parents:
+            if parent in out.errors:
+                why = "was skipped" if out.errors[parent].code == "skipped" else (
+                    "timed out" if out.errors[parent].code == "timeout" else "failed")
+                return StageError(code="skipped", message=f"not run: its parent {parent} {why}")
+            rows, result = out.outputs.get(parent, (np.zeros(0, np.int64), None))
+            chosen = [obj for row, obj in enumerate(rows.tolist())
+                      if (a := result.attribute(row)) is not None and a.get("label") in labels] if result else []
+            indices = indices[np.isin(indices, chosen)]
+        return indices
+
+    async def _run_route(self, route: ClassifierRoute, frame: np.ndarray, out: GraphResult,
+                         parents_done: Mapping[str, asyncio.Future[None]]) -> None:
+        """A chained classifier: wait for its own parents only, then crop what they selected and classify."""
+        await asyncio.gather(*(parents_done[name] for name, _ in route.parents if name in parents_done))
+        selected = self._selected(route, out)
+        if isinstance(selected, StageError):
+            out.errors[route.name] = selected
+        elif len(selected):
+            await self._classify(route, crop_resize(frame, out.detections.xyxy[selected], route.crop), out, selected)
+
+    async def _classify_all(self, frame: np.ndarray, out: GraphResult, mode: str,
+                            only: Collection[str] | None = None) -> GraphResult:
+        routes = [r for r in self._routes if only is None or r.name in only]
+        roots = [r for r in routes if not r.parents]
         start = time.perf_counter()
         calls = []
-        for route in self._routes:
-            indices = detections.select(route.labels, route.min_width, route.min_height)
-            if len(indices) == 0:
-                continue
-            crops = crop_resize(frame, detections.xyxy[indices], route.crop)
-            calls.append((route, crops, indices))
+        for route in roots:  # the independent classifiers: cropped now, all sent at once
+            indices = out.detections.select(route.labels, route.min_width, route.min_height)
+            if len(indices):
+                calls.append((route, crop_resize(frame, out.detections.xyxy[indices], route.crop), indices))
         out.crop_ms = _ms(start)
         start = time.perf_counter()
-        if mode == "sequential" or len(calls) == 1:  # one call needs no task of its own
+        chained = [r for r in routes if r.parents]
+        if mode == "sequential":  # one after another, parents first (roots, then chains in a topological order)
             for route, crops, indices in calls:
                 await self._classify(route, crops, out, indices)
+            for route in _topological(chained):
+                await self._run_route(route, frame, out, {})
+        elif len(calls) == 1 and not chained:  # one call needs no task of its own
+            route, crops, indices = calls[0]
+            await self._classify(route, crops, out, indices)
         else:
-            await asyncio.gather(*(self._classify(route, crops, out, indices) for route, crops, indices in calls))
+            tasks: dict[str, asyncio.Future[None]] = {
+                route.name: asyncio.ensure_future(self._classify(route, crops, out, indices))
+                for route, crops, indices in calls
+            }
+            for route in _topological(chained):  # a chain's task waits for its parents' tasks, nothing else
+                tasks[route.name] = asyncio.ensure_future(self._run_route(route, frame, out, dict(tasks)))
+            await asyncio.gather(*tasks.values())
         out.classify_ms = _ms(start)
-        order = [route.name for route in self._routes]  # answer in config order, not completion order
+        order = [route.name for route in routes]  # answer in config order, not completion order
         out.outputs = {n: out.outputs[n] for n in order if n in out.outputs}
         out.errors = {n: out.errors[n] for n in order if n in out.errors}
         out.timings_ms = {k: out.timings_ms[k] for k in ("detector", *order) if k in out.timings_ms}
         return out
+
+
+def _topological(routes: list[ClassifierRoute]) -> list[ClassifierRoute]:
+    """`routes` with every route after the routes among them it depends on (config order otherwise)."""
+    placed: list[ClassifierRoute] = []
+    pending = list(routes)
+    while pending:
+        ready = [r for r in pending if all(p not in {q.name for q in pending} for p, _ in r.parents)]
+        if not ready:  # a cycle: refused by PipelineConfig, so only reachable with hand-built routes
+            raise ValueError(f"classifier chains form a cycle among {[r.name for r in pending]}")
+        placed += ready
+        pending = [r for r in pending if r not in ready]
+    return placed

@@ -1,4 +1,4 @@
-"""Read an image out of an HTTP request: raw bytes or multipart field `image`, size-limited."""
+"""Read images out of an HTTP request: raw bytes, multipart field `image`, or (batches) `images` repeated; size-limited."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve_app.decoding import InputError
@@ -60,6 +60,39 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
 
 
+async def _parse_form(request: Request, body: bytes, max_files: int, batch: bool = False) -> FormData:
+    async def replay():  # noqa: ANN202 - async generator of the buffered body
+        yield body
+
+    try:
+        return await MultiPartParser(request.headers, replay(), max_files=max_files, max_fields=16).parse()
+    except MultiPartException as exc:
+        if batch and "Too many files" in exc.message:
+            raise InputError(413, "too_many_images", f"a batch takes at most {max_files - 1} images") from exc
+        raise InputError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from exc
+
+
+async def _file_bytes(item: UploadFile | str) -> bytes:
+    return await item.read() if isinstance(item, UploadFile) else item.encode()
+
+
+async def image_list(request: Request, limit: int, max_images: int) -> list[bytes]:
+    """The files of a multipart body's repeated field `images`, in order (POST /v1/infer/batch)."""
+    if _media_type(request) != MULTIPART:
+        raise InputError(415, "unsupported_media_type",
+                         "a batch is multipart/form-data with the field 'images' repeated, one file each")
+    body = await read_limited(request, limit)
+    if not body:
+        raise InputError(400, "empty_body", "the request body is empty")
+    form = await _parse_form(request, body, max_images + 1, batch=True)
+    items = form.getlist("images")
+    if not items:
+        raise InputError(422, "missing_images_field", "multipart body has no field named 'images'")
+    if len(items) > max_images:
+        raise InputError(413, "too_many_images", f"a batch takes at most {max_images} images, got {len(items)}")
+    return [await _file_bytes(item) for item in items]
+
+
 async def image_bytes(request: Request, limit: int) -> bytes:
     media = _media_type(request)
     if not (media.startswith("image/") or media in RAW_TYPES or media == MULTIPART):
@@ -75,18 +108,10 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     if not body:
         raise InputError(400, "empty_body", "the request body is empty")
 
-    async def replay():  # noqa: ANN202 - async generator of the buffered body
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
-    except MultiPartException as exc:
-        raise InputError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from exc
+    form = await _parse_form(request, body, max_files=4)
     if not form:
         raise InputError(400, "bad_multipart", "the multipart body holds no complete part")
     item = form.get("image")
     if item is None:
         raise InputError(422, "missing_image_field", "multipart body has no field named 'image'")
-    if isinstance(item, UploadFile):
-        return await item.read()
-    return item.encode()
+    return await _file_bytes(item)

@@ -28,10 +28,14 @@ from serve_app.clients import ClassifierClient, DetectorClient, PooledClassifier
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError, check_header, decode_checked
 from serve_app.graph import CallSpan, ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, merge
-from serve_app.http_input import image_bytes
+from serve_app.http_input import image_bytes, image_list
 from serve_app.schema import (
+    BATCH_BODY,
     IMAGE_BODY,
+    BatchResponse,
     CallTrace,
+    Edge,
+    ErrorBody,
     ErrorResponse,
     Health,
     ImageInfo,
@@ -260,26 +264,43 @@ class Ingress:
         finally:
             self._metrics.requests.inc(tags={"route": route, "status": str(status)})
 
-    async def _infer(self, request: Request, mode: Mode | None) -> _Inference:
+    def _choose(self, classifiers: str | None) -> list[str] | None:
+        """`?classifiers=a,b`: those and every classifier they depend on (None: all). 422 for unknown names."""
+        if classifiers is None:
+            return None
+        names = [n.strip() for n in classifiers.split(",") if n.strip()]
+        known = [c.name for c in self._config.classifiers]
+        for name in names:
+            if name not in known:
+                raise InputError(422, "unknown_classifier",
+                                 f"unknown classifier {name!r}; the classifiers are {', '.join(known)}")
+        return self._config.with_dependencies(names)
+
+    async def _infer(self, request: Request, mode: Mode | None, classifiers: str | None) -> _Inference:
         start = time.perf_counter()
         self._auth.check(request.headers.get("authorization"))
+        only = self._choose(classifiers)
         data = await image_bytes(request, self._limits.max_body_bytes)
+        return await self._run(data, mode, only, start)
+
+    async def _run(self, data: bytes, mode: Mode | None, only: list[str] | None, start: float) -> _Inference:
+        """One image through the graph, from its encoded bytes."""
         read_at = time.perf_counter()
         chosen: Mode = mode or self._limits.mode
         limit = self._limits.max_image_pixels
         check_header(data, limit)
         if self._send_encoded:
-            result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen)
+            result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only)
             decode_ms = result.decode_ms
         else:
             frame = decode_checked(data, limit)
             decode_ms = (time.perf_counter() - read_at) * 1e3
-            result = await self._graph.run(frame, chosen)
+            result = await self._graph.run(frame, chosen, only)
         assert result.frame is not None
         return _Inference(result.frame, result, chosen, start, (read_at - start) * 1e3, decode_ms)
 
-    async def _infer_json(self, request: Request, mode: Mode | None, trace: bool) -> Response:
-        run = await self._infer(request, mode)
+    def _answer(self, run: _Inference, trace: bool) -> InferResponse:
+        """The /v1/infer answer for one image (and its metrics)."""
         frame, result = run.frame, run.result
         merged_at = time.perf_counter()
         objects = merge(result.detections, result.outputs)
@@ -298,7 +319,7 @@ class Ingress:
         )
         self._metrics.record(timings, len(result.detections), {n: e.code for n, e in result.errors.items()},
                              _spans(breakdown))
-        answer = InferResponse(
+        return InferResponse(
             image=ImageInfo(width=frame.shape[1], height=frame.shape[0]),
             objects=objects,
             errors=result.errors,
@@ -306,25 +327,53 @@ class Ingress:
             mode=run.mode,
             trace=breakdown if trace else None,
         )
+
+    async def _infer_json(self, request: Request, mode: Mode | None, trace: bool, classifiers: str | None) -> Response:
+        answer = self._answer(await self._infer(request, mode, classifiers), trace)
         # Serialised here, once: returning the model would make FastAPI validate and encode it again.
         return Response(answer.model_dump_json(exclude_none=not trace), media_type="application/json")
 
-    async def _annotate_jpeg(self, request: Request, mode: Mode | None) -> Response:
-        run = await self._infer(request, mode)
+    async def _one_of_batch(self, data: bytes, mode: Mode | None, only: list[str] | None) -> InferResponse | ErrorResponse:
+        try:
+            return self._answer(await self._run(data, mode, only, time.perf_counter()), trace=False)
+        except InputError as exc:
+            return ErrorResponse(error=ErrorBody(code=exc.code, message=exc.message))
+        except DetectorUnavailable as exc:
+            return ErrorResponse(error=ErrorBody(code="detector_unavailable", message=str(exc)))
+
+    async def _infer_batch(self, request: Request, mode: Mode | None, classifiers: str | None) -> Response:
+        self._auth.check(request.headers.get("authorization"))
+        only = self._choose(classifiers)
+        images = await image_list(request, self._limits.max_body_bytes, self._limits.max_batch_images)
+        # all at once: the crops of every image meet in the classifiers' batches
+        results = await asyncio.gather(*(self._one_of_batch(data, mode, only) for data in images))
+        return Response(BatchResponse(results=list(results)).model_dump_json(exclude_none=True),
+                        media_type="application/json")
+
+    async def _annotate_jpeg(self, request: Request, mode: Mode | None, classifiers: str | None) -> Response:
+        run = await self._infer(request, mode, classifiers)
         jpeg = annotate(run.frame, merge(run.result.detections, run.result.outputs))
         return Response(content=jpeg, media_type="image/jpeg")
 
     @api.post("/v1/infer", response_model=InferResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
-    async def infer(self, request: Request, mode: Mode | None = None, trace: bool = False) -> Response:
+    async def infer(self, request: Request, mode: Mode | None = None, trace: bool = False,
+                    classifiers: str | None = None) -> Response:
         """Body: image bytes (image/*, application/octet-stream) or multipart field `image`.
-        `trace=true` adds the per-request breakdown of where the time went."""
-        return await self._counted("/v1/infer", self._infer_json(request, mode, trace))
+        `trace=true` adds the per-request breakdown of where the time went; `classifiers=a,b` runs only
+        those classifiers (and those they depend on)."""
+        return await self._counted("/v1/infer", self._infer_json(request, mode, trace, classifiers))
+
+    @api.post("/v1/infer/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
+    async def infer_batch(self, request: Request, mode: Mode | None = None, classifiers: str | None = None) -> Response:
+        """multipart/form-data with the field `images` repeated: one result per image, in order, each the
+        /v1/infer answer or that image's own error. The images go through the graph together."""
+        return await self._counted("/v1/infer/batch", self._infer_batch(request, mode, classifiers))
 
     @api.post("/v1/annotate", response_class=Response, openapi_extra=IMAGE_BODY,
               responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}, **ERRORS})
-    async def annotate(self, request: Request, mode: Mode | None = None) -> Response:
+    async def annotate(self, request: Request, mode: Mode | None = None, classifiers: str | None = None) -> Response:
         """Same input as /v1/infer; returns the image as JPEG with boxes and attributes drawn."""
-        return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode))
+        return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode, classifiers))
 
     async def _describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Every deployment's description; raises NotReady naming each one that did not answer in time."""
@@ -361,7 +410,9 @@ class Ingress:
             layout=self._config.layout,
             detector=detector,
             classifiers=classifiers,
-            limits={"max_body_bytes": self._limits.max_body_bytes, "max_image_pixels": self._limits.max_image_pixels},
+            edges=[Edge(parent=p, child=c, labels=labels) for p, c, labels in self._config.edges()],
+            limits={"max_body_bytes": self._limits.max_body_bytes, "max_image_pixels": self._limits.max_image_pixels,
+                    "max_batch_images": self._limits.max_batch_images},
         )
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})

@@ -26,7 +26,7 @@ class DetectedObject(BaseModel):
 
 
 class StageError(BaseModel):
-    code: Literal["timeout", "failed", "unavailable"]
+    code: Literal["timeout", "failed", "unavailable", "skipped"]
     message: str
 
 
@@ -76,12 +76,27 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class Edge(BaseModel):
+    """A chain: `child` runs on the objects for which `parent` gave one of `labels`."""
+
+    parent: str
+    child: str
+    labels: list[str]
+
+
 class PipelineDescription(BaseModel):
     mode: Mode
     layout: str
     detector: dict[str, Any]
     classifiers: list[dict[str, Any]]
+    edges: list[Edge] = Field(default_factory=list, description="classifier chains (operate_on_classifiers)")
     limits: dict[str, int]
+
+
+class BatchResponse(BaseModel):
+    """One entry per image, in the order sent: the /v1/infer answer, or the error for that image alone."""
+
+    results: list[InferResponse | ErrorResponse]
 
 
 class Health(BaseModel):
@@ -104,6 +119,20 @@ IMAGE_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["image"], "properties": {"image": _BINARY}}
             },
+        },
+    }
+}
+
+BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "multipart/form-data with the field `images` repeated, one file each "
+        "(up to ingress.max_batch_images, and the body under ingress.max_body_bytes).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["images"],
+                           "properties": {"images": {"type": "array", "items": _BINARY}}}
+            }
         },
     }
 }
