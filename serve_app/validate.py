@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -36,6 +37,19 @@ def _load(path: Path) -> tuple[dict, str | None]:
     if not isinstance(document, dict):
         return {}, f"{path}: expected a Serve config (a mapping with 'applications'), got {type(document).__name__}"
     return document, None
+
+
+def port_in_use(document: dict) -> str | None:
+    """A note when the HTTP address of the config is taken now (`serve run` would then fail with a traceback)."""
+    options = document.get("http_options") or {}
+    host, port = options.get("host", "127.0.0.1"), int(options.get("port", 8000))
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return (f"note: {host}:{port} (http_options) is in use now; unless that is this service, `serve run` will "
+                    f"fail: see who holds it with ss -ltnp 'sport = :{port}', or change http_options.port")
+    return None
 
 
 def field_errors(exc: ValidationError) -> list[str]:
@@ -97,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     problems = validate(args.config, args.gpus, dict(args.resources))
     for problem in problems:
         print(problem, file=sys.stderr)
+    document, unreadable = _load(args.config)
+    note = None if unreadable else port_in_use(document)
+    if note:
+        print(note, file=sys.stderr)
     if not problems:
         print(f"{args.config}: OK")
     return 1 if problems else 0

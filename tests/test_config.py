@@ -159,6 +159,22 @@ def test_validate_checks_model_shapes_and_prints_one_line_per_problem(tmp_path: 
     assert help_exit.value.code == 0 and "one line per problem" in capsys.readouterr().out
 
 
+def test_validate_notes_a_port_in_use_without_failing(tmp_path: Path, capsys: Any) -> None:
+    import socket
+
+    from serve_app.validate import main
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = tmp_path / "busy.yaml"
+        config.write_text((ROOT / "serve_config.yaml").read_text().replace("port: 8000", f"port: {port}"))
+        assert main([str(config)]) == 0  # the config is fine; the address is busy now
+    err = capsys.readouterr().err
+    assert f"note: 127.0.0.1:{port} (http_options) is in use now" in err and f"sport = :{port}" in err
+
+
 def test_example_configs_validate() -> None:
     from serve_app.validate import main
 
