@@ -1,4 +1,4 @@
-"""Draw detections and their attributes onto the frame (for POST /v1/annotate)."""
+"""Draw detections and their attributes onto the frame (POST /v1/annotate, and every frame of /v1/video/annotate)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from serve_app.schema import DetectedObject
 
 
 def _caption_lines(obj: DetectedObject) -> list[str]:
-    lines = [f"{obj.label} {obj.score:.2f}"]
+    lines = [f"{obj.label} {obj.score:.2f}" if obj.track_id is None else f"#{obj.track_id} {obj.label} {obj.score:.2f}"]
     for name, attr in obj.attributes.items():
         lines.append(f"{name}: {attr['label']}" if "label" in attr else f"{name}: {attr.get('value')}")
     return lines
@@ -17,6 +17,14 @@ def _caption_lines(obj: DetectedObject) -> list[str]:
 
 def annotate(frame: np.ndarray, objects: list[DetectedObject], quality: int = 90) -> bytes:
     """JPEG of `frame` with each object's box, landmarks and one caption line per attribute."""
+    ok, encoded = cv2.imencode(".jpg", draw(frame, objects), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return encoded.tobytes()
+
+
+def draw(frame: np.ndarray, objects: list[DetectedObject]) -> np.ndarray:
+    """A copy of `frame` with each object's box, landmarks, track id and one caption line per attribute."""
     canvas = frame.copy()
     height, width = canvas.shape[:2]
     thickness = max(1, round(min(height, width) / 400))
@@ -37,7 +45,4 @@ def annotate(frame: np.ndarray, objects: list[DetectedObject], quality: int = 90
             cv2.rectangle(canvas, (left, y), (left + tw + 4, y + line_h), (0, 255, 0), -1)
             cv2.putText(canvas, text, (left + 2, y + line_h - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
                         cv2.LINE_AA)
-    ok, encoded = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return encoded.tobytes()
+    return canvas

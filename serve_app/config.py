@@ -206,6 +206,12 @@ class ClassifierConfig(StrictModel):
     min_object_height: float = Field(0, ge=0)
     threshold: float = Field(0.0, ge=0, le=1, description="top-1 probability below which no attribute is set")
     timeout_s: float = Field(2.0, gt=0)
+    reinfer_area_growth: float = Field(
+        0.2, ge=0, description="video: classify a track again once its box area has grown by this fraction since its "
+        "last classification (DeepStream re-infers a tracked object that grew by 20%)")
+    reinfer_interval: int = Field(
+        0, ge=0, description="video: classify a track again after this many frames; 0: only on growth "
+        "(DeepStream's secondary-reinfer-interval)")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
@@ -258,6 +264,25 @@ class HandleConfig(StrictModel):
     prefer_local_routing: bool = Field(False, description="prefer replicas on the ingress's own node")
 
 
+class TrackerConfig(StrictModel):
+    """ByteTrack (supervision) for video: DeepStream's tracker settings, by their ByteTrack names."""
+
+    activation_threshold: float = Field(0.25, ge=0, le=1, description="detections above it start tracks")
+    lost_track_buffer: int = Field(30, ge=1, description="frames a lost track is kept for re-identification")
+    matching_threshold: float = Field(0.8, ge=0, le=1, description="association threshold (IoU cost)")
+
+
+class VideoConfig(StrictModel):
+    """POST /v1/video: limits checked before any frame is processed, and the tracker."""
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="larger uploads get 413")
+    max_duration_s: float = Field(600.0, gt=0, description="longer videos (frames / fps) get 413")
+    max_frame_pixels: int = Field(3840 * 2160, ge=1, description="larger frames get 413")
+    lookahead: int = Field(4, ge=1, le=64, description="frames whose detection is in flight ahead of the one "
+                           "being tracked and classified (they batch together at the detector)")
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+
 class IngressConfig(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
     detector_input: Literal["encoded", "frame"] = Field(
@@ -268,6 +293,7 @@ class IngressConfig(StrictModel):
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")
+    video: VideoConfig = Field(default_factory=VideoConfig)
     max_image_pixels: int = Field(40_000_000, ge=1)
     detector_timeout_s: float = Field(10.0, gt=0)
     auth_token_env: str | None = Field(

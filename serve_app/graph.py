@@ -139,6 +139,28 @@ class InferenceGraph:
         self._routes = routes
         self._detector_timeout_s = detector_timeout_s
 
+    @property
+    def routes(self) -> list[ClassifierRoute]:
+        return list(self._routes)
+
+    async def detect(self, image: np.ndarray | bytes) -> GraphResult:
+        """The detector alone (video: each frame, before the tracker decides what to classify)."""
+        out = GraphResult(Detections.empty())
+        await self._detect(image, out)
+        return out
+
+    async def classify_rows(self, frame: np.ndarray, detections: Detections,
+                            rows: Mapping[str, np.ndarray]) -> GraphResult:
+        """Classify the given objects (indices into `detections`) with each named classifier, all at once.
+        Video uses it for the objects whose cached attributes are due."""
+        out = GraphResult(detections, frame)
+        by_name = {r.name: r for r in self._routes}
+        await asyncio.gather(*(
+            self._classify(by_name[name], crop_resize(frame, detections.xyxy[indices], by_name[name].crop), out, indices)
+            for name, indices in rows.items() if len(indices)
+        ))
+        return out
+
     async def _detect(self, image: np.ndarray | bytes, out: GraphResult) -> None:
         start = time.perf_counter()
         try:

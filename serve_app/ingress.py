@@ -2,18 +2,20 @@
 
 
 import asyncio
+import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
@@ -22,7 +24,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.stages import ClassifierStage, DetectorStage
 from deployments.startup import freeze_startup_heap
-from serve_app.annotate import annotate
+from engines.tracking import TrackerParams
+from serve_app.annotate import annotate, draw
 from serve_app.auth import BearerAuth
 from serve_app.clients import ClassifierClient, DetectorClient, PooledClassifiers, RemoteClassifier, RemoteDetector
 from serve_app.config import PipelineConfig
@@ -33,7 +36,9 @@ from serve_app.schema import (
     BATCH_BODY,
     IMAGE_BODY,
     BatchResponse,
+    VIDEO_BODY,
     CallTrace,
+    DetectedObject,
     Edge,
     ErrorBody,
     ErrorResponse,
@@ -45,6 +50,8 @@ from serve_app.schema import (
     Trace,
 )
 from serve_app.telemetry import IngressMetrics
+from serve_app.video import Mp4Writer, VideoFile, video_bytes
+from serve_app.video_session import VideoSession
 
 T = TypeVar("T")
 
@@ -374,6 +381,86 @@ class Ingress:
     async def annotate(self, request: Request, mode: Mode | None = None, classifiers: str | None = None) -> Response:
         """Same input as /v1/infer; returns the image as JPEG with boxes and attributes drawn."""
         return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode, classifiers))
+
+    def _session(self, video: VideoFile) -> VideoSession:
+        t = self._limits.video.tracker
+        params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold, video.info.fps or 30.0)
+        reinfer = {c.name: (c.reinfer_area_growth, c.reinfer_interval) for c in self._config.classifiers}
+        return VideoSession(self._graph, params, self._graph.routes, reinfer)
+
+    async def _open_video(self, request: Request) -> VideoFile:
+        self._auth.check(request.headers.get("authorization"))
+        data = await video_bytes(request, self._limits.video.max_bytes)
+        return VideoFile(data, self._limits.video)
+
+    async def _video_records(self, video: VideoFile, every: int) -> AsyncIterator[tuple[dict[str, Any], np.ndarray]]:
+        """Each processed frame's record (and the frame), in order; detection runs `lookahead` frames ahead, so
+        that frames meet in the detector's batches while the tracker and the classifiers work on an earlier one.
+        Ends with the summary record, or an error record when the video breaks off or the detector fails."""
+        session = self._session(video)
+        fps = video.info.fps
+        frames = video.frames(every)
+        pending: deque[tuple[int, np.ndarray, asyncio.Future[GraphResult]]] = deque()
+        try:
+            while True:
+                while len(pending) < self._limits.video.lookahead and (item := next(frames, None)) is not None:
+                    index, frame = item
+                    pending.append((index, frame, asyncio.ensure_future(self._graph.detect(frame))))
+                if not pending:
+                    break
+                index, frame, detecting = pending.popleft()
+                try:
+                    detected = await detecting
+                except DetectorUnavailable as exc:
+                    yield {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}, frame
+                    return
+                time_ms = round(index * 1000.0 / fps, 1) if fps > 0 else None
+                record = await session.process(index, time_ms, frame, detected.detections)
+                self._metrics.record_video_frame(session.last_new_tracks, session.last_classified, session.last_cached)
+                yield record, frame
+            declared = video.info.frames
+            if declared and video.frames_read < declared - 1:  # containers may round their frame count by one
+                yield {"error": {"code": "truncated_video", "frame": video.frames_read,
+                                 "message": f"the video breaks off after frame {video.frames_read} of the "
+                                            f"{declared} it declares"}}, frame
+            yield session.summary(), frame
+        finally:
+            for *_, detecting in pending:
+                detecting.cancel()
+            video.close()
+
+    async def _video_ndjson(self, request: Request, every: int) -> StreamingResponse:
+        video = await self._open_video(request)  # 4xx before the stream starts: limits, undecodable input
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for record, _ in self._video_records(video, every):
+                yield (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def _video_mp4(self, request: Request, every: int) -> Response:
+        video = await self._open_video(request)
+        writer = Mp4Writer(video.info.fps / every if video.info.fps else 25.0, video.info.width, video.info.height)
+        async for record, frame in self._video_records(video, every):
+            if "error" in record:
+                writer.finish()
+                raise InputError(422, record["error"]["code"], record["error"]["message"])
+            if "objects" in record:
+                writer.write(draw(frame, [DetectedObject(**o) for o in record["objects"]]))
+        return Response(writer.finish(), media_type="video/mp4")
+
+    @api.post("/v1/video", response_class=StreamingResponse, openapi_extra=VIDEO_BODY,
+              responses={200: {"content": {"application/x-ndjson": {}}}, **ERRORS})
+    async def video(self, request: Request, every: int = Query(1, ge=1, le=1000)) -> StreamingResponse:
+        """A video file: one NDJSON line per processed frame (tracked objects with their cached attributes), as
+        frames are processed, then a summary line. `every=N` processes every Nth frame."""
+        return await self._counted("/v1/video", self._video_ndjson(request, every))
+
+    @api.post("/v1/video/annotate", response_class=Response, openapi_extra=VIDEO_BODY,
+              responses={200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}}, **ERRORS})
+    async def video_annotate(self, request: Request, every: int = Query(1, ge=1, le=1000)) -> Response:
+        """The same processing; returns the processed frames as MP4 with tracks and attributes drawn."""
+        return await self._counted("/v1/video/annotate", self._video_mp4(request, every))
 
     async def _describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Every deployment's description; raises NotReady naming each one that did not answer in time."""

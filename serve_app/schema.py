@@ -19,6 +19,7 @@ class DetectedObject(BaseModel):
     score: float
     label: str
     landmarks: list[list[float]] | None = None
+    track_id: int | None = Field(None, description="video: the object's track (absent for photos)")
     attributes: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description='per classifier: {"label", "score"} (softmax) or {"value"} (expected_value)',
@@ -133,6 +134,20 @@ BATCH_BODY: dict[str, Any] = {
                 "schema": {"type": "object", "required": ["images"],
                            "properties": {"images": {"type": "array", "items": _BINARY}}}
             }
+        },
+    }
+}
+
+_VIDEO = {"type": "string", "format": "binary"}
+VIDEO_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The video file as the body (video/mp4, video/quicktime, video/x-msvideo, video/x-matroska or "
+        "application/octet-stream), or multipart/form-data with the file in the field `video`.",
+        "content": {
+            **{t: {"schema": _VIDEO} for t in ("video/mp4", "video/quicktime", "video/x-msvideo", "video/x-matroska",
+                                                "application/octet-stream")},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {"video": _VIDEO}}},
         },
     }
 }

@@ -10,6 +10,10 @@ replica and application tags. Metric names (Prometheus adds Ray's `ray_` prefix)
 - pipeline_span_ms{span}: the critical path of each request, span by span (read_body, decode,
   detector.transport / .queue / .compute, crop, <classifier>.transport / .queue / .compute, merge): the
   same breakdown that `?trace=true` returns with one answer
+- pipeline_video_frames_total: video frames processed (a rate of it is the service's video fps)
+- pipeline_video_tracks_total: tracks that appeared in processed videos
+- pipeline_video_cache_total{classifier, outcome}: tracked objects per frame whose attribute was served from the
+  per-track cache (hit) or classified (miss); hit / (hit + miss) is the cache hit rate
 (The model stages' own metrics, pipeline_compute_ms{stage} and pipeline_batch_size{stage}, are in
 deployments/metrics.py.)
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 from ray.serve.metrics import Counter, Histogram
 
 from deployments.metrics import COUNTS, LATENCY_MS
-
 
 
 class IngressMetrics:
@@ -48,6 +51,25 @@ class IngressMetrics:
             boundaries=LATENCY_MS,
             tag_keys=("span",),
         )
+
+        self.video_frames = Counter("pipeline_video_frames", description="Video frames processed")
+        self.video_tracks = Counter("pipeline_video_tracks", description="Tracks that appeared in processed videos")
+        self.video_cache = Counter(
+            "pipeline_video_cache",
+            description="Tracked objects per frame: attribute from the per-track cache (hit) or classified (miss)",
+            tag_keys=("classifier", "outcome"),
+        )
+
+    def record_video_frame(self, new_tracks: int, classified: dict[str, int], cached: dict[str, int]) -> None:
+        self.video_frames.inc()
+        if new_tracks:
+            self.video_tracks.inc(new_tracks)
+        for name, n in classified.items():
+            if n:
+                self.video_cache.inc(n, tags={"classifier": name, "outcome": "miss"})
+        for name, n in cached.items():
+            if n:
+                self.video_cache.inc(n, tags={"classifier": name, "outcome": "hit"})
 
     def record(
         self, timings_ms: dict[str, float], objects: int, errors: dict[str, str], spans: dict[str, float]

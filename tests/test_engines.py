@@ -183,3 +183,17 @@ def test_batch_buckets_pad_and_results_are_unchanged() -> None:
 def mtcnn_plain_boxes() -> np.ndarray:
     plain = Mtcnn(*(create_engine("onnxruntime", MODELS / f"mtcnn_{n}.onnx") for n in ("pnet", "rnet", "onet")))
     return plain.detect(read(ASTRONAUT)).xyxy
+
+
+def test_tracker_keeps_ids_per_object_and_counts_from_one_per_video() -> None:
+    from engines.tracking import Tracker
+
+    def frame(f: int) -> Detections:
+        boxes = np.array([[10 + 5 * f, 10, 60 + 5 * f, 60], [200, 200, 250, 250]], np.float32)[: 1 if f < 2 else 2]
+        return Detections(boxes[::-1].copy(), np.full(len(boxes), 0.99, np.float32), np.zeros(len(boxes), np.int32),
+                          ("face",))
+
+    for _ in range(2):  # a second tracker in the same process starts at 1 again
+        tracker = Tracker()
+        ids = [tracker.update(frame(f)).tolist() for f in range(5)]
+        assert ids == [[1], [1], [-1, 1], [2, 1], [2, 1]]  # the newcomer is confirmed on its second frame

@@ -1,0 +1,143 @@
+"""A video through /v1/video against the same frames sent one by one to /v1/infer.
+
+    python -m bench.video [--frames 200] [--out bench/out/video.json]
+
+Deploys the face demo (serve_config.yaml's args) on a local Ray, builds a test video from the committed
+photos (a face moving across the frame, a second one entering midway), and measures, in one run:
+- the detector alone, in process, on the same frames (frames per second): the rate video cannot beat;
+- POST /v1/video: frames per second, classifier calls, server CPU per frame;
+- the same frames, JPEG-encoded, through POST /v1/infer one at a time (c1) and 4 at a time (c4).
+Targets (issue "Video and live streams"): video fps >= 0.9x the detector-alone rate on CPU, and >= 2x the
+per-frame /v1/infer path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from bench.run import busy_cpu_seconds, closed_loop, environment, own_cpu_seconds
+
+
+def read_frames(path: Path) -> list[Any]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(frame)
+
+
+def detector_alone_fps(frames: list[Any]) -> float:
+    from deployments.models import build_detector
+    from serve_app.config import PipelineConfig
+
+    from bench.workloads import face_args
+
+    detector = build_detector(PipelineConfig.model_validate(face_args()).detector, "cpu")
+    for frame in frames[:5]:
+        detector.detect(frame)
+    start = time.perf_counter()
+    for frame in frames:
+        detector.detect(frame)
+    return len(frames) / (time.perf_counter() - start)
+
+
+async def video_run(url: str, data: bytes) -> dict[str, Any]:
+    import httpx
+
+    cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+    start = time.perf_counter()
+    lines = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        async with client.stream("POST", f"{url}/v1/video", content=data, headers={"Content-Type": "video/mp4"}) as r:
+            async for line in r.aiter_lines():
+                if line:
+                    lines.append(json.loads(line))
+    wall = time.perf_counter() - start
+    frames = sum(1 for line in lines if "objects" in line)
+    cpu = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)
+    summary = lines[-1]["summary"]
+    return {"frames": frames, "wall_s": round(wall, 2), "fps": round(frames / wall, 2),
+            "server_cpu_ms_per_frame": round(cpu * 1e3 / frames, 1), "classifier_calls": summary["classifier_calls"],
+            "objects_seen": summary["objects_seen"], "tracks": summary["tracks"]}
+
+
+async def per_frame_run(url: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
+    import httpx
+
+    index = 0
+    calls = 0
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one() -> None:
+            nonlocal index, calls
+            body = bodies[index % len(bodies)]
+            index += 1
+            answer = (await client.post(f"{url}/v1/infer", content=body, headers={"Content-Type": "image/jpeg"})).json()
+            calls += len(answer["objects"]) * 3
+
+        cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+        latencies, wall = await closed_loop(one, concurrency, len(bodies), 600)
+        cpu = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)
+    return {"frames": len(latencies), "wall_s": round(wall, 2), "fps": round(len(latencies) / wall, 2),
+            "server_cpu_ms_per_frame": round(cpu * 1e3 / len(latencies), 1), "classifier_calls_total": calls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--out", default="bench/out/video.json")
+    opts = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from bench.workloads import face_args
+    from serve_app.app import build_app
+    from tests.videos import two_faces
+
+    video = two_faces(Path(tempfile.mkdtemp()) / "two.mp4", frames=opts.frames, enters_at=opts.frames // 2)
+    frames = read_frames(video)
+    bodies = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in frames]
+    result: dict[str, Any] = {"environment": environment(argparse.Namespace(device="cpu", backend="onnxruntime")),
+                              "command": "python -m bench.video " + " ".join(argv or sys.argv[1:]),
+                              "video": {"frames": len(frames), "width": 800, "height": 300}}
+    result["detector_alone_fps"] = round(detector_alone_fps(frames), 2)
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8012})
+    try:
+        serve.run(build_app(face_args()), name="video", route_prefix="/")
+        url = "http://127.0.0.1:8012"
+        asyncio.run(per_frame_run(url, bodies[:10], 1))  # warm-up
+        result["video"] |= asyncio.run(video_run(url, video.read_bytes()))
+        result["infer_c1"] = asyncio.run(per_frame_run(url, bodies, 1))
+        result["infer_c4"] = asyncio.run(per_frame_run(url, bodies, 4))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    v = result["video"]
+    result["ratios"] = {
+        "video_fps_over_detector_alone": round(v["fps"] / result["detector_alone_fps"], 2),
+        "video_fps_over_infer_c1": round(v["fps"] / result["infer_c1"]["fps"], 2),
+        "video_fps_over_infer_c4": round(v["fps"] / result["infer_c4"]["fps"], 2),
+        "classifier_calls_over_object_frames": round(sum(v["classifier_calls"].values()) / (3 * v["objects_seen"]), 3),
+    }
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

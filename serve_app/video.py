@@ -1,0 +1,138 @@
+"""Read a video out of an HTTP request and iterate its frames, within the configured limits.
+
+Decoding goes through OpenCV's FFmpeg backend (in the opencv-python-headless wheel): MP4, MOV, AVI and
+MKV with the codecs that FFmpeg build carries. The upload is written to a temporary file, because
+FFmpeg needs to seek; the file is removed when the video is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from fastapi import Request
+
+from serve_app.config import VideoConfig
+from serve_app.decoding import InputError
+from serve_app.http_input import MULTIPART, _file_bytes, _media_type, _parse_form, read_limited
+
+VIDEO_TYPES = ("video/mp4", "video/quicktime", "video/x-msvideo", "video/x-matroska", "application/octet-stream")
+
+
+async def video_bytes(request: Request, limit: int) -> bytes:
+    """The body (a video type or octet-stream), or the multipart field `video`."""
+    media = _media_type(request)
+    if media not in VIDEO_TYPES and media != MULTIPART:
+        raise InputError(415, "unsupported_media_type",
+                         f"Content-Type {media!r} is not accepted; send {', '.join(VIDEO_TYPES)} bytes, "
+                         "or multipart/form-data with the file in field 'video'")
+    body = await read_limited(request, limit)
+    if media == MULTIPART and body:
+        item = (await _parse_form(request, body, max_files=2)).get("video")
+        if item is None:
+            raise InputError(422, "missing_video_field", "multipart body has no field named 'video'")
+        body = await _file_bytes(item)
+    if not body:
+        raise InputError(400, "empty_body", "the request body is empty; send the video file")
+    return body
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int  # as the container declares it (0 when it does not say)
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps if self.fps > 0 else 0.0
+
+
+class VideoFile:
+    """An uploaded video, opened and checked: `with VideoFile(data, limits) as video: for i, frame in video.frames(every)`."""
+
+    def __init__(self, data: bytes, limits: VideoConfig) -> None:
+        fd, self._path = tempfile.mkstemp(suffix=".video")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        self._capture = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
+        try:
+            self.info = self._check(limits)
+        except BaseException:
+            self.close()
+            raise
+        self.frames_read = 0
+
+    def _check(self, limits: VideoConfig) -> VideoInfo:
+        if not self._capture.isOpened():
+            raise InputError(400, "undecodable_video", "the body is not a video FFmpeg can open (MP4, MOV, AVI, MKV)")
+        c = self._capture
+        info = VideoInfo(int(c.get(cv2.CAP_PROP_FRAME_COUNT)), float(c.get(cv2.CAP_PROP_FPS) or 0.0),
+                         int(c.get(cv2.CAP_PROP_FRAME_WIDTH)), int(c.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        if info.width <= 0 or info.height <= 0:
+            raise InputError(400, "undecodable_video", "the video has no decodable picture stream")
+        if info.width * info.height > limits.max_frame_pixels:
+            raise InputError(413, "video_too_large",
+                             f"frames of {info.width}x{info.height} exceed the limit of {limits.max_frame_pixels} pixels")
+        if info.duration_s > limits.max_duration_s:
+            raise InputError(413, "video_too_long",
+                             f"the video lasts {info.duration_s:.1f} s; the limit is {limits.max_duration_s:g} s")
+        return info
+
+    def frames(self, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, BGR frame) of every `every`-th frame, from 0."""
+        index = 0
+        while True:
+            ok = self._capture.grab()
+            if not ok:
+                return
+            if index % every == 0:
+                ok, frame = self._capture.retrieve()
+                if not ok or frame is None:
+                    return
+                self.frames_read = index + 1
+                yield index, frame
+            else:
+                self.frames_read = index + 1
+            index += 1
+
+    def close(self) -> None:
+        self._capture.release()
+        try:
+            os.unlink(self._path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> VideoFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Mp4Writer:
+    """Frames in, an MP4 (MPEG-4 part 2, which OpenCV's FFmpeg build encodes) out, through a temporary file."""
+
+    def __init__(self, fps: float, width: int, height: int) -> None:
+        fd, self._path = tempfile.mkstemp(suffix=".mp4")
+        os.close(fd)
+        self._writer = cv2.VideoWriter(self._path, cv2.VideoWriter_fourcc(*"mp4v"), fps if fps > 0 else 25.0,
+                                       (width, height))
+        self.frames = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        self._writer.write(frame)
+        self.frames += 1
+
+    def finish(self) -> bytes:
+        self._writer.release()
+        try:
+            with open(self._path, "rb") as handle:
+                return handle.read()
+        finally:
+            os.unlink(self._path)

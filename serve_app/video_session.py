@@ -1,0 +1,153 @@
+"""One video through the graph: detect every processed frame, track, and classify each track only when its
+cached attributes are due, DeepStream's secondary-classifier behaviour.
+
+A classifier classifies a track when the track first appears (once confirmed by the tracker), again when its
+box area has grown by `reinfer_area_growth` since the last classification, and after `reinfer_interval` frames
+if set. Every frame's object carries the latest attribute of each classifier and the frame it was computed on.
+The classifications that do run go out together through the same parallel fan-out; chained classifiers
+(`operate_on_classifiers`) run after their parents, on the tracks whose cached parent label matches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines import Detections
+from engines.tracking import Tracker, TrackerParams
+from serve_app.graph import ClassifierRoute, InferenceGraph, _topological
+
+
+@dataclass
+class Cached:
+    attribute: dict[str, Any] | None  # None: classified, but below the classifier's threshold
+    frame: int
+    area: float
+
+
+@dataclass
+class TrackCache:
+    """One classifier's latest result per track, and when it is due again."""
+
+    area_growth: float
+    interval: int
+    entries: dict[int, Cached] = field(default_factory=dict)
+
+    def due(self, track_ids: np.ndarray, areas: np.ndarray, frame: int) -> np.ndarray:
+        """A mask over the rows: tracked (id >= 0) and new, grown, or past the interval."""
+        mask = np.zeros(len(track_ids), bool)
+        for row, (track, area) in enumerate(zip(track_ids.tolist(), areas.tolist())):
+            if track < 0:
+                continue
+            entry = self.entries.get(track)
+            mask[row] = (entry is None or area >= entry.area * (1 + self.area_growth)
+                         or (self.interval > 0 and frame - entry.frame >= self.interval))
+        return mask
+
+    def label(self, track: int) -> str | None:
+        entry = self.entries.get(track)
+        return None if entry is None or entry.attribute is None else entry.attribute.get("label")
+
+
+def _levels(routes: list[ClassifierRoute]) -> list[list[ClassifierRoute]]:
+    """Routes grouped so that each group depends only on earlier groups."""
+    levels: list[list[ClassifierRoute]] = []
+    for route in _topological(routes):
+        depth = max((i + 1 for i, level in enumerate(levels) for r in level
+                     if r.name in {p for p, _ in route.parents}), default=0)
+        if depth == len(levels):
+            levels.append([])
+        levels[depth].append(route)
+    return levels
+
+
+class VideoSession:
+    """The per-video state: the tracker, each classifier's cache, and the counts of the summary line."""
+
+    def __init__(self, graph: InferenceGraph, tracker: TrackerParams, routes: list[ClassifierRoute],
+                 reinfer: dict[str, tuple[float, int]]) -> None:
+        self._graph = graph
+        self._tracker = Tracker(tracker)
+        self._levels = _levels(routes)
+        self._caches = {r.name: TrackCache(*reinfer[r.name]) for r in routes}
+        self.classifier_calls: Counter[str] = Counter({r.name: 0 for r in routes})
+        self.frames = 0
+        self.objects_seen = 0
+        self.tracks: set[int] = set()
+        self._started = time.perf_counter()
+        # this frame's counts, for the metrics: new tracks, and per classifier objects classified / served from cache
+        self.last_new_tracks = 0
+        self.last_classified: dict[str, int] = {}
+        self.last_cached: dict[str, int] = {}
+
+    def _eligible(self, route: ClassifierRoute, detections: Detections, track_ids: np.ndarray) -> np.ndarray:
+        rows = detections.select(route.labels, route.min_width, route.min_height)
+        for parent, labels in route.parents:
+            cache = self._caches[parent]
+            rows = np.array([r for r in rows.tolist() if cache.label(int(track_ids[r])) in labels], np.int64)
+        return rows
+
+    async def process(self, index: int, time_ms: float | None, frame: np.ndarray,
+                      detections: Detections) -> dict[str, Any]:
+        """Track and classify one frame; its NDJSON record."""
+        track_ids = self._tracker.update(detections)
+        xyxy = detections.xyxy
+        areas = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) if len(detections) else np.zeros(0)
+        errors: dict[str, Any] = {}
+        self.last_classified, self.last_cached = {}, {}
+        for level in self._levels:  # parents before the classifiers chained on them
+            rows = {}
+            for route in level:
+                eligible = self._eligible(route, detections, track_ids)
+                due = self._caches[route.name].due(track_ids[eligible], areas[eligible], index)
+                rows[route.name] = eligible[due]
+                self.last_classified[route.name] = int(due.sum())
+                self.last_cached[route.name] = int((track_ids[eligible] >= 0).sum() - due.sum())
+            result = await self._graph.classify_rows(frame, detections, rows)
+            for name, (indices, classifications) in result.outputs.items():
+                self.classifier_calls[name] += len(indices)
+                cache = self._caches[name]
+                for j, row in enumerate(indices.tolist()):
+                    cache.entries[int(track_ids[row])] = Cached(classifications.attribute(j), index, float(areas[row]))
+            errors |= {name: error.model_dump() for name, error in result.errors.items()}
+        self.frames += 1
+        self.objects_seen += len(detections)
+        seen = {int(t) for t in track_ids.tolist() if t >= 0}
+        self.last_new_tracks = len(seen - self.tracks)
+        self.tracks |= seen
+        return {"frame": index, "time_ms": time_ms, "objects": self._objects(detections, track_ids),
+                **({"errors": errors} if errors else {})}
+
+    def _objects(self, detections: Detections, track_ids: np.ndarray) -> list[dict[str, Any]]:
+        labels = detections.labels
+        objects = []
+        for row in range(len(detections)):
+            track = int(track_ids[row])
+            attributes = {}
+            if track >= 0:
+                for name, cache in self._caches.items():
+                    entry = cache.entries.get(track)
+                    if entry is not None and entry.attribute is not None:
+                        attributes[name] = {**entry.attribute, "frame": entry.frame}
+            objects.append({
+                "track_id": track if track >= 0 else None,
+                "box": [round(float(v), 1) for v in detections.xyxy[row]],
+                "score": round(float(detections.confidence[row]), 4),
+                "label": labels[row],
+                "attributes": attributes,
+            })
+        return objects
+
+    def summary(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._started
+        return {"summary": {
+            "frames": self.frames,
+            "tracks": len(self.tracks),
+            "classifier_calls": dict(self.classifier_calls),
+            "objects_seen": self.objects_seen,
+            "fps": round(self.frames / wall, 2) if wall > 0 else None,
+        }}

@@ -1,0 +1,56 @@
+"""Test videos built from the committed photos with cv2.VideoWriter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.images import ASTRONAUT, read
+
+FPS = 25.0
+
+
+def _sprite(size: int, mirrored: bool = False) -> np.ndarray:
+    face = read(ASTRONAUT)
+    return cv2.resize(face[:, ::-1] if mirrored else face, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _put(canvas: np.ndarray, sprite: np.ndarray, x: int, y: int) -> None:
+    h, w = sprite.shape[:2]
+    canvas[y : y + h, x : x + w] = sprite
+
+
+def write(path: Path, frames: list[np.ndarray], fourcc: str = "mp4v") -> Path:
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), FPS, (width, height))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def two_faces(path: Path, frames: int = 100, enters_at: int = 40, fourcc: str = "mp4v") -> Path:
+    """A face that moves left to right across `frames` frames, and a second (mirrored) one that appears at
+    `enters_at` and stays to the end (800x300, 25 fps)."""
+    a, b = _sprite(200), _sprite(200, mirrored=True)
+    out = []
+    for i in range(frames):
+        canvas = np.full((300, 800, 3), 90, np.uint8)
+        _put(canvas, a, 10 + 2 * i, 50)
+        if i >= enters_at:
+            _put(canvas, b, 580, 60)
+        out.append(canvas)
+    return write(path, out, fourcc)
+
+
+def growing_face(path: Path, frames: int = 60, start: int = 120, end: int = 280) -> Path:
+    """One face whose sprite grows linearly from `start` to `end` pixels (area x5.4 over the video)."""
+    out = []
+    for i in range(frames):
+        size = int(start + (end - start) * i / (frames - 1))
+        canvas = np.full((300, 300, 3), 90, np.uint8)
+        _put(canvas, _sprite(size), (300 - size) // 2, (300 - size) // 2)
+        out.append(canvas)
+    return write(path, out)
