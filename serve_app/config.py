@@ -283,6 +283,28 @@ class VideoConfig(StrictModel):
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
 
+class StreamsConfig(StrictModel):
+    """POST /v1/streams: which sources may be opened, and how many at once."""
+
+    media_dir: Path | None = Field(None, description="folder whose files may be streamed by name; None: no file sources")
+    url_schemes: list[str] = Field(default_factory=lambda: ["rtsp", "rtsps", "http", "https"],
+                                   description="URL schemes a stream source may use")
+    max_streams: int = Field(4, ge=1, le=256, description="streams running at once; more get 429")
+    listener_buffer: int = Field(256, ge=1, description="records an events listener may lag behind before it "
+                                 "loses its oldest ones")
+
+    @field_validator("media_dir", mode="before")
+    @classmethod
+    def _folder(cls, value: str | Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else Path.cwd() / path
+        if not path.is_dir():
+            raise ValueError(f"media_dir {value} is not a folder")
+        return path.resolve()
+
+
 class IngressConfig(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
     detector_input: Literal["encoded", "frame"] = Field(
@@ -294,6 +316,7 @@ class IngressConfig(StrictModel):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")
     video: VideoConfig = Field(default_factory=VideoConfig)
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
     max_image_pixels: int = Field(40_000_000, ge=1)
     detector_timeout_s: float = Field(10.0, gt=0)
     auth_token_env: str | None = Field(

@@ -44,12 +44,16 @@ from serve_app.schema import (
     ErrorResponse,
     Health,
     ImageInfo,
+    StreamInfo,
+    StreamList,
+    StreamRequest,
     InferResponse,
     Mode,
     PipelineDescription,
     Trace,
 )
 from serve_app.telemetry import IngressMetrics
+from serve_app.streams import LiveStream, StreamRegistry
 from serve_app.video import Mp4Writer, VideoFile, video_bytes
 from serve_app.video_session import VideoSession
 
@@ -250,6 +254,10 @@ class Ingress:
         self._send_encoded = config.ingress.detector_input == "encoded" and detector is not None
         self._auth = BearerAuth(config.ingress.auth_token_env)
         self._metrics = IngressMetrics()
+        self._streams = StreamRegistry(config.ingress.streams, self._new_session, self._on_stream_frame)
+        if config.ingress.deployment.num_replicas > 1:
+            logger.info("live streams are held by the ingress replica that started them; with %d replicas, "
+                        "/v1/streams requests may reach another one", config.ingress.deployment.num_replicas)
         freeze_startup_heap()
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             logger.info("HTTP goes through Serve's Python proxy; starting Ray with RAY_SERVE_ENABLE_HA_PROXY=1 "
@@ -338,7 +346,8 @@ class Ingress:
     async def _infer_json(self, request: Request, mode: Mode | None, trace: bool, classifiers: str | None) -> Response:
         answer = self._answer(await self._infer(request, mode, classifiers), trace)
         # Serialised here, once: returning the model would make FastAPI validate and encode it again.
-        return Response(answer.model_dump_json(exclude_none=not trace), media_type="application/json")
+        photo = {"objects": {"__all__": {"track_id"}}}  # track ids are for video
+        return Response(answer.model_dump_json(exclude_none=not trace, exclude=photo), media_type="application/json")
 
     async def _one_of_batch(self, data: bytes, mode: Mode | None, only: list[str] | None) -> InferResponse | ErrorResponse:
         try:
@@ -382,11 +391,15 @@ class Ingress:
         """Same input as /v1/infer; returns the image as JPEG with boxes and attributes drawn."""
         return await self._counted("/v1/annotate", self._annotate_jpeg(request, mode, classifiers))
 
-    def _session(self, video: VideoFile) -> VideoSession:
+    def _new_session(self, fps: float) -> VideoSession:
         t = self._limits.video.tracker
-        params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold, video.info.fps or 30.0)
+        params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold, fps or 30.0)
         reinfer = {c.name: (c.reinfer_area_growth, c.reinfer_interval) for c in self._config.classifiers}
         return VideoSession(self._graph, params, self._graph.routes, reinfer)
+
+    def _on_stream_frame(self, stream: LiveStream) -> None:
+        info = stream.describe()
+        self._metrics.record_stream(stream.id, info["fps"], info["dropped_frames"], info["tracks"])
 
     async def _open_video(self, request: Request) -> VideoFile:
         self._auth.check(request.headers.get("authorization"))
@@ -397,7 +410,7 @@ class Ingress:
         """Each processed frame's record (and the frame), in order; detection runs `lookahead` frames ahead, so
         that frames meet in the detector's batches while the tracker and the classifiers work on an earlier one.
         Ends with the summary record, or an error record when the video breaks off or the detector fails."""
-        session = self._session(video)
+        session = self._new_session(video.info.fps)
         fps = video.info.fps
         frames = video.frames(every)
         pending: deque[tuple[int, np.ndarray, asyncio.Future[GraphResult]]] = deque()
@@ -462,6 +475,48 @@ class Ingress:
         """The same processing; returns the processed frames as MP4 with tracks and attributes drawn."""
         return await self._counted("/v1/video/annotate", self._video_mp4(request, every))
 
+    @api.post("/v1/streams", status_code=201, response_model=StreamInfo,
+              responses={code: {"model": ErrorResponse} for code in (401, 422, 429)})
+    async def start_stream(self, request: Request, body: StreamRequest) -> StreamInfo:
+        """Start a live stream from an rtsp/http(s) URL or a file in the media directory (played at its frame
+        rate). Its records: GET /v1/streams/{id}/events."""
+        self._auth.check(request.headers.get("authorization"))
+        stream = await self._streams.start(body.source)
+        return StreamInfo(**stream.describe())
+
+    @api.get("/v1/streams", response_model=StreamList, responses={401: {"model": ErrorResponse}})
+    async def list_streams(self, request: Request) -> StreamList:
+        """The streams of this ingress replica, with their state, fps, dropped frames and tracks."""
+        self._auth.check(request.headers.get("authorization"))
+        return StreamList(streams=[StreamInfo(**s) for s in self._streams.list()])
+
+    @api.get("/v1/streams/{stream_id}", response_model=StreamInfo,
+             responses={code: {"model": ErrorResponse} for code in (401, 404)})
+    async def get_stream(self, request: Request, stream_id: str) -> StreamInfo:
+        self._auth.check(request.headers.get("authorization"))
+        return StreamInfo(**self._streams.get(stream_id).describe())
+
+    @api.get("/v1/streams/{stream_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-ndjson": {}}}, **{c: {"model": ErrorResponse} for c in (401, 404)}})
+    async def stream_events(self, request: Request, stream_id: str) -> StreamingResponse:
+        """The stream's per-frame records as they happen (the same lines as /v1/video), until it ends; a reader
+        that falls behind loses its oldest lines, never the stream."""
+        self._auth.check(request.headers.get("authorization"))
+        self._streams.get(stream_id)  # 404 before the response starts
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for record in self._streams.events(stream_id):
+                yield (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @api.delete("/v1/streams/{stream_id}", response_model=StreamInfo,
+                responses={code: {"model": ErrorResponse} for code in (401, 404)})
+    async def stop_stream(self, request: Request, stream_id: str) -> StreamInfo:
+        """Stop a stream; its listeners get the summary and their responses end."""
+        self._auth.check(request.headers.get("authorization"))
+        return StreamInfo(**await self._streams.stop(stream_id))
+
     async def _describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Every deployment's description; raises NotReady naming each one that did not answer in time."""
         async def ask(describe: Callable[[], Awaitable[Any]]) -> Any:
@@ -510,6 +565,10 @@ class Ingress:
         except NotReady as exc:
             return _error(503, "not_ready", str(exc))
         return JSONResponse({"status": "ok", "layout": self._config.layout, "deployments": self._deployments})
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: end the live streams (their listeners get the summary)."""
+        await self._streams.close()
 
     async def check_health(self) -> None:
         """Serve calls this periodically: in layout `ingress` the engines held here must answer."""

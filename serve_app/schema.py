@@ -107,22 +107,19 @@ class Health(BaseModel):
 
 
 _BINARY = {"type": "string", "format": "binary"}
-IMAGE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "The image: its bytes as the body (any image/* type, or application/octet-stream), "
-        "or multipart/form-data with the file in the field `image`.",
-        "content": {
-            "image/jpeg": {"schema": _BINARY},
-            "image/png": {"schema": _BINARY},
-            "image/*": {"schema": _BINARY},
-            "application/octet-stream": {"schema": _BINARY},
-            "multipart/form-data": {
-                "schema": {"type": "object", "required": ["image"], "properties": {"image": _BINARY}}
-            },
-        },
-    }
-}
+
+
+def _file_body(description: str, media_types: tuple[str, ...], form_field: str) -> dict[str, Any]:
+    """An OpenAPI request body: the file's bytes under any of `media_types`, or multipart with `form_field`."""
+    form = {"type": "object", "required": [form_field], "properties": {form_field: _BINARY}}
+    return {"requestBody": {"required": True, "description": description, "content": {
+        **{media: {"schema": _BINARY} for media in media_types}, "multipart/form-data": {"schema": form}}}}
+
+
+IMAGE_BODY = _file_body(
+    "The image: its bytes as the body (any image/* type, or application/octet-stream), or multipart/form-data "
+    "with the file in the field `image`.",
+    ("image/jpeg", "image/png", "image/*", "application/octet-stream"), "image")
 
 BATCH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -138,16 +135,28 @@ BATCH_BODY: dict[str, Any] = {
     }
 }
 
-_VIDEO = {"type": "string", "format": "binary"}
-VIDEO_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "The video file as the body (video/mp4, video/quicktime, video/x-msvideo, video/x-matroska or "
-        "application/octet-stream), or multipart/form-data with the file in the field `video`.",
-        "content": {
-            **{t: {"schema": _VIDEO} for t in ("video/mp4", "video/quicktime", "video/x-msvideo", "video/x-matroska",
-                                                "application/octet-stream")},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {"video": _VIDEO}}},
-        },
-    }
-}
+VIDEO_BODY = _file_body(
+    "The video file as the body (video/mp4, video/quicktime, video/x-msvideo, video/x-matroska or "
+    "application/octet-stream), or multipart/form-data with the file in the field `video`.",
+    ("video/mp4", "video/quicktime", "video/x-msvideo", "video/x-matroska", "application/octet-stream"), "video")
+
+
+class StreamRequest(BaseModel):
+    source: str = Field(description="an rtsp:// or http(s):// URL, or the name of a file in ingress.streams.media_dir",
+                        min_length=1, max_length=2048)
+
+
+class StreamInfo(BaseModel):
+    id: str
+    source: str
+    state: Literal["running", "ended", "stopped", "failed"]
+    fps: float = Field(description="frames processed per second")
+    frames_read: int
+    frames_processed: int
+    dropped_frames: int = Field(description="frames the source delivered while the pipeline was busy: skipped")
+    tracks: int
+    error: str | None = None
+
+
+class StreamList(BaseModel):
+    streams: list[StreamInfo]

@@ -12,6 +12,8 @@ replica and application tags. Metric names (Prometheus adds Ray's `ray_` prefix)
   same breakdown that `?trace=true` returns with one answer
 - pipeline_video_frames_total: video frames processed (a rate of it is the service's video fps)
 - pipeline_video_tracks_total: tracks that appeared in processed videos
+- pipeline_stream_fps{stream}, pipeline_stream_dropped_frames{stream}, pipeline_stream_tracks{stream}: each live
+  stream's processed frames per second, frames its source delivered that the pipeline skipped, and tracks
 - pipeline_video_cache_total{classifier, outcome}: tracked objects per frame whose attribute was served from the
   per-track cache (hit) or classified (miss); hit / (hit + miss) is the cache hit rate
 (The model stages' own metrics, pipeline_compute_ms{stage} and pipeline_batch_size{stage}, are in
@@ -20,7 +22,7 @@ deployments/metrics.py.)
 
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.metrics import COUNTS, LATENCY_MS
 
@@ -59,6 +61,19 @@ class IngressMetrics:
             description="Tracked objects per frame: attribute from the per-track cache (hit) or classified (miss)",
             tag_keys=("classifier", "outcome"),
         )
+
+        self.stream_fps = Gauge("pipeline_stream_fps", description="Frames a live stream processes per second",
+                                tag_keys=("stream",))
+        self.stream_dropped = Gauge("pipeline_stream_dropped_frames", tag_keys=("stream",),
+                                    description="Frames a live stream's source delivered that the pipeline skipped")
+        self.stream_tracks = Gauge("pipeline_stream_tracks", description="Tracks seen in a live stream",
+                                   tag_keys=("stream",))
+
+    def record_stream(self, stream_id: str, fps: float, dropped: int, tracks: int) -> None:
+        tags = {"stream": stream_id}
+        self.stream_fps.set(fps, tags=tags)
+        self.stream_dropped.set(dropped, tags=tags)
+        self.stream_tracks.set(tracks, tags=tags)
 
     def record_video_frame(self, new_tracks: int, classified: dict[str, int], cached: dict[str, int]) -> None:
         self.video_frames.inc()

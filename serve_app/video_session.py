@@ -19,7 +19,7 @@ import numpy as np
 
 from engines import Detections
 from engines.tracking import Tracker, TrackerParams
-from serve_app.graph import ClassifierRoute, InferenceGraph, _topological
+from serve_app.graph import ClassifierRoute, DetectorUnavailable, InferenceGraph, _topological
 
 
 @dataclass
@@ -83,6 +83,18 @@ class VideoSession:
         self.last_new_tracks = 0
         self.last_classified: dict[str, int] = {}
         self.last_cached: dict[str, int] = {}
+
+    @property
+    def track_count(self) -> int:
+        return len(self.tracks)
+
+    async def process_frame(self, index: int, time_ms: float | None, frame: np.ndarray) -> dict[str, Any]:
+        """Detect, then `process` (live streams: one frame at a time, the newest)."""
+        try:
+            detected = await self._graph.detect(frame)
+        except DetectorUnavailable as exc:
+            return {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}
+        return await self.process(index, time_ms, frame, detected.detections)
 
     def _eligible(self, route: ClassifierRoute, detections: Detections, track_ids: np.ndarray) -> np.ndarray:
         rows = detections.select(route.labels, route.min_width, route.min_height)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,30 @@ def demo_args() -> dict[str, Any]:
     """The `args` of the shipped serve_config.yaml: the tests run exactly what users run."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     return config["applications"][0]["args"]
+
+
+SMALL = {"num_cpus": 0.1, "num_gpus": 0}
+
+
+def small(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` with every deployment on a small CPU share, so that several test apps fit side by side."""
+    for section in (args["ingress"], args["detector"], *args["classifiers"]):
+        section["deployment"] = dict(SMALL)
+    return args
+
+
+@contextmanager
+def deployed(serve_url: str, name: str, args: dict[str, Any]) -> Iterator[str]:
+    """The application built from `args`, running at /<name> for the duration of the block."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{serve_url}/{name}"
+    finally:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")

@@ -17,20 +17,16 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.config import PipelineConfig
-from tests.conftest import ROOT, demo_args
+from tests.conftest import ROOT, SMALL, deployed, small
 from tests.images import ASTRONAUT, collage, encode
 from tests.onnx_models import fails_on_bright_classifier, slow_classifier
 
-SMALL = {"num_cpus": 0.1, "num_gpus": 0}
 JPEG = {"Content-Type": "image/jpeg"}
 
 
 def chain_args() -> dict[str, Any]:
     """examples/chain.yaml's args, with small CPU shares so that it fits beside the other test apps."""
-    args = yaml.safe_load((ROOT / "examples/chain.yaml").read_text())["applications"][0]["args"]
-    for section in (args["ingress"], args["detector"], *args["classifiers"]):
-        section["deployment"] = SMALL
-    return args
+    return small(yaml.safe_load((ROOT / "examples/chain.yaml").read_text())["applications"][0]["args"])
 
 
 def _with(edit: Any) -> dict[str, Any]:
@@ -68,13 +64,8 @@ def test_the_example_chain_validates_and_lists_its_edge() -> None:
 
 @pytest.fixture(scope="module")
 def chain_app(serve_url: str) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    serve.run(build_app(chain_args()), name="chain", route_prefix="/chain")
-    yield f"{serve_url}/chain"
-    serve.delete("chain")
+    with deployed(serve_url, "chain", chain_args()) as url:
+        yield url
 
 
 @pytest.fixture()
@@ -173,10 +164,6 @@ def test_the_cli_sends_a_folder_and_writes_json_lines_and_csv(chain_app: str, tm
 def faulty_chain_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """gender -> emotion, next to `slow` (about 1 s a call, unrelated) and `broken` (fails on every real
     photo) -> `orphan`."""
-    from ray import serve
-
-    from serve_app.app import build_app
-
     models = tmp_path_factory.mktemp("chains")
     args = chain_args()
     gender = _classifier(args, "gender")
@@ -189,9 +176,8 @@ def faulty_chain_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -
         {**extra, "name": "broken", "model": str(fails_on_bright_classifier(models / "broken.onnx"))},
         {**extra, "name": "orphan", "operate_on_classifiers": {"broken": ["a"]}},
     ]
-    serve.run(build_app(args), name="chains", route_prefix="/chains")
-    yield f"{serve_url}/chains"
-    serve.delete("chains")
+    with deployed(serve_url, "chains", args) as url:
+        yield url
 
 
 def test_a_dependent_starts_when_its_parent_answers_not_when_every_classifier_has(faulty_chain_app: str) -> None:

@@ -13,29 +13,21 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import demo_args
+from tests.conftest import demo_args, deployed, small
 from tests.images import ASTRONAUT
 from tests.videos import growing_face, two_faces, write
 
-SMALL = {"num_cpus": 0.1, "num_gpus": 0}
 MP4 = {"Content-Type": "video/mp4"}
 
 
 @pytest.fixture(scope="module")
 def video_app(serve_url: str) -> Iterator[str]:
     """The face demo; gender re-classifies every 10 frames; videos up to 10 s and 4 MiB."""
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    args = demo_args()
-    for section in (args["ingress"], args["detector"], *args["classifiers"]):
-        section["deployment"] = SMALL
+    args = small(demo_args())
     next(c for c in args["classifiers"] if c["name"] == "gender")["reinfer_interval"] = 10
     args["ingress"]["video"] = {"max_duration_s": 10, "max_bytes": 4 * 1024 * 1024}
-    serve.run(build_app(args), name="video", route_prefix="/video")
-    yield f"{serve_url}/video"
-    serve.delete("video")
+    with deployed(serve_url, "video", args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
