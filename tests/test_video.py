@@ -22,10 +22,10 @@ MP4 = {"Content-Type": "video/mp4"}
 
 @pytest.fixture(scope="module")
 def video_app(serve_url: str) -> Iterator[str]:
-    """The face demo; gender re-classifies every 10 frames; videos up to 10 s and 4 MiB."""
+    """The face demo; gender re-classifies every 10 frames; videos up to 10 s, 4 MiB and 800x300 frames."""
     args = small(demo_args())
     next(c for c in args["classifiers"] if c["name"] == "gender")["reinfer_interval"] = 10
-    args["ingress"]["video"] = {"max_duration_s": 10, "max_bytes": 4 * 1024 * 1024}
+    args["ingress"]["video"] = {"max_duration_s": 10, "max_bytes": 4 * 1024 * 1024, "max_frame_pixels": 800 * 300}
     with deployed(serve_url, "video", args) as url:
         yield url
 
@@ -135,6 +135,9 @@ def test_bad_videos_get_clear_errors(video_app: str, videos: Path) -> None:
     long = post(write(videos / "long.mp4", noise).read_bytes())
     assert long.status_code == 413 and long.json()["error"] == {
         "code": "video_too_long", "message": "the video lasts 12.0 s; the limit is 10 s"}
+    wide = post(write(videos / "wide.mp4", [np.zeros((300, 808, 3), np.uint8)] * 5).read_bytes())
+    assert wide.status_code == 413 and wide.json()["error"] == {
+        "code": "video_too_large", "message": "frames of 808x300 exceed the limit of 240000 pixels"}
     big = post(b"\0" * (5 * 1024 * 1024))
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
 
