@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--lookahead", type=int, default=None, help="ingress.video.lookahead (default: the config's)")
     parser.add_argument("--videos", type=int, nargs="*", default=[1, 4], help="videos at once, for aggregate fps")
+    parser.add_argument("--detector-replicas", type=int, default=None, help="detector.deployment.num_replicas")
+    parser.add_argument("--ingress-replicas", type=int, default=None, help="ingress.deployment.num_replicas")
+    parser.add_argument("--gpu-fraction", type=float, default=None, help="num_gpus of every model replica")
     parser.add_argument("--out", default="bench/out/video.json")
     opts = parser.parse_args(argv)
 
@@ -126,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         args["ingress"].setdefault("video", {})["lookahead"] = opts.lookahead
     for c in args["classifiers"]:
         c["timeout_s"] = 30.0  # several videos at once queue at the classifiers
+    if opts.gpu_fraction is not None:
+        for stage in (args["detector"], *args["classifiers"]):
+            stage["deployment"]["num_gpus"] = opts.gpu_fraction
+    if opts.detector_replicas:
+        args["detector"]["deployment"]["num_replicas"] = opts.detector_replicas
+    if opts.ingress_replicas:
+        args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
     video = two_faces(Path(tempfile.mkdtemp()) / "two.mp4", frames=opts.frames, enters_at=opts.frames // 2)
     frames = read_frames(video)
     bodies = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in frames]
