@@ -35,6 +35,16 @@ async def _until(event: threading.Event) -> None:
     await asyncio.get_running_loop().run_in_executor(None, event.wait, 10)
 
 
+async def _busy(first: str, **batcher_options: object) -> tuple[Recorder, GreedyBatcher, asyncio.Future]:
+    """A batcher whose engine is held in the middle of computing `first`, so that new calls queue."""
+    recorder = Recorder()
+    recorder.hold = True
+    batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), **batcher_options)
+    running = asyncio.ensure_future(batcher.submit(first))
+    await _until(recorder.started)
+    return recorder, batcher, running
+
+
 def test_a_call_on_an_idle_engine_runs_at_once_without_waiting_for_company() -> None:
     async def scenario() -> None:
         recorder = Recorder()
@@ -52,11 +62,7 @@ def test_a_call_on_an_idle_engine_runs_at_once_without_waiting_for_company() -> 
 
 def test_calls_that_arrive_while_a_batch_computes_go_together_in_the_next() -> None:
     async def scenario() -> None:
-        recorder = Recorder()
-        recorder.hold = True
-        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=8)
-        first = asyncio.ensure_future(batcher.submit("a"))
-        await _until(recorder.started)  # "a" is computing
+        recorder, batcher, first = await _busy("a", max_batch_size=8)  # "a" is computing
         rest = [asyncio.ensure_future(batcher.submit(x)) for x in ("b", "c", "d")]
         await asyncio.sleep(0)
         recorder.release.set()
@@ -71,11 +77,7 @@ def test_calls_that_arrive_while_a_batch_computes_go_together_in_the_next() -> N
 
 def test_batches_are_sized_in_items_and_never_exceed_the_limit() -> None:
     async def scenario() -> None:
-        recorder = Recorder()
-        recorder.hold = True
-        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=5, size_of=len)
-        first = asyncio.ensure_future(batcher.submit("x"))
-        await _until(recorder.started)
+        recorder, batcher, first = await _busy("x", max_batch_size=5, size_of=len)
         rest = [asyncio.ensure_future(batcher.submit(x)) for x in ("aa", "bbb", "cc", "dddddd")]
         await asyncio.sleep(0)
         recorder.release.set()
@@ -89,11 +91,7 @@ def test_batches_are_sized_in_items_and_never_exceed_the_limit() -> None:
 
 def test_a_failing_batch_fails_its_callers_only_and_the_batcher_goes_on() -> None:
     async def scenario() -> None:
-        recorder = Recorder()
-        recorder.hold = True
-        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=2)
-        first = asyncio.ensure_future(batcher.submit("a"))
-        await _until(recorder.started)
+        recorder, batcher, first = await _busy("a", max_batch_size=2)
         doomed = [asyncio.ensure_future(batcher.submit(x)) for x in ("bad", "b")]
         fine = asyncio.ensure_future(batcher.submit("c"))
         await asyncio.sleep(0)
@@ -110,11 +108,7 @@ def test_a_failing_batch_fails_its_callers_only_and_the_batcher_goes_on() -> Non
 
 def test_a_caller_that_gave_up_is_dropped_from_the_next_batch() -> None:
     async def scenario() -> None:
-        recorder = Recorder()
-        recorder.hold = True
-        batcher = GreedyBatcher(recorder, ComputeExecutor("thread", False, "t"), max_batch_size=8)
-        first = asyncio.ensure_future(batcher.submit("a"))
-        await _until(recorder.started)
+        recorder, batcher, first = await _busy("a", max_batch_size=8)
         gone = asyncio.ensure_future(batcher.submit("gone"))
         kept = asyncio.ensure_future(batcher.submit("kept"))
         await asyncio.sleep(0)
