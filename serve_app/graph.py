@@ -48,6 +48,15 @@ class ClassifierRoute:
     timeout_s: float
     parents: tuple[tuple[str, frozenset[str]], ...] = ()  # classifier -> the labels of it this one runs on
 
+    def select(self, detections: Detections, parent_label: Callable[[str, int], str | None]) -> np.ndarray:
+        """The objects this classifier runs on: its detector filters, then, for each classifier it is chained on,
+        the objects that one labelled with one of the required labels (`parent_label(parent, object index)`:
+        from this request's answers, or from a video's per-track cache)."""
+        indices = detections.select(self.labels, self.min_width, self.min_height)
+        for parent, labels in self.parents:
+            indices = np.array([i for i in indices.tolist() if parent_label(parent, i) in labels], np.int64)
+        return indices
+
     @classmethod
     def from_config(cls, config: ClassifierConfig, client: ClassifierClient | None) -> ClassifierRoute:
         return cls(
@@ -219,19 +228,15 @@ class InferenceGraph:
         return await self._classify_all(frame, out, mode, only)
 
     def _selected(self, route: ClassifierRoute, out: GraphResult) -> np.ndarray | StageError:
-        """The objects `route` runs on: its detector filters, then each parent's labels. A parent that did not
-        answer skips it, with the reason."""
-        indices = out.detections.select(route.labels, route.min_width, route.min_height)
-        for parent, labels in route.parents:
+        """The objects `route` runs on (`ClassifierRoute.select` over this request's answers). A parent that did
+        not answer skips it, with the reason."""
+        for parent, _ in route.parents:
             if parent in out.errors:
                 why = "was skipped" if out.errors[parent].code == "skipped" else (
                     "timed out" if out.errors[parent].code == "timeout" else "failed")
                 return StageError(code="skipped", message=f"not run: its parent {parent} {why}")
-            rows, result = out.outputs.get(parent, (np.zeros(0, np.int64), None))
-            chosen = [obj for row, obj in enumerate(rows.tolist())
-                      if (a := result.attribute(row)) is not None and a.get("label") in labels] if result else []
-            indices = indices[np.isin(indices, chosen)]
-        return indices
+        labels = {parent: _labels_by_object(out, parent) for parent, _ in route.parents}
+        return route.select(out.detections, lambda parent, obj: labels[parent].get(obj))
 
     async def _run_route(self, route: ClassifierRoute, frame: np.ndarray, out: GraphResult,
                          parents_done: Mapping[str, asyncio.Future[None]]) -> None:
@@ -278,6 +283,14 @@ class InferenceGraph:
         out.errors = {n: out.errors[n] for n in order if n in out.errors}
         out.timings_ms = {k: out.timings_ms[k] for k in ("detector", *order) if k in out.timings_ms}
         return out
+
+
+def _labels_by_object(out: GraphResult, name: str) -> dict[int, str | None]:
+    """Object index -> the label classifier `name` gave it in this request (None below its threshold)."""
+    if name not in out.outputs:
+        return {}
+    rows, result = out.outputs[name]
+    return {obj: (result.attribute(row) or {}).get("label") for row, obj in enumerate(rows.tolist())}
 
 
 def _topological(routes: list[ClassifierRoute]) -> list[ClassifierRoute]:

@@ -97,11 +97,8 @@ class VideoSession:
         return await self.process(index, time_ms, frame, detected.detections)
 
     def _eligible(self, route: ClassifierRoute, detections: Detections, track_ids: np.ndarray) -> np.ndarray:
-        rows = detections.select(route.labels, route.min_width, route.min_height)
-        for parent, labels in route.parents:
-            cache = self._caches[parent]
-            rows = np.array([r for r in rows.tolist() if cache.label(int(track_ids[r])) in labels], np.int64)
-        return rows
+        """`route.select`, with each parent's label taken from its per-track cache."""
+        return route.select(detections, lambda parent, row: self._caches[parent].label(int(track_ids[row])))
 
     async def process(self, index: int, time_ms: float | None, frame: np.ndarray,
                       detections: Detections) -> dict[str, Any]:
