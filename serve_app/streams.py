@@ -3,7 +3,7 @@ frame tracked and classified, the per-frame records published to whoever listens
 
 Nothing queues without bound: the reader keeps only the newest frame, so a source faster than the pipeline
 loses frames (counted as `dropped`), and each listener has a bounded queue that loses its oldest records
-when the listener reads too slowly (counted per listener), never the stream. A file is played at its own
+when the listener reads too slowly, never the stream. A file is played at its own
 frame rate, as a camera would deliver it. Streams live in the ingress replica that started them.
 """
 
@@ -112,9 +112,7 @@ class LiveStream:
     processed: int = 0
     fps: float = 0.0
     tracks: int = 0
-    started_at: float = field(default_factory=time.time)
     listeners: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
-    listener_drops: int = 0
     task: asyncio.Task[None] | None = None
     reader: _Reader | None = None
 
@@ -129,7 +127,6 @@ class LiveStream:
         for queue in self.listeners:
             if queue.qsize() >= capacity:  # a slow listener loses its oldest record, not the stream
                 queue.get_nowait()
-                self.listener_drops += 1
             queue.put_nowait(record)
 
 

@@ -123,11 +123,9 @@ class Mp4Writer:
         os.close(fd)
         self._writer = cv2.VideoWriter(self._path, cv2.VideoWriter_fourcc(*"mp4v"), fps if fps > 0 else 25.0,
                                        (width, height))
-        self.frames = 0
 
     def write(self, frame: np.ndarray) -> None:
         self._writer.write(frame)
-        self.frames += 1
 
     def finish(self) -> bytes:
         self._writer.release()
