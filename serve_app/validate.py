@@ -62,7 +62,8 @@ def field_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
-def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None = None) -> list[str]:
+def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes): a problem fails the check; a note (a busy HTTP port) only informs."""
     from deployments.models import check_models
     from serve_app.app import bind_pipeline
 
@@ -71,7 +72,7 @@ def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None =
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     document, unreadable = _load(path)
     if unreadable:
-        return [unreadable]
+        return [unreadable], []
     node = {"CPU": float(os.cpu_count() or 1), "GPU": gpus, **(resources or {})}
     problems = []
     for app in document.get("applications", []):
@@ -86,7 +87,8 @@ def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None =
             bind_pipeline(config, [node])
         except PlacementError as exc:
             problems.append(f"{prefix}: {exc}")
-    return problems
+    note = port_in_use(document)
+    return problems, [note] if note else []
 
 
 def _resource(text: str) -> tuple[str, float]:
@@ -108,13 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", type=_resource, action="append", default=[], metavar="NAME=N",
                         help="a custom Ray resource the cluster offers, e.g. classifier_node=4 (repeatable)")
     args = parser.parse_args(argv)
-    problems = validate(args.config, args.gpus, dict(args.resources))
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    document, unreadable = _load(args.config)
-    note = None if unreadable else port_in_use(document)
-    if note:
-        print(note, file=sys.stderr)
+    problems, notes = validate(args.config, args.gpus, dict(args.resources))
+    for line in (*problems, *notes):
+        print(line, file=sys.stderr)
     if not problems:
         print(f"{args.config}: OK")
     return 1 if problems else 0
