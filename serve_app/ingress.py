@@ -454,13 +454,15 @@ class Ingress:
     async def _video_mp4(self, request: Request, every: int) -> Response:
         video = await self._open_video(request)
         writer = Mp4Writer(video.info.fps / every if video.info.fps else 25.0, video.info.width, video.info.height)
-        async for record, frame in self._video_records(video, every):
-            if "error" in record:
-                writer.finish()
-                raise InputError(422, record["error"]["code"], record["error"]["message"])
-            if "objects" in record:
-                writer.write(draw(frame, [DetectedObject(**o) for o in record["objects"]]))
-        return Response(writer.finish(), media_type="video/mp4")
+        try:
+            async for record, frame in self._video_records(video, every):
+                if "error" in record:
+                    raise InputError(422, record["error"]["code"], record["error"]["message"])
+                if "objects" in record:
+                    writer.write(draw(frame, [DetectedObject(**o) for o in record["objects"]]))
+            return Response(writer.finish(), media_type="video/mp4")
+        finally:
+            writer.discard()  # the temporary file, whatever happened
 
     @api.post("/v1/video", response_class=StreamingResponse, openapi_extra=VIDEO_BODY,
               responses={200: {"content": {"application/x-ndjson": {}}}, **ERRORS})

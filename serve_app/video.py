@@ -128,9 +128,18 @@ class Mp4Writer:
         self._writer.write(frame)
 
     def finish(self) -> bytes:
+        """The MP4's bytes; the temporary file is gone afterwards."""
         self._writer.release()
         try:
             with open(self._path, "rb") as handle:
                 return handle.read()
         finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop the video (safe to call after `finish`, and more than once)."""
+        self._writer.release()
+        try:
             os.unlink(self._path)
+        except FileNotFoundError:
+            pass
