@@ -133,7 +133,6 @@ class NotReady(Exception):
 
         names = ", ".join(f"{name} ({why(exc)})" for name, exc in failed.items())
         super().__init__(f"not ready: {names}")
-        self.names = list(failed)
 
 
 @dataclass(frozen=True)
@@ -395,7 +394,7 @@ class Ingress:
         t = self._limits.video.tracker
         params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold, fps or 30.0)
         reinfer = {c.name: (c.reinfer_area_growth, c.reinfer_interval) for c in self._config.classifiers}
-        return VideoSession(self._graph, params, self._graph.routes, reinfer)
+        return VideoSession(self._graph, params, self._graph.routes, reinfer, fps)
 
     def _on_stream_frame(self, stream: LiveStream) -> None:
         info = stream.describe()
@@ -406,12 +405,13 @@ class Ingress:
         data = await video_bytes(request, self._limits.video.max_bytes)
         return VideoFile(data, self._limits.video)
 
-    async def _video_records(self, video: VideoFile, every: int) -> AsyncIterator[tuple[dict[str, Any], np.ndarray]]:
-        """Each processed frame's record (and the frame), in order; detection runs `lookahead` frames ahead, so
+    async def _video_records(self, video: VideoFile,
+                             every: int) -> AsyncIterator[tuple[dict[str, Any], np.ndarray | None]]:
+        """Each processed frame's record and the frame, in order; detection runs `lookahead` frames ahead, so
         that frames meet in the detector's batches while the tracker and the classifiers work on an earlier one.
-        Ends with the summary record, or an error record when the video breaks off or the detector fails."""
+        Ends with the summary record, or an error record when the video breaks off or the detector fails (those
+        come with no frame)."""
         session = self._new_session(video.info.fps)
-        fps = video.info.fps
         frames = video.frames(every)
         pending: deque[tuple[int, np.ndarray, asyncio.Future[GraphResult]]] = deque()
         try:
@@ -425,18 +425,17 @@ class Ingress:
                 try:
                     detected = await detecting
                 except DetectorUnavailable as exc:
-                    yield {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}, frame
+                    yield {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}, None
                     return
-                time_ms = round(index * 1000.0 / fps, 1) if fps > 0 else None
-                record = await session.process(index, time_ms, frame, detected.detections)
+                record = await session.process(index, frame, detected.detections)
                 self._metrics.record_video_frame(session.last_new_tracks, session.last_classified, session.last_cached)
                 yield record, frame
             declared = video.info.frames
             if declared and video.frames_read < declared - 1:  # containers may round their frame count by one
                 yield {"error": {"code": "truncated_video", "frame": video.frames_read,
                                  "message": f"the video breaks off after frame {video.frames_read} of the "
-                                            f"{declared} it declares"}}, frame
-            yield session.summary(), frame
+                                            f"{declared} it declares"}}, None
+            yield session.summary(), None
         finally:
             for *_, detecting in pending:
                 detecting.cancel()
@@ -458,7 +457,7 @@ class Ingress:
             async for record, frame in self._video_records(video, every):
                 if "error" in record:
                     raise InputError(422, record["error"]["code"], record["error"]["message"])
-                if "objects" in record:
+                if frame is not None:
                     writer.write(draw(frame, [DetectedObject(**o) for o in record["objects"]]))
             return Response(writer.finish(), media_type="video/mp4")
         finally:

@@ -136,7 +136,7 @@ class StreamRegistry:
     def __init__(self, config: StreamsConfig, new_session: Callable[[float], Any],
                  on_frame: Callable[[LiveStream], None] = lambda stream: None) -> None:
         self._config = config
-        self._new_session = new_session  # fps -> an object with `async process_frame(index, time_ms, frame)`
+        self._new_session = new_session  # fps (0: unknown) -> an object with `async process_frame(index, frame)`
         self._on_frame = on_frame  # after each processed frame (the metrics)
         self._streams: dict[str, LiveStream] = {}
 
@@ -161,7 +161,7 @@ class StreamRegistry:
 
     async def _run(self, stream: LiveStream, fps: float) -> None:
         assert stream.reader is not None
-        session = self._new_session(fps or 30.0)
+        session = self._new_session(fps)
         started = time.perf_counter()
         try:
             while stream.state == "running":
@@ -172,8 +172,7 @@ class StreamRegistry:
                         break
                     await asyncio.sleep(0.005)
                     continue
-                time_ms = round(frame.index * 1000.0 / fps, 1) if fps > 0 else None
-                record = await session.process_frame(frame.index, time_ms, frame.image)
+                record = await session.process_frame(frame.index, frame.image)
                 stream.processed += 1
                 stream.tracks = session.track_count
                 stream.fps = stream.processed / max(time.perf_counter() - started, 1e-9)

@@ -69,8 +69,9 @@ class VideoSession:
     """The per-video state: the tracker, each classifier's cache, and the counts of the summary line."""
 
     def __init__(self, graph: InferenceGraph, tracker: TrackerParams, routes: list[ClassifierRoute],
-                 reinfer: dict[str, tuple[float, int]]) -> None:
+                 reinfer: dict[str, tuple[float, int]], fps: float) -> None:
         self._graph = graph
+        self._fps = fps  # the video's frame rate (0: unknown), for each frame's time_ms
         self._tracker = Tracker(tracker)
         self._levels = _levels(routes)
         self._caches = {r.name: TrackCache(*reinfer[r.name]) for r in routes}
@@ -88,20 +89,19 @@ class VideoSession:
     def track_count(self) -> int:
         return len(self.tracks)
 
-    async def process_frame(self, index: int, time_ms: float | None, frame: np.ndarray) -> dict[str, Any]:
+    async def process_frame(self, index: int, frame: np.ndarray) -> dict[str, Any]:
         """Detect, then `process` (live streams: one frame at a time, the newest)."""
         try:
             detected = await self._graph.detect(frame)
         except DetectorUnavailable as exc:
             return {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}
-        return await self.process(index, time_ms, frame, detected.detections)
+        return await self.process(index, frame, detected.detections)
 
     def _eligible(self, route: ClassifierRoute, detections: Detections, track_ids: np.ndarray) -> np.ndarray:
         """`route.select`, with each parent's label taken from its per-track cache."""
         return route.select(detections, lambda parent, row: self._caches[parent].label(int(track_ids[row])))
 
-    async def process(self, index: int, time_ms: float | None, frame: np.ndarray,
-                      detections: Detections) -> dict[str, Any]:
+    async def process(self, index: int, frame: np.ndarray, detections: Detections) -> dict[str, Any]:
         """Track and classify one frame; its NDJSON record."""
         track_ids = self._tracker.update(detections)
         xyxy = detections.xyxy
@@ -128,6 +128,7 @@ class VideoSession:
         seen = {int(t) for t in track_ids.tolist() if t >= 0}
         self.last_new_tracks = len(seen - self.tracks)
         self.tracks |= seen
+        time_ms = round(index * 1000.0 / self._fps, 1) if self._fps > 0 else None
         return {"frame": index, "time_ms": time_ms, "objects": self._objects(detections, track_ids),
                 **({"errors": errors} if errors else {})}
 
