@@ -56,11 +56,11 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _media_type(request: Request) -> str:
+def media_type_of(request: Request) -> str:
     return request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
 
 
-async def _parse_form(request: Request, body: bytes, max_files: int, batch: bool = False) -> FormData:
+async def parse_form(request: Request, body: bytes, max_files: int, batch: bool = False) -> FormData:
     async def replay():  # noqa: ANN202 - async generator of the buffered body
         yield body
 
@@ -72,29 +72,29 @@ async def _parse_form(request: Request, body: bytes, max_files: int, batch: bool
         raise InputError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from exc
 
 
-async def _file_bytes(item: UploadFile | str) -> bytes:
+async def file_bytes(item: UploadFile | str) -> bytes:
     return await item.read() if isinstance(item, UploadFile) else item.encode()
 
 
 async def image_list(request: Request, limit: int, max_images: int) -> list[bytes]:
     """The files of a multipart body's repeated field `images`, in order (POST /v1/infer/batch)."""
-    if _media_type(request) != MULTIPART:
+    if media_type_of(request) != MULTIPART:
         raise InputError(415, "unsupported_media_type",
                          "a batch is multipart/form-data with the field 'images' repeated, one file each")
     body = await read_limited(request, limit)
     if not body:
         raise InputError(400, "empty_body", "the request body is empty")
-    form = await _parse_form(request, body, max_images + 1, batch=True)
+    form = await parse_form(request, body, max_images + 1, batch=True)
     items = form.getlist("images")
     if not items:
         raise InputError(422, "missing_images_field", "multipart body has no field named 'images'")
     if len(items) > max_images:
         raise InputError(413, "too_many_images", f"a batch takes at most {max_images} images, got {len(items)}")
-    return [await _file_bytes(item) for item in items]
+    return [await file_bytes(item) for item in items]
 
 
 async def image_bytes(request: Request, limit: int) -> bytes:
-    media = _media_type(request)
+    media = media_type_of(request)
     if not (media.startswith("image/") or media in RAW_TYPES or media == MULTIPART):
         raise InputError(
             415,
@@ -108,10 +108,10 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     if not body:
         raise InputError(400, "empty_body", "the request body is empty")
 
-    form = await _parse_form(request, body, max_files=4)
+    form = await parse_form(request, body, max_files=4)
     if not form:
         raise InputError(400, "bad_multipart", "the multipart body holds no complete part")
     item = form.get("image")
     if item is None:
         raise InputError(422, "missing_image_field", "multipart body has no field named 'image'")
-    return await _file_bytes(item)
+    return await file_bytes(item)

@@ -18,24 +18,24 @@ from fastapi import Request
 
 from serve_app.config import VideoConfig
 from serve_app.decoding import InputError
-from serve_app.http_input import MULTIPART, _file_bytes, _media_type, _parse_form, read_limited
+from serve_app.http_input import MULTIPART, file_bytes, media_type_of, parse_form, read_limited
 
 VIDEO_TYPES = ("video/mp4", "video/quicktime", "video/x-msvideo", "video/x-matroska", "application/octet-stream")
 
 
 async def video_bytes(request: Request, limit: int) -> bytes:
     """The body (a video type or octet-stream), or the multipart field `video`."""
-    media = _media_type(request)
+    media = media_type_of(request)
     if media not in VIDEO_TYPES and media != MULTIPART:
         raise InputError(415, "unsupported_media_type",
                          f"Content-Type {media!r} is not accepted; send {', '.join(VIDEO_TYPES)} bytes, "
                          "or multipart/form-data with the file in field 'video'")
     body = await read_limited(request, limit)
     if media == MULTIPART and body:
-        item = (await _parse_form(request, body, max_files=2)).get("video")
+        item = (await parse_form(request, body, max_files=2)).get("video")
         if item is None:
             raise InputError(422, "missing_video_field", "multipart body has no field named 'video'")
-        body = await _file_bytes(item)
+        body = await file_bytes(item)
     if not body:
         raise InputError(400, "empty_body", "the request body is empty; send the video file")
     return body
