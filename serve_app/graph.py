@@ -264,7 +264,7 @@ class InferenceGraph:
         if mode == "sequential":  # one after another, parents first (roots, then chains in a topological order)
             for route, crops, indices in calls:
                 await self._classify(route, crops, out, indices)
-            for route in _topological(chained):
+            for route in topological_order(chained):
                 await self._run_route(route, frame, out, {})
         elif len(calls) == 1 and not chained:  # one call needs no task of its own
             route, crops, indices = calls[0]
@@ -274,7 +274,7 @@ class InferenceGraph:
                 route.name: asyncio.ensure_future(self._classify(route, crops, out, indices))
                 for route, crops, indices in calls
             }
-            for route in _topological(chained):  # a chain's task waits for its parents' tasks, nothing else
+            for route in topological_order(chained):  # a chain's task waits for its parents' tasks, nothing else
                 tasks[route.name] = asyncio.ensure_future(self._run_route(route, frame, out, dict(tasks)))
             await asyncio.gather(*tasks.values())
         out.classify_ms = _ms(start)
@@ -293,7 +293,7 @@ def _labels_by_object(out: GraphResult, name: str) -> dict[int, str | None]:
     return {obj: (result.attribute(row) or {}).get("label") for row, obj in enumerate(rows.tolist())}
 
 
-def _topological(routes: list[ClassifierRoute]) -> list[ClassifierRoute]:
+def topological_order(routes: list[ClassifierRoute]) -> list[ClassifierRoute]:
     """`routes` with every route after the routes among them it depends on (config order otherwise)."""
     placed: list[ClassifierRoute] = []
     pending = list(routes)

@@ -19,7 +19,7 @@ import numpy as np
 
 from engines import Detections
 from engines.tracking import Tracker, TrackerParams
-from serve_app.graph import ClassifierRoute, DetectorUnavailable, InferenceGraph, _topological
+from serve_app.graph import ClassifierRoute, DetectorUnavailable, InferenceGraph, topological_order
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrackCache:
 def _levels(routes: list[ClassifierRoute]) -> list[list[ClassifierRoute]]:
     """Routes grouped so that each group depends only on earlier groups."""
     levels: list[list[ClassifierRoute]] = []
-    for route in _topological(routes):
+    for route in topological_order(routes):
         depth = max((i + 1 for i, level in enumerate(levels) for r in level
                      if r.name in {p for p, _ in route.parents}), default=0)
         if depth == len(levels):
