@@ -7,6 +7,7 @@ FFmpeg needs to seek; the file is removed when the video is closed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -103,10 +104,7 @@ class VideoFile:
 
     def close(self) -> None:
         self._capture.release()
-        try:
-            os.unlink(self._path)
-        except OSError:
-            pass
+        _remove(self._path)
 
     def __enter__(self) -> VideoFile:
         return self
@@ -139,7 +137,10 @@ class Mp4Writer:
     def discard(self) -> None:
         """Drop the video (safe to call after `finish`, and more than once)."""
         self._writer.release()
-        try:
-            os.unlink(self._path)
-        except FileNotFoundError:
-            pass
+        _remove(self._path)
+
+
+def _remove(path: str) -> None:
+    """Delete a temporary file; gone already (or not removable) is not an error here."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
