@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU half of docs/benchmarks.md, as run through the device tool (see ../shared/device/README.md and
-# docs/benchmarks.md): torch-backend parity on CUDA, then `bench.run` on the GPU with the variants named in
-# VARIANTS (default: the three layouts behind HAProxy and the default layout behind Serve's proxy).
+# docs/benchmarks.md): the CUDA tests of the torch backend and the GPU-resident MTCNN (PARITY=1), the engines
+# alone in one process (ENGINES=1: bench/engines_gpu.py), then `bench.run` on the GPU (BENCH=1) with the
+# variants named in VARIANTS (default: the three layouts behind HAProxy) on both images.
 # Writes its files under $OUT (default bench/out/gpu); TAG names the JSON.
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
@@ -10,11 +11,21 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi -L
   python3 -c "import torch, ray, onnxruntime; print('torch', torch.__version__, 'ray', ray.__version__, 'ort', onnxruntime.__version__)"
-  [ "${PARITY:-1}" = 1 ] && python3 -m pytest -q -p no:cacheprovider tests/test_torch_backend.py 2>&1 | tail -n 3
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
-python3 -m bench.run --device cuda --backend torch --fp16 --standin-size 224 --requests "${REQUESTS:-30}" \
-  --time-limit "${TIME_LIMIT:-20}" --workloads ${WORKLOADS:-face standin} \
-  --variants ${VARIANTS:-separate+haproxy colocated+haproxy ingress+haproxy separate} \
-  --tag "${TAG:-h200}" --out "$OUT" 2> "$OUT/bench.err" | tee "$OUT/bench.md"
-tail -n 20 "$OUT/bench.err"
+if [ "${PARITY:-1}" = 1 ]; then
+  python3 -m pytest -q -s -p no:cacheprovider tests/test_torch_backend.py tests/test_mtcnn_torch.py \
+    tests/test_torch_boxes.py tests/test_preprocess.py tests/test_execution.py > "$OUT/tests.txt" 2>&1
+  grep -E "deviation|passed|failed|Error" "$OUT/tests.txt" | tail -n 30
+fi
+if [ "${ENGINES:-1}" = 1 ]; then
+  timeout "${ENGINES_TIMEOUT:-360}" python3 -m bench.engines_gpu --out "$OUT" 2> "$OUT/engines.err" | tee "$OUT/engines.md"
+  tail -n 5 "$OUT/engines.err"
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  python3 -m bench.run --device cuda --backend torch --fp16 --standin-size 224 --requests "${REQUESTS:-30}" \
+    --time-limit "${TIME_LIMIT:-20}" --workloads ${WORKLOADS:-face standin} --images ${IMAGES:-one many} \
+    --variants ${VARIANTS:-separate+haproxy colocated+haproxy ingress+haproxy} \
+    --tag "${TAG:-h200}" --out "$OUT" 2> "$OUT/bench.err" | tee "$OUT/bench.md"
+  tail -n 20 "$OUT/bench.err"
+fi

@@ -12,8 +12,12 @@ For each workload it measures, in one run:
   3. the bare Serve hop on this machine (bench/hops.py): one handle call between replicas, and three
      in parallel;
   4. each Serve variant (layout, ingress proxy, execution), end to end over HTTP on 127.0.0.1 at
-     concurrency 1 (sequential and parallel), 4 and 16, with the per-request breakdown (`?trace=true`)
-     of the c1 parallel requests and the server CPU per request (all processes, from /proc/stat).
+     concurrency 1 (sequential and parallel), 4 and 16, with the per-request breakdown (`?trace=true` on
+     every parallel request: the medians at c1, and at c4 and c16 the spans of the slowest 5 % against the
+     medians, so a tail shows which span grew) and the server CPU per request (all processes, /proc/stat).
+Every measurement is made on two images (`--images`): the one-face portrait, where the detector is most of
+a request, and eight faces in one photo, where the classifiers matter (8 crops each); the second appears
+as the workload `<name>-many`.
 Each Serve variant runs in a fresh Ray in its own subprocess. Load is bounded in count and time, talks
 only to 127.0.0.1, and stops by itself. Results: markdown on stdout, JSON under --out.
 """
@@ -50,6 +54,20 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 }
 DEFAULT_VARIANTS = ["separate", "separate+haproxy", "colocated+haproxy", "ingress+haproxy"]
 LEVELS = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))
+IMAGES = ("one", "many")
+SLOWEST_SHARE = 0.05  # the tail whose spans are printed: the slowest 5 % of each c4 / c16 run
+
+
+def images() -> dict[str, bytes]:
+    """The two request bodies, JPEG: one face (the 512x512 portrait) and eight faces (768x1536)."""
+    from tests.images import ASTRONAUT, encode, many_faces, read
+
+    return {"one": encode(read(ASTRONAUT), ".jpg"), "many": encode(many_faces(), ".jpg")}
+
+
+def key_of(workload: str, image: str) -> str:
+    """The report's name for a workload on an image: `face`, `face-many`."""
+    return workload if image == "one" else f"{workload}-{image}"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -130,9 +148,33 @@ def _flatten(trace: dict[str, Any], prefix: str = "") -> dict[str, float]:
     for key, value in trace.items():
         if isinstance(value, dict):
             out |= _flatten(value, f"{prefix}{key}.")
-        else:
+        elif value is not None:
             out[f"{prefix}{key}"] = float(value)
     return out
+
+
+def _medians(traces: list[dict[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for t in traces for k in t)
+    return {k: round(statistics.median(t[k] for t in traces if k in t), 2) for k in keys}
+
+
+def slowest_spans(traces: list[dict[str, float]], share: float = SLOWEST_SHARE) -> dict[str, Any]:
+    """The slowest `share` of the traced requests (at least one) with each span's excess over its median, the
+    spans that grew most first: where a tail's time went."""
+    if not traces:
+        return {}
+    medians = _medians(traces)
+    count = max(1, round(len(traces) * share))
+    slow = sorted(traces, key=lambda t: -t["client_ms"])[:count]
+    rows = []
+    for t in slow:
+        excess = {k: round(v - medians[k], 2) for k, v in t.items()
+                  if k.endswith("_ms") and k not in ("client_ms", "total_ms") and not k.endswith("start_ms")
+                  and not k.endswith("gpu_end_ms") and not k.endswith("gpu_start_ms")}
+        top = dict(sorted(excess.items(), key=lambda kv: -kv[1])[:4])
+        rows.append({"client_ms": round(t["client_ms"], 1), "median_client_ms": medians["client_ms"],
+                     "grew_ms": top})
+    return {"count": len(traces), "slowest": rows}
 
 
 async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
@@ -147,7 +189,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
         for concurrency, mode in levels:
             errors = 0
             traces: list[dict[str, float]] = []
-            want_trace = trace and concurrency == 1 and mode == "parallel"
+            want_trace = trace and mode == "parallel"
 
             async def call(m: str = mode, t: bool = want_trace, sink: list = traces) -> None:
                 nonlocal errors
@@ -161,6 +203,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                 elif t and answer.get("trace"):
                     spans = _flatten(answer["trace"])
                     spans["proxy_and_http_ms"] = client_ms - spans["total_ms"]
+                    spans["client_ms"] = client_ms
                     sink.append(spans)
 
             count = n if concurrency == 1 else n * 2
@@ -169,9 +212,10 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             cpu_ms = ((busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)) * 1e3 / max(len(lat), 1)
             key = f"c{concurrency}_{mode}"
             out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_ms, 1)}
-            if traces:
-                out["breakdown_p50_ms"] = {k: round(statistics.median(t[k] for t in traces), 2) for k in traces[0]
-                                           if all(k in t for t in traces)}
+            if traces and concurrency == 1:
+                out["breakdown_p50_ms"] = _medians(traces)
+            elif traces:
+                out.setdefault("tails", {})[key] = slowest_spans(traces)
     return out
 
 
@@ -179,28 +223,37 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
 # Baselines: in process, and the FastAPI anchor.
 
 
-def measure_inprocess(opts: argparse.Namespace, workload: str, body: bytes) -> dict[str, Any]:
+def measure_inprocess(opts: argparse.Namespace, workload: str, bodies: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Per image: each stage's p50 in one process, the sequential and ideal parallel sums, the classifiers
+    launched together, and each stage's batched throughput."""
     from bench.inprocess import InProcessPipeline
 
+    started = time.perf_counter()
     pipeline = InProcessPipeline(workload_config(workload, opts.device, opts.backend, opts.fp16, opts.standin_size),
                                  opts.device)
-    warm_until = time.monotonic() + 3.0  # GPU and CPU clocks ramp up: a short warm-up measured the ramp
-    while time.monotonic() < warm_until:
-        pipeline.run(body)
-    runs = [pipeline.run(body) for _ in range(opts.requests)]
-    stages = {"decode": [r.decode for r in runs], "detector": [r.detector for r in runs]}
-    for name in runs[0].classifiers:
-        stages[name] = [r.classifiers[name] for r in runs]
-    frame = pipeline.decode(body)
-    return {
-        "stage_p50_ms": {k: round(pct(v, 50), 2) for k, v in stages.items()},
-        "sequential_p50_ms": round(pct([r.sequential for r in runs], 50), 2),
-        "ideal_parallel_p50_ms": round(pct([r.ideal_parallel for r in runs], 50), 2),
-        "batched_throughput_rps": {k: round(v, 1) for k, v in pipeline.batched_throughput(frame, 16, 20).items()},
-    }
+    startup_s = round(time.perf_counter() - started, 2)
+    out = {}
+    for image, body in bodies.items():
+        warm_until = time.monotonic() + 3.0  # GPU and CPU clocks ramp up: a short warm-up measured the ramp
+        while time.monotonic() < warm_until:
+            pipeline.run(body)
+        runs = [pipeline.run(body) for _ in range(opts.requests)]
+        stages = {"decode": [r.decode for r in runs], "detector": [r.detector for r in runs]}
+        for name in runs[0].classifiers:
+            stages[name] = [r.classifiers[name] for r in runs]
+        frame = pipeline.decode(body)
+        out[image] = {
+            "startup_s": startup_s,
+            "stage_p50_ms": {k: round(pct(v, 50), 2) for k, v in stages.items()},
+            "sequential_p50_ms": round(pct([r.sequential for r in runs], 50), 2),
+            "ideal_parallel_p50_ms": round(pct([r.ideal_parallel for r in runs], 50), 2),
+            "classifiers_together_p50_ms": round(pct([r.parallel for r in runs], 50), 2),
+            "batched_throughput_rps": {k: round(v, 1) for k, v in pipeline.batched_throughput(frame, 16, 20).items()},
+        }
+    return out
 
 
-def measure_anchor(opts: argparse.Namespace, workload: str, body: bytes) -> dict[str, Any]:
+def measure_anchor(opts: argparse.Namespace, workload: str, bodies: dict[str, bytes]) -> dict[str, dict[str, Any]]:
     import httpx
 
     port = _free_port()
@@ -218,8 +271,9 @@ def measure_anchor(opts: argparse.Namespace, workload: str, body: bytes) -> dict
             except httpx.HTTPError:
                 time.sleep(0.5)
         levels = ((1, "sequential"), (4, "sequential"), (16, "sequential"))
-        return asyncio.run(measure_http(f"http://127.0.0.1:{port}/v1/infer", body, opts.requests, opts.time_limit,
-                                        levels=levels, trace=False))
+        return {image: asyncio.run(measure_http(f"http://127.0.0.1:{port}/v1/infer", body, opts.requests,
+                                                opts.time_limit, levels=levels, trace=False))
+                for image, body in bodies.items()}
     finally:
         server.terminate()
         try:
@@ -232,7 +286,7 @@ def measure_anchor(opts: argparse.Namespace, workload: str, body: bytes) -> dict
 # One Serve variant, in a fresh process with its own Ray.
 
 
-def run_variant(opts: argparse.Namespace, body: bytes) -> dict[str, Any]:
+def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -252,15 +306,19 @@ def run_variant(opts: argparse.Namespace, body: bytes) -> dict[str, Any]:
             app = f"bench-{workload}"
             try:
                 args = workload_args(workload, opts.device, opts.backend, opts.fp16, opts.standin_size, overrides)
+                started = time.perf_counter()
                 serve.run(build_app(args), name=app, route_prefix=f"/{app}")
+                startup_s = round(time.perf_counter() - started, 1)
                 url = f"http://127.0.0.1:{port}/{app}/v1/infer"
-                results["workloads"][workload] = {
-                    "http": asyncio.run(measure_http(url, body, opts.requests, opts.time_limit))}
+                for image, body in bodies.items():
+                    http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit))
+                    results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s}}
             except Exception as exc:  # one broken workload must not cost the others' numbers
                 import traceback
 
                 traceback.print_exc()
-                results.setdefault("failed", {})[workload] = f"{type(exc).__name__}: {exc}"
+                for image in bodies:
+                    results.setdefault("failed", {})[key_of(workload, image)] = f"{type(exc).__name__}: {exc}"
             finally:
                 if app in serve.status().applications:
                     serve.delete(app)
@@ -310,6 +368,8 @@ def ratios(ip: dict[str, Any] | None, anchor: dict[str, Any] | None, http: dict[
     ideal = stages["decode"] + stages["detector"] + max(classifiers, default=0.0)
     r["c1_parallel_over_ideal"] = round(par / ideal, 3)
     r["c1_parallel_over_inprocess_sequential"] = round(par / ip["sequential_p50_ms"], 3)
+    if hops:
+        r["c1_parallel_minus_ideal_in_bare_hops"] = round((par - ideal) / hops["bare_hop_p50_ms"], 2)
     if anchor and "c1_sequential" in anchor:
         r["c1_parallel_over_anchor"] = round(par / anchor["c1_sequential"]["p50_ms"], 3)
     if "c1_sequential" in http:
@@ -330,6 +390,7 @@ def ratios(ip: dict[str, Any] | None, anchor: dict[str, Any] | None, http: dict[
         slowest = min(ip["batched_throughput_rps"].values())
         r["c16_throughput_over_slowest_stage"] = round(http["c16_parallel"]["rps"] / slowest, 3)
     r["worst_p95_over_p50"] = round(max(s["p95_ms"] / s["p50_ms"] for k, s in http.items() if k.startswith("c")), 2)
+    r["c16_errors"] = http.get("c16_parallel", {}).get("errors", "")
     return r
 
 
@@ -360,9 +421,14 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"### {name}")
         if ip:
             stages = ", ".join(f"{k} {ms}" for k, ms in ip["stage_p50_ms"].items())
+            classifiers = [v for k, v in ip["stage_p50_ms"].items() if k not in ("decode", "detector")]
+            together = ip.get("classifiers_together_p50_ms")
             lines.append(f"In process p50 ms: {stages}; sequential (decode + t_det + sum t_i) {ip['sequential_p50_ms']}, "
-                         f"ideal parallel (decode + t_det + max t_i) {ip['ideal_parallel_p50_ms']}; batched "
-                         f"throughput (req/s): " + ", ".join(f"{k} {v}" for k, v in ip["batched_throughput_rps"].items()))
+                         f"ideal parallel (decode + t_det + max t_i) {ip['ideal_parallel_p50_ms']}; classifiers launched "
+                         f"together {together} (slowest alone {max(classifiers, default=0)}, "
+                         f"{round(together / max(classifiers), 2) if together and classifiers else ''}x); batched "
+                         f"throughput (req/s): " + ", ".join(f"{k} {v}" for k, v in ip["batched_throughput_rps"].items())
+                         + f"; start-up {ip.get('startup_s')} s")
         lines += ["", "| server | mode | concurrency | p50 ms | p95 ms | req/s | server CPU ms/req | errors |",
                   "|---|---|---|---|---|---|---|---|"]
         if anchor:
@@ -382,6 +448,15 @@ def report(result: dict[str, Any]) -> str:
         for variant, http in w.get("variants", {}).items():
             r = ratios(ip, anchor, http, hops)
             lines.append(f"| {variant} | " + " | ".join(str(r.get(k, "")) for k in RATIO_KEYS) + " |")
+        tails = [(v, level, t) for v, http in w.get("variants", {}).items() for level, t in http.get("tails", {}).items()]
+        if tails:
+            lines += ["", f"The slowest {SLOWEST_SHARE:.0%} of each c4 and c16 run (`?trace=true`): client ms against the "
+                      "run's median, and the spans that grew most over their medians (ms):", "",
+                      "| variant | level | client ms (median) | grew most |", "|---|---|---|---|"]
+            for variant, level, t in tails:
+                for row in t.get("slowest", []):
+                    grew = ", ".join(f"{k} +{v}" for k, v in row["grew_ms"].items())
+                    lines.append(f"| {variant} | {level} | {row['client_ms']} ({row['median_client_ms']}) | {grew} |")
         for variant, error in w.get("failed", {}).items():
             lines.append(f"\n{variant}: FAILED: {error}")
         lines.append("")
@@ -389,17 +464,17 @@ def report(result: dict[str, Any]) -> str:
 
 
 RATIO_KEYS = ["c1_parallel_over_ideal", "c1_parallel_over_inprocess_sequential", "c1_parallel_over_anchor",
-              "seq_over_par_achieved_vs_theoretical", "detector_hop_over_bare_hop",
-              "fanout_overhead_over_bare_fanout_x3", "framework_cpu_ms_per_request",
-              "c16_throughput_over_slowest_stage", "worst_p95_over_p50"]
+              "c1_parallel_minus_ideal_in_bare_hops", "seq_over_par_achieved_vs_theoretical",
+              "detector_hop_over_bare_hop", "fanout_overhead_over_bare_fanout_x3", "framework_cpu_ms_per_request",
+              "c16_throughput_over_slowest_stage", "worst_p95_over_p50", "c16_errors"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.images import ASTRONAUT, encode, read
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["face", "standin"], choices=["face", "standin"])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--images", nargs="+", default=list(IMAGES), choices=list(IMAGES),
+                        help="one: the one-face portrait; many: eight faces in one photo (workload <name>-many)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     parser.add_argument("--fp16", action="store_true")
@@ -414,21 +489,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hops", action="store_true", help=argparse.SUPPRESS)  # inner: also the bare hop
     opts = parser.parse_args(argv)
     opts.ray_cpus = opts.ray_cpus or os.cpu_count()
-    body = encode(read(ASTRONAUT), ".jpg")
+    bodies = {name: body for name, body in images().items() if name in opts.images}
 
     if opts.variant:
-        print("RESULT " + json.dumps(run_variant(opts, body)), flush=True)
+        print("RESULT " + json.dumps(run_variant(opts, bodies)), flush=True)
         return 0
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{opts.device}{('-' + opts.tag) if opts.tag else ''}.json"
-    result: dict[str, Any] = {"environment": environment(opts), "workloads": {w: {} for w in opts.workloads}}
+    keys = [key_of(w, i) for w in opts.workloads for i in bodies]
+    result: dict[str, Any] = {"environment": environment(opts), "workloads": {k: {} for k in keys}}
     for workload in opts.workloads:
         print(f"in process and anchor: {workload} ...", file=sys.stderr, flush=True)
-        result["workloads"][workload]["inprocess"] = measure_inprocess(opts, workload, body)
+        for image, measured in measure_inprocess(opts, workload, bodies).items():
+            result["workloads"][key_of(workload, image)]["inprocess"] = measured
         if opts.anchor:
-            result["workloads"][workload]["anchor"] = measure_anchor(opts, workload, body)
+            for image, measured in measure_anchor(opts, workload, bodies).items():
+                result["workloads"][key_of(workload, image)]["anchor"] = measured
     inner = [a for a in (argv if argv is not None else sys.argv[1:])]
     for i, name in enumerate(opts.variants):
         cmd = [sys.executable, "-m", "bench.run", "--variant", name, *inner, *(["--hops"] if i == 0 else [])]

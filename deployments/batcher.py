@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from deployments.execution import ComputeExecutor
+from engines import Pending, RunTiming
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,8 +29,9 @@ class Batched(Generic[R]):
 
     result: R
     queue_ms: float  # from submit to the start of the batch it rode in
-    compute_ms: float  # that batch's compute time
+    compute_ms: float  # that batch's compute time (launch to result)
     batch_size: int  # items (e.g. crops) in that batch
+    timing: RunTiming | None = None  # the engine's own timing of that batch (launch, enqueue, GPU start and end)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class _Pending(Generic[T, R]):
 
 
 class GreedyBatcher(Generic[T, R]):
-    """Runs `run_batch(items) -> results` (one result per item, in order) on `executor`.
+    """Runs `run_batch(items) -> Pending[results]` (one result per item, in order) on `executor`.
 
     Items are sized by `size_of` (crops in a chunk, say); a batch holds up to `max_batch_size`
     units, and always at least one item. One batch computes at a time per batcher.
@@ -49,7 +51,7 @@ class GreedyBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Sequence[R]],
+        run_batch: Callable[[list[T]], Pending[Sequence[R]]],
         executor: ComputeExecutor,
         max_batch_size: int,
         size_of: Callable[[T], int] = lambda _: 1,
@@ -93,7 +95,7 @@ class GreedyBatcher(Generic[T, R]):
                 continue
             started = time.perf_counter()
             try:
-                results, compute_ms = await self._executor.run(self._run_batch, [e.item for e in batch])
+                results, compute_ms, timing = await self._executor.run(self._run_batch, [e.item for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
             except Exception as exc:  # the whole batch shares the failure; the batcher lives on
@@ -107,5 +109,5 @@ class GreedyBatcher(Generic[T, R]):
             for entry, result in zip(batch, results):
                 if not entry.future.done():
                     queue_ms = (started - entry.enqueued) * 1e3
-                    entry.future.set_result(Batched(result, queue_ms, compute_ms, size))
+                    entry.future.set_result(Batched(result, queue_ms, compute_ms, size, timing))
             await asyncio.sleep(0)  # let calls that arrived during the compute join the next batch

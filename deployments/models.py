@@ -7,16 +7,18 @@ from pathlib import Path
 from engines import Engine, EngineError, create_engine
 from engines.classifier import ClassifierModel, OutputSpec
 from engines.mtcnn import Mtcnn, MtcnnParams
+from engines.mtcnn_torch import TorchMtcnn
 from engines.preprocess import Normalization
 from engines.yolo import Yolo, YoloParams
 from serve_app.config import ClassifierConfig, DetectorConfig, EngineConfig, PipelineConfig
 
 
 def _engine(cfg: EngineConfig, device: str, path: Path) -> Engine:
-    return create_engine(cfg.backend, path, device, cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16)
+    return create_engine(cfg.backend, path, device, cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16,
+                         cfg.cuda_graphs)
 
 
-def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | Yolo:
+def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | TorchMtcnn | Yolo:
     if cfg.kind == "yolo":
         y = cfg.yolo
         assert y is not None  # checked by DetectorConfig
@@ -35,8 +37,13 @@ def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | Yolo:
             raise ValueError(f"detector.yolo (model {y.model.name}): {exc}") from exc
     m = cfg.mtcnn
     engines = [_engine(cfg.engine, device, p) for p in (m.pnet, m.rnet, m.onet)]
-    detector = Mtcnn(*engines, MtcnnParams(m.min_face_size, m.thresholds, m.scale_factor),
-                     pad_batches=_pads(cfg.engine, engines[0]))
+    params = MtcnnParams(m.min_face_size, m.thresholds, m.scale_factor)
+    on_device = m.implementation == "torch" or (
+        m.implementation == "auto" and engines[0].backend == "torch" and engines[0].device == "cuda")
+    if on_device:
+        detector: Mtcnn | TorchMtcnn = TorchMtcnn(*engines, params, pad_batches=_pads(cfg.engine, engines[0]))
+    else:
+        detector = Mtcnn(*engines, params, pad_batches=_pads(cfg.engine, engines[0]))
     detector.warm_up()
     return detector
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,8 @@ from deployments.execution import ComputeExecutor
 from deployments.metrics import StageMetrics
 from deployments.models import build_classifier, build_detector
 from deployments.placement_log import warn_if_gpu_unused
-from engines import Classifications, Detections, EngineError
+from engines import Classifications, Detections, EngineError, Pending, completed
+from engines.base import span
 from engines.image import decode_bgr
 from engines.yolo import Yolo
 from serve_app.config import ClassifierConfig, DetectorConfig
@@ -29,14 +31,22 @@ from serve_app.config import ClassifierConfig, DetectorConfig
 logger = logging.getLogger("ray.serve")
 
 
+NODE = platform.node()
+
+
 @dataclass(frozen=True)
 class StageTiming:
-    """Where one call's time went inside the stage (milliseconds)."""
+    """Where one call's time went inside the stage (milliseconds), and when its batch ran (seconds on
+    time.perf_counter()'s clock of `node`: CLOCK_MONOTONIC, one clock for every process of a Linux host)."""
 
     handler_ms: float  # arrival in the stage to its answer
     queue_ms: float  # waiting for the engine (a batch in progress)
-    compute_ms: float  # model compute of the batch this call rode in
+    compute_ms: float  # model compute of the batch this call rode in (launch to result)
     batch_size: int  # items (frames or crops) in that batch
+    launch_ms: float | None = None  # host time spent handing the batch to the engine (copy in, enqueue)
+    gpu_start_at: float | None = None  # the batch's work on the GPU, from CUDA events (None: no device timeline)
+    gpu_end_at: float | None = None
+    node: str = NODE
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,15 @@ class StageFailed(RuntimeError):
 
 
 def _timing(start: float, parts: list[Batched[Any]]) -> StageTiming:
+    runs = span([p.timing for p in parts])
     return StageTiming(
         round((time.perf_counter() - start) * 1e3, 3),
         round(max(p.queue_ms for p in parts), 3),
         round(max(p.compute_ms for p in parts), 3),
         max(p.batch_size for p in parts),
+        None if runs is None else round((runs.enqueued_at - runs.launched_at) * 1e3, 3),
+        None if runs is None else runs.gpu_start_at,
+        None if runs is None else runs.gpu_end_at,
     )
 
 
@@ -93,10 +107,13 @@ class DetectorStage:
         self._executor = ComputeExecutor(config.engine.execution, shared, "detector")
         self._metrics = StageMetrics("detector")
         self._batcher: GreedyBatcher[np.ndarray, Detections] = GreedyBatcher(
-            self._model.detect_batch, self._executor, config.batching.max_batch_size, on_batch=self._metrics.record
+            self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=self._metrics.record
         )
         self._probe = np.zeros((48, 48, 3), np.uint8)
         logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
+
+    def _detect_batch(self, frames: list[np.ndarray]) -> Pending[list[Detections]]:
+        return completed(self._model.detect_batch, frames)
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
         """`image`: a BGR frame, or the compressed bytes (a few KB instead of a megabyte over the hop),
@@ -112,7 +129,7 @@ class DetectorStage:
 
     async def check_health(self) -> None:
         try:
-            await self._executor.run(self._model.detect, self._probe)
+            await self._executor.run(completed, self._model.detect, self._probe)
         except Exception as exc:
             raise RuntimeError(f"detector: health probe failed: {type(exc).__name__}: {exc}") from exc
 
@@ -146,7 +163,7 @@ class ClassifierStage:
             raise ValueError(f"classifiers[{config.name}] (model {config.model.name}): {exc}") from exc
         self.device = self._model.engine.device
         warn_if_gpu_unused(config.name, device, self.device, self._model.engine.backend)
-        self._executor = ComputeExecutor(config.engine.execution, shared, config.name)
+        self._executor = ComputeExecutor(config.engine.execution, shared, config.name, self._model.engine.asynchronous)
         self._shape = (config.input.height, config.input.width, 3)
         self._max_batch = config.batching.max_batch_size
         self._metrics = StageMetrics(config.name)
@@ -156,9 +173,11 @@ class ClassifierStage:
         self._probe = np.zeros((1, *self._shape), np.uint8)
         logger.info("classifier %s ready on %s (execution %s)", config.name, self.device, self._executor.mode)
 
-    def _predict_chunks(self, chunks: list[np.ndarray]) -> list[Classifications]:
+    def _predict_chunks(self, chunks: list[np.ndarray]) -> Pending[list[Classifications]]:
+        """Launch the crops of every call in the batch as one engine batch; the answer splits per call."""
         batch = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-        return self._model.predict(batch).split([len(c) for c in chunks])
+        sizes = [len(c) for c in chunks]
+        return self._model.launch(batch).then(lambda result: result.split(sizes))
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:
         start = time.perf_counter()
@@ -176,7 +195,7 @@ class ClassifierStage:
 
     async def check_health(self) -> None:
         try:
-            result, _ = await self._executor.run(self._model.predict, self._probe)
+            result, _, _ = await self._executor.run(self._model.launch, self._probe)
             if len(result) != 1:
                 raise RuntimeError(f"{len(result)} results for 1 crop")
         except Exception as exc:

@@ -3,12 +3,16 @@
 Nothing here imports Ray: every piece runs (and is tested) in a plain process.
 """
 
-from engines.base import Engine, EngineError, TensorSpec
+from engines.base import Completed, Engine, EngineError, Pending, RunTiming, TensorSpec, completed
 from engines.detections import Classifications, Detections
 from engines.factory import create_engine
 
 __all__ = [
     "Classifications",
+    "Completed",
+    "Pending",
+    "RunTiming",
+    "completed",
     "Detections",
     "Engine",
     "EngineError",

@@ -2,14 +2,13 @@
 
 On CUDA, torch/cuDNN (and TensorRT profiles) pick and cache kernels per shape, so the first batch of
 each new size is slow; under cross-request batching the size varies from call to call. Padding a
-batch up to the next power of two bounds the distinct shapes to log2(max) + 1, and `warm_buckets`
-runs each one once at start-up. (On the GPU machine, unpadded face classifiers timed out at
+batch up to the next power of two bounds the distinct shapes to log2(max) + 1, and `bucket_samples`
+gives one batch per bucket for `Engine.prepare` at start-up: each is run once, or, on an engine that
+replays CUDA graphs, captured once. (On the GPU machine, unpadded face classifiers timed out at
 concurrency 16 while new shapes were compiled: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 
@@ -38,6 +37,7 @@ def pad_batch(x: np.ndarray, limit: int) -> np.ndarray:
     return np.concatenate([x, padding])
 
 
-def warm_buckets(run: Callable[[np.ndarray], object], sample_shape: tuple[int, ...], dtype: np.dtype, limit: int) -> None:
-    for size in buckets(limit):
-        run(np.zeros((size, *sample_shape), dtype=dtype))
+def bucket_samples(name: str, sample_shape: tuple[int, ...], dtype: np.dtype, limit: int) -> list[dict[str, np.ndarray]]:
+    """One zero batch per bucket up to `limit`, largest first, as feeds for input `name` (largest first: an
+    engine that captures CUDA graphs then fits the smaller ones into the memory the largest reserved)."""
+    return [{name: np.zeros((size, *sample_shape), dtype=dtype)} for size in reversed(buckets(limit))]

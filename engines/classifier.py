@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from engines.base import Engine, EngineError
-from engines.batching import pad_batch, warm_buckets
+from engines.base import Completed, Engine, EngineError, Pending, PendingRun, RunTiming, span
+from engines.batching import bucket_samples, pad_batch
 from engines.detections import Classifications
-from engines.preprocess import Normalization, to_tensor
+from engines.preprocess import DeviceNormalization, Normalization, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,11 @@ def postprocess(output: np.ndarray, spec: OutputSpec) -> Classifications:
 
 
 class ClassifierModel:
-    """Runs one classifier on uint8 BGR crops already at network resolution."""
+    """Runs one classifier on uint8 BGR crops already at network resolution.
+
+    On an engine that runs on a GPU and can take a transform into its forward (the torch backend), the uint8
+    crops go to the device as they are and are normalised there, inside the captured graph
+    (`DeviceNormalization`); elsewhere `to_tensor` normalises them on the host."""
 
     def __init__(
         self,
@@ -94,7 +100,9 @@ class ClassifierModel:
         output: OutputSpec,
         max_batch_size: int,
         pad_batches: bool = False,
+        fuse_normalization: bool | None = None,
     ) -> None:
+        """`fuse_normalization`: normalise on the engine's device (None: where it computes on CUDA)."""
         if len(engine.inputs) != 1:
             raise EngineError(f"a classifier model needs exactly one input, this one has {len(engine.inputs)}")
         self.engine = engine
@@ -108,28 +116,65 @@ class ClassifierModel:
         self.pad_batches = pad_batches  # pad to power-of-two sizes (engines that specialise per shape)
         self._input = engine.inputs[0]
         self._output_name = engine.outputs[0].name
+        fuse = getattr(engine, "fuse_input", None)
+        if fuse_normalization is None:
+            fuse_normalization = fuse is not None and engine.device == "cuda"
+        if fuse_normalization:
+            if fuse is None:
+                raise EngineError(f"backend {engine.backend} cannot normalise crops on its device")
+            fuse(DeviceNormalization(normalization, engine.device))
+        self.fused = fuse_normalization
 
     def check_geometry(self, height: int, width: int) -> None:
         """Fail at startup when the configured input size or colour format cannot feed the model."""
         self.engine.check_input_shape(self._input.name, (1, self.normalization.channels, height, width))
 
+    def _feed(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        x = crops if self.fused else to_tensor(crops, self.normalization).astype(self._input.dtype, copy=False)
+        return {self._input.name: pad_batch(x, self.max_batch_size) if self.pad_batches else x}
+
+    def launch(self, crops: np.ndarray) -> Pending[Classifications]:
+        """Hand the crops to the engine (chunks of at most max_batch_size); `wait()` gives the answer. On an
+        asynchronous engine this returns once the work is enqueued, so classifiers launched one after another
+        compute together."""
+        runs = [(self.engine.launch(self._feed(crops[i : i + self.max_batch_size])), len(crops[i : i + self.max_batch_size]))
+                for i in range(0, len(crops), self.max_batch_size)]
+        if not runs:
+            empty = postprocess(np.zeros((0, max(self.output.num_classes, 1)), np.float32), self.output)
+            now = time.perf_counter()
+            return Completed(empty, RunTiming(now, now))
+        return _Classifying(runs, self._output_name, self.output)
+
     def predict(self, crops: np.ndarray) -> Classifications:
-        parts = []
-        for start in range(0, max(len(crops), 1), self.max_batch_size):
-            chunk = crops[start : start + self.max_batch_size]
-            if len(chunk) == 0:
-                break
-            tensor = to_tensor(chunk, self.normalization).astype(self._input.dtype, copy=False)
-            if self.pad_batches:
-                tensor = pad_batch(tensor, self.max_batch_size)
-            raw = self.engine.run({self._input.name: tensor})[self._output_name][: len(chunk)]
-            parts.append(postprocess(raw, self.output))
-        if not parts:
-            return postprocess(np.zeros((0, max(self.output.num_classes, 1)), np.float32), self.output)
-        return Classifications.concatenate(parts)
+        return self.launch(crops).wait()
 
     def warm_up(self, height: int, width: int) -> None:
-        """Run every batch bucket once, so no request pays for a new shape (only with pad_batches)."""
+        """Prepare every batch bucket (run it once, or capture it as a CUDA graph), so no request pays for a
+        new shape (only with pad_batches)."""
         if self.pad_batches:
-            sample = (self.normalization.channels, height, width)
-            warm_buckets(lambda x: self.engine.run({self._input.name: x}), sample, self._input.dtype, self.max_batch_size)
+            sample, dtype = ((height, width, 3), np.dtype(np.uint8)) if self.fused else (
+                (self.normalization.channels, height, width), self._input.dtype)
+            self.engine.prepare(bucket_samples(self._input.name, sample, dtype, self.max_batch_size))
+
+
+class _Classifying(Pending[Classifications]):
+    """The engine runs of one launch; waiting reads each chunk's rows (the padding dropped) and post-processes."""
+
+    def __init__(self, runs: list[tuple[PendingRun, int]], output_name: str, output: OutputSpec) -> None:
+        self._runs, self._name, self._output = runs, output_name, output
+        self._lock = threading.Lock()
+        self._result: Classifications | None = None
+
+    def done(self) -> bool:
+        return self._result is not None or all(run.done() for run, _ in self._runs)
+
+    def wait(self) -> Classifications:
+        with self._lock:
+            if self._result is None:
+                parts = [postprocess(run.wait()[self._name][:n], self._output) for run, n in self._runs]
+                self._result = parts[0] if len(parts) == 1 else Classifications.concatenate(parts)
+        return self._result
+
+    @property
+    def timing(self) -> RunTiming | None:
+        return span([run.timing for run, _ in self._runs]) if self._result is not None else None

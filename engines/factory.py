@@ -16,12 +16,14 @@ def create_engine(
     intra_op_threads: int = 1,
     inter_op_threads: int = 1,
     fp16: bool = False,
+    cuda_graphs: bool | str = "auto",
 ) -> Engine:
     """Load `path` with `backend` on `device` ("auto", "cpu" or "cuda").
 
     onnxruntime and torch take ONNX files; tensorrt takes a serialized engine (see
     `python -m engines.tensorrt_build`). Threads apply to onnxruntime (intra and inter op) and to torch
-    on CPU (intra op); fp16 to torch (TensorRT precision is chosen when the engine is built).
+    on CPU (intra op); fp16 and cuda_graphs ("auto", True, False) to torch (TensorRT precision is chosen when
+    the engine is built).
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -34,7 +36,7 @@ def create_engine(
     if backend == "torch":
         from engines.torch_engine import TorchEngine
 
-        return TorchEngine(path, device, fp16, intra_op_threads)
+        return TorchEngine(path, device, fp16, intra_op_threads, cuda_graphs)
     from engines.tensorrt_engine import TensorRTEngine
 
     return TensorRTEngine(path, device)

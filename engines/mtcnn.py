@@ -3,20 +3,26 @@
 A faithful port of facenet-pytorch 2.6.0's `detect_face` (MIT): same image pyramid, box
 regression, squaring, NMS thresholds and landmark arithmetic, so its pretrained weights give
 the same faces. Networks take RGB float32 NCHW, normalised as (x - 127.5) / 128.
+
+The box arithmetic (`square`, `regress`, `candidates`, `landmarks_of`, `cell_boxes`) takes its array module
+as `xp`, so the GPU-resident cascade (engines/mtcnn_torch.py) runs the very same functions on torch tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import cv2
 import numpy as np
 
 from engines.base import Engine
-from engines.batching import pad_batch, warm_buckets
+from engines.batching import bucket_samples, pad_batch
 from engines.detections import Detections
 
-_STAGE_BATCH = 256  # candidates per R-Net / O-Net call
+STAGE_BATCH = 256  # candidates per R-Net / O-Net call
+PIXEL_OFFSET, PIXEL_SCALE = 127.5, 0.0078125  # the nets' input: (x - 127.5) / 128
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
-    """MTCNN's final NMS: overlap = intersection / smaller area (pixel-inclusive boxes)."""
+    """MTCNN's final NMS: overlap = intersection / smaller area (pixel-inclusive boxes). Ties in score keep
+    the earlier box first (a stable order, as the GPU cascade's)."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(scores)[::-1]
+    order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i = order[0]
@@ -65,34 +72,57 @@ def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def _square(boxes: np.ndarray) -> np.ndarray:
-    """facenet-pytorch `rerec`: grow each box to a square around its centre."""
-    boxes = boxes.copy()
+def square(boxes: Any, xp: ModuleType = np) -> Any:
+    """facenet-pytorch `rerec`: grow each box (x1 y1 x2 y2, then any other columns) to a square around its
+    centre."""
     h = boxes[:, 3] - boxes[:, 1]
     w = boxes[:, 2] - boxes[:, 0]
-    side = np.maximum(w, h)
-    boxes[:, 0] += w * 0.5 - side * 0.5
-    boxes[:, 1] += h * 0.5 - side * 0.5
-    boxes[:, 2] = boxes[:, 0] + side
-    boxes[:, 3] = boxes[:, 1] + side
-    return boxes
+    side = xp.maximum(w, h)
+    x1 = boxes[:, 0] + (w * 0.5 - side * 0.5)
+    y1 = boxes[:, 1] + (h * 0.5 - side * 0.5)
+    return xp.concatenate([xp.stack([x1, y1, x1 + side, y1 + side], axis=1), boxes[:, 4:]], axis=1)
 
 
-def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
-    """facenet-pytorch `bbreg` (pixel-inclusive widths)."""
-    boxes = boxes.copy()
+def regress(boxes: Any, reg: Any, xp: ModuleType = np) -> Any:
+    """facenet-pytorch `bbreg` (pixel-inclusive widths): x1 y1 x2 y2 moved by the regression, other columns kept."""
     w = boxes[:, 2] - boxes[:, 0] + 1
     h = boxes[:, 3] - boxes[:, 1] + 1
-    boxes[:, 0] += reg[:, 0] * w
-    boxes[:, 1] += reg[:, 1] * h
-    boxes[:, 2] += reg[:, 2] * w
-    boxes[:, 3] += reg[:, 3] * h
-    return boxes
+    moved = [boxes[:, 0] + reg[:, 0] * w, boxes[:, 1] + reg[:, 1] * h,
+             boxes[:, 2] + reg[:, 2] * w, boxes[:, 3] + reg[:, 3] * h]
+    return xp.concatenate([xp.stack(moved, axis=1), boxes[:, 4:]], axis=1)
+
+
+def candidates(cand: Any, xp: ModuleType = np) -> Any:
+    """P-Net's (K, 9) boxes (x1 y1 x2 y2 score + 4 regression values) with their regression applied:
+    (K, 5) x1 y1 x2 y2 score."""
+    rw, rh = cand[:, 2] - cand[:, 0], cand[:, 3] - cand[:, 1]
+    return xp.stack([
+        cand[:, 0] + cand[:, 5] * rw,
+        cand[:, 1] + cand[:, 6] * rh,
+        cand[:, 2] + cand[:, 7] * rw,
+        cand[:, 3] + cand[:, 8] * rh,
+        cand[:, 4],
+    ], axis=1)
+
+
+def landmarks_of(boxes: Any, points: Any, xp: ModuleType = np) -> Any:
+    """O-Net's 10 landmark values per box (x1..x5 then y1..y5, relative) -> (K, 5, 2) pixels."""
+    bw = boxes[:, 2] - boxes[:, 0] + 1
+    bh = boxes[:, 3] - boxes[:, 1] + 1
+    return xp.stack([bw[:, None] * points[:, :5] + boxes[:, 0:1] - 1,
+                     bh[:, None] * points[:, 5:] + boxes[:, 1:2] - 1], axis=2)
+
+
+def cell_boxes(xs: Any, ys: Any, scale: Any, xp: ModuleType = np) -> tuple[Any, Any, Any, Any]:
+    """The image window (x1, y1, x2, y2) of the P-Net output cells at (xs, ys) (float32) of a pyramid level at
+    `scale`: its 12x12 window at stride 2, floored."""
+    x, y = xs * 2, ys * 2
+    return xp.floor((x + 1) / scale), xp.floor((y + 1) / scale), xp.floor((x + 12) / scale), xp.floor((y + 12) / scale)
 
 
 def _normalise(pixels: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) RGB -> (N, 3, H, W) float32, (x - 127.5) / 128."""
-    x = (pixels.astype(np.float32) - 127.5) * 0.0078125
+    x = (pixels.astype(np.float32) - PIXEL_OFFSET) * PIXEL_SCALE
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
@@ -132,7 +162,7 @@ class Mtcnn:
     def _run_batched(self, engine: Engine, patches: np.ndarray) -> dict[str, np.ndarray]:
         x = _normalise(patches)
         chunks = []
-        limit = engine.batch_limit(_STAGE_BATCH)
+        limit = engine.batch_limit(STAGE_BATCH)
         for i in range(0, len(x), limit):
             part = x[i : i + limit]
             out = engine.run_single(pad_batch(part, limit) if self.pad_batches else part)
@@ -140,10 +170,12 @@ class Mtcnn:
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def warm_up(self) -> None:
-        """Run R-Net and O-Net once per batch bucket (only with pad_batches)."""
+        """Prepare R-Net and O-Net for every batch bucket (run once, or captured as CUDA graphs; only with
+        pad_batches)."""
         if self.pad_batches:
             for engine, size in ((self.rnet, 24), (self.onet, 48)):
-                warm_buckets(engine.run_single, (3, size, size), np.dtype(np.float32), engine.batch_limit(_STAGE_BATCH))
+                engine.prepare(bucket_samples(engine.inputs[0].name, (3, size, size), np.dtype(np.float32),
+                                              engine.batch_limit(STAGE_BATCH)))
 
     def _refine(
         self, engine: Engine, frames: list[tuple[np.ndarray, np.ndarray]], size: int, threshold: float
@@ -184,10 +216,8 @@ class Mtcnn:
             ys, xs = np.nonzero(prob >= threshold)
             if len(ys) == 0:
                 continue
-            cells = np.stack([xs, ys], axis=1).astype(np.float32)
-            q1 = np.floor((2 * cells + 1) / scale)
-            q2 = np.floor((2 * cells + 12) / scale)
-            boxes = np.column_stack([q1, q2, prob[ys, xs], reg[:, ys, xs].T]).astype(np.float32)
+            x1, y1, x2, y2 = cell_boxes(xs.astype(np.float32), ys.astype(np.float32), np.float32(scale))
+            boxes = np.column_stack([x1, y1, x2, y2, prob[ys, xs], reg[:, ys, xs].T]).astype(np.float32)
             found.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
         if not found:
             return np.zeros((0, 9), np.float32)
@@ -202,13 +232,13 @@ class Mtcnn:
                 raise ValueError(f"frame must be (H, W, 3) BGR, got {frame.shape}")
         rgbs = [cv2.cvtColor(frame, cv2.COLOR_BGR2RGB).astype(np.float32) for frame in frames_bgr]
         _, t2, t3 = self.params.thresholds
-        stage1 = [_square(_candidates(self._stage1(rgb))) for rgb in rgbs]
+        stage1 = [square(candidates(self._stage1(rgb))) for rgb in rgbs]
 
         # Stage 2: R-Net refines and rejects.
         stage2 = []
         for boxes, out in self._refine(self.rnet, list(zip(rgbs, stage1)), 24, t2):
             keep = nms(boxes[:, :4], boxes[:, 4], 0.7)
-            stage2.append(_square(_regress(boxes[keep], out["regression"][keep])) if len(keep) else boxes[:0])
+            stage2.append(square(regress(boxes[keep], out["regression"][keep])) if len(keep) else boxes[:0])
 
         # Stage 3: O-Net gives final boxes, scores and landmarks.
         refined = self._refine(self.onet, list(zip(rgbs, stage2)), 48, t3)
@@ -221,14 +251,8 @@ class Mtcnn:
         empty = Detections.empty(self.class_names, num_landmarks=5)
         if len(boxes) == 0:
             return empty
-        reg, points = out["regression"], out["landmarks"]
-        bw = boxes[:, 2] - boxes[:, 0] + 1
-        bh = boxes[:, 3] - boxes[:, 1] + 1
-        landmarks = np.stack(
-            [bw[:, None] * points[:, :5] + boxes[:, 0:1] - 1, bh[:, None] * points[:, 5:] + boxes[:, 1:2] - 1],
-            axis=2,
-        )
-        boxes = _regress(boxes, reg)
+        landmarks = landmarks_of(boxes, out["landmarks"])
+        boxes = regress(boxes, out["regression"])
         keep = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
         boxes, landmarks = boxes[keep], landmarks[keep]
         if len(boxes) == 0:
@@ -242,14 +266,3 @@ class Mtcnn:
             landmarks.astype(np.float32),
         ).clip(w, h)
 
-
-def _candidates(cand: np.ndarray) -> np.ndarray:
-    """P-Net's (K, 9) boxes with their regression applied: (K, 5) x1 y1 x2 y2 score."""
-    rw, rh = cand[:, 2] - cand[:, 0], cand[:, 3] - cand[:, 1]
-    return np.column_stack([
-        cand[:, 0] + cand[:, 5] * rw,
-        cand[:, 1] + cand[:, 6] * rh,
-        cand[:, 2] + cand[:, 7] * rw,
-        cand[:, 3] + cand[:, 8] * rh,
-        cand[:, 4],
-    ])

@@ -2,64 +2,34 @@
 
 This is the GPU path where TensorRT is not installed (our GPU machine has torch but neither
 TensorRT nor onnxruntime-gpu), so GPU numbers come from the project's own code path.
+
+On CUDA it launches like TensorRT does: `prepare` captures the forward once per batch shape it is given
+(the power-of-two buckets of engines/batching.py) as a CUDA graph on the engine's own stream, into static
+device buffers, and every run of a captured shape is one copy into a page-locked buffer, one host-to-device
+copy, one graph replay and one device-to-host copy, enqueued without waiting; `wait` then blocks on that
+stream's event alone, with the GIL released. Eager onnx2torch, which launches each of a model's kernels
+from Python, stays for the CPU, for shapes nobody prepared, and where `cuda_graphs` is off.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from contextlib import nullcontext
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack, nullcontext, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.base import Engine, EngineError, TensorSpec
+from engines.base import Completed, Engine, EngineError, Pending, PendingRun, RunTiming, TensorSpec
 
 logger = logging.getLogger(__name__)
 
 _ONNX_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
-
-
-def _register_missing_converters() -> None:
-    """onnx2torch 1.5.15 lacks Pad-18 (opset 18 models such as age.onnx); without the optional
-    `axes` input it is the same operator as Pad-13, so reuse that converter."""
-    from onnx import defs
-    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
-
-    pad18 = OperationDescription(defs.ONNX_DOMAIN, "Pad", 18)
-    if pad18 not in _CONVERTER_REGISTRY:
-        add_converter(operation_type="Pad", version=18)(_CONVERTER_REGISTRY[OperationDescription(defs.ONNX_DOMAIN, "Pad", 13)])
-
-
-def _fold_constant_aliases(model: Any) -> None:
-    """Turn Constant nodes, and Identity nodes over initializers, into initializers.
-
-    torch.onnx's exporter de-duplicates equal weights behind Identity nodes (e.g. the zero biases
-    of freshly folded convs), and onnx2torch only reads conv weights and biases from initializers.
-    """
-    from onnx import numpy_helper
-
-    graph = model.graph
-    initializers = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    kept = []
-    for node in graph.node:
-        source = None
-        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
-            source = numpy_helper.to_array(initializers[node.input[0]])
-        elif node.op_type == "Constant" and node.output[0] not in outputs:
-            value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                source = numpy_helper.to_array(value.t)
-        if source is None:
-            kept.append(node)
-            continue
-        tensor = numpy_helper.from_array(source, node.output[0])
-        graph.initializer.append(tensor)
-        initializers[tensor.name] = tensor
-    del graph.node[:]
-    graph.node.extend(kept)
+_CLOCK_REANCHOR_S = 30.0  # CUDA event times are float milliseconds: re-anchor before they lose precision
 
 
 def _spec(value_info: Any) -> TensorSpec:
@@ -70,14 +40,127 @@ def _spec(value_info: Any) -> TensorSpec:
     return TensorSpec(value_info.name, dims, np.dtype(_ONNX_TYPES[tensor.elem_type]))
 
 
+def _dtype_name(dtype: Any) -> str:
+    """'float32' for np.float32, np.dtype('float32') and torch.float32 alike."""
+    return str(dtype).removeprefix("torch.") if not isinstance(dtype, np.dtype | type) else np.dtype(dtype).name
+
+
+Key = tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype name) of each input
+
+
+@dataclass
+class CapturedGraph:
+    """One captured forward: static device inputs and outputs, and page-locked host copies of both."""
+
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: list[Any]  # static device tensors the replay reads
+    outputs: list[Any]  # static device tensors the replay writes
+    host_inputs: list[Any] = field(default_factory=list)  # page-locked, made on the first host run
+    host_outputs: list[Any] = field(default_factory=list)
+
+
+def capture_graph(fn: Callable[[list[Any]], list[Any]], example: Sequence[Any], stream: Any, pool: Any = None,
+                  warmups: int = 2) -> CapturedGraph:
+    """`fn` (device tensors -> device tensors) captured as one CUDA graph on `stream`, with clones of `example`
+    as its static inputs. Runs `fn` `warmups` times first (cuDNN/cuBLAS handles and algorithm choice happen
+    there, not inside the capture). Captures thread-locally: other threads of the process keep using CUDA
+    meanwhile (the stages of layouts ingress and colocated), and skips torch.cuda.graph's device-wide
+    synchronize and cache flush, which would stall every other engine when a capture happens at run time."""
+    import torch
+
+    static = [t.clone() for t in example]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn(static)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            outputs = fn(static)
+        except BaseException:
+            with suppress(Exception):  # ends the invalidated capture; the first error is the one to report
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    return CapturedGraph(graph, static, list(outputs))
+
+
+def replay(graph: CapturedGraph, tensors: Sequence[Any]) -> list[Any]:
+    """Copy `tensors` into the graph's inputs and replay it, on the caller's current stream; returns the graph's
+    own output tensors (overwritten by its next replay)."""
+    for static, tensor in zip(graph.inputs, tensors):
+        static.copy_(tensor)
+    graph.graph.replay()
+    return graph.outputs
+
+
+class _GpuClock:
+    """Maps CUDA events onto time.perf_counter(): an event recorded on an idle stream and waited for is
+    `anchor`; any later event is anchor + its elapsed time."""
+
+    def __init__(self, torch: Any, stream: Any) -> None:
+        self._torch, self._stream = torch, stream
+        self._anchor: Any = None
+        self._anchor_at = 0.0
+
+    def reanchor_if_stale(self) -> None:
+        """Call when the stream is idle (the event is then reached at once)."""
+        if self._anchor is None or time.perf_counter() - self._anchor_at > _CLOCK_REANCHOR_S:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record(self._stream)
+            event.synchronize()
+            self._anchor, self._anchor_at = event, time.perf_counter()
+
+    def at(self, event: Any) -> float:
+        return self._anchor_at + self._anchor.elapsed_time(event) / 1e3
+
+
+class _GraphRun(Pending[dict[str, np.ndarray]]):
+    """A replay in flight: its outputs land in the graph's page-locked buffers when `end` is reached."""
+
+    def __init__(self, engine: TorchEngine, graph: CapturedGraph, begin: Any, end: Any, launched_at: float,
+                 enqueued_at: float) -> None:
+        self._engine, self._graph = engine, graph
+        self._begin, self._end = begin, end
+        self._launched_at, self._enqueued_at = launched_at, enqueued_at
+        self._lock = threading.Lock()
+        self._outputs: dict[str, np.ndarray] | None = None
+        self._timing: RunTiming | None = None
+
+    def done(self) -> bool:
+        return self._outputs is not None or bool(self._end.query())
+
+    def wait(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._outputs is None:
+                self._end.synchronize()  # this stream's work only; torch releases the GIL meanwhile
+                names = [s.name for s in self._engine.outputs]
+                self._outputs = {n: host.numpy().copy() for n, host in zip(names, self._graph.host_outputs)}
+                clock = self._engine._clock
+                self._timing = RunTiming(self._launched_at, self._enqueued_at, clock.at(self._begin),
+                                         clock.at(self._end))
+                self._engine._finished(self)
+            return self._outputs
+
+    @property
+    def timing(self) -> RunTiming | None:
+        return self._timing
+
+
 class TorchEngine(Engine):
     backend = "torch"
 
-    def __init__(self, path: Path, device: str = "auto", fp16: bool = False, intra_op_threads: int = 1) -> None:
+    def __init__(self, path: Path, device: str = "auto", fp16: bool = False, intra_op_threads: int = 1,
+                 cuda_graphs: bool | str = "auto") -> None:
+        """`cuda_graphs`: "auto" (capture on CUDA; a model that will not capture runs eager, with a warning),
+        True (the same, but a model that will not capture fails the load), False (always eager)."""
         try:
             import onnx
             import torch
-            from onnx2torch import convert
+
+            from engines import onnx_to_torch
         except ImportError as exc:
             raise EngineError(f"the torch backend needs torch and onnx2torch ({exc.name} is missing): pip install '.[torch]'") from exc
         if device == "cuda" and not torch.cuda.is_available():
@@ -87,41 +170,222 @@ class TorchEngine(Engine):
             # torch's CPU thread pool is per process and defaults to every core: hold it to the replica's share
             # (stages that share a process, as in layout "ingress", share one pool; the last setting wins)
             torch.set_num_threads(intra_op_threads)
-        _register_missing_converters()
+        self.name = Path(path).name
         try:
             model = onnx.load(str(path))
-            _fold_constant_aliases(model)
-            module = convert(model)
+            self._inputs_of(model)  # unsupported types fail before the conversion
+            module = onnx_to_torch.convert(model)
+        except EngineError:
+            raise
         except Exception as exc:  # onnx2torch raises NotImplementedError and friends
-            raise EngineError(f"onnx2torch cannot convert {Path(path).name}: {exc}") from exc
-        initializers = {i.name for i in model.graph.initializer}
-        self._inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
+            raise EngineError(f"onnx2torch cannot convert {self.name}: {exc}") from exc
+        self._inputs = self._inputs_of(model)
         self._outputs = [_spec(v) for v in model.graph.output]
         # fp16 through autocast, not .half(): ops that need fp32 (softmax, reductions, the casts some
         # exports contain) stay in fp32, and inputs and weights keep their types
         self._fp16 = fp16 and self.device == "cuda"
         self._module = module.eval().to(self.device)
         self._torch = torch
+        self._transform: Callable[[Any], Any] | None = None
         # Each engine queues its work on its own stream, so engines that share a process (layouts colocated
         # and ingress) overlap on the GPU instead of serialising on the default stream.
         self._stream = torch.cuda.Stream() if self.device == "cuda" else None
-        logger.info("loaded %s through onnx2torch on %s%s", Path(path).name, self.device, " fp16" if self._fp16 else "")
+        self._clock = _GpuClock(torch, self._stream) if self._stream is not None else None
+        self.cuda_graphs = self.device == "cuda" and cuda_graphs is not False
+        self._strict_capture = cuda_graphs is True
+        self.asynchronous = self.cuda_graphs
+        self._graphs: dict[Key, CapturedGraph] = {}
+        self._pool: Any = None  # one memory pool for all of this engine's graphs (they never replay at once)
+        self._lock = threading.Lock()
+        self._in_flight: _GraphRun | None = None
+        self.capture_s = 0.0
+        logger.info("loaded %s through onnx2torch on %s%s", self.name, self.device, " fp16" if self._fp16 else "")
+
+    @staticmethod
+    def _inputs_of(model: Any) -> list[TensorSpec]:
+        initializers = {i.name for i in model.graph.initializer}
+        return [_spec(v) for v in model.graph.input if v.name not in initializers]
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def fuse_input(self, transform: Callable[[Any], Any]) -> None:
+        """Prepend `transform` (torch tensor -> the model's input tensor) to the forward, so callers feed what
+        it takes (uint8 crops, say) and it runs on the engine's device, inside the captured graph. Before
+        `prepare`."""
+        if len(self._inputs) != 1:
+            raise EngineError(f"{self.name}: an input transform needs a model with one input")
+        if self._graphs:
+            raise EngineError(f"{self.name}: fuse the input transform before prepare()")
+        self._transform = transform
+
+    def prepare(self, samples: Iterable[Mapping[str, np.ndarray]]) -> None:
+        """Capture one CUDA graph per sample shape (largest first is best: later, smaller captures reuse the
+        memory the first reserved); without graphs, run each once."""
+        samples = list(samples)
+        if not self.cuda_graphs:
+            for sample in samples:
+                self.run(sample)
+            return
+        start = time.perf_counter()
+        for sample in samples:
+            arrays = [np.ascontiguousarray(sample[s.name]) for s in self._inputs]
+            self.capture([self._torch.from_numpy(a).to(self.device) for a in arrays])
+        self.capture_s += time.perf_counter() - start
+        if self.cuda_graphs:
+            logger.info("%s: %d CUDA graphs captured in %.2f s", self.name, len(self._graphs), self.capture_s)
+
+    def capture(self, example: Sequence[Any]) -> bool:
+        """Capture the forward for inputs shaped like the device tensors `example`; False (and eager from then
+        on for that shape) where the model will not capture and `cuda_graphs` is "auto"."""
+        torch = self._torch
+        key = self._key(example)
+        if key in self._graphs or not self.cuda_graphs:
+            return key in self._graphs
+        try:
+            def forward(tensors: list[Any]) -> list[Any]:
+                with self._context(own_stream=False):
+                    return self._forward(tensors)
+
+            captured = capture_graph(forward, example, self._stream, self._pool)
+        except Exception as exc:
+            if self._strict_capture:
+                raise EngineError(f"{self.name}: cannot capture the forward as a CUDA graph: {exc}") from exc
+            logger.warning("%s: cannot capture shape %s as a CUDA graph (%s); it runs eager", self.name,
+                           [list(t.shape) for t in example], str(exc).splitlines()[0][:200])
+            torch.cuda.synchronize()
+            return False
+        self._pool = captured.graph.pool()
+        self._graphs[key] = captured
+        return True
+
+    @property
+    def captured(self) -> list[Key]:
+        """The input shapes (and dtypes) replayed as CUDA graphs."""
+        return list(self._graphs)
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(arrays: Sequence[Any]) -> Key:
+        return tuple((tuple(int(d) for d in a.shape), _dtype_name(a.dtype)) for a in arrays)
+
+    def _autocast(self) -> Any:
+        if not self._fp16:
+            return nullcontext()
+        # autocast's cache of fp16 weight copies must stay off inside a CUDA graph capture
+        capturing = self._torch.cuda.is_current_stream_capturing()
+        return self._torch.autocast("cuda", dtype=self._torch.float16, cache_enabled=not capturing)
+
+    def _context(self, own_stream: bool = True) -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(self._torch.inference_mode())
+        if own_stream and self._stream is not None:
+            stack.enter_context(self._torch.cuda.stream(self._stream))
+        stack.enter_context(self._autocast())
+        return stack
+
+    def _forward(self, tensors: Sequence[Any]) -> list[Any]:
+        if self._transform is not None:
+            tensors = [self._transform(tensors[0])]
+        out = self._module(*tensors)
+        out = out if isinstance(out, (list, tuple)) else (out,)
+        if len(out) != len(self._outputs):
+            raise EngineError(
+                f"the converted model returned {len(out)} outputs, the ONNX graph declares "
+                f"{len(self._outputs)} ({[s.name for s in self._outputs]})"
+            )
+        return [o.float() if o.is_floating_point() else o for o in out]
+
+    def _arrays(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(feeds[spec.name]) for spec in self._inputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.launch(feeds).wait()
+
+    def launch(self, feeds: Mapping[str, np.ndarray]) -> PendingRun:
+        arrays = self._arrays(feeds)
+        graph = self._graphs.get(self._key(arrays)) if self._graphs else None
+        if graph is None:
+            start = time.perf_counter()
+            outputs = self._run_eager(arrays)
+            return Completed(outputs, RunTiming(start, time.perf_counter()))
         torch = self._torch
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self._fp16 else nullcontext()
-        with torch.inference_mode(), (torch.cuda.stream(self._stream) if self._stream else nullcontext()), autocast:
-            tensors = [torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(self.device, non_blocking=True)
-                       for spec in self._inputs]
-            out = self._module(*tensors)
-            out = out if isinstance(out, (list, tuple)) else (out,)
-            if len(out) != len(self._outputs):
-                raise EngineError(
-                    f"the converted model returned {len(out)} outputs, the ONNX graph declares "
-                    f"{len(self._outputs)} ({[s.name for s in self._outputs]})"
-                )
+        with self._lock:
+            if self._in_flight is not None:
+                self._in_flight.wait()  # its page-locked buffers are about to be overwritten
+            self._clock.reanchor_if_stale()
+            launched_at = time.perf_counter()
+            if not graph.host_inputs:
+                graph.host_inputs = [torch.empty_like(t, device="cpu").pin_memory() for t in graph.inputs]
+                graph.host_outputs = [torch.empty_like(t, device="cpu").pin_memory() for t in graph.outputs]
+            for host, array in zip(graph.host_inputs, arrays):
+                np.copyto(host.numpy(), array)
+            with torch.cuda.stream(self._stream):
+                for device_input, host in zip(graph.inputs, graph.host_inputs):
+                    device_input.copy_(host, non_blocking=True)
+                begin = torch.cuda.Event(enable_timing=True)
+                begin.record(self._stream)
+                graph.graph.replay()
+                for host, device_output in zip(graph.host_outputs, graph.outputs):
+                    host.copy_(device_output, non_blocking=True)
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(self._stream)
+            run = _GraphRun(self, graph, begin, end, launched_at, time.perf_counter())
+            self._in_flight = run
+            return run
+
+    def _finished(self, run: _GraphRun) -> None:
+        if self._in_flight is run:
+            self._in_flight = None
+
+    def _run_eager(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with self._context():
+            tensors = [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]
+            out = self._forward(tensors)
             # .cpu() waits for this stream's work only, then copies
-            return {
-                spec.name: (o.float() if o.is_floating_point() else o).cpu().numpy()
-                for spec, o in zip(self._outputs, out)
-            }
+            return {spec.name: o.cpu().numpy() for spec, o in zip(self._outputs, out)}
+
+    def run_tensors(self, tensors: Sequence[Any]) -> list[Any]:
+        """Device tensors in, device tensors out, queued on the caller's current stream with no host copy (the
+        GPU-resident MTCNN). A batch of n rows replays the captured graph of the smallest batch >= n of the
+        same item shape (its first n rows copied into the graph's inputs, the rest left as they are: rows are
+        independent), and the first n rows of its outputs are cloned, so they survive the next replay. Other
+        shapes run eager. Callers serialise their calls to one engine."""
+        graph, rows = self._graph_for(tensors)
+        with self._context(own_stream=False):
+            if graph is None:
+                return self._forward(tensors)
+            with self._lock:
+                if self._in_flight is not None:
+                    self._in_flight.wait()
+                for static, tensor in zip(graph.inputs, tensors):
+                    static[:rows].copy_(tensor)
+                graph.graph.replay()
+                return [o[:rows].clone() for o in graph.outputs]
+
+    def _graph_for(self, tensors: Sequence[Any]) -> tuple[CapturedGraph | None, int]:
+        """The graph for these inputs (exact shape, or the smallest larger batch of one input), and the rows."""
+        if not self._graphs:
+            return None, 0
+        key = self._key(tensors)
+        if key in self._graphs:
+            return self._graphs[key], int(tensors[0].shape[0])
+        if len(key) != 1:
+            return None, 0
+        (shape, dtype), = key
+        fits = [k for k in self._graphs if k[0][1] == dtype and k[0][0][1:] == shape[1:] and k[0][0][0] >= shape[0]]
+        if not fits:
+            return None, 0
+        return self._graphs[min(fits, key=lambda k: k[0][0][0])], shape[0]
+
+    def close(self) -> None:
+        """Wait for a run in flight, then drop the graphs, their memory pool and the module."""
+        with self._lock:
+            if self._in_flight is not None:
+                self._in_flight.wait()
+            self._graphs.clear()
+            self._pool = None
+            self._module = None
+        if self._stream is not None:
+            self._stream.synchronize()

@@ -67,17 +67,31 @@ class EngineConfig(StrictModel):
         description="pad batches to power-of-two sizes and warm each at start-up, so per-shape kernel "
         "selection never happens under load; auto: on CUDA only",
     )
+    cuda_graphs: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch backend on CUDA: capture each model's forward once per batch bucket as a CUDA graph at "
+        "start-up and replay it (one enqueue per call, as TensorRT does); auto: on CUDA, falling back to eager "
+        "with a warning for a model that will not capture; true: such a model fails the start-up; false: eager",
+    )
     intra_op_threads: int = Field(1, ge=1)
     inter_op_threads: int = Field(1, ge=1)
-    execution: Literal["auto", "thread", "inline"] = Field(
+    execution: Literal["auto", "thread", "inline", "async"] = Field(
         "auto",
         description="where model compute runs in the replica: 'inline' (on the event loop: no hand-off), "
-        "'thread' (one dedicated worker thread, so stages that share a process overlap), "
-        "'auto' (inline when the stage has its replica to itself, thread when it shares it)",
+        "'thread' (one dedicated worker thread, so stages that share a process overlap), 'async' (launched "
+        "on the event loop, waited for on a thread that holds no GIL: for engines that enqueue, CUDA graphs "
+        "and TensorRT), 'auto' (async for such engines, else inline when the stage has its replica to itself, "
+        "thread when it shares it)",
     )
 
 
 class MtcnnConfig(StrictModel):
+    implementation: Literal["auto", "numpy", "torch"] = Field(
+        "auto",
+        description="'numpy': the cascade's pixel work in numpy/OpenCV on the host, for any backend; 'torch': the "
+        "whole cascade on the nets' device, the frame uploaded once (torch backend only); auto: torch where "
+        "the nets run on CUDA through the torch backend, numpy elsewhere",
+    )
     pnet: ModelPath = Path("models/mtcnn_pnet.onnx")
     rnet: ModelPath = Path("models/mtcnn_rnet.onnx")
     onet: ModelPath = Path("models/mtcnn_onet.onnx")
@@ -143,6 +157,11 @@ class DetectorConfig(StrictModel):
     def _section_for_kind(self) -> DetectorConfig:
         if self.kind == "yolo" and self.yolo is None:
             raise ValueError("detector.kind is yolo but the detector.yolo section is missing")
+        if self.kind == "mtcnn" and self.mtcnn.implementation == "torch" and self.engine.backend != "torch":
+            raise ValueError(
+                f"detector.mtcnn.implementation: torch runs the cascade on the torch backend's device; this "
+                f"detector's engine.backend is {self.engine.backend} (use implementation numpy or auto)"
+            )
         if self.kind == "mtcnn" and self.engine.backend == "tensorrt":
             raise ValueError(
                 "detector.engine.backend: kind mtcnn cannot use backend tensorrt: its P-Net runs at a different "

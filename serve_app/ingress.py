@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.stages import ClassifierStage, DetectorStage
+from deployments.stages import NODE, ClassifierStage, DetectorStage
 from deployments.startup import freeze_startup_heap
 from engines.tracking import TrackerParams
 from serve_app.annotate import annotate, draw
@@ -147,6 +147,11 @@ class _Inference:
 
 def _call_trace(span: CallSpan, request_start: float) -> CallTrace:
     t = span.timing
+
+    def since_start(at: float | None) -> float | None:
+        """A stage's clock reading as ms from the request's arrival; only on this host (one monotonic clock)."""
+        return None if at is None or t.node != NODE else round((at - request_start) * 1e3, 2)
+
     return CallTrace(
         start_ms=round((span.started_at - request_start) * 1e3, 2),
         round_trip_ms=round(span.round_trip_ms, 2),
@@ -155,6 +160,9 @@ def _call_trace(span: CallSpan, request_start: float) -> CallTrace:
         compute_ms=round(t.compute_ms, 2),
         batch_size=t.batch_size,
         attempts=span.attempts,
+        launch_ms=None if t.launch_ms is None else round(t.launch_ms, 3),
+        gpu_start_ms=since_start(t.gpu_start_at),
+        gpu_end_ms=since_start(t.gpu_end_at),
     )
 
 

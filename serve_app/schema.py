@@ -42,6 +42,12 @@ class CallTrace(BaseModel):
     compute_ms: float = Field(description="model compute of the batch this call rode in")
     batch_size: int = Field(description="frames or crops in that batch")
     attempts: int = Field(1, description="calls it took: 2 when a replica was lost under the first and the call was retried")
+    launch_ms: float | None = Field(None, description="host time the stage spent handing the batch to its engine "
+                                    "(copy in, enqueue); compute_ms minus this is waiting for the device")
+    gpu_start_ms: float | None = Field(None, description="when the batch's work began on the GPU, from the request's "
+                                       "arrival (CUDA events; on the ingress's host only): the classifiers' GPU "
+                                       "windows [gpu_start_ms, gpu_end_ms] overlap when they compute together")
+    gpu_end_ms: float | None = Field(None, description="when the batch's work ended on the GPU, from the request's arrival")
 
 
 class Trace(BaseModel):

@@ -29,3 +29,12 @@ def collage() -> np.ndarray:
     """Three faces side by side: astronaut, astronaut mirrored, camera man (512x1536)."""
     astronaut = read(ASTRONAUT)
     return np.concatenate([astronaut, astronaut[:, ::-1], read(CAMERA)], axis=1)
+
+
+def many_faces() -> np.ndarray:
+    """Eight faces in one photo (768x1536): the committed portraits, mirrored and tiled at 384x384, so the
+    classifiers get eight crops per request (the benchmark's many-object image)."""
+    astronaut, camera, cmyk = read(ASTRONAUT), read(CAMERA), read(DATA / "astronaut_cmyk.jpg")
+    tiles = [astronaut, astronaut[:, ::-1], camera, camera[:, ::-1], cmyk, cmyk[:, ::-1], astronaut, camera]
+    tiles = [cv2.resize(t, (384, 384), interpolation=cv2.INTER_AREA) for t in tiles]
+    return np.concatenate([np.concatenate(tiles[:4], axis=1), np.concatenate(tiles[4:], axis=1)], axis=0)

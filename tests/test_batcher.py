@@ -9,6 +9,7 @@ import pytest
 
 from deployments.batcher import GreedyBatcher
 from deployments.execution import ComputeExecutor
+from engines import Completed, completed
 
 
 class Recorder:
@@ -20,7 +21,10 @@ class Recorder:
         self.started = threading.Event()
         self.hold = False
 
-    def __call__(self, items: list[str]) -> list[str]:
+    def __call__(self, items: list[str]) -> Completed[list[str]]:
+        return completed(self.compute, items)
+
+    def compute(self, items: list[str]) -> list[str]:
         self.batches.append(list(items))
         self.started.set()
         if self.hold:

@@ -62,3 +62,30 @@ def test_to_tensor_divides_by_per_channel_std() -> None:
     np.testing.assert_allclose(x.reshape(3), [2.0, 4.0, 1.0], rtol=1e-6)
     with pytest.raises(ValueError, match="std values must be non-zero"):
         Normalization("RGB", 1.0, (0.0,), (0.0,))
+
+
+@pytest.mark.parametrize("spec", [
+    Normalization("RGB", 0.00390625, (122.782, 117.001, 104.298)),
+    Normalization("BGR", 1 / 255, (123.675, 116.28, 103.53), (0.229, 0.224, 0.225)),
+    Normalization("GRAY", 0.00784313725, (127.5,)),
+])
+def test_normalising_on_the_device_gives_the_hosts_tensor(spec: Normalization) -> None:
+    """`DeviceNormalization` (what a GPU engine fuses into its forward) is `to_tensor`, value for value."""
+    torch = pytest.importorskip("torch")
+    from engines.preprocess import DeviceNormalization
+
+    crops = np.random.default_rng(7).integers(0, 256, (5, 33, 47, 3), dtype=np.uint8)
+    on_device = DeviceNormalization(spec, "cpu")
+    np.testing.assert_array_equal(on_device(torch.from_numpy(crops)).numpy(), to_tensor(crops, spec))
+
+
+def test_grey_on_the_device_is_opencvs_grey_for_every_colour() -> None:
+    """The fixed-point weights reproduce cv2.cvtColor(BGR2GRAY) on all 2^24 colours."""
+    torch = pytest.importorskip("torch")
+    from engines.preprocess import DeviceNormalization
+
+    colours = np.arange(1 << 24, dtype=np.int64)
+    crops = np.stack([colours % 256, colours // 256 % 256, colours // 65536], -1).astype(np.uint8).reshape(256, 256, 256, 3)
+    spec = Normalization("GRAY", 1.0, (0.0,))
+    on_device = DeviceNormalization(spec, "cpu")
+    np.testing.assert_array_equal(on_device(torch.from_numpy(crops)).numpy(), to_tensor(crops, spec))

@@ -111,3 +111,143 @@ def test_torch_on_cuda_matches_onnxruntime(name: str, fp16: bool) -> None:
     tolerance = 3e-2 if fp16 else 1e-2
     for output in expected:
         np.testing.assert_allclose(got[output], expected[output], atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_every_shipped_model_runs_without_reading_tensors_on_the_host(name: str) -> None:
+    """What CUDA-graph capture needs: no op of the converted model reads a tensor's values on the host (a
+    device-to-host sync on CUDA). On torch's meta device tensors have no values, so any such read fails; the
+    emotion export computed its pads at run time and failed this before its constants were folded."""
+    import torch
+
+    from engines.onnx_to_torch import host_reads
+
+    engine = create_engine("torch", MODELS / f"{name}.onnx", "cpu")
+    assert host_reads(engine._module) == []
+    meta = engine._module.to("meta")
+    with torch.inference_mode():
+        out = meta(torch.empty(SHAPES[name], device="meta"))
+    assert all(o.device.type == "meta" for o in (out if isinstance(out, (list, tuple)) else (out,)))
+
+
+def test_constant_folding_removes_the_pad_arithmetic_of_the_emotion_export() -> None:
+    import onnx
+
+    from engines.onnx_to_torch import fold_constants
+
+    model = onnx.load(str(MODELS / "emotion.onnx"))
+    before = {n.op_type for n in model.graph.node}
+    assert {"ConstantOfShape", "Reshape", "Slice"} <= before
+    assert fold_constants(model) > 0
+    after = {n.op_type for n in model.graph.node}
+    assert not after & {"Constant", "ConstantOfShape", "Reshape", "Slice", "Concat", "Cast", "Transpose"}
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    initializers = {i.name for i in model.graph.initializer}
+    assert len(pads) == 4 and all(p.input[1] in initializers for p in pads)
+
+
+@pytest.mark.parametrize("name, color", [("age", "RGB"), ("emotion", "GRAY")])
+def test_normalising_inside_the_engine_gives_the_same_answer(name: str, color: str) -> None:
+    """A classifier whose engine takes uint8 crops and normalises them in its forward (as on CUDA) answers as
+    the one normalised on the host."""
+    from engines.classifier import ClassifierModel, OutputSpec
+    from engines.preprocess import Normalization
+
+    norm = Normalization(color, 0.0078125, (127.5,) if color == "GRAY" else (122.8, 117.0, 104.3))
+    output = OutputSpec("vector")
+    host = ClassifierModel(create_engine("torch", MODELS / f"{name}.onnx", "cpu"), norm, output, 8)
+    fused = ClassifierModel(create_engine("torch", MODELS / f"{name}.onnx", "cpu"), norm, output, 8,
+                            pad_batches=True, fuse_normalization=True)
+    assert (host.fused, fused.fused) == (False, True)
+    fused.warm_up(64, 64)
+    crops = np.random.default_rng(5).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)  # two chunks of 8
+    np.testing.assert_allclose(fused.predict(crops).vector, host.predict(crops).vector, atol=1e-5)
+
+
+def test_a_synchronous_engine_launches_a_finished_run_with_its_timing() -> None:
+    engine = create_engine("torch", MODELS / "gender.onnx", "cpu")
+    assert not engine.asynchronous
+    x = np.random.default_rng(2).normal(0, 1, SHAPES["gender"]).astype(np.float32)
+    pending = engine.launch({engine.inputs[0].name: x})
+    assert pending.done() and pending.timing.enqueued_at >= pending.timing.launched_at
+    assert pending.timing.gpu_start_at is None  # no device timeline on the CPU
+    np.testing.assert_array_equal(pending.wait()["probabilities"], engine.run_single(x)["probabilities"])
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_every_shipped_model_captures_and_its_replays_equal_eager(name: str) -> None:
+    """cuda_graphs: true fails the load of a model that will not capture, so every shipped model captures.
+    Each prepared bucket replays; other shapes run eager; both agree with eager within fp16's tolerance."""
+    from engines.batching import bucket_samples
+
+    path = MODELS / f"{name}.onnx"
+    eager = create_engine("torch", path, "cuda", fp16=True, cuda_graphs=False)
+    graphed = create_engine("torch", path, "cuda", fp16=True, cuda_graphs=True)
+    assert (eager.asynchronous, graphed.asynchronous) == (False, True)
+    shape = SHAPES[name]
+    input_name = graphed.inputs[0].name
+    graphed.prepare(bucket_samples(input_name, shape[1:], np.dtype(np.float32), 8))
+    assert sorted(k[0][0][0] for k in graphed.captured) == [1, 2, 4, 8] and not eager.captured
+    rng = np.random.default_rng(4)
+    for batch in (1, 4, 8, 3):  # 3 is no bucket: eager
+        x = rng.normal(0, 1, (batch, *shape[1:])).astype(np.float32)
+        pending = graphed.launch({input_name: x})
+        assert isinstance(pending.done(), bool)
+        got, expected = pending.wait(), eager.run({input_name: x})
+        for output in expected:
+            np.testing.assert_allclose(got[output], expected[output], atol=3e-2, rtol=3e-2)
+        if batch != 3:
+            assert pending.timing.gpu_end_at >= pending.timing.gpu_start_at >= pending.timing.launched_at - 1e-3
+    graphed.close()
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
+def test_three_engines_launched_before_any_wait_give_their_own_answers() -> None:
+    """The fan-out's shape in one process: three graphs launched on three streams, then waited for; each
+    answer is its own model's (no buffer shared, no stream crossed)."""
+    from engines.batching import bucket_samples
+
+    engines = {n: create_engine("torch", MODELS / f"{n}.onnx", "cuda", fp16=True) for n in ("age", "gender", "emotion")}
+    inputs = {}
+    for name, engine in engines.items():
+        engine.prepare(bucket_samples(engine.inputs[0].name, SHAPES[name][1:], np.dtype(np.float32), 8))
+        inputs[name] = np.random.default_rng(len(name)).normal(0, 1, (8, *SHAPES[name][1:])).astype(np.float32)
+    expected = {n: e.run({e.inputs[0].name: inputs[n]}) for n, e in engines.items()}
+    for _ in range(20):
+        pending = {n: e.launch({e.inputs[0].name: inputs[n]}) for n, e in engines.items()}
+        for name, run in pending.items():
+            for output, value in run.wait().items():
+                np.testing.assert_array_equal(value, expected[name][output])
+
+
+class _TensorFactorySpy:
+    """Records every aten op run inside it: a tensor made from Python data (aten.lift_fresh) inside a forward is
+    a host-to-device copy on CUDA, which a CUDA-graph capture refuses."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                calls.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def test_the_fused_forward_makes_no_tensor_from_host_data() -> None:
+    import torch
+
+    from engines.classifier import ClassifierModel, OutputSpec
+    from engines.preprocess import Normalization
+
+    engine = create_engine("torch", MODELS / "gender.onnx", "cpu")
+    ClassifierModel(engine, Normalization("RGB", 1 / 256, (122.8, 117.0, 104.3), (0.5, 0.5, 0.5)), OutputSpec("vector"),
+                    8, fuse_normalization=True)
+    spy = _TensorFactorySpy()
+    with spy.mode, torch.inference_mode():
+        engine._forward([torch.zeros((2, 32, 32, 3), dtype=torch.uint8)])
+    assert spy.calls and "aten.lift_fresh.default" not in spy.calls

@@ -1,0 +1,332 @@
+"""The MTCNN cascade kept on the device: the GPU detector for the torch backend.
+
+engines/mtcnn.py runs the cascade's pixel work in numpy and OpenCV on the host (on a GPU machine about 25
+of its 40 ms per photo). Here every frame is uploaded once and stays on the device: the pyramid is resized
+there (OpenCV's INTER_AREA as two matrix products, engines/torch_boxes.py), P-Net's outputs are thresholded
+and NMS'd there (exact greedy NMS for every level of every frame at once), the R-Net and O-Net patches are
+cut and resized there, R-Net and O-Net replay as CUDA graphs per batch bucket (TorchEngine.run_tensors), and
+one device-to-host copy brings back the faces. The box arithmetic is the numpy cascade's own functions,
+run on tensors (`xp=torch`), so both find the same faces: tests/test_mtcnn_torch.py runs this cascade on the
+CPU device against the numpy one.
+
+Frames of one `detect_batch` call that have the same size share every P-Net launch (one batch per pyramid
+level); R-Net and O-Net take the candidates of all frames in one batch each. On CUDA, the pyramid and P-Net
+of a frame size (and batch) seen before are one CUDA-graph replay: the second time a size comes, its whole
+P-Net stage is captured (an LRU of `_PNET_GRAPHS` sizes); other sizes run eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engines.batching import bucket_samples
+from engines.detections import Detections
+from engines.mtcnn import (
+    PIXEL_OFFSET,
+    PIXEL_SCALE,
+    STAGE_BATCH,
+    MtcnnParams,
+    candidates,
+    cell_boxes,
+    landmarks_of,
+    pyramid_scales,
+    regress,
+    square,
+)
+from engines.torch_boxes import crop_resize, greedy_nms, image_resize_weights, resize_image
+from engines.torch_engine import TorchEngine, CapturedGraph, capture_graph, replay
+
+logger = logging.getLogger(__name__)
+
+_PYRAMID_CACHE = 16  # frame sizes whose level geometry is kept
+_PNET_GRAPHS = 8  # (batch, height, width) whose P-Net stage is kept as a CUDA graph
+_SEEN, _FAILED = "seen", "failed"
+
+
+@dataclass(frozen=True)
+class _Level:
+    scale: float
+    height: int  # the level image
+    width: int
+    weights: tuple[Any, Any]  # the frame -> level resize (torch_boxes.image_resize_weights)
+
+
+@dataclass(frozen=True)
+class _Pyramid:
+    """The levels of one frame size, and for every P-Net output cell of every level (flattened, level by
+    level, row-major) its column, row, level scale and level index."""
+
+    levels: tuple[_Level, ...]
+    xs: Any
+    ys: Any
+    scales: Any
+    level_of: Any
+
+
+class TorchMtcnn:
+    """Face detector: BGR uint8 frames -> Detections with 5 landmarks per face, every step on the nets' device."""
+
+    class_names = ("face",)
+    backend = "torch"
+
+    def __init__(self, pnet: TorchEngine, rnet: TorchEngine, onet: TorchEngine, params: MtcnnParams | None = None,
+                 pad_batches: bool = True) -> None:
+        import torch
+
+        if len({pnet.device, rnet.device, onet.device}) != 1:
+            raise ValueError("P-Net, R-Net and O-Net must run on one device")
+        self.pnet, self.rnet, self.onet = pnet, rnet, onet
+        self.params = params or MtcnnParams()
+        self.pad_batches = pad_batches
+        self.device = pnet.device
+        self._torch = torch
+        self._stream = torch.cuda.Stream() if self.device == "cuda" else None
+        self._pyramids: OrderedDict[tuple[int, int], _Pyramid] = OrderedDict()
+        self._stage_batch = {id(e): e.batch_limit(STAGE_BATCH) for e in (rnet, onet)}
+        # per (batch, height, width): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
+        self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
+        self._pool: Any = None
+        self.pnet_capture_s = 0.0
+
+    def warm_up(self) -> None:
+        """Capture R-Net and O-Net per batch bucket (CUDA), so a stage of n candidates is one replay of the
+        smallest bucket that holds them; P-Net, whose shape follows the frame, runs eager."""
+        if self.pad_batches:
+            for engine, size in ((self.rnet, 24), (self.onet, 48)):
+                engine.prepare(bucket_samples(engine.inputs[0].name, (3, size, size), np.dtype(np.float32),
+                                              self._stage_batch[id(engine)]))
+
+    def close(self) -> None:
+        for engine in (self.pnet, self.rnet, self.onet):
+            engine.close()
+
+    def detect(self, frame_bgr: np.ndarray) -> Detections:
+        return self.detect_batch([frame_bgr])[0]
+
+    def detect_batch(self, frames_bgr: Sequence[np.ndarray]) -> list[Detections]:
+        for frame in frames_bgr:
+            if frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(f"frame must be (H, W, 3) BGR, got {frame.shape}")
+        if not frames_bgr:
+            return []
+        torch = self._torch
+        context = torch.cuda.stream(self._stream) if self._stream is not None else _null()
+        with torch.inference_mode(), context:
+            return self._detect(frames_bgr)
+
+    # -- the cascade -------------------------------------------------------------------------------------
+
+    def _detect(self, frames_bgr: Sequence[np.ndarray]) -> list[Detections]:
+        torch = self._torch
+        _, t2, t3 = self.params.thresholds
+        groups = self._upload(frames_bgr)  # [(frame indices, (B, 3, H, W) float32 RGB)]
+        images = {i: (g, j) for g, (indices, _) in enumerate(groups) for j, i in enumerate(indices)}
+
+        found = [self._stage1(indices, rgb) for indices, rgb in groups]
+        boxes = torch.cat([b for b, _ in found])  # (K, 9)
+        frame_of = torch.cat([f for _, f in found])
+        keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7)
+        boxes, frame_of = square(candidates(boxes[keep], torch), torch), frame_of[keep]
+
+        # Stage 2: R-Net refines and rejects.
+        boxes, frame_of, out = self._refine(self.rnet, groups, images, boxes, frame_of, 24, t2)
+        keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7)
+        boxes = square(regress(boxes[keep], out["regression"][keep], torch), torch)
+        frame_of = frame_of[keep]
+
+        # Stage 3: O-Net gives final boxes, scores and landmarks.
+        boxes, frame_of, out = self._refine(self.onet, groups, images, boxes, frame_of, 48, t3)
+        landmarks = landmarks_of(boxes, out["landmarks"], torch)
+        boxes = regress(boxes, out["regression"], torch)
+        keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7, overlap="min")
+        host = torch.cat([boxes[keep, :5], landmarks[keep].reshape(-1, 10), frame_of[keep, None].float()], 1).cpu()
+        return self._detections(host.numpy(), frames_bgr)
+
+    def _upload(self, frames_bgr: Sequence[np.ndarray]) -> list[tuple[list[int], Any]]:
+        """Frames grouped by size, each group one (B, 3, H, W) float32 RGB tensor on the device (one copy)."""
+        torch = self._torch
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, frame in enumerate(frames_bgr):
+            by_size.setdefault(frame.shape[:2], []).append(i)
+        groups = []
+        for indices in by_size.values():
+            stacked = np.stack([frames_bgr[i] for i in indices]) if len(indices) > 1 else frames_bgr[indices[0]][None]
+            pixels = torch.from_numpy(np.ascontiguousarray(stacked)).to(self.device, non_blocking=True)
+            groups.append((indices, pixels.flip(3).permute(0, 3, 1, 2).float().contiguous()))
+        return groups
+
+    def _pyramid(self, height: int, width: int) -> _Pyramid:
+        key = (height, width)
+        if key in self._pyramids:
+            self._pyramids.move_to_end(key)
+            return self._pyramids[key]
+        torch = self._torch
+        levels, xs, ys, scales, level_of = [], [], [], [], []
+        for index, scale in enumerate(pyramid_scales(height, width, self.params.min_face_size, self.params.scale_factor)):
+            level_height, level_width = int(height * scale + 1), int(width * scale + 1)
+            rows, cols = _pnet_output_size(level_height), _pnet_output_size(level_width)
+            if rows <= 0 or cols <= 0:
+                continue
+            levels.append(_Level(scale, level_height, level_width,
+                                 image_resize_weights(height, width, level_height, level_width, self.device)))
+            grid_y, grid_x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+            xs.append(grid_x.reshape(-1))
+            ys.append(grid_y.reshape(-1))
+            scales.append(np.full(rows * cols, scale, np.float32))
+            level_of.append(np.full(rows * cols, index, np.int64))
+
+        def device(parts: list[np.ndarray], dtype: Any) -> Any:
+            joined = np.concatenate(parts) if parts else np.zeros(0)
+            return torch.from_numpy(joined.astype(dtype)).to(self.device)
+
+        pyramid = _Pyramid(tuple(levels), device(xs, np.float32), device(ys, np.float32), device(scales, np.float32),
+                           device(level_of, np.int64))
+        self._pyramids[key] = pyramid
+        if len(self._pyramids) > _PYRAMID_CACHE:
+            self._pyramids.popitem(last=False)
+        return pyramid
+
+    def _stage1(self, indices: list[int], rgb: Any) -> tuple[Any, Any]:
+        """P-Net over the pyramid of a group of same-size frames, every level one batched run: (K, 9) boxes
+        (x1 y1 x2 y2 score + 4 regression values) after the per-level NMS, and each box's frame index;
+        ordered by frame, then level, then score, as the numpy cascade's concatenation is."""
+        torch = self._torch
+        pyramid = self._pyramid(rgb.shape[2], rgb.shape[3])
+        if not pyramid.levels:
+            return rgb.new_zeros((0, 9)), torch.zeros(0, dtype=torch.int64, device=rgb.device)
+        prob, reg = self._pnet_maps_of(rgb, pyramid)  # (B, M), (B, 4, M)
+        frame, cell = torch.nonzero(prob >= self.params.thresholds[0], as_tuple=True)
+        x1, y1, x2, y2 = cell_boxes(pyramid.xs[cell], pyramid.ys[cell], pyramid.scales[cell], torch)
+        boxes = torch.cat([torch.stack([x1, y1, x2, y2, prob[frame, cell]], 1), reg[frame, :, cell]], 1)
+        frame_of = torch.as_tensor(indices, device=rgb.device)[frame]
+        levels = len(pyramid.levels) + 1
+        keep = greedy_nms(boxes, boxes[:, 4], frame_of * levels + pyramid.level_of[cell], 0.5)
+        return boxes[keep], frame_of[keep]
+
+    def _pnet_maps(self, rgb: Any, pyramid: _Pyramid) -> list[Any]:
+        """P-Net's face probability (B, M) and regression (B, 4, M) over every cell of every level."""
+        torch = self._torch
+        probs, regs = [], []
+        for level in pyramid.levels:
+            scaled = (resize_image(rgb, level.weights) - PIXEL_OFFSET) * PIXEL_SCALE
+            reg, prob = self.pnet.run_tensors([scaled])
+            if tuple(prob.shape[2:]) != (_pnet_output_size(level.height), _pnet_output_size(level.width)):
+                raise ValueError(f"P-Net gave {tuple(prob.shape[2:])} cells for a {level.height}x{level.width} level")
+            probs.append(prob[:, 1].reshape(len(rgb), -1))
+            regs.append(reg.reshape(len(rgb), 4, -1))
+        return [torch.cat(probs, 1), torch.cat(regs, 2)]
+
+    def _pnet_maps_of(self, rgb: Any, pyramid: _Pyramid) -> list[Any]:
+        """`_pnet_maps`, replayed as a CUDA graph when this batch and frame size came before."""
+        key = tuple(int(d) for d in (rgb.shape[0], rgb.shape[2], rgb.shape[3]))
+        if not self.pnet.cuda_graphs:
+            return self._pnet_maps(rgb, pyramid)
+        if key in self._pnet_graphs:
+            self._pnet_graphs.move_to_end(key)
+            if self._pnet_graphs[key] == _SEEN:
+                self._pnet_graphs[key] = self._capture_pnet(rgb, pyramid)
+        else:
+            self._pnet_graphs[key] = _SEEN  # first sight: eager; captured if it comes again
+            while len(self._pnet_graphs) > _PNET_GRAPHS:
+                self._pnet_graphs.popitem(last=False)
+        graph = self._pnet_graphs[key]
+        return replay(graph, [rgb]) if isinstance(graph, CapturedGraph) else self._pnet_maps(rgb, pyramid)
+
+    def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
+        start = time.perf_counter()
+        try:
+            graph = capture_graph(lambda x: self._pnet_maps(x[0], pyramid), [rgb], self._stream, self._pool)
+        except Exception as exc:  # eager keeps working; say why once
+            logger.warning("P-Net stage for %s frames of %dx%d will not capture (%s); it runs eager",
+                           rgb.shape[0], rgb.shape[2], rgb.shape[3], str(exc).splitlines()[0][:200])
+            return _FAILED
+        self._pool = graph.graph.pool()
+        self.pnet_capture_s += time.perf_counter() - start
+        return graph
+
+    def _refine(self, engine: TorchEngine, groups: list[tuple[list[int], Any]], images: dict[int, tuple[int, int]],
+                boxes: Any, frame_of: Any, size: int, threshold: float) -> tuple[Any, Any, dict[str, Any]]:
+        """Run a refinement net on the patch of every box (all frames in one batch); keep the boxes it scores
+        above `threshold`: their (K, 5) boxes with the net's score, frame indices, and the net's other outputs."""
+        torch = self._torch
+        patches, kept = self._patches(groups, images, boxes, frame_of, size)
+        out = self._run_batched(engine, (patches - PIXEL_OFFSET) * PIXEL_SCALE)
+        score = out["probability"][:, 1]
+        passed = torch.nonzero(score > threshold).reshape(-1)
+        rows = kept[passed]
+        return (torch.cat([boxes[rows, :4], score[passed, None]], 1), frame_of[rows],
+                {name: value[passed] for name, value in out.items()})
+
+    def _patches(self, groups: list[tuple[list[int], Any]], images: dict[int, tuple[int, int]], boxes: Any,
+                 frame_of: Any, size: int) -> tuple[Any, Any]:
+        torch = self._torch
+        if len(groups) == 1:
+            indices, rgb = groups[0]
+            local = torch.as_tensor(np.searchsorted(indices, np.arange(max(indices) + 1)), device=rgb.device)
+            return crop_resize(rgb, local[frame_of], boxes, size)
+        parts, kept = [], []
+        for g, (indices, rgb) in enumerate(groups):
+            rows = torch.nonzero(torch.isin(frame_of, torch.as_tensor(indices, device=rgb.device))).reshape(-1)
+            lookup = torch.zeros(len(images), dtype=torch.int64, device=rgb.device)
+            lookup[torch.as_tensor(indices, device=rgb.device)] = torch.arange(len(indices), device=rgb.device)
+            patches, k = crop_resize(rgb, lookup[frame_of[rows]], boxes[rows], size)
+            parts.append(patches)
+            kept.append(rows[k])
+        kept_all = torch.cat(kept)
+        order = torch.argsort(kept_all)
+        return torch.cat(parts)[order], kept_all[order]
+
+    def _run_batched(self, engine: TorchEngine, x: Any) -> dict[str, Any]:
+        """The net over (N, 3, s, s) in chunks of at most the stage batch; on CUDA each chunk replays the graph of
+        the smallest bucket that holds it (TorchEngine.run_tensors)."""
+        torch = self._torch
+        names = [spec.name for spec in engine.outputs]
+        limit = self._stage_batch[id(engine)]
+        if len(x) == 0:
+            return {name: x.new_zeros((0, *_tail(engine, name))) for name in names}
+        chunks = [engine.run_tensors([x[start : start + limit]]) for start in range(0, len(x), limit)]
+        if len(chunks) == 1:
+            return dict(zip(names, chunks[0]))
+        return {name: torch.cat([c[i] for c in chunks]) for i, name in enumerate(names)}
+
+    def _detections(self, rows: np.ndarray, frames_bgr: Sequence[np.ndarray]) -> list[Detections]:
+        out = []
+        for i, frame in enumerate(frames_bgr):
+            mine = rows[rows[:, 15] == i]
+            if len(mine) == 0:
+                out.append(Detections.empty(self.class_names, num_landmarks=5))
+                continue
+            h, w = frame.shape[:2]
+            out.append(Detections(
+                mine[:, :4].astype(np.float32),
+                mine[:, 4].astype(np.float32),
+                np.zeros(len(mine), np.int32),
+                self.class_names,
+                mine[:, 5:15].reshape(-1, 5, 2).astype(np.float32),
+            ).clip(w, h))
+        return out
+
+
+def _pnet_output_size(size: int) -> int:
+    """P-Net's output cells along an axis of `size` pixels: conv 3, max-pool 2 (ceil), conv 3, conv 3."""
+    return -(-(size - 2) // 2) - 4
+
+
+def _tail(engine: TorchEngine, name: str) -> tuple[int, ...]:
+    spec = next(s for s in engine.outputs if s.name == name)
+    return tuple(d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:])
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
