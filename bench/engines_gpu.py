@@ -180,6 +180,10 @@ def emotion_tails(device: str, seconds: float) -> dict[str, Any]:
         inputs = {"age": (8, 3, 64, 64), "gender": (8, 3, 32, 32), "emotion": (8, 1, 64, 64)}
         feeds = {n: {e.inputs[0].name: np.random.default_rng(1).normal(0, 1, inputs[n]).astype(np.float32)}
                  for n, e in engines.items()}
+        for _ in range(3):  # warm in this thread, as a replica's constructor does
+            detector.detect(photo)
+            for n, e in engines.items():
+                e.run(feeds[n])
         stop = time.perf_counter() + seconds
         latencies: dict[str, list[float]] = {n: [] for n in (*engines, "detector")}
 
@@ -195,10 +199,11 @@ def emotion_tails(device: str, seconds: float) -> dict[str, Any]:
             t.start()
         for t in threads:
             t.join()
+        # the first call of each thread (a new thread: a compute thread's first batch) apart from the rest
         out[label] = {"emotion_host_reads": reads, **{
-            n: {"calls": len(v), "p50_ms": round(float(np.percentile(v, 50)), 2),
-                "p99_ms": round(float(np.percentile(v, 99)), 2), "max_ms": round(max(v), 1)}
-            for n, v in latencies.items() if v}}
+            n: {"calls": len(v), "first_call_ms": round(v[0], 1), "p50_ms": round(float(np.percentile(v[1:], 50)), 2),
+                "p99_ms": round(float(np.percentile(v[1:], 99)), 2), "max_ms": round(max(v[1:]), 1)}
+            for n, v in latencies.items() if len(v) > 1}}
     return out
 
 
@@ -240,7 +245,7 @@ def _old_conversion(path: Path, device: str) -> Any:
 
 def report(result: dict[str, Any]) -> str:
     lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['crops']} crops per classifier", ""]
-    for workload, w in result["fan_out"].items():
+    for workload, w in result.get("fan_out", {}).items():
         lines += [f"### {workload} classifiers", "", "| | start-up s | alone ms | in turn | together (/ slowest) | "
                   "3 threads (/ slowest) |", "|---|---|---|---|---|---|"]
         for label in ("eager", "graphs"):
@@ -250,16 +255,16 @@ def report(result: dict[str, Any]) -> str:
         lines += ["", f"torch.compile(mode='reduce-overhead'): {w['compile']}", ""]
     lines += ["### MTCNN", "", "| cascade | start-up s | one face: detect ms | batch 4 / 8 fps | eight faces: detect ms "
               "| batch 4 / 8 fps | faces found |", "|---|---|---|---|---|---|---|"]
-    for label, r in result["detectors"].items():
+    for label, r in result.get("detectors", {}).items():
         lines.append(f"| {label} | {r['startup_s']} | {r['one_detect_ms']} | {r['one_batch4_fps']} / {r['one_batch8_fps']} "
                      f"| {r['many_detect_ms']} | {r['many_batch4_fps']} / {r['many_batch8_fps']} | "
                      f"{r['one_faces']}, {r['many_faces']} |")
-    lines += ["", "### Emotion under contention (4 threads, eager)", "", "| conversion | host reads | emotion p50 / p99 / "
-              "max ms | detector p50 / p99 / max ms |", "|---|---|---|---|"]
-    for label, r in result["emotion_tails"].items():
-        e, d = r["emotion"], r["detector"]
-        lines.append(f"| {label} | {', '.join(r['emotion_host_reads']) or 'none'} | {e['p50_ms']} / {e['p99_ms']} / "
-                     f"{e['max_ms']} | {d['p50_ms']} / {d['p99_ms']} / {d['max_ms']} |")
+    lines += ["", "### Under contention (4 threads, eager, warmed in the main thread)", "", "| conversion | emotion host "
+              "reads | model: first call in its thread; p50 / p99 / max of the rest (ms) |", "|---|---|---|"]
+    for label, r in result.get("emotion_tails", {}).items():
+        stats = "; ".join(f"{n} {v['first_call_ms']}; {v['p50_ms']} / {v['p99_ms']} / {v['max_ms']}"
+                          for n, v in r.items() if isinstance(v, dict))
+        lines.append(f"| {label} | {', '.join(r['emotion_host_reads']) or 'none'} | {stats} |")
     return "\n".join(lines)
 
 
@@ -276,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     SCALE["iters"] = opts.iters_scale
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from engines import create_engine
+
+    create_engine("torch", ROOT / "models" / "gender.onnx", device)  # imports and CUDA set-up: not any start-up's
     result: dict[str, Any] = {"device_name": torch.cuda.get_device_name(0) if device == "cuda" else "CPU",
                               "torch": torch.__version__, "crops": opts.crops,
                               "command": "python -m bench.engines_gpu " + " ".join(argv or sys.argv[1:])}
@@ -288,10 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engines-gpu.json").write_text(json.dumps(result, indent=2))
-    if all(k in result for k in ("fan_out", "detectors", "emotion_tails")):
-        print(report(result))
-    else:
-        print(json.dumps(result, indent=1))
+    print(report(result))
     return 0
 
 

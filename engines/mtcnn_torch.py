@@ -40,7 +40,7 @@ from engines.mtcnn import (
     regress,
     square,
 )
-from engines.torch_boxes import crop_resize, greedy_nms, image_resize_weights, resize_image
+from engines.torch_boxes import crop_resize, greedy_nms, image_resize_weights, integral_image, resize_image
 from engines.torch_engine import TorchEngine, CapturedGraph, capture_graph, replay
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class TorchMtcnn:
         torch = self._torch
         _, t2, t3 = self.params.thresholds
         groups = self._upload(frames_bgr)  # [(frame indices, (B, 3, H, W) float32 RGB)]
-        images = {i: (g, j) for g, (indices, _) in enumerate(groups) for j, i in enumerate(indices)}
+        tables = [integral_image(rgb) for _, rgb in groups]  # for the R-Net and O-Net patches
 
         found = [self._stage1(indices, rgb) for indices, rgb in groups]
         boxes = torch.cat([b for b, _ in found])  # (K, 9)
@@ -136,13 +136,13 @@ class TorchMtcnn:
         boxes, frame_of = square(candidates(boxes[keep], torch), torch), frame_of[keep]
 
         # Stage 2: R-Net refines and rejects.
-        boxes, frame_of, out = self._refine(self.rnet, groups, images, boxes, frame_of, 24, t2)
+        boxes, frame_of, out = self._refine(self.rnet, groups, tables, boxes, frame_of, 24, t2)
         keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7)
         boxes = square(regress(boxes[keep], out["regression"][keep], torch), torch)
         frame_of = frame_of[keep]
 
         # Stage 3: O-Net gives final boxes, scores and landmarks.
-        boxes, frame_of, out = self._refine(self.onet, groups, images, boxes, frame_of, 48, t3)
+        boxes, frame_of, out = self._refine(self.onet, groups, tables, boxes, frame_of, 48, t3)
         landmarks = landmarks_of(boxes, out["landmarks"], torch)
         boxes = regress(boxes, out["regression"], torch)
         keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7, overlap="min")
@@ -251,37 +251,41 @@ class TorchMtcnn:
         self.pnet_capture_s += time.perf_counter() - start
         return graph
 
-    def _refine(self, engine: TorchEngine, groups: list[tuple[list[int], Any]], images: dict[int, tuple[int, int]],
-                boxes: Any, frame_of: Any, size: int, threshold: float) -> tuple[Any, Any, dict[str, Any]]:
-        """Run a refinement net on the patch of every box (all frames in one batch); keep the boxes it scores
-        above `threshold`: their (K, 5) boxes with the net's score, frame indices, and the net's other outputs."""
+    def _refine(self, engine: TorchEngine, groups: list[tuple[list[int], Any]], tables: list[Any], boxes: Any,
+                frame_of: Any, size: int, threshold: float) -> tuple[Any, Any, dict[str, Any]]:
+        """Run a refinement net on the patch of every box (all frames in one batch); keep the boxes whose
+        region is not empty and that it scores above `threshold`: their (K, 5) boxes with the net's score,
+        frame indices, and the net's other outputs."""
         torch = self._torch
-        patches, kept = self._patches(groups, images, boxes, frame_of, size)
+        patches, kept = self._patches(groups, tables, boxes, frame_of, size)
         out = self._run_batched(engine, (patches - PIXEL_OFFSET) * PIXEL_SCALE)
         score = out["probability"][:, 1]
-        passed = torch.nonzero(score > threshold).reshape(-1)
-        rows = kept[passed]
-        return (torch.cat([boxes[rows, :4], score[passed, None]], 1), frame_of[rows],
+        passed = torch.nonzero((score > threshold) & kept).reshape(-1)
+        return (torch.cat([boxes[passed, :4], score[passed, None]], 1), frame_of[passed],
                 {name: value[passed] for name, value in out.items()})
 
-    def _patches(self, groups: list[tuple[list[int], Any]], images: dict[int, tuple[int, int]], boxes: Any,
-                 frame_of: Any, size: int) -> tuple[Any, Any]:
+    def _patches(self, groups: list[tuple[list[int], Any]], tables: list[Any], boxes: Any, frame_of: Any,
+                 size: int) -> tuple[Any, Any]:
+        """Every box's patch from its own frame (`crop_resize` per group of same-size frames)."""
         torch = self._torch
         if len(groups) == 1:
-            indices, rgb = groups[0]
-            local = torch.as_tensor(np.searchsorted(indices, np.arange(max(indices) + 1)), device=rgb.device)
-            return crop_resize(rgb, local[frame_of], boxes, size)
-        parts, kept = [], []
-        for g, (indices, rgb) in enumerate(groups):
-            rows = torch.nonzero(torch.isin(frame_of, torch.as_tensor(indices, device=rgb.device))).reshape(-1)
-            lookup = torch.zeros(len(images), dtype=torch.int64, device=rgb.device)
-            lookup[torch.as_tensor(indices, device=rgb.device)] = torch.arange(len(indices), device=rgb.device)
-            patches, k = crop_resize(rgb, lookup[frame_of[rows]], boxes[rows], size)
-            parts.append(patches)
-            kept.append(rows[k])
-        kept_all = torch.cat(kept)
-        order = torch.argsort(kept_all)
-        return torch.cat(parts)[order], kept_all[order]
+            (indices, rgb), = groups
+            local = frame_of if indices == list(range(len(indices))) else \
+                torch.as_tensor(np.searchsorted(indices, np.arange(max(indices) + 1)), device=rgb.device)[frame_of]
+            return crop_resize(rgb, local, boxes, size, tables[0])
+        patches = boxes.new_zeros((len(boxes), 3, size, size))
+        kept = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+        for (indices, rgb), table in zip(groups, tables):
+            lookup = torch.full((int(frame_of.max()) + 1 if len(frame_of) else 1,), -1, dtype=torch.int64,
+                                device=rgb.device)
+            mine = torch.as_tensor(indices, device=rgb.device)
+            lookup[mine[mine < len(lookup)]] = torch.arange(len(indices), device=rgb.device)[mine < len(lookup)]
+            local = lookup[frame_of]
+            group_patches, group_kept = crop_resize(rgb, local.clamp(min=0), boxes, size, table)
+            inside = local >= 0
+            patches = torch.where(inside[:, None, None, None], group_patches, patches)
+            kept |= inside & group_kept
+        return patches, kept
 
     def _run_batched(self, engine: TorchEngine, x: Any) -> dict[str, Any]:
         """The net over (N, 3, s, s) in chunks of at most the stage batch; on CUDA each chunk replays the graph of

@@ -4,9 +4,9 @@
   same answer as OpenCV's `NMSBoxes` (IoU) or MTCNN's min-area overlap, without a loop over boxes: the
   greedy result is the one fixed point of "keep a box unless an earlier kept box of its group overlaps it",
   which a few matrix passes reach.
-- `resize_weights` / `crop_resize`: OpenCV's `resize(..., INTER_AREA)` as two small matrix products per box
-  (the area weights where both axes shrink, OpenCV's linear-area weights otherwise), so the pyramid levels
-  and the R-Net/O-Net patches are cut and resized on the device in a few launches.
+- `resize_weights` / `resize_image`: OpenCV's `resize(..., INTER_AREA)` of a whole image as two matrix
+  products (the pyramid levels), and `crop_resize`: the same resize for every R-Net/O-Net box at once, from
+  the frame's integral image, in a fixed number of launches whatever the boxes.
 
 Nothing here imports torch at module level: the numpy cascade does not need it.
 """
@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 _MAX_MATRIX_BOXES = 2048  # beyond this the K x K overlap matrices get large (32 MB each): NMS runs on the host
-_WINDOW_ELEMENTS = 1 << 25  # floats of gathered pixel windows per crop chunk (128 MB)
 _AREA_EPSILON = 1e-3  # OpenCV's resizeArea ignores partial pixel overlaps up to this
 
 
@@ -32,14 +31,14 @@ def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: 
     import torch
 
     n = int(scores.shape[0])
-    if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=scores.device)
+    if n <= 1:
+        return torch.arange(n, dtype=torch.int64, device=scores.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     order = order[torch.sort(groups[order], stable=True).indices]
     if n > _MAX_MATRIX_BOXES:
         return order[_host_nms(boxes[order], scores[order], groups[order], threshold, overlap)]
     b, g = boxes[order], groups[order]
-    suppresses = _overlaps(b, b, overlap) > threshold
+    suppresses = _overlaps(b, overlap) > threshold
     suppresses &= g[:, None] == g[None, :]
     suppresses &= torch.ones(n, n, dtype=torch.bool, device=b.device).tril(-1)  # only earlier boxes suppress
     keep = torch.ones(n, dtype=torch.bool, device=b.device)
@@ -54,28 +53,22 @@ def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: 
     return order[keep]
 
 
-def _overlaps(a: Any, b: Any, overlap: str) -> Any:
-    """(len(a), len(b)) overlap of every pair of x1 y1 x2 y2 boxes."""
+def _overlaps(boxes: Any, overlap: str) -> Any:
+    """(K, K) overlap of every pair of x1 y1 x2 y2 boxes."""
     import torch
 
-    if overlap == "iou":
-        a, b = a[:, :4].double(), b[:, :4].double()
-        area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-        area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-        h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
-        inter = w * h
-        total = area_a[:, None] + area_b[None, :]
-        # OpenCV: two empty rectangles overlap fully (jaccard distance 0)
-        return torch.where(total <= np.finfo(np.float64).eps, torch.ones_like(inter), inter / (total - inter))
+    if overlap not in ("iou", "min"):
+        raise ValueError(f"overlap must be 'iou' or 'min', got {overlap!r}")
+    b = boxes[:, :4].double() if overlap == "iou" else boxes[:, :4].float()
+    one = 0 if overlap == "iou" else 1  # "min" counts pixels inclusively
+    corner_lo = torch.maximum(b[:, None, :2], b[None, :, :2])
+    corner_hi = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = (corner_hi - corner_lo + one).clamp(min=0).prod(2)
+    area = (b[:, 2:] - b[:, :2] + one).prod(1)
     if overlap == "min":
-        a, b = a[:, :4].float(), b[:, :4].float()
-        area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-        area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-        w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0]) + 1).clamp(min=0)
-        h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1]) + 1).clamp(min=0)
-        return w * h / torch.minimum(area_a[:, None], area_b[None, :])
-    raise ValueError(f"overlap must be 'iou' or 'min', got {overlap!r}")
+        return inter / torch.minimum(area[:, None], area[None, :])
+    # OpenCV: two empty rectangles overlap fully (jaccard distance 0): 0 / 0 here
+    return torch.nan_to_num(inter / (area[:, None] + area[None, :] - inter), nan=1.0)
 
 
 def _host_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: str) -> Any:
@@ -99,15 +92,13 @@ def resize_weights(lo: Any, hi: Any, size: int, window: int, area: bool) -> Any:
     """(N, size, window) weights that resize the source span [lo, hi) of each of N rows (its first pixel at
     window position 0) to `size` pixels as OpenCV's INTER_AREA does: `area` weights where both axes of the
     boxes shrink, OpenCV's linear-area weights otherwise (when an axis grows, OpenCV interpolates linearly on
-    both axes, with area-shaped coefficients)."""
+    both axes, with area-shaped coefficients). Used for whole images (the pyramid); boxes go through
+    `crop_resize`, which computes the same sums without a weight per source pixel."""
     import torch
 
     device = lo.device
-    length = (hi - lo).double()[:, None, None]  # (N, 1, 1)
-    # OpenCV: inv_scale = dsize / ssize, scale = 1 / inv_scale, in float64 (tensor / tensor: a python number
-    # over a tensor is a reciprocal and a product in torch, one rounding off, which moves floor() at integers)
-    inv_scale = torch.full_like(length, float(size)) / length
-    scale = torch.ones_like(inv_scale) / inv_scale  # source pixels per output pixel
+    length, inv_scale, scale = _scales(lo, hi, size)
+    length, inv_scale, scale = length[:, None, None], inv_scale[:, None, None], scale[:, None, None]
     d = torch.arange(size, device=device, dtype=torch.float64)[None, :, None]  # (1, size, 1)
     p = torch.arange(window, device=device, dtype=torch.float64)[None, None, :]  # (1, 1, window)
     if area:  # the share of output pixel d's span [d*scale, (d+1)*scale) that source pixel p covers
@@ -115,64 +106,105 @@ def resize_weights(lo: Any, hi: Any, size: int, window: int, area: bool) -> Any:
         covered = (torch.minimum(start + scale, p + 1) - torch.maximum(start, p)).clamp(min=0)
         covered = covered * (covered > _AREA_EPSILON)
         return (covered / torch.minimum(scale, length - start)).float()
-    # linear-area: taps sx and sx + 1 (clamped to the span) with weights 1 - fx and fx
+    tap0, tap1, fx = _linear_taps(d, scale, inv_scale, length)
+    return ((1 - fx) * (p == tap0) + fx * (p == tap1)).float()
+
+
+def _scales(lo: Any, hi: Any, size: int) -> tuple[Any, Any, Any]:
+    """Span length, OpenCV's inv_scale = dsize / ssize and scale = 1 / inv_scale, in float64 (tensor / tensor:
+    a python number over a tensor is a reciprocal and a product in torch, one rounding off, which moves
+    floor() at integers). Empty spans count as one pixel (their boxes are dropped by the caller)."""
+    import torch
+
+    length = (hi - lo).clamp(min=1).double()
+    inv_scale = torch.full_like(length, float(size)) / length
+    return length, inv_scale, torch.ones_like(inv_scale) / inv_scale
+
+
+def _linear_taps(d: Any, scale: Any, inv_scale: Any, length: Any) -> tuple[Any, Any, Any]:
+    """OpenCV's INTER_AREA when the image grows on an axis: taps sx and sx + 1 (clamped to the span), weights
+    1 - fx and fx, with sx = floor(d * scale) and fx = (d + 1) - (sx + 1) * inv_scale (0 if negative, else its
+    fractional part), fx rounded to float as OpenCV stores it."""
+    import torch
+
     sx = torch.floor(d * scale)
     fx = ((d + 1) - (sx + 1) * inv_scale).float().double()
     fx = torch.where(fx <= 0, torch.zeros_like(fx), fx - torch.floor(fx))
     last = length - 1
-    return ((1 - fx) * (p == torch.minimum(sx, last)) + fx * (p == torch.minimum(sx + 1, last))).float()
+    return torch.minimum(sx, last), torch.minimum(sx + 1, last), fx
 
 
-def crop_resize(images: Any, frame_of: Any, boxes: Any, size: int) -> tuple[Any, Any]:
+def integral_image(images: Any) -> Any:
+    """(B, C, H, W) -> (B, C, H + 1, W + 1) float64 summed-area table: entry [y, x] is the sum of the pixels
+    above and left of (y, x). Exact for 8-bit images of any size a frame can have (float64 holds integers up
+    to 2^53)."""
+    import torch
+
+    table = images.double().cumsum(2).cumsum(3)
+    return torch.nn.functional.pad(table, (1, 0, 1, 0))
+
+
+def crop_resize(images: Any, frame_of: Any, boxes: Any, size: int, table: Any | None = None) -> tuple[Any, Any]:
     """MTCNN's patches (engines/mtcnn.py `_patches`) on the device: for each x1 y1 x2 y2 box (float) on
     `images[frame_of[i]]` ((B, 3, H, W) float32 RGB), the source region clipped as facenet-pytorch does,
-    resized to `size` x `size` as cv2.INTER_AREA does. Returns (K, 3, size, size) float32 patches and the
-    indices of the K boxes whose region is not empty.
+    resized to `size` x `size` as cv2.INTER_AREA does. Returns (N, 3, size, size) float32 patches, one per box,
+    and a mask of the boxes whose region is not empty (the numpy cascade drops the others; their patches
+    here are meaningless).
 
-    Pixels are gathered in square windows as large as the largest region of a chunk of boxes (boxes sorted by
-    size, so windows fit their boxes), so memory and work follow the boxes' areas, not the image's."""
+    The work and the launches do not depend on the boxes' sizes and nothing waits for the device: where both
+    axes shrink, each output pixel is an area average, the integral image (`table`, from `integral_image`:
+    pass it when cutting several stages from one frame) evaluated at the corners of its source rectangle
+    (the summed-area table of a piecewise-constant image is exactly bilinear between its lattice points, and
+    OpenCV's rule that drops partial pixels of at most 1e-3 moves those corners to the pixel edge); where an
+    axis grows, OpenCV's two-tap linear-area weights, four pixels gathered per output pixel."""
     import torch
 
     _, _, height, width = images.shape
     b = torch.trunc(boxes[:, :4]).long()
-    x, y = b[:, 0].clamp(min=1), b[:, 1].clamp(min=1)
-    ex, ey = b[:, 2].clamp(max=width), b[:, 3].clamp(max=height)
-    spans = torch.stack([x - 1, ex, y - 1, ey], dim=1)  # lo_x, hi_x, lo_y, hi_y
-    host = spans.cpu().numpy()  # one sync: the chunks are planned on the host
-    widths, heights = host[:, 1] - host[:, 0], host[:, 3] - host[:, 2]
-    kept = np.flatnonzero((heights > 0) & (widths > 0))
-    out = images.new_empty((len(kept), 3, size, size))
-    if not len(kept):
-        return out, torch.from_numpy(kept).to(images.device)
-    lengths = np.maximum(widths, heights)
-    area = (widths >= size) & (heights >= size)
-    # Weights for every box at once (they are small: size x longest span), one call per resize mode; x and y
-    # spans side by side.
-    longest = int(lengths[kept].max())
-    weights = images.new_empty((len(boxes), 2, size, longest))
-    for mode in (True, False):
-        rows = kept[area[kept] == mode]
-        if len(rows):
-            index = torch.from_numpy(rows).to(images.device)
-            lo, hi = spans[index][:, [0, 2]].reshape(-1), spans[index][:, [1, 3]].reshape(-1)
-            weights[index] = resize_weights(lo, hi, size, longest, mode).reshape(len(rows), 2, size, longest)
-    by_size = kept[np.argsort(-lengths[kept], kind="stable")]  # largest first: each chunk's window fits it
-    steps = torch.arange(longest, device=images.device)
-    start = 0
-    while start < len(by_size):
-        window = int(lengths[by_size[start]])
-        count = max(1, min(len(by_size) - start, _WINDOW_ELEMENTS // (3 * window * window)))
-        rows = by_size[start : start + count]
-        start += count
-        index = torch.from_numpy(rows).to(images.device)
-        lo_x, lo_y = spans[index, 0], spans[index, 2]
-        iy = (lo_y[:, None] + steps[:window]).clamp(max=height - 1)  # (n, window); past a span its weights are 0
-        ix = (lo_x[:, None] + steps[:window]).clamp(max=width - 1)
-        pixels = images[frame_of[index][:, None, None], :, iy[:, :, None], ix[:, None, :]]  # (n, window, window, 3)
-        w = weights[index, :, :, :window]
-        patches = torch.einsum("nsxc,ntx->ncst", torch.einsum("nsy,nyxc->nsxc", w[:, 1], pixels), w[:, 0])
-        out[torch.from_numpy(np.searchsorted(kept, rows)).to(images.device)] = patches
-    return out, torch.from_numpy(kept).to(images.device)
+    lo = torch.stack([b[:, 1].clamp(min=1) - 1, b[:, 0].clamp(min=1) - 1], 1)  # (N, 2): y, x
+    hi = torch.stack([b[:, 3].clamp(max=height), b[:, 2].clamp(max=width)], 1)
+    kept = (hi > lo).all(1)
+    length, inv_scale, scale = _scales(lo, hi, size)  # (N, 2) each
+    grows = (length < size).any(1)  # OpenCV's area branch needs both axes to shrink (or keep their size)
+    d = torch.arange(size, device=images.device, dtype=torch.float64)
+
+    # where both axes shrink: area sums from the integral image
+    start = d * scale[..., None]  # (N, 2, size), relative to lo
+    end = start + scale[..., None]
+    up, down = torch.ceil(start), torch.floor(end)
+    start = torch.where(up - start <= _AREA_EPSILON, up, start) + lo[..., None]
+    end = torch.where(end - down <= _AREA_EPSILON, down, end) + lo[..., None]
+    corners = torch.cat([start, end], 2)  # (N, 2, 2 * size): the rectangles' top/left, then bottom/right edges
+    last = torch.tensor([height - 1, width - 1], device=images.device)[None, :, None]  # (1, 2, 1): y, x
+    base = torch.floor(corners).clamp(max=last)
+    frac = (corners - base)[..., None]
+    two = torch.arange(2, device=images.device)
+    taps = base.long()[..., None] + two  # (N, 2, 2s, 2): the lattice points around each corner
+    table = integral_image(images) if table is None else table
+    summed = _gather_separable(table, frame_of, taps, torch.cat([1 - frac, frac], 3))  # (N, 2s, 2s, C)
+    s = size
+    rect = summed[:, s:, s:] - summed[:, :s, s:] - summed[:, s:, :s] + summed[:, :s, :s]
+    area = rect / (scale[:, 0] * scale[:, 1])[:, None, None, None]
+
+    # where an axis grows: OpenCV's linear-area taps
+    tap0, tap1, fx = _linear_taps(d, scale[..., None], inv_scale[..., None], length[..., None])
+    taps = (torch.stack([tap0, tap1], 3) + lo[..., None, None]).long().clamp(max=last[..., None])  # empty boxes
+    fx = fx.float()[..., None]
+    linear = _gather_separable(images, frame_of, taps, torch.cat([1 - fx, fx], 3))  # (N, s, s, C)
+
+    patches = torch.where(grows[:, None, None, None], linear, area.float())
+    return patches.permute(0, 3, 1, 2).contiguous(), kept
+
+
+def _gather_separable(source: Any, frame_of: Any, taps: Any, weights: Any) -> Any:
+    """sum over a, b of weights_y[n, r, a] * weights_x[n, c, b] * source[frame_of[n], :, taps_y[n, r, a],
+    taps_x[n, c, b]]: one gather and one contraction for every box. `taps` and `weights` are (N, 2, R, K)
+    (axis 0 rows, axis 1 columns; K taps each); returns (N, R, R, channels)."""
+    rows, cols = taps[:, 0], taps[:, 1]
+    pixels = source[frame_of[:, None, None, None, None], :, rows[:, :, :, None, None], cols[:, None, None, :, :]]
+    weights = weights.to(pixels.dtype)
+    across = (pixels * weights[:, 1][:, None, None, :, :, None]).sum(4)  # (N, R, 2, X, C)
+    return (across * weights[:, 0][:, :, :, None, None]).sum(2)
 
 
 def image_resize_weights(height: int, width: int, out_height: int, out_width: int, device: Any) -> tuple[Any, Any]:
