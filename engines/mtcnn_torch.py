@@ -11,7 +11,7 @@ CPU device against the numpy one.
 
 Frames of one `detect_batch` call that have the same size share every P-Net launch (one batch per pyramid
 level); R-Net and O-Net take the candidates of all frames in one batch each. On CUDA, the pyramid and P-Net
-of a frame size (and batch) seen before are one CUDA-graph replay: the second time a size comes, its whole
+of a frame size seen before are one CUDA-graph replay per frame: the second time a size comes, its whole
 P-Net stage is captured (an LRU of `_PNET_GRAPHS` sizes); other sizes run eager.
 """
 
@@ -46,7 +46,7 @@ from engines.torch_engine import TorchEngine, CapturedGraph, capture_graph, repl
 logger = logging.getLogger(__name__)
 
 _PYRAMID_CACHE = 16  # frame sizes whose level geometry is kept
-_PNET_GRAPHS = 8  # (batch, height, width) whose P-Net stage is kept as a CUDA graph
+_PNET_GRAPHS = 8  # frame sizes whose P-Net stage is kept as a CUDA graph
 _SEEN, _FAILED = "seen", "failed"
 
 
@@ -90,8 +90,8 @@ class TorchMtcnn:
         self._stream = torch.cuda.Stream() if self.device == "cuda" else None
         self._pyramids: OrderedDict[tuple[int, int], _Pyramid] = OrderedDict()
         self._stage_batch = {id(e): e.batch_limit(STAGE_BATCH) for e in (rnet, onet)}
-        # per (batch, height, width): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
-        self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
+        # per (height, width): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
+        self._pnet_graphs: OrderedDict[tuple[int, int], CapturedGraph | str] = OrderedDict()
         self._pool: Any = None
         self.pnet_capture_s = 0.0
 
@@ -224,28 +224,36 @@ class TorchMtcnn:
         return [torch.cat(probs, 1), torch.cat(regs, 2)]
 
     def _pnet_maps_of(self, rgb: Any, pyramid: _Pyramid) -> list[Any]:
-        """`_pnet_maps`, replayed as a CUDA graph when this batch and frame size came before."""
-        key = tuple(int(d) for d in (rgb.shape[0], rgb.shape[2], rgb.shape[3]))
+        """`_pnet_maps`, replayed as a CUDA graph when this frame size came before: one graph per size, replayed
+        once per frame of the batch (a graph per batch size as well would capture again, under load, each time
+        a new number of frames arrives together: 100-200 ms each, the GPU run's c4 tails)."""
+        torch = self._torch
+        key = (int(rgb.shape[2]), int(rgb.shape[3]))
         if not self.pnet.cuda_graphs:
             return self._pnet_maps(rgb, pyramid)
         if key in self._pnet_graphs:
             self._pnet_graphs.move_to_end(key)
             if self._pnet_graphs[key] == _SEEN:
-                self._pnet_graphs[key] = self._capture_pnet(rgb, pyramid)
+                self._pnet_graphs[key] = self._capture_pnet(rgb[:1], pyramid)
         else:
             self._pnet_graphs[key] = _SEEN  # first sight: eager; captured if it comes again
             while len(self._pnet_graphs) > _PNET_GRAPHS:
                 self._pnet_graphs.popitem(last=False)
         graph = self._pnet_graphs[key]
-        return replay(graph, [rgb]) if isinstance(graph, CapturedGraph) else self._pnet_maps(rgb, pyramid)
+        if not isinstance(graph, CapturedGraph):
+            return self._pnet_maps(rgb, pyramid)
+        if len(rgb) == 1:
+            return replay(graph, [rgb])
+        per_frame = [[t.clone() for t in replay(graph, [rgb[i : i + 1]])] for i in range(len(rgb))]
+        return [torch.cat([maps[k] for maps in per_frame]) for k in range(2)]
 
     def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         start = time.perf_counter()
-        try:
-            graph = capture_graph(lambda x: self._pnet_maps(x[0], pyramid), [rgb], self._stream, self._pool)
+        try:  # one warm-up: the eager run of the first sight already chose this size's kernels
+            graph = capture_graph(lambda x: self._pnet_maps(x[0], pyramid), [rgb], self._stream, self._pool, warmups=1)
         except Exception as exc:  # eager keeps working; say why once
-            logger.warning("P-Net stage for %s frames of %dx%d will not capture (%s); it runs eager",
-                           rgb.shape[0], rgb.shape[2], rgb.shape[3], str(exc).splitlines()[0][:200])
+            logger.warning("P-Net stage for frames of %dx%d will not capture (%s); it runs eager",
+                           rgb.shape[2], rgb.shape[3], str(exc).splitlines()[0][:200])
             return _FAILED
         self._pool = graph.graph.pool()
         self.pnet_capture_s += time.perf_counter() - start

@@ -110,16 +110,21 @@ def test_the_cascade_on_cuda_finds_the_numpy_cascades_faces(fp16: bool, referenc
 
 @pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
 def test_a_replayed_pnet_stage_gives_what_eager_gives() -> None:
+    """One graph per frame size, replayed per frame: a batch of three same-size frames gets each its own maps."""
     detector = TorchMtcnn(*_nets("torch", "cuda"))
     image = collage()
-    frames = detector._upload([image])
+    frames = detector._upload([image, image[:, ::-1].copy(), image[::-1].copy()])
     pyramid = detector._pyramid(*image.shape[:2])
+    batch = frames[0][1]
     with torch.inference_mode(), torch.cuda.stream(detector._stream):
-        eager = [t.clone() for t in detector._pnet_maps(frames[0][1], pyramid)]
-        detector._pnet_maps_of(frames[0][1], pyramid)  # first sight: eager
-        replayed = [t.clone() for t in detector._pnet_maps_of(frames[0][1], pyramid)]  # captured, replayed
-    for a, b in zip(eager, replayed):
+        eager = [t.clone() for t in detector._pnet_maps(batch, pyramid)]
+        detector._pnet_maps_of(batch, pyramid)  # first sight: eager
+        replayed = [t.clone() for t in detector._pnet_maps_of(batch, pyramid)]  # captured, replayed per frame
+        single = [t.clone() for t in detector._pnet_maps_of(batch[1:2], pyramid)]
+    assert len(detector._pnet_graphs) == 1 and not isinstance(detector._pnet_graphs[image.shape[:2]], str)
+    for a, b, c in zip(eager, replayed, single):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a[1:2], c, atol=1e-4, rtol=1e-4)
 
 
 def test_the_pnet_stage_it_captures_makes_no_tensor_from_host_data(on_cpu: TorchMtcnn) -> None:
