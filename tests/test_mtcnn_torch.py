@@ -123,8 +123,10 @@ def test_a_replayed_pnet_stage_gives_what_eager_gives() -> None:
         single = [t.clone() for t in detector._pnet_maps_of(batch[1:2], pyramid)]
     assert len(detector._pnet_graphs) == 1 and not isinstance(detector._pnet_graphs[image.shape[:2]], str)
     for a, b, c in zip(eager, replayed, single):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a[1:2], c, atol=1e-4, rtol=1e-4)
+        # eager ran the batch of three, the graph one frame at a time: cuDNN picks other (TF32) kernels per
+        # batch size, which moves probabilities by up to ~6e-4 (seen on the H200); replays agree exactly
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(b[1:2], c, atol=0, rtol=0)
 
 
 def test_the_pnet_stage_it_captures_makes_no_tensor_from_host_data(on_cpu: TorchMtcnn) -> None:
