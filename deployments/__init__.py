@@ -1,7 +1,6 @@
-"""Ray Serve deployments: one small class per model stage, composed through handles."""
+"""Model stages and the Ray Serve deployments around them: one small class per stage, composed through handles.
 
-from deployments.classifier import Classifier
-from deployments.classifier_pool import ClassifierPool
-from deployments.detector import Detector
-
-__all__ = ["Classifier", "ClassifierPool", "Detector"]
+Import the deployments from their modules (deployments.detector, .classifier, .classifier_pool); this package
+itself imports nothing, so that the stage code and its types (deployments.results, .config, .stages) load
+without Ray Serve.
+"""

@@ -9,15 +9,17 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from deployments.stages import ClassifierResult, ClassifierStage
+from deployments.results import ClassifierResult
+from deployments.stages import ClassifierStage
+from deployments.metrics import StageMetrics
 from deployments.startup import freeze_startup_heap
-from serve_app.config import ClassifierConfig
+from deployments.config import ClassifierConfig
 
 
 @serve.deployment
 class Classifier:
     def __init__(self, config: ClassifierConfig, device: str) -> None:
-        self._stage = ClassifierStage(config, device)
+        self._stage = ClassifierStage(config, device, on_batch=StageMetrics(config.name).record)
         freeze_startup_heap()
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:

@@ -14,15 +14,18 @@ import asyncio
 import numpy as np
 from ray import serve
 
-from deployments.stages import ClassifierResult, ClassifierStage, StageFailure
+from deployments.results import ClassifierResult, StageFailure
+from deployments.stages import ClassifierStage
+from deployments.metrics import StageMetrics
 from deployments.startup import freeze_startup_heap
-from serve_app.config import ClassifierConfig
+from deployments.config import ClassifierConfig
 
 
 @serve.deployment(name="classifiers")
 class ClassifierPool:
     def __init__(self, configs: list[ClassifierConfig], devices: dict[str, str]) -> None:
-        self._stages = {c.name: ClassifierStage(c, devices[c.name], shared=True) for c in configs}
+        self._stages = {c.name: ClassifierStage(c, devices[c.name], shared=True, on_batch=StageMetrics(c.name).record)
+                        for c in configs}
         freeze_startup_heap()
 
     async def classify(self, name: str, crops: np.ndarray) -> ClassifierResult:

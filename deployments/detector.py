@@ -5,15 +5,17 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from deployments.stages import DetectorResult, DetectorStage
+from deployments.results import DetectorResult
+from deployments.stages import DetectorStage
+from deployments.metrics import StageMetrics
 from deployments.startup import freeze_startup_heap
-from serve_app.config import DetectorConfig
+from deployments.config import DetectorConfig
 
 
 @serve.deployment(name="detector")
 class Detector:
     def __init__(self, config: DetectorConfig, device: str) -> None:
-        self._stage = DetectorStage(config, device)
+        self._stage = DetectorStage(config, device, on_batch=StageMetrics("detector").record)
         freeze_startup_heap()
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from engines import Engine, EngineError, create_engine
@@ -10,7 +11,7 @@ from engines.mtcnn import Mtcnn, MtcnnParams
 from engines.mtcnn_torch import TorchMtcnn
 from engines.preprocess import Normalization
 from engines.yolo import Yolo, YoloParams
-from serve_app.config import ClassifierConfig, DetectorConfig, EngineConfig, PipelineConfig
+from deployments.config import ClassifierConfig, DetectorConfig, EngineConfig
 
 
 def _engine(cfg: EngineConfig, device: str, path: Path) -> Engine:
@@ -78,28 +79,29 @@ def build_classifier(cfg: ClassifierConfig, device: str) -> ClassifierModel:
     return model
 
 
-def _onnx_checks(config: PipelineConfig) -> list[tuple[str, EngineConfig, Path, tuple[int, ...], int]]:
+def _onnx_checks(detector: DetectorConfig, classifiers: Sequence[ClassifierConfig]
+                 ) -> list[tuple[str, EngineConfig, Path, tuple[int, ...], int]]:
     """(where, engine config, model file, input shape the config implies, classes it names or 0) per model."""
     checks = []
-    d = config.detector
+    d = detector
     if d.kind == "yolo" and d.yolo is not None:
         checks.append(("detector.yolo", d.engine, d.yolo.model, (1, 3, d.yolo.input_height, d.yolo.input_width), 0))
     else:
         checks += [("detector.mtcnn.rnet", d.engine, d.mtcnn.rnet, (1, 3, 24, 24), 0),
                    ("detector.mtcnn.onet", d.engine, d.mtcnn.onet, (1, 3, 48, 48), 0)]
-    for c in config.classifiers:
+    for c in classifiers:
         channels = 1 if c.input.color_format == "GRAY" else 3
         classes = len(c.values or ()) if c.kind == "expected_value" else len(c.labels or ()) if c.kind == "softmax" else 0
         checks.append((f"classifiers[{c.name}]", c.engine, c.model, (1, channels, c.input.height, c.input.width), classes))
     return checks
 
 
-def check_models(config: PipelineConfig) -> list[str]:
-    """Open every ONNX model of `config` on CPU and check it against the config, without starting anything:
+def check_models(detector: DetectorConfig, classifiers: Sequence[ClassifierConfig]) -> list[str]:
+    """Open every ONNX model of the detector and the classifiers on CPU and check it against the config, without starting anything:
     the input size and colour channels, and a classifier's number of classes. One line per problem.
     TensorRT engines need a GPU to open; they are checked when they load."""
     problems = []
-    for where, engine_cfg, path, shape, classes in _onnx_checks(config):
+    for where, engine_cfg, path, shape, classes in _onnx_checks(detector, classifiers):
         if engine_cfg.backend == "tensorrt":
             continue
         try:

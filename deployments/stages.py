@@ -10,76 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from deployments.batcher import Batched, GreedyBatcher
+from deployments.config import ClassifierConfig, DetectorConfig
 from deployments.execution import ComputeExecutor
-from deployments.metrics import StageMetrics
 from deployments.models import build_classifier, build_detector
 from deployments.placement_log import warn_if_gpu_unused
+from deployments.results import ClassifierResult, DetectorResult, StageTiming
 from engines import Classifications, Detections, EngineError, Pending, completed
 from engines.base import span
 from engines.image import decode_bgr
 from engines.yolo import Yolo
-from serve_app.config import ClassifierConfig, DetectorConfig
 
 logger = logging.getLogger("ray.serve")
-
-
-NODE = platform.node()
-
-
-@dataclass(frozen=True)
-class StageTiming:
-    """Where one call's time went inside the stage (milliseconds), and when its batch ran (seconds on
-    time.perf_counter()'s clock of `node`: CLOCK_MONOTONIC, one clock for every process of a Linux host)."""
-
-    handler_ms: float  # arrival in the stage to its answer
-    queue_ms: float  # waiting for the engine (a batch in progress)
-    compute_ms: float  # model compute of the batch this call rode in (launch to result)
-    batch_size: int  # items (frames or crops) in that batch
-    launch_ms: float | None = None  # host time spent handing the batch to the engine (copy in, enqueue)
-    gpu_start_at: float | None = None  # the batch's work on the GPU, from CUDA events (None: no device timeline)
-    gpu_end_at: float | None = None
-    node: str = NODE
-
-
-@dataclass(frozen=True)
-class DetectorResult:
-    detections: Detections
-    timing: StageTiming
-
-
-@dataclass(frozen=True)
-class ClassifierResult:
-    classifications: Classifications
-    timing: StageTiming
-    attempts: int = 1  # calls it took: 2 when the caller retried after losing a replica
-
-
-@dataclass(frozen=True)
-class StageFailure:
-    """One stage's failure inside a call that served several (the shared `classifiers` deployment)."""
-
-    type: str
-    message: str
-
-    @classmethod
-    def of(cls, exc: BaseException) -> StageFailure:
-        return cls(type(exc).__name__, str(exc))
-
-
-class StageFailed(RuntimeError):
-    """Raised at the caller for a `StageFailure`; `kind` names the exception type raised in the stage."""
-
-    def __init__(self, failure: StageFailure) -> None:
-        super().__init__(failure.message)
-        self.kind = failure.type
 
 
 def _timing(start: float, parts: list[Batched[Any]]) -> StageTiming:
@@ -98,16 +47,17 @@ def _timing(start: float, parts: list[Batched[Any]]) -> StageTiming:
 class DetectorStage:
     """One frame in, one Detections out; frames of concurrent calls are batched (never waited for)."""
 
-    def __init__(self, config: DetectorConfig, device: str, shared: bool = False) -> None:
-        """`shared`: other stages run in the same process (layouts `colocated` and `ingress`)."""
+    def __init__(self, config: DetectorConfig, device: str, shared: bool = False,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        """`shared`: other stages run in the same process (layouts `colocated` and `ingress`); `on_batch`:
+        called with (items, compute ms) after every engine batch (the deployment's metrics)."""
         self._config = config
         self._model = build_detector(config, device)
         self.device = self._model.device
         warn_if_gpu_unused("detector", device, self.device, self._model.backend)
         self._executor = ComputeExecutor(config.engine.execution, shared, "detector")
-        self._metrics = StageMetrics("detector")
         self._batcher: GreedyBatcher[np.ndarray, Detections] = GreedyBatcher(
-            self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=self._metrics.record
+            self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=on_batch
         )
         self._probe = np.zeros((48, 48, 3), np.uint8)
         logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
@@ -153,8 +103,10 @@ class ClassifierStage:
 
     Crops of concurrent calls are batched together (sized in crops), without waiting when idle."""
 
-    def __init__(self, config: ClassifierConfig, device: str, shared: bool = False) -> None:
-        """`shared`: other stages run in the same process (layouts `colocated` and `ingress`)."""
+    def __init__(self, config: ClassifierConfig, device: str, shared: bool = False,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        """`shared`: other stages run in the same process (layouts `colocated` and `ingress`); `on_batch`:
+        called with (crops, compute ms) after every engine batch (the deployment's metrics)."""
         self._config = config
         self.name = config.name
         try:
@@ -166,9 +118,8 @@ class ClassifierStage:
         self._executor = ComputeExecutor(config.engine.execution, shared, config.name, self._model.engine.asynchronous)
         self._shape = (config.input.height, config.input.width, 3)
         self._max_batch = config.batching.max_batch_size
-        self._metrics = StageMetrics(config.name)
         self._batcher: GreedyBatcher[np.ndarray, Classifications] = GreedyBatcher(
-            self._predict_chunks, self._executor, self._max_batch, size_of=len, on_batch=self._metrics.record
+            self._predict_chunks, self._executor, self._max_batch, size_of=len, on_batch=on_batch
         )
         self._probe = np.zeros((1, *self._shape), np.uint8)
         logger.info("classifier %s ready on %s (execution %s)", config.name, self.device, self._executor.mode)

@@ -9,7 +9,9 @@ from typing import Any
 import ray
 from ray.serve import Application
 
-from deployments import Classifier, ClassifierPool, Detector
+from deployments.classifier import Classifier
+from deployments.classifier_pool import ClassifierPool
+from deployments.detector import Detector
 from serve_app.config import DeploymentConfig, PipelineConfig
 from serve_app.ingress import Ingress
 from serve_app.placement import Placement, check_fits, combine, place

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from deployments.stages import ClassifierResult, DetectorResult, StageFailed, StageFailure
+from deployments.results import ClassifierResult, DetectorResult, StageFailed, StageFailure
 
 logger = logging.getLogger("ray.serve")
 

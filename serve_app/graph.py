@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.stages import StageTiming
+from deployments.results import StageTiming
 from engines import Classifications, Detections
 from engines.preprocess import CropSpec, crop_resize
 from serve_app.clients import ClassifierClient, DetectorClient

@@ -22,7 +22,9 @@ from ray import serve
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.stages import NODE, ClassifierStage, DetectorStage
+from deployments.metrics import StageMetrics
+from deployments.results import NODE
+from deployments.stages import ClassifierStage, DetectorStage
 from deployments.startup import freeze_startup_heap
 from engines.tracking import TrackerParams
 from serve_app.annotate import annotate, draw
@@ -193,8 +195,10 @@ class _Wiring:
 
 
 def _in_process(config: PipelineConfig, devices: Mapping[str, str]) -> _Wiring:
-    detector = DetectorStage(config.detector, devices.get("detector", "cpu"), shared=True)
-    stages = {c.name: ClassifierStage(c, devices.get(c.name, "cpu"), shared=True) for c in config.classifiers}
+    detector = DetectorStage(config.detector, devices.get("detector", "cpu"), shared=True,
+                             on_batch=StageMetrics("detector").record)
+    stages = {c.name: ClassifierStage(c, devices.get(c.name, "cpu"), shared=True, on_batch=StageMetrics(c.name).record)
+              for c in config.classifiers}
     return _Wiring(
         detector,
         dict(stages),

@@ -82,7 +82,7 @@ def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None =
         except ValidationError as exc:
             problems += [f"{prefix}: {line}" for line in field_errors(exc)]
             continue
-        problems += [f"{prefix}: {line}" for line in check_models(config)]
+        problems += [f"{prefix}: {line}" for line in check_models(config.detector, config.classifiers)]
         try:
             bind_pipeline(config, [node])
         except PlacementError as exc:
