@@ -42,5 +42,10 @@ class ClassifierPool:
     async def check_health(self) -> None:
         await asyncio.gather(*(stage.check_health() for stage in self._stages.values()))
 
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: release the engines."""
+        for stage in getattr(self, "_stages", {}).values():
+            stage.close()
+
     async def describe(self) -> list[dict[str, object]]:
         return [stage.describe() for stage in self._stages.values()]

@@ -25,5 +25,10 @@ class Detector:
         """Serve calls this periodically: a replica whose engine cannot run a blank frame is restarted."""
         await self._stage.check_health()
 
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: release the engines."""
+        if hasattr(self, "_stage"):
+            self._stage.close()
+
     async def describe(self) -> dict[str, object]:
         return self._stage.describe()

@@ -77,6 +77,11 @@ class DetectorStage:
         part = await self._batcher.submit(image)
         return DetectorResult(part.result, _timing(start, [part]))
 
+    def close(self) -> None:
+        """Release the engines (device memory, sessions) and the compute thread."""
+        self._executor.close()
+        self._model.close()
+
     async def check_health(self) -> None:
         try:
             await self._executor.run(completed, self._model.detect, self._probe)
@@ -143,6 +148,11 @@ class ClassifierStage:
             parts = list(await asyncio.gather(*(self._batcher.submit(chunk) for chunk in chunks)))
         result = Classifications.concatenate([p.result for p in parts]) if len(parts) > 1 else parts[0].result
         return ClassifierResult(result, _timing(start, parts))
+
+    def close(self) -> None:
+        """Release the engine (device memory, sessions) and the compute or waiter thread."""
+        self._executor.close()
+        self._model.close()
 
     async def check_health(self) -> None:
         try:

@@ -148,6 +148,9 @@ class ClassifierModel:
     def predict(self, crops: np.ndarray) -> Classifications:
         return self.launch(crops).wait()
 
+    def close(self) -> None:
+        self.engine.close()
+
     def warm_up(self, height: int, width: int) -> None:
         """Prepare every batch bucket (run it once, or capture it as a CUDA graph), so no request pays for a
         new shape (only with pad_batches)."""

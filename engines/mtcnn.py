@@ -247,6 +247,10 @@ class Mtcnn:
     def detect(self, frame_bgr: np.ndarray) -> Detections:
         return self.detect_batch([frame_bgr])[0]
 
+    def close(self) -> None:
+        for engine in (self.pnet, self.rnet, self.onet):
+            engine.close()
+
     def _finish(self, boxes: np.ndarray, out: dict[str, np.ndarray], frame_bgr: np.ndarray) -> Detections:
         empty = Detections.empty(self.class_names, num_landmarks=5)
         if len(boxes) == 0:

@@ -76,5 +76,11 @@ class OnnxRuntimeEngine(Engine):
         return TensorSpec(arg.name, tuple(arg.shape), _ORT_TYPES[arg.type])
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise EngineError("the engine is closed")
         values = self._session.run(self._output_names, dict(feeds))
         return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        """Drop the session (ONNX Runtime frees its arenas and threads with it)."""
+        self._session = None

@@ -143,14 +143,21 @@ class TensorRTEngine(Engine):
         return {name: host.reshape(shape).copy() for name, (host, shape) in results.items()}
 
     def close(self) -> None:
-        """Release the device buffers and the retained primary context."""
+        """Release, in order and inside the context they belong to, the execution context and the engine, the
+        device and page-locked buffers and the stream; only then detach the retained primary context (TensorRT
+        objects and buffers still alive after the detach would be freed against a context that is gone)."""
         if getattr(self, "_cuda_context", None) is None:
             return
         self._cuda_context.push()
         try:
+            self._stream.synchronize()
+            self._context = None  # the execution context first: it refers to the engine and the buffers
+            self._engine = None
             for buffer in self._device.values():
                 buffer.free()
             self._device.clear()
+            self._host.clear()
+            self._stream = None
         finally:
             self._cuda_context.pop()
             self._cuda_context.detach()

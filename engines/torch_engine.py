@@ -303,6 +303,8 @@ class TorchEngine(Engine):
         return self.launch(feeds).wait()
 
     def launch(self, feeds: Mapping[str, np.ndarray]) -> PendingRun:
+        if self._module is None:
+            raise EngineError(f"{self.name}: the engine is closed")
         arrays = self._arrays(feeds)
         graph = self._graphs.get(self._key(arrays)) if self._graphs else None
         if graph is None:

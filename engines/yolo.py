@@ -133,6 +133,9 @@ class Yolo:
         batch_axis = self._input.fixed_dims()[0]
         self._fixed_batch: int | None = batch_axis  # None: any batch size; else the export's fixed batch
 
+    def close(self) -> None:
+        self.engine.close()
+
     def detect(self, frame_bgr: np.ndarray) -> Detections:
         return self.detect_batch([frame_bgr])[0]
 

@@ -197,3 +197,33 @@ def test_tracker_keeps_ids_per_object_and_counts_from_one_per_video() -> None:
         tracker = Tracker()
         ids = [tracker.update(frame(f)).tolist() for f in range(5)]
         assert ids == [[1], [1], [-1, 1], [2, 1], [2, 1]]  # the newcomer is confirmed on its second frame
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_closed_engine_has_let_go_and_refuses_to_run(backend: str) -> None:
+    """load, run, close: after close the engine holds no session or module and says so when called."""
+    pytest.importorskip("onnx2torch") if backend == "torch" else None
+    from engines import EngineError, create_engine
+
+    engine = create_engine(backend, MODELS / "gender.onnx", "cpu")
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    engine.run_single(x)
+    engine.close()
+    engine.close()  # idempotent
+    assert getattr(engine, "_session", None) is None and getattr(engine, "_module", None) is None
+    with pytest.raises(EngineError, match="closed"):
+        engine.run_single(x)
+
+
+def test_a_stopping_replica_closes_its_stage_and_engines() -> None:
+    """Serve calls a replica's __del__ when it stops; the model deployments close their stage there."""
+    from deployments.classifier import Classifier
+    from deployments.config import ClassifierConfig
+    from tests.conftest import demo_args
+
+    config = ClassifierConfig.model_validate(next(c for c in demo_args()["classifiers"] if c["name"] == "gender"))
+    replica = Classifier.func_or_class(config, "cpu")
+    engine = replica._stage._model.engine
+    assert engine._session is not None
+    replica.__del__()
+    assert engine._session is None
