@@ -51,6 +51,8 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "separate+haproxy+thread": (HAPROXY, {"layout": "separate", "execution": "thread"}),
     "separate+haproxy+frame": (HAPROXY, {"layout": "separate", "detector_input": "frame"}),
     "separate+haproxy+no-log": (HAPROXY, {"layout": "separate", "access_log": False}),
+    "separate+haproxy+cpu-threads": (HAPROXY, {"layout": "separate", "cpu_work": "threads"}),
+    "ingress+haproxy+cpu-threads": (HAPROXY, {"layout": "ingress", "cpu_work": "threads"}),
 }
 DEFAULT_VARIANTS = ["separate", "separate+haproxy", "colocated+haproxy", "ingress+haproxy"]
 LEVELS = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))

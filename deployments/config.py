@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from engines.preprocess import Normalization
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RESERVED_NAMES = frozenset({"detector", "total", "ingress"})
+RESERVED_NAMES = frozenset({"detector", "total", "ingress", "streams", "classifiers"})
 
 
 class StrictModel(BaseModel):

@@ -15,6 +15,7 @@ from deployments.detector import Detector
 from serve_app.config import DeploymentConfig, PipelineConfig
 from serve_app.ingress import Ingress
 from serve_app.placement import Placement, check_fits, combine, place
+from serve_app.stream_service import Streams
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +56,8 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     - colocated: the detector alone, every classifier in one `classifiers` deployment that asks for the
       sum of their fractions (its other settings are the first classifier's);
     - ingress: every model in the ingress replica, which asks for the sum of all fractions.
+    Unless streams are off, a `streams` deployment (one replica, no model) holds the live streams; it reaches
+    the models through the same handles, or, in layout ingress, through the ingress.
     """
     resources = list(nodes) if nodes is not None else cluster_nodes()
     gpus = sum(float(n.get("GPU", 0.0)) for n in resources)
@@ -62,6 +65,15 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     detector_place = place("detector", config.detector.deployment, config.detector.engine, gpus)
     classifier_places = [place(c.name, c.deployment, c.engine, gpus) for c in config.classifiers]
     ingress_place = place("ingress", config.ingress.deployment, None, gpus)
+    streams_on = config.ingress.streams.enabled
+    streams_place = place("streams", config.ingress.streams.deployment, None, gpus)
+    extra = [streams_place] if streams_on else []
+
+    def streams(**handles: Any) -> Any:
+        if not streams_on:
+            return None
+        return Streams.options(**_options("streams", config.ingress.streams.deployment, streams_place)).bind(
+            config, **handles)
     devices = {p.name: p.device for p in (detector_place, *classifier_places)}
     logger.info(
         "pipeline: layout %s, GPU fractions %s, mode %s",
@@ -72,28 +84,30 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
 
     if config.layout == "ingress":
         host = combine("ingress", [ingress_place, detector_place, *classifier_places])
-        check_fits([host], resources)
-        return Ingress.options(**_options("ingress", config.ingress.deployment, host)).bind(config, devices=devices)
+        check_fits([host, *extra], resources)
+        return Ingress.options(**_options("ingress", config.ingress.deployment, host)).bind(
+            config, devices=devices, streams=streams())
 
     detector = Detector.options(**_options("detector", config.detector.deployment, detector_place)).bind(
         config.detector, detector_place.device
     )
     if config.layout == "colocated" and config.classifiers:
         shared = combine("classifiers", classifier_places)
-        check_fits([ingress_place, detector_place, shared], resources)
+        check_fits([ingress_place, detector_place, shared, *extra], resources)
         first = config.classifiers[0].deployment
         pool = ClassifierPool.options(**_options("classifiers", first, shared)).bind(
             list(config.classifiers), {c.name: devices[c.name] for c in config.classifiers}
         )
         return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(
-            config, detector=detector, pool=pool
+            config, detector=detector, pool=pool, streams=streams(detector=detector, pool=pool)
         )
 
-    check_fits([ingress_place, detector_place, *classifier_places], resources)
+    check_fits([ingress_place, detector_place, *classifier_places, *extra], resources)
     classifiers = {
         c.name: Classifier.options(**_options(c.name, c.deployment, p)).bind(c, p.device)
         for c, p in zip(config.classifiers, classifier_places)
     }
     return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(
-        config, detector=detector, classifiers=classifiers
+        config, detector=detector, classifiers=classifiers,
+        streams=streams(detector=detector, classifiers=classifiers),
     )

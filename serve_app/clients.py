@@ -40,11 +40,14 @@ async def _awaited(response: Any) -> Any:
 
 
 class RemoteDetector:
-    def __init__(self, handle: Any) -> None:  # ray.serve.handle.DeploymentHandle
-        self._handle = handle
+    """The detector deployment, or (`method="detect_stage"`) the ingress that holds the detector (layout
+    ingress, seen from the streams deployment)."""
+
+    def __init__(self, handle: Any, method: str = "detect") -> None:  # ray.serve.handle.DeploymentHandle
+        self._method = getattr(handle, method)
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
-        return await _awaited(self._handle.detect.remote(image))
+        return await _awaited(self._method.remote(image))
 
 
 async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
@@ -59,14 +62,18 @@ async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
 
 
 class RemoteClassifier:
-    """A classifier in a deployment of its own (layout `separate`)."""
+    """A classifier in a deployment of its own (layout `separate`), or (`by_name`) one of the classifiers the
+    ingress holds (layout ingress, seen from the streams deployment)."""
 
-    def __init__(self, handle: Any, name: str) -> None:
-        self._handle = handle
+    def __init__(self, handle: Any, name: str, by_name: bool = False) -> None:
         self._name = name
+        if by_name:
+            self._call = lambda crops: handle.classify_stage.remote(name, crops)
+        else:
+            self._call = lambda crops: handle.classify.remote(crops)
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:
-        result, attempts = await _retried_once(f"classifier {self._name}", lambda: self._handle.classify.remote(crops))
+        result, attempts = await _retried_once(f"classifier {self._name}", lambda: self._call(crops))
         return result if attempts == 1 else replace(result, attempts=attempts)
 
 

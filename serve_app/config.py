@@ -65,14 +65,55 @@ class VideoConfig(StrictModel):
 
 
 class StreamsConfig(StrictModel):
-    """POST /v1/streams: which sources may be opened, and how many at once."""
+    """POST /v1/streams: which sources may be opened, how many at once, and the deployment that holds them."""
 
+    enabled: bool = Field(True, description="serve /v1/streams (through the `streams` deployment)")
     media_dir: Path | None = Field(None, description="folder whose files may be streamed by name; None: no file sources")
     url_schemes: list[str] = Field(default_factory=lambda: ["rtsp", "rtsps", "http", "https"],
                                    description="URL schemes a stream source may use")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names or CIDRs a stream URL may reach although they are loopback, private, link-local or "
+        "this host's own addresses (all refused by default: a client must not make the service fetch internal "
+        "addresses)")
     max_streams: int = Field(4, ge=1, le=256, description="streams running at once; more get 429")
     listener_buffer: int = Field(256, ge=1, description="records an events listener may lag behind before it "
                                  "loses its oldest ones")
+    open_timeout_s: float = Field(10.0, gt=0, le=300, description="connecting to a source and reading its first "
+                                  "frame (FFmpeg's open timeout)")
+    read_timeout_s: float = Field(10.0, gt=0, le=300, description="a source that sends no frame for this long "
+                                  "ends its stream (FFmpeg's read timeout)")
+    detector_outage_s: float = Field(30.0, gt=0, description="frames the detector does not answer are skipped; a "
+                                     "stream fails once it has answered none for this long")
+    keep_ended_s: float = Field(60.0, ge=0, description="an ended stream's final description answers GET and "
+                                "DELETE this long, then it is forgotten")
+    deployment: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0, max_ongoing_requests=256),
+        description="the `streams` deployment: one replica, holding every stream (each events listener is one of "
+        "its ongoing requests)")
+
+    @field_validator("deployment")
+    @classmethod
+    def _one_replica(cls, value: DeploymentConfig) -> DeploymentConfig:
+        if value.num_replicas != 1 or value.autoscaling_config:
+            raise ValueError("the streams deployment has exactly one replica (it holds every stream, and "
+                             "max_streams counts once); scale the ingress instead")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_or_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"allowed_hosts: {entry!r} is not a CIDR: {exc}") from exc
+            elif not entry or any(c in entry for c in " /:@"):
+                raise ValueError(f"allowed_hosts: {entry!r} is neither a host name nor a CIDR")
+        return value
 
     @field_validator("media_dir", mode="before")
     @classmethod
@@ -88,6 +129,11 @@ class StreamsConfig(StrictModel):
 
 class IngressConfig(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
+    cpu_work: Literal["loop", "threads"] = Field(
+        "loop",
+        description="where the ingress and the streams deployment decode images, cut crops, draw, read and write "
+        "video files and track: on the event loop, or on a small thread pool (docs/benchmarks.md measures both)",
+    )
     detector_input: Literal["encoded", "frame"] = Field(
         "encoded",
         description="what goes to a remote detector: the compressed bytes as received (decoded there, while the "

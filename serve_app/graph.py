@@ -26,6 +26,7 @@ from engines import Classifications, Detections
 from engines.preprocess import CropSpec, crop_resize
 from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
+from serve_app.offload import INLINE, CpuWork
 from serve_app.schema import DetectedObject, StageError
 
 logger = logging.getLogger("ray.serve")
@@ -143,10 +144,13 @@ def merge(detections: Detections, outputs: Mapping[str, tuple[np.ndarray, Classi
 
 
 class InferenceGraph:
-    def __init__(self, detector: DetectorClient, routes: list[ClassifierRoute], detector_timeout_s: float) -> None:
+    def __init__(self, detector: DetectorClient, routes: list[ClassifierRoute], detector_timeout_s: float,
+                 cpu: CpuWork = INLINE) -> None:
+        """`cpu`: where the crops are cut (ingress.cpu_work)."""
         self._detector = detector
         self._routes = routes
         self._detector_timeout_s = detector_timeout_s
+        self._cpu = cpu
 
     @property
     def routes(self) -> list[ClassifierRoute]:
@@ -164,10 +168,9 @@ class InferenceGraph:
         Video uses it for the objects whose cached attributes are due."""
         out = GraphResult(detections, frame)
         by_name = {r.name: r for r in self._routes}
-        await asyncio.gather(*(
-            self._classify(by_name[name], crop_resize(frame, detections.xyxy[indices], by_name[name].crop), out, indices)
-            for name, indices in rows.items() if len(indices)
-        ))
+        wanted = [(by_name[name], indices) for name, indices in rows.items() if len(indices)]
+        crops = await self._cpu.run(lambda: [crop_resize(frame, detections.xyxy[i], r.crop) for r, i in wanted])
+        await asyncio.gather(*(self._classify(route, c, out, i) for (route, i), c in zip(wanted, crops)))
         return out
 
     async def _detect(self, image: np.ndarray | bytes, out: GraphResult) -> None:
@@ -210,7 +213,7 @@ class InferenceGraph:
         await asyncio.sleep(0)  # let the detector call go out before the decode holds the loop
         start = time.perf_counter()
         try:
-            frame = decode(data)
+            frame = await self._cpu.run(decode, data)
         except BaseException:
             detecting.cancel()
             await asyncio.gather(detecting, return_exceptions=True)  # leave no outcome unread
@@ -246,18 +249,24 @@ class InferenceGraph:
         if isinstance(selected, StageError):
             out.errors[route.name] = selected
         elif len(selected):
-            await self._classify(route, crop_resize(frame, out.detections.xyxy[selected], route.crop), out, selected)
+            crops = await self._cpu.run(crop_resize, frame, out.detections.xyxy[selected], route.crop)
+            await self._classify(route, crops, out, selected)
 
     async def _classify_all(self, frame: np.ndarray, out: GraphResult, mode: str,
                             only: Collection[str] | None = None) -> GraphResult:
         routes = [r for r in self._routes if only is None or r.name in only]
         roots = [r for r in routes if not r.parents]
         start = time.perf_counter()
-        calls = []
-        for route in roots:  # the independent classifiers: cropped now, all sent at once
-            indices = out.detections.select(route.labels, route.min_width, route.min_height)
-            if len(indices):
-                calls.append((route, crop_resize(frame, out.detections.xyxy[indices], route.crop), indices))
+
+        def cut() -> list[tuple[ClassifierRoute, np.ndarray, np.ndarray]]:
+            calls = []
+            for route in roots:  # the independent classifiers: cropped now, all sent at once
+                indices = out.detections.select(route.labels, route.min_width, route.min_height)
+                if len(indices):
+                    calls.append((route, crop_resize(frame, out.detections.xyxy[indices], route.crop), indices))
+            return calls
+
+        calls = await self._cpu.run(cut)
         out.crop_ms = _ms(start)
         start = time.perf_counter()
         chained = [r for r in routes if r.parents]

@@ -159,7 +159,8 @@ class StreamInfo(BaseModel):
     fps: float = Field(description="frames processed per second")
     frames_read: int
     frames_processed: int
-    dropped_frames: int = Field(description="frames the source delivered while the pipeline was busy: skipped")
+    dropped_frames: int = Field(description="frames the source delivered while the pipeline was busy")
+    skipped_frames: int = Field(0, description="frames the detector did not answer (the stream goes on)")
     tracks: int
     error: str | None = None
 

@@ -12,8 +12,9 @@ replica and application tags. Metric names (Prometheus adds Ray's `ray_` prefix)
   same breakdown that `?trace=true` returns with one answer
 - pipeline_video_frames_total: video frames processed (a rate of it is the service's video fps)
 - pipeline_video_tracks_total: tracks that appeared in processed videos
-- pipeline_stream_fps{stream}, pipeline_stream_dropped_frames{stream}, pipeline_stream_tracks{stream}: each live
-  stream's processed frames per second, frames its source delivered that the pipeline skipped, and tracks
+- pipeline_streams: live streams running (the streams deployment); pipeline_stream_frames_total{outcome}: their
+  frames, processed, dropped (the source delivered them while the pipeline was busy) or skipped (the detector
+  did not answer). Per stream figures are in GET /v1/streams: a series per stream id would grow without bound.
 - pipeline_video_cache_total{classifier, outcome}: tracked objects per frame whose attribute was served from the
   per-track cache (hit) or classified (miss); hit / (hit + miss) is the cache hit rate
 (The model stages' own metrics, pipeline_compute_ms{stage} and pipeline_batch_size{stage}, are in
@@ -62,18 +63,6 @@ class IngressMetrics:
             tag_keys=("classifier", "outcome"),
         )
 
-        self.stream_fps = Gauge("pipeline_stream_fps", description="Frames a live stream processes per second",
-                                tag_keys=("stream",))
-        self.stream_dropped = Gauge("pipeline_stream_dropped_frames", tag_keys=("stream",),
-                                    description="Frames a live stream's source delivered that the pipeline skipped")
-        self.stream_tracks = Gauge("pipeline_stream_tracks", description="Tracks seen in a live stream",
-                                   tag_keys=("stream",))
-
-    def record_stream(self, stream_id: str, fps: float, dropped: int, tracks: int) -> None:
-        tags = {"stream": stream_id}
-        self.stream_fps.set(fps, tags=tags)
-        self.stream_dropped.set(dropped, tags=tags)
-        self.stream_tracks.set(tracks, tags=tags)
 
     def record_video_frame(self, new_tracks: int, classified: dict[str, int], cached: dict[str, int]) -> None:
         self.video_frames.inc()
@@ -96,3 +85,25 @@ class IngressMetrics:
         self.objects.observe(objects)
         for name, code in errors.items():
             self.classifier_errors.inc(tags={"classifier": name, "code": code})
+
+
+class StreamMetrics:
+    """The streams deployment's metrics: bounded series, whatever the number of streams that come and go."""
+
+    def __init__(self) -> None:
+        self.running = Gauge("pipeline_streams", description="Live streams running")
+        self.frames = Counter("pipeline_stream_frames", tag_keys=("outcome",),
+                              description="Live stream frames: processed, dropped (pipeline busy) or skipped (no detector)")
+        self._seen: dict[str, tuple[int, int, int]] = {}  # stream -> counts already reported
+
+    def record(self, stream_id: str, processed: int, dropped: int, skipped: int) -> None:
+        before = self._seen.get(stream_id, (0, 0, 0))
+        for outcome, now, then in zip(("processed", "dropped", "skipped"), (processed, dropped, skipped), before):
+            if now > then:
+                self.frames.inc(now - then, tags={"outcome": outcome})
+        self._seen[stream_id] = (processed, dropped, skipped)
+        self.running.set(len(self._seen))
+
+    def forget(self, stream_id: str) -> None:
+        self._seen.pop(stream_id, None)
+        self.running.set(len(self._seen))

@@ -10,8 +10,10 @@ The classifications that do run go out together through the same parallel fan-ou
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,9 @@ import numpy as np
 
 from engines import Detections
 from engines.tracking import Tracker, TrackerParams
-from serve_app.graph import ClassifierRoute, DetectorUnavailable, InferenceGraph, topological_order
+from serve_app.config import PipelineConfig
+from serve_app.offload import INLINE, CpuWork
+from serve_app.graph import ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, topological_order
 
 
 @dataclass
@@ -69,8 +73,9 @@ class VideoSession:
     """The per-video state: the tracker, each classifier's cache, and the counts of the summary line."""
 
     def __init__(self, graph: InferenceGraph, tracker: TrackerParams, routes: list[ClassifierRoute],
-                 reinfer: dict[str, tuple[float, int]], fps: float) -> None:
+                 reinfer: dict[str, tuple[float, int]], fps: float, cpu: CpuWork = INLINE) -> None:
         self._graph = graph
+        self._cpu = cpu  # where the tracker runs (and `records` reads frames)
         self._fps = fps  # the video's frame rate (0: unknown), for each frame's time_ms
         self._tracker = Tracker(tracker)
         self._levels = _levels(routes)
@@ -103,7 +108,7 @@ class VideoSession:
 
     async def process(self, index: int, frame: np.ndarray, detections: Detections) -> dict[str, Any]:
         """Track and classify one frame; its NDJSON record."""
-        track_ids = self._tracker.update(detections)
+        track_ids = await self._cpu.run(self._tracker.update, detections)
         xyxy = detections.xyxy
         areas = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) if len(detections) else np.zeros(0)
         errors: dict[str, Any] = {}
@@ -152,6 +157,34 @@ class VideoSession:
             })
         return objects
 
+    async def records(self, frames: Iterator[tuple[int, np.ndarray]], lookahead: int,
+                      on_frame: Callable[[VideoSession], None] = lambda session: None,
+                      ) -> AsyncIterator[tuple[dict[str, Any], np.ndarray | None]]:
+        """Each processed frame's record and the frame, in order. Detection runs `lookahead` frames ahead, so that
+        frames meet in the detector's batches while the tracker and the classifiers work on an earlier one. A
+        detector failure ends the records with an error record (with no frame); the caller adds what follows
+        (the summary). `on_frame` runs after each frame (the metrics)."""
+        pending: deque[tuple[int, np.ndarray, asyncio.Future[GraphResult]]] = deque()
+        try:
+            while True:
+                while len(pending) < lookahead and (item := await self._cpu.run(next, frames, None)) is not None:
+                    index, frame = item
+                    pending.append((index, frame, asyncio.ensure_future(self._graph.detect(frame))))
+                if not pending:
+                    return
+                index, frame, detecting = pending.popleft()
+                try:
+                    detected = await detecting
+                except DetectorUnavailable as exc:
+                    yield {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}, None
+                    return
+                record = await self.process(index, frame, detected.detections)
+                on_frame(self)
+                yield record, frame
+        finally:
+            for *_, detecting in pending:
+                detecting.cancel()
+
     def summary(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._started
         return {"summary": {
@@ -161,3 +194,11 @@ class VideoSession:
             "objects_seen": self.objects_seen,
             "fps": round(self.frames / wall, 2) if wall > 0 else None,
         }}
+
+
+def new_session(graph: InferenceGraph, config: PipelineConfig, fps: float, cpu: CpuWork = INLINE) -> VideoSession:
+    """A session with the configured tracker and each classifier's re-inference rules."""
+    t = config.ingress.video.tracker
+    params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold, fps or 30.0)
+    reinfer = {c.name: (c.reinfer_area_growth, c.reinfer_interval) for c in config.classifiers}
+    return VideoSession(graph, params, graph.routes, reinfer, fps, cpu)

@@ -82,7 +82,7 @@ def test_plan_that_cannot_be_scheduled_fails_instead_of_waiting() -> None:
     from serve_app.app import bind_pipeline
 
     config = validate(lambda a: a["classifiers"][0]["deployment"].update(num_cpus=1, num_replicas=2))
-    with pytest.raises(PlacementError, match=r"need 3\.25 CPU in all .*age 1 x 2,.*cluster has 2;"):
+    with pytest.raises(PlacementError, match=r"need 3\.5 CPU in all .*age 1 x 2,.*streams 0\.25 x 1\) but the Ray cluster has 2;"):
         bind_pipeline(config, [{"CPU": 2.0}])
 
 
@@ -90,7 +90,7 @@ def test_shipped_config_fits_a_two_core_machine() -> None:
     from serve_app.app import bind_pipeline
 
     options = _actor_options(bind_pipeline(validate(lambda a: None), [{"CPU": 2.0}]))
-    assert set(options) == {"ingress", "detector", "age", "gender", "emotion"}
+    assert set(options) == {"ingress", "detector", "age", "gender", "emotion", "streams"}
     assert sum(o["num_cpus"] for o in options.values()) <= 2.0
     assert all(o["num_gpus"] == 0 for o in options.values())  # no GPU here: the GPU fractions fall back to CPU
 
@@ -211,12 +211,13 @@ def test_each_layout_binds_its_deployments_with_the_summed_fractions() -> None:
 
     gpu = [{"CPU": 4.0, "GPU": 1.0}]
     separate = _actor_options(bind_pipeline(validate(lambda a: None), nodes=gpu))
-    assert set(separate) == {"ingress", "detector", "age", "gender", "emotion"}
+    assert set(separate) == {"ingress", "detector", "age", "gender", "emotion", "streams"}
     colocated = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="colocated")), nodes=gpu))
-    assert set(colocated) == {"ingress", "detector", "classifiers"}
+    assert set(colocated) == {"ingress", "detector", "classifiers", "streams"}
     assert (colocated["classifiers"]["num_gpus"], colocated["classifiers"]["num_cpus"]) == (0.75, 0.75)
     ingress = _actor_options(bind_pipeline(validate(lambda a: a.update(layout="ingress")), nodes=gpu))
-    assert set(ingress) == {"ingress"}
+    assert set(ingress) == {"ingress", "streams"}
+    assert ingress["streams"]["num_gpus"] == 0  # it holds no model: in layout ingress it calls the ingress
     assert (ingress["ingress"]["num_gpus"], ingress["ingress"]["num_cpus"]) == (1.0, 1.5)
 
 

@@ -101,13 +101,13 @@ def test_serve_status_lists_every_deployment(demo_app: str) -> None:
 
     app = serve.status().applications["faces"]
     assert app.status == "RUNNING"
-    assert set(app.deployments) == {"ingress", "detector", "age", "gender", "emotion"}
+    assert set(app.deployments) == {"ingress", "detector", "age", "gender", "emotion", "streams"}
 
 
 def test_healthz(client: httpx.Client) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "layout": "separate", "deployments": 5}
+    assert response.json() == {"status": "ok", "layout": "separate", "deployments": 6}
 
 
 def test_trace_says_where_each_request_spent_its_time(client: httpx.Client) -> None:

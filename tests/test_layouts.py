@@ -77,7 +77,7 @@ def test_colocated_gives_the_same_objects_and_isolates_a_failing_classifier(
         assert pipeline["layout"] == "colocated"
         assert [c["name"] for c in pipeline["classifiers"]] == ["age", "gender", "emotion", "broken"]
         assert {c["execution"] for c in pipeline["classifiers"]} == {"thread"}  # stages sharing a process overlap
-        assert client.get("/healthz").json() == {"status": "ok", "layout": "colocated", "deployments": 3}
+        assert client.get("/healthz").json() == {"status": "ok", "layout": "colocated", "deployments": 4}
 
 
 def test_colocated_sends_one_request_s_classifier_calls_as_one_hop(colocated_app: str) -> None:
@@ -109,7 +109,7 @@ def test_ingress_layout_gives_the_same_objects_with_no_inner_hop(demo_app: str, 
         pipeline = client.get("/v1/pipeline").json()
         assert pipeline["layout"] == "ingress"
         assert pipeline["detector"]["execution"] == "thread"
-        assert client.get("/healthz").json() == {"status": "ok", "layout": "ingress", "deployments": 1}
+        assert client.get("/healthz").json() == {"status": "ok", "layout": "ingress", "deployments": 2}
     from ray import serve
 
-    assert set(serve.status().applications["inproc"].deployments) == {"ingress"}
+    assert set(serve.status().applications["inproc"].deployments) == {"ingress", "streams"}

@@ -20,7 +20,8 @@ def test_short_soak_has_no_server_errors_loses_nothing_and_memory_stays_flat(dem
     assert set(result.statuses) == {200}
     assert result.partial == 0  # no classifier timed out under load
     sampled = sorted(k.split("[")[0] for k in result.rss_start)  # this app's replicas only, each once
-    assert sampled == ["faces:age", "faces:detector", "faces:emotion", "faces:gender", "faces:ingress"], sampled
+    assert sampled == ["faces:age", "faces:detector", "faces:emotion", "faces:gender", "faces:ingress",
+                       "faces:streams"], sampled
     growth = result.growth(result.rss_middle)
     assert set(growth) == set(result.rss_start)
     assert all(g <= FLAT_MIB for g in growth.values()), f"RSS growth over the second half (MiB): {growth}"

@@ -1,0 +1,126 @@
+"""/v1/streams*: forwarded to the `streams` deployment, which holds every live stream of the application, so
+that any ingress replica answers for any stream; /events is relayed from a streaming handle call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+
+from serve_app.decoding import InputError
+from serve_app.routes.common import bearer, errors, services
+from serve_app.routes.video import ndjson
+from serve_app.schema import StreamInfo, StreamList, StreamRequest
+from serve_app.streams import StreamRefusal
+
+logger = logging.getLogger("ray.serve")
+
+def _replica() -> str | None:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # served without Serve
+        return None
+
+
+async def served_by(response: Response) -> None:
+    """Which ingress replica answered (`x-served-by`): streams live in the streams deployment, so any replica
+    answers for any stream, and this says which one did."""
+    replica = _replica()
+    if replica is not None:
+        response.headers["x-served-by"] = replica
+
+
+router = APIRouter(dependencies=[Depends(bearer), Depends(served_by)])
+_LOST = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
+
+
+class StreamsProxy:
+    """The ingress's side of the streams deployment (None as the handle: streams are off)."""
+
+    def __init__(self, handle: Any | None) -> None:
+        self._handle = handle
+
+    def _checked(self) -> Any:
+        if self._handle is None:
+            raise InputError(404, "streams_off", "live streams are off (ingress.streams.enabled: false)")
+        return self._handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            answer = await getattr(self._checked(), method).remote(*args)
+        except _LOST as exc:
+            raise InputError(503, "streams_unavailable",
+                             f"the streams deployment is not answering ({type(exc).__name__}); retry shortly") from exc
+        if isinstance(answer, StreamRefusal):
+            raise answer.error()
+        return answer
+
+    async def events(self, stream_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The stream's records; the first item (its description, or why not) is checked before the response
+        starts, so an unknown stream is a 404. If the streams replica goes away mid-stream, the records end with a
+        summary of state `lost` naming the reason."""
+        generator = self._checked().options(stream=True).events.remote(stream_id)
+        try:
+            first = await generator.__anext__()
+        except _LOST as exc:
+            raise InputError(503, "streams_unavailable", f"the streams deployment is not answering ({type(exc).__name__})")
+        if isinstance(first, StreamRefusal):
+            raise first.error()
+        return self._relay(generator, first)
+
+    async def _relay(self, generator: Any, described: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for record in generator:
+                yield record
+        except _LOST as exc:
+            logger.warning("stream %s lost with the streams replica: %s", described["id"], type(exc).__name__)
+            yield {"summary": {**described, "state": "lost",
+                               "error": f"the streams deployment stopped ({type(exc).__name__}); the stream ended"}}
+
+
+@router.post("/v1/streams", status_code=201, response_model=StreamInfo, responses=errors(401, 404, 422, 429, 503))
+async def start_stream(request: Request, body: StreamRequest) -> StreamInfo:
+    """Start a live stream from an rtsp/http(s) URL (public addresses only, unless ingress.streams.allowed_hosts
+    lists it) or a file in the media directory (played at its frame rate). Its records: /v1/streams/{id}/events."""
+    return StreamInfo(**await services(request).streams.call("start", body.source))
+
+
+@router.get("/v1/streams", response_model=StreamList, responses=errors(401, 404, 503))
+async def list_streams(request: Request) -> StreamList:
+    """Every stream of the application (running, and those ended in the last `keep_ended_s`)."""
+    return StreamList(streams=[StreamInfo(**s) for s in await services(request).streams.call("list")])
+
+
+@router.get("/v1/streams/{stream_id}", response_model=StreamInfo, responses=errors(401, 404, 503))
+async def get_stream(request: Request, stream_id: str) -> StreamInfo:
+    return StreamInfo(**await services(request).streams.call("get", stream_id))
+
+
+@router.get("/v1/streams/{stream_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-ndjson": {}}}, **errors(401, 404, 503)})
+async def stream_events(request: Request, stream_id: str) -> StreamingResponse:
+    """The stream's per-frame records as they happen (the same lines as /v1/video), until it ends with its
+    summary; a reader that falls behind loses its oldest lines, never the stream."""
+    records = await services(request).streams.events(stream_id)
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for record in records:
+            yield ndjson(record)
+
+    replica = _replica()  # a response returned as it is does not take the dependency's headers
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             headers={"x-served-by": replica} if replica else None)
+
+
+@router.delete("/v1/streams/{stream_id}", response_model=StreamInfo, responses=errors(401, 404, 503))
+async def stop_stream(request: Request, stream_id: str) -> StreamInfo:
+    """Stop a stream; its listeners get the summary and their responses end. Idempotent: a stream that has
+    already stopped or ended answers with its final state (while it is kept)."""
+    return StreamInfo(**await services(request).streams.call("stop", stream_id))
