@@ -40,7 +40,7 @@ def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
 
 def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout: str = "separate",
          access_log: bool = True, execution: str = "auto", detector_input: str = "encoded",
-         max_batch_size: int | None = None, cpu_work: str = "loop") -> dict[str, Any]:
+         max_batch_size: int | None = None, cpu_work: str = "auto") -> dict[str, Any]:
     """Apply one benchmark variant's settings to every deployment."""
     args = copy.deepcopy(args)
     args["layout"] = layout

@@ -144,6 +144,13 @@ class YoloConfig(StrictModel):
 
 class DetectorConfig(StrictModel):
     kind: Literal["mtcnn", "yolo"] = "mtcnn"
+    max_detect_side: int = Field(
+        1280, ge=0, description="frames with a longer side are scaled down to it before detection, and the boxes "
+        "mapped back (crops still come from the full frame); 0: never (DeepStream's muxer scales every frame)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="compressed images the detector decodes itself "
+                                  "(ingress.detector_input: encoded) are refused above this, from their header")
+    max_inflight_pixels: int = Field(80_000_000, ge=1, description="decoded pixels the detector replica holds at "
+                                     "once; further images wait for their turn")
     mtcnn: MtcnnConfig = Field(default_factory=MtcnnConfig)
     yolo: YoloConfig | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -156,6 +163,8 @@ class DetectorConfig(StrictModel):
 
     @model_validator(mode="after")
     def _section_for_kind(self) -> DetectorConfig:
+        if self.max_inflight_pixels < self.max_image_pixels:
+            raise ValueError("max_inflight_pixels must be at least max_image_pixels (one image has to fit)")
         if self.kind == "yolo" and self.yolo is None:
             raise ValueError("detector.kind is yolo but the detector.yolo section is missing")
         if self.kind == "mtcnn" and self.mtcnn.implementation == "torch" and self.engine.backend != "torch":

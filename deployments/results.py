@@ -30,6 +30,7 @@ class StageTiming:
 class DetectorResult:
     detections: Detections
     timing: StageTiming
+    refused: tuple[int, str, str] | None = None  # (status, code, message): bytes the detector would not decode
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from deployments.batcher import Batched, GreedyBatcher
+from deployments.budget import PixelBudget
 from deployments.config import ClassifierConfig, DetectorConfig
 from deployments.execution import ComputeExecutor
 from deployments.models import build_classifier, build_detector
@@ -25,7 +26,7 @@ from deployments.placement_log import warn_if_gpu_unused
 from deployments.results import ClassifierResult, DetectorResult, StageTiming
 from engines import Classifications, Detections, EngineError, Pending, completed
 from engines.base import span
-from engines.image import decode_bgr
+from engines.image import ImageRefused, check_size, decode_for_detection, fit_side
 from engines.yolo import Yolo
 
 logger = logging.getLogger("ray.serve")
@@ -60,22 +61,39 @@ class DetectorStage:
             self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=on_batch
         )
         self._probe = np.zeros((48, 48, 3), np.uint8)
+        self._budget = PixelBudget(config.max_inflight_pixels)
         logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
 
     def _detect_batch(self, frames: list[np.ndarray]) -> Pending[list[Detections]]:
         return completed(self._model.detect_batch, frames)
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
-        """`image`: a BGR frame, or the compressed bytes (a few KB instead of a megabyte over the hop),
-        decoded here with the same decoder as the ingress's."""
+        """`image`: a BGR frame, or the compressed bytes (a few KB instead of a megabyte over the hop), decoded
+        here with the same decoder as the ingress's, their size checked from the header first. Frames larger
+        than `max_detect_side` are detected scaled down, the boxes mapped back. Bytes that will not decode are
+        answered (`refused`), not raised: the ingress's own decode says why to the client, and a client's bad
+        upload is no error of this replica."""
         start = time.perf_counter()
+        cfg = self._config
         if isinstance(image, bytes):
-            frame = decode_bgr(image)
+            try:
+                width, height = check_size(image, cfg.max_image_pixels)
+                async with self._budget.hold(width * height):
+                    frame, factor = decode_for_detection(image, cfg.max_image_pixels, cfg.max_detect_side)
+            except ImageRefused as exc:
+                return self._refused(start, (exc.status, exc.code, exc.message))
             if frame is None:
-                raise ValueError("the detector could not decode the image bytes")
-            image = frame
-        part = await self._batcher.submit(image)
-        return DetectorResult(part.result, _timing(start, [part]))
+                return self._refused(start, (400, "undecodable_image", "the detector could not decode the image"))
+            size = (width, height)
+        else:
+            size = (image.shape[1], image.shape[0])
+            frame, factor = fit_side(image, cfg.max_detect_side)
+        part = await self._batcher.submit(frame)
+        return DetectorResult(part.result.scaled(1 / factor).clip(*size), _timing(start, [part]))
+
+    def _refused(self, start: float, why: tuple[int, str, str]) -> DetectorResult:
+        elapsed = round((time.perf_counter() - start) * 1e3, 3)
+        return DetectorResult(Detections.empty(self._model.class_names), StageTiming(elapsed, 0.0, 0.0, 0), why)
 
     def close(self) -> None:
         """Release the engines (device memory, sessions) and the compute thread."""

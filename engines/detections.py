@@ -79,6 +79,14 @@ class Detections:
             mask &= np.array([label in labels for label in self.labels], dtype=bool).reshape(-1)
         return np.flatnonzero(mask)
 
+    def scaled(self, factor: float) -> Detections:
+        """Boxes and landmarks multiplied by `factor` (found on a resized frame: back to the original's pixels)."""
+        if factor == 1.0:
+            return self
+        landmarks = None if self.landmarks is None else (self.landmarks * factor).astype(np.float32)
+        return Detections((self.xyxy * factor).astype(np.float32), self.confidence, self.class_id, self.class_names,
+                          landmarks)
+
     def clip(self, width: int, height: int) -> Detections:
         xyxy = self.xyxy.copy()
         xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)

@@ -48,38 +48,36 @@ class CropSpec:
 
 
 def crop_resize(frame: np.ndarray, xyxy: np.ndarray, spec: CropSpec) -> np.ndarray:
-    """(N, H, W, C) uint8 crops of `frame` at the network's size; out-of-image parts are black."""
+    """(N, H, W, C) uint8 crops of `frame` at the network's size; out-of-image parts are black.
+
+    Each crop box maps onto the output (stretched, or scaled to fit and centred: `keep_aspect`); only the part
+    of the box inside the frame is resized, straight to the output pixels it covers, and placed on a black
+    canvas. So a crop costs memory for its output size whatever the box and the padding (resizing the padded
+    full-resolution region first would cost (1 + 2 x padding)^2 times the box's pixels)."""
     boxes = spec.boxes(xyxy)
     channels = frame.shape[2] if frame.ndim == 3 else 1
-    out = np.empty((len(boxes), spec.height, spec.width, channels), dtype=np.uint8)
+    out = np.zeros((len(boxes), spec.height, spec.width, channels), dtype=np.uint8)
     fh, fw = frame.shape[:2]
     for i, (x1, y1, x2, y2) in enumerate(np.round(boxes).astype(np.int64)):
         x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
-        region = frame[max(y1, 0) : min(y2, fh), max(x1, 0) : min(x2, fw)]
-        pad = (max(-y1, 0), max(y2 - fh, 0), max(-x1, 0), max(x2 - fw, 0))
-        if region.size == 0:
-            out[i] = 0
+        w, h = x2 - x1, y2 - y1
+        if spec.keep_aspect:
+            sx = sy = min(spec.width / w, spec.height / h)
+            left, top = (spec.width - max(1, round(w * sx))) // 2, (spec.height - max(1, round(h * sy))) // 2
+        else:
+            sx, sy, left, top = spec.width / w, spec.height / h, 0, 0
+        vx1, vy1, vx2, vy2 = max(x1, 0), max(y1, 0), min(x2, fw), min(y2, fh)  # the part inside the frame
+        if vx2 <= vx1 or vy2 <= vy1:
             continue
-        if any(pad):
-            region = cv2.copyMakeBorder(region, *pad, cv2.BORDER_CONSTANT, value=0)
-        out[i] = _fit(region, spec).reshape(spec.height, spec.width, channels)
+        ox1, ox2 = left + round((vx1 - x1) * sx), left + round((vx2 - x1) * sx)
+        oy1, oy2 = top + round((vy1 - y1) * sy), top + round((vy2 - y1) * sy)
+        ox1, oy1 = min(max(ox1, 0), spec.width - 1), min(max(oy1, 0), spec.height - 1)
+        ox2, oy2 = min(max(ox2, ox1 + 1), spec.width), min(max(oy2, oy1 + 1), spec.height)
+        region = frame[vy1:vy2, vx1:vx2]
+        shrink = region.shape[0] > oy2 - oy1
+        resized = cv2.resize(region, (ox2 - ox1, oy2 - oy1), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        out[i, oy1:oy2, ox1:ox2] = resized.reshape(oy2 - oy1, ox2 - ox1, channels)
     return out
-
-
-def _fit(region: np.ndarray, spec: CropSpec) -> np.ndarray:
-    """Resize to the network size: stretched, or scaled to fit and centred on black (keep_aspect)."""
-    h, w = region.shape[:2]
-    if not spec.keep_aspect:
-        interpolation = cv2.INTER_AREA if h > spec.height else cv2.INTER_LINEAR
-        return cv2.resize(region, (spec.width, spec.height), interpolation=interpolation)
-    scale = min(spec.width / w, spec.height / h)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(region, (new_w, new_h), interpolation=interpolation)
-    canvas = np.zeros((spec.height, spec.width) + region.shape[2:], dtype=region.dtype)
-    top, left = (spec.height - new_h) // 2, (spec.width - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = resized.reshape(canvas[top : top + new_h, left : left + new_w].shape)
-    return canvas
 
 
 @dataclass(frozen=True)

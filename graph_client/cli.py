@@ -49,6 +49,21 @@ def expand(inputs: list[str]) -> list[Path]:
     return list(found)
 
 
+def annotated_names(files: list[Path]) -> dict[Path, Path]:
+    """Where each input's annotated JPEG goes, relative to the output folder: its path below the inputs' common
+    folder, with `.jpg` for its suffix (`x/a.png` -> `x/a.jpg`); inputs that would meet keep their own suffix too
+    (`x/a.png` and `x/a.jpg` -> `x/a.png.jpg`, `x/a.jpg.jpg`). Never one name for two inputs."""
+    resolved = [p.resolve() for p in files]
+    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path(".")
+    relative = [p.relative_to(root) for p in resolved]
+    plain = [r.with_suffix(".jpg") for r in relative]
+    taken = {name: plain.count(name) for name in plain}
+    names = {f: (r.with_name(r.name + ".jpg") if taken[n] > 1 else n) for f, r, n in zip(files, relative, plain)}
+    if len(set(names.values())) != len(names):  # only if a file is literally named like another's fallback
+        raise ValueError("two inputs would be saved under one annotated name; rename one of them")
+    return names
+
+
 class Progress:
     """A one-line progress bar on a terminal; nothing elsewhere."""
 
@@ -85,8 +100,7 @@ def csv_rows(file: str, result: dict[str, Any]) -> Iterator[dict[str, Any]]:
 async def run(args: argparse.Namespace, files: list[Path], out: TextIO, err: TextIO) -> int:
     classifiers = args.classifiers.split(",") if args.classifiers else None
     token = os.environ.get(args.token_env)
-    if args.annotated:
-        Path(args.annotated).mkdir(parents=True, exist_ok=True)
+    names = annotated_names(files) if args.annotated else {}  # main() checked it: no name is taken twice
     records: list[dict[str, Any] | None] = [None] * len(files)
     progress = Progress(len(files), err, args.progress if args.progress is not None else err.isatty())
     semaphore = asyncio.Semaphore(args.concurrency)
@@ -99,7 +113,10 @@ async def run(args: argparse.Namespace, files: list[Path], out: TextIO, err: Tex
                     record["result"] = await client.infer(path, classifiers, args.mode)
                     if args.annotated:
                         jpeg = await client.annotate(path, classifiers)
-                        (Path(args.annotated) / f"{path.stem}.jpg").write_bytes(jpeg)
+                        target = Path(args.annotated) / names[path]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(jpeg)
+                        record["annotated"] = str(target)
                 except GraphError as exc:
                     record["error"] = {"code": exc.code, "message": exc.message}
                 except (OSError, ValueError) as exc:  # unreadable file, or a transport failure
@@ -149,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency must be at least 1")
     try:
         files = expand(args.inputs)
-    except FileNotFoundError as exc:
+        if args.annotated:
+            annotated_names(files)
+    except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     if args.output == "-":
         return asyncio.run(run(args, files, sys.stdout, sys.stderr))

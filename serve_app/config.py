@@ -129,10 +129,12 @@ class StreamsConfig(StrictModel):
 
 class IngressConfig(StrictModel):
     mode: Literal["parallel", "sequential"] = "parallel"
-    cpu_work: Literal["loop", "threads"] = Field(
-        "loop",
+    cpu_work: Literal["auto", "loop", "threads"] = Field(
+        "auto",
         description="where the ingress and the streams deployment decode images, cut crops, draw, read and write "
-        "video files and track: on the event loop, or on a small thread pool (docs/benchmarks.md measures both)",
+        "video files and track: on the event loop, or on a small thread pool; auto: threads in layout ingress "
+        "(measured: 18 % more throughput at c4 on 2 cores), the loop otherwise (threads cost the `separate` "
+        "layout a third of its throughput at c16 there: docs/benchmarks.md)",
     )
     detector_input: Literal["encoded", "frame"] = Field(
         "encoded",
@@ -144,7 +146,9 @@ class IngressConfig(StrictModel):
     max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")
     video: VideoConfig = Field(default_factory=VideoConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images get 413, from their header")
+    max_inflight_pixels: int = Field(80_000_000, ge=1, description="decoded pixels the ingress replica holds at once "
+                                     "(each image from its header until its answer); further images wait their turn")
     detector_timeout_s: float = Field(10.0, gt=0)
     auth_token_env: str | None = Field(
         "PIPELINE_API_TOKEN",
@@ -180,6 +184,12 @@ class PipelineConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
+    def _budgets(self) -> PipelineConfig:
+        if self.ingress.max_inflight_pixels < self.ingress.max_image_pixels:
+            raise ValueError("ingress.max_inflight_pixels must be at least ingress.max_image_pixels (one image has to fit)")
+        return self
+
+    @model_validator(mode="after")
     def _chains(self) -> PipelineConfig:
         """operate_on_classifiers names known classifiers that give labels, with their labels, and no cycle."""
         by_name = {c.name: c for c in self.classifiers}
@@ -198,6 +208,12 @@ class PipelineConfig(StrictModel):
         if cycle:
             raise ValueError(f"classifiers: operate_on_classifiers form a cycle: {' -> '.join(cycle)}")
         return self
+
+    @property
+    def cpu_work(self) -> str:
+        """`ingress.cpu_work` resolved: `loop` or `threads`."""
+        where = self.ingress.cpu_work
+        return ("threads" if self.layout == "ingress" else "loop") if where == "auto" else where
 
     def edges(self) -> list[tuple[str, str, list[str]]]:
         """(parent, child, labels) for every operate_on_classifiers entry, in config order."""

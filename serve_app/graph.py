@@ -26,6 +26,7 @@ from engines import Classifications, Detections
 from engines.preprocess import CropSpec, crop_resize
 from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
+from serve_app.decoding import InputError
 from serve_app.offload import INLINE, CpuWork
 from serve_app.schema import DetectedObject, StageError
 
@@ -183,6 +184,8 @@ class InferenceGraph:
         except Exception as exc:
             logger.warning("detector failed: %s", _short_error(exc))
             raise DetectorUnavailable(f"the detector failed: {_short_error(exc)}") from exc
+        if result.refused is not None:  # the detector would not decode the bytes: the client's error
+            raise InputError(*result.refused)
         out.detections = result.detections
         out.calls["detector"] = CallSpan(start, _ms(start), result.timing)
         out.timings_ms["detector"] = round(out.calls["detector"].round_trip_ms, 2)

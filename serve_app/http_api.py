@@ -31,15 +31,33 @@ for module in (images, video, streams, pipeline):
     api.include_router(module.router)
 
 
+def _classifier_names() -> list[str] | None:
+    """The configured classifiers, where the document is made inside the ingress replica."""
+    from ray import serve
+
+    try:
+        return list(serve.get_replica_context().servable_object.services.classifier_names)
+    except Exception:  # outside a Serve replica: the document says less
+        return None
+
+
 def _openapi() -> dict[str, Any]:
-    """FastAPI's document, plus the bearer scheme of the /v1 routes (Swagger's Authorize button)."""
+    """FastAPI's document, plus the bearer scheme of the /v1 routes (Swagger's Authorize button) and, inside the
+    replica, the configured classifier names as the form of `?classifiers=`."""
     if api.openapi_schema is None:
         document = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
         document.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        names = _classifier_names()
         for path, operations in document["paths"].items():
-            if path.startswith("/v1/"):
-                for operation in operations.values():
+            for operation in operations.values():
+                if path.startswith("/v1/"):
                     operation["security"] = [{"bearer": []}, {}]  # {}: when ingress.auth_token_env is unset
+                for parameter in operation.get("parameters", []):
+                    if parameter["name"] == "classifiers" and names:
+                        one = "|".join(names)
+                        parameter["schema"] = {"type": "string", "pattern": f"^(({one})(,({one}))*)?$"}
+                        parameter["description"] = (f"comma-separated classifiers to run (and those they depend on), of "
+                                                     f"{', '.join(names)}; empty: none (the detector alone)")
         api.openapi_schema = document
     return api.openapi_schema
 
@@ -64,12 +82,27 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path (Starlette's 405 names only the first route's)."""
+    path = request.scope["path"]
+    root = request.scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path
+    routes = [r for module in (images, video, streams, pipeline) for r in module.router.routes]
+    routes += [r for r in api.routes if hasattr(r, "path_regex")]
+    methods = {m for r in routes if r.path_regex.match(path) for m in (getattr(r, "methods", None) or ())}
+    return sorted(methods)
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own 404 and 405 (and any other HTTPException) in the one error shape."""
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return error(422, "invalid_body", "the body is not valid JSON (it must be UTF-8)")
     response = error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
     for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
         response.headers[name] = value
+    if exc.status_code == 405:
+        response.headers["allow"] = ", ".join(_allowed_methods(request))
     return response
 
 

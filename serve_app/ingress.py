@@ -48,7 +48,7 @@ class Ingress:
     ) -> None:
         held_here = detector is None  # layout "ingress": the models live in this replica
         self._wiring = in_process(config, devices or {}) if held_here else remote(config, detector, classifiers or {}, pool)
-        self._cpu = CpuWork(config.ingress.cpu_work)
+        self._cpu = CpuWork(config.cpu_work)
         graph = self._wiring.graph(config, self._cpu)
         metrics = IngressMetrics()
         describers = dict(self._wiring.describers)
@@ -59,6 +59,7 @@ class Ingress:
         self.services = Services(
             auth=BearerAuth(config.ingress.auth_token_env),
             metrics=metrics,
+            classifier_names=tuple(c.name for c in config.classifiers),
             images=ImageService(graph, config, metrics, send_encoded, self._cpu),
             video=VideoService(graph, config, metrics, self._cpu),
             streams=StreamsProxy(streams),

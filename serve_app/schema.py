@@ -135,7 +135,7 @@ BATCH_BODY: dict[str, Any] = {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["images"],
-                           "properties": {"images": {"type": "array", "items": _BINARY}}}
+                           "properties": {"images": {"type": "array", "items": _BINARY, "minItems": 1}}}
             }
         },
     }

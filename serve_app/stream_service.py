@@ -36,7 +36,7 @@ class Streams:
                  pool: Any = None) -> None:
         """The model deployments' handles (layouts separate and colocated); none in layout ingress."""
         self._config = config
-        self._cpu = CpuWork(config.ingress.cpu_work)
+        self._cpu = CpuWork(config.cpu_work)
         self._wiring: Wiring | None = remote(config, detector, classifiers or {}, pool) if detector is not None else None
         self._graph: InferenceGraph | None = self._wiring.graph(config, self._cpu) if self._wiring else None
         self._metrics = StreamMetrics()

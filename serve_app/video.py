@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,9 +43,13 @@ async def video_bytes(request: Request, limit: int) -> bytes:
     return body
 
 
+_PLAUSIBLE_FRAMES = 10_000_000  # a declared count beyond this (or below 0) is no count: read frames are counted
+_FALLBACK_FPS = 60.0  # frame budget per second of max_duration_s when the container's frame rate is unusable
+
+
 @dataclass(frozen=True)
 class VideoInfo:
-    frames: int  # as the container declares it (0 when it does not say)
+    frames: int  # as the container declares it (0 when it does not say, or says something impossible)
     fps: float
     width: int
     height: int
@@ -55,25 +60,36 @@ class VideoInfo:
 
 
 class VideoFile:
-    """An uploaded video, opened and checked: `with VideoFile(data, limits) as video: for i, frame in video.frames(every)`."""
+    """An uploaded video, opened and checked: `with VideoFile(data, limits) as video: for i, frame in video.frames(every)`.
+
+    The temporary file is removed by `close`, and, should nothing call it (a response that never started), when
+    the object is collected. The duration limit also holds for the frames actually read: a container that
+    declares no frame count, or an impossible one, stops after `max_duration_s` worth of frames
+    (`cut_short` then says why)."""
 
     def __init__(self, data: bytes, limits: VideoConfig) -> None:
         fd, self._path = tempfile.mkstemp(suffix=".video")
+        self._finalizer = weakref.finalize(self, _remove, self._path)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         self._capture = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
+        self._limits = limits
         try:
             self.info = self._check(limits)
         except BaseException:
             self.close()
             raise
         self.frames_read = 0
+        self.cut_short: str | None = None
 
     def _check(self, limits: VideoConfig) -> VideoInfo:
         if not self._capture.isOpened():
             raise InputError(400, "undecodable_video", "the body is not a video FFmpeg can open (MP4, MOV, AVI, MKV)")
         c = self._capture
-        info = VideoInfo(int(c.get(cv2.CAP_PROP_FRAME_COUNT)), float(c.get(cv2.CAP_PROP_FPS) or 0.0),
+        declared = c.get(cv2.CAP_PROP_FRAME_COUNT)
+        frames = int(declared) if 0 < declared <= _PLAUSIBLE_FRAMES else 0
+        fps = float(c.get(cv2.CAP_PROP_FPS) or 0.0)
+        info = VideoInfo(frames, fps if 0 < fps <= 1000 else 0.0,
                          int(c.get(cv2.CAP_PROP_FRAME_WIDTH)), int(c.get(cv2.CAP_PROP_FRAME_HEIGHT)))
         if info.width <= 0 or info.height <= 0:
             raise InputError(400, "undecodable_video", "the video has no decodable picture stream")
@@ -85,10 +101,19 @@ class VideoFile:
                              f"the video lasts {info.duration_s:.1f} s; the limit is {limits.max_duration_s:g} s")
         return info
 
+    @property
+    def max_frames(self) -> int:
+        """Frames `max_duration_s` allows at this video's frame rate (or at 60 fps when it has none)."""
+        return int(self._limits.max_duration_s * (self.info.fps or _FALLBACK_FPS))
+
     def frames(self, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
-        """(index, BGR frame) of every `every`-th frame, from 0."""
+        """(index, BGR frame) of every `every`-th frame, from 0, up to `max_frames`."""
         index = 0
         while True:
+            if index >= self.max_frames:
+                self.cut_short = (f"the video lasts longer than {self._limits.max_duration_s:g} s: it was cut after "
+                                  f"{index} frames")
+                return
             ok = self._capture.grab()
             if not ok:
                 return
@@ -104,7 +129,7 @@ class VideoFile:
 
     def close(self) -> None:
         self._capture.release()
-        _remove(self._path)
+        self._finalizer()  # removes the file, once
 
     def __enter__(self) -> VideoFile:
         return self

@@ -156,7 +156,7 @@ def test_the_cli_sends_a_folder_and_writes_json_lines_and_csv(chain_app: str, tm
     assert run.stderr.strip().splitlines()[-1].startswith("images 3, objects 4, errors 1, ")
     rows = table.read_text().splitlines()
     assert rows[0].startswith("file,object,label,score,x1,y1,x2,y2,gender,gender_score") and len(rows) == 5
-    assert sorted(p.name for p in drawn.iterdir()) == ["astronaut.jpg", "three.jpg"]
+    assert sorted(str(p.relative_to(drawn)) for p in drawn.rglob("*.jpg")) == ["astronaut.jpg", "more/three.jpg"]
     assert subprocess.run([str(cli), "--help"], capture_output=True, text=True).stdout.startswith("usage: graph-infer")
 
 
@@ -198,3 +198,19 @@ def test_a_failing_parent_makes_its_dependents_skip_with_a_reason(faulty_chain_a
     assert result["errors"]["orphan"] == {"code": "skipped", "message": "not run: its parent broken failed"}
     (face,) = result["objects"]
     assert face["attributes"]["emotion"]["label"] == "happy"  # the other chain is untouched
+
+
+def test_annotated_names_keep_the_inputs_paths_and_never_collide(tmp_path: Path) -> None:
+    """x/a.png, y/a.png and x/a.jpg: three annotated files, each named after its own input."""
+    from graph_client.cli import annotated_names, main
+
+    for name in ("x/a.png", "y/a.png", "x/a.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    files = [tmp_path / "x/a.png", tmp_path / "y/a.png", tmp_path / "x/a.jpg"]
+    names = {str(f.relative_to(tmp_path)): str(n) for f, n in annotated_names(files).items()}
+    assert names == {"x/a.png": "x/a.png.jpg", "y/a.png": "y/a.jpg", "x/a.jpg": "x/a.jpg.jpg"}
+    (tmp_path / "x/a.png.jpg").write_bytes(b"")  # an input literally named like another's fallback
+    with pytest.raises(SystemExit) as exit_code:
+        main([str(tmp_path / "x"), "--annotated", str(tmp_path / "out"), "--url", "http://127.0.0.1:9"])
+    assert exit_code.value.code == 2

@@ -40,6 +40,7 @@ class Services:
 
     auth: BearerAuth
     metrics: IngressMetrics
+    classifier_names: tuple[str, ...]
     images: ImageService
     video: VideoService
     streams: StreamsProxy

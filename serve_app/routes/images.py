@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from deployments.budget import PixelBudget
 from deployments.results import NODE
 from serve_app.annotate import annotate
 from serve_app.config import PipelineConfig
@@ -81,6 +82,7 @@ class ImageService:
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
                  send_encoded: bool, cpu: CpuWork = INLINE) -> None:
         self._cpu = cpu
+        self._budget = PixelBudget(config.ingress.max_inflight_pixels)
         self._graph = graph
         self._config = config
         self._limits = config.ingress
@@ -106,11 +108,16 @@ class ImageService:
         return await self.run(data, mode, only, start)
 
     async def run(self, data: bytes, mode: Mode | None, only: list[str] | None, start: float) -> Inference:
-        """One image through the graph, from its encoded bytes."""
+        """One image through the graph, from its encoded bytes; its pixels count against the replica's budget
+        from the header check to the answer."""
+        width, height = check_header(data, self._limits.max_image_pixels)
+        async with self._budget.hold(width * height):
+            return await self._run(data, mode, only, start)
+
+    async def _run(self, data: bytes, mode: Mode | None, only: list[str] | None, start: float) -> Inference:
         read_at = time.perf_counter()
         chosen: Mode = mode or self._limits.mode
         limit = self._limits.max_image_pixels
-        check_header(data, limit)
         if self._send_encoded:
             result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only)
             decode_ms = result.decode_ms

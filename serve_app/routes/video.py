@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from serve_app.annotate import draw
 from serve_app.config import PipelineConfig
@@ -55,7 +56,10 @@ class VideoService:
                     break
             else:
                 declared = video.info.frames
-                if declared and video.frames_read < declared - 1:  # containers may round their frame count by one
+                if video.cut_short:
+                    yield {"error": {"code": "video_too_long", "frame": video.frames_read,
+                                     "message": video.cut_short}}, None
+                elif declared and video.frames_read < declared - 1:  # containers may round their count by one
                     yield {"error": {"code": "truncated_video", "frame": video.frames_read,
                                      "message": f"the video breaks off after frame {video.frames_read} of the "
                                                 f"{declared} it declares"}}, None
@@ -70,15 +74,17 @@ class VideoService:
             async for record, _ in self.records(video, every):
                 yield ndjson(record)
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        # the response owns the temporary file: closed after it is sent, or when the client left before
+        return StreamingResponse(lines(), media_type="application/x-ndjson", background=BackgroundTask(video.close))
 
     async def mp4(self, request: Request, every: int) -> Response:
         video = await self.open(request)
         writer = Mp4Writer(video.info.fps / every if video.info.fps else 25.0, video.info.width, video.info.height)
         try:
             async for record, frame in self.records(video, every):
-                if "error" in record:  # a 503 stays a 503: only a video that breaks off is the client's
-                    status = 503 if record["error"]["code"] == "detector_unavailable" else 422
+                if "error" in record:  # a 503 stays a 503, a video too long a 413
+                    code = record["error"]["code"]
+                    status = {"detector_unavailable": 503, "video_too_long": 413}.get(code, 422)
                     raise InputError(status, record["error"]["code"], record["error"]["message"])
                 if frame is not None:
                     objects = [DetectedObject(**o) for o in record["objects"]]
