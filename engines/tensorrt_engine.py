@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.base import Engine, EngineError, TensorSpec
+from engines.base import Completed, Engine, EngineError, Pending, PendingRun, RunTiming, TensorSpec
 from engines.tensorrt_plan import BindingPlan
 
 logger = logging.getLogger(__name__)
@@ -59,22 +61,24 @@ class TensorRTEngine(Engine):
         self._cuda = cuda
         self._cuda_context = cuda.Device(device_index).retain_primary_context()
         self._cuda_context.push()
+        self._context: Any = None
+        self._engine: Any = None
+        self._device: dict[str, Any] = {}
+        self._host: dict[str, np.ndarray] = {}
+        self._stream: Any = None
         try:
             runtime = trt.Runtime(trt_logger(trt))
-            engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-            if engine is None:
+            self._engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            if self._engine is None:
                 raise EngineError(
                     f"cannot deserialize TensorRT engine {Path(path).name} (built by another TensorRT version or GPU?)"
                 )
-            self._engine = engine
-            self._context = engine.create_execution_context()
-            self.plan = BindingPlan.from_engine(engine)
+            self._context = self._engine.create_execution_context()
+            self.plan = BindingPlan.from_engine(self._engine)
             self._inputs = [TensorSpec(b.name, b.shape, b.dtype) for b in self.plan.inputs]
             self._outputs = [TensorSpec(b.name, b.shape, b.dtype) for b in self.plan.outputs]
             self._capacity = self.plan.buffer_nbytes(self._output_shapes_at(self.plan.max_shapes()))
             self._stream = cuda.Stream()
-            self._host: dict[str, np.ndarray] = {}
-            self._device: dict[str, Any] = {}
             for binding in (*self.plan.inputs, *self.plan.outputs):
                 nbytes = self._capacity[binding.name]
                 self._host[binding.name] = cuda.pagelocked_empty(nbytes // binding.dtype.itemsize, binding.dtype)
@@ -82,10 +86,15 @@ class TensorRTEngine(Engine):
                 if not self._context.set_tensor_address(binding.name, int(self._device[binding.name])):
                     raise EngineError(f"TensorRT refused the address of tensor {binding.name!r}")
         except BaseException:
+            self._release()  # what was made in the context goes before the context
             self._cuda_context.pop()
             self._cuda_context.detach()
+            self._cuda_context = None
             raise
         self._cuda_context.pop()
+        self._in_flight: _TensorRTRun | None = None
+        self._lock = threading.Lock()
+        self.asynchronous = True
         self.device = "cuda"
         self.max_batch = self.plan.max_batch
         logger.info("loaded TensorRT engine %s (batch %s..%s)", Path(path).name, self.plan.min_batch, self.plan.max_batch)
@@ -104,43 +113,72 @@ class TensorRTEngine(Engine):
         binding.check(shape)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = self.plan.check_feeds(feeds)  # every axis but the batch; each run's batch is checked below
-        parts = [self._run_once({k: v[s] for k, v in feeds.items()}) for s in self.plan.batch_slices(batch)]
-        if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return self.launch(feeds).wait()
 
-    def _run_once(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def launch(self, feeds: Mapping[str, np.ndarray]) -> PendingRun:
+        """Enqueue the batch (copies in, `execute_async_v3`, copies out) and return; `wait` synchronises this
+        engine's stream alone. A batch larger than the profile takes several runs, each waited for in turn."""
+        if self._cuda_context is None:
+            raise EngineError("the engine is closed")
+        batch = self.plan.check_feeds(feeds)  # every axis but the batch; each run's batch is checked below
+        slices = self.plan.batch_slices(batch)
+        if len(slices) > 1:
+            start = time.perf_counter()
+            parts = [self._launch_once({k: v[s] for k, v in feeds.items()}).wait() for s in slices]
+            outputs = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            return Completed(outputs, RunTiming(start, time.perf_counter()))
+        return self._launch_once(feeds)
+
+    def _launch_once(self, feeds: Mapping[str, np.ndarray]) -> _TensorRTRun:
         cuda = self._cuda
-        self._cuda_context.push()
-        try:
-            for binding in self.plan.inputs:
-                binding.check(tuple(feeds[binding.name].shape))
-            shapes = self._output_shapes_at({name: tuple(array.shape) for name, array in feeds.items()})
-            for name, shape in shapes.items():  # before TensorRT writes them: never past the allocation
-                binding = next(b for b in self.plan.outputs if b.name == name)
-                nbytes = int(np.prod(shape)) * binding.dtype.itemsize
-                if any(d < 0 for d in shape) or nbytes > self._capacity[name]:
-                    raise EngineError(
-                        f"output {name!r} would have shape {list(shape)}, which does not fit the "
-                        f"{self._capacity[name]} bytes allocated for it at the profile maximum"
-                    )
-            for binding in self.plan.inputs:
-                array = np.ascontiguousarray(feeds[binding.name], dtype=binding.dtype)
-                host = self._host[binding.name][: array.size]
-                host[:] = array.ravel()
-                cuda.memcpy_htod_async(self._device[binding.name], host, self._stream)
-            if not self._context.execute_async_v3(self._stream.handle):
-                raise EngineError("TensorRT execute_async_v3 failed")
-            results = {}
-            for name, shape in shapes.items():
-                host = self._host[name][: int(np.prod(shape))]
-                cuda.memcpy_dtoh_async(host, self._device[name], self._stream)
-                results[name] = (host, shape)
-            self._stream.synchronize()
-        finally:
-            self._cuda_context.pop()
-        return {name: host.reshape(shape).copy() for name, (host, shape) in results.items()}
+        with self._lock:
+            if self._in_flight is not None:
+                self._in_flight.wait()  # its page-locked buffers are about to be rewritten
+            launched_at = time.perf_counter()
+            self._cuda_context.push()
+            try:
+                shapes = self._enqueue(feeds)
+                done = cuda.Event()
+                done.record(self._stream)
+            finally:
+                self._cuda_context.pop()
+            run = _TensorRTRun(self, shapes, done, launched_at, time.perf_counter())
+            self._in_flight = run
+            return run
+
+    def _finished(self, run: _TensorRTRun) -> None:
+        if self._in_flight is run:
+            self._in_flight = None
+
+    def _enqueue(self, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+        """Queue one run on the stream (a current context is pushed by the caller); the output shapes."""
+        cuda = self._cuda
+        for binding in self.plan.inputs:
+            binding.check(tuple(feeds[binding.name].shape))
+        shapes = self._output_shapes_at({name: tuple(array.shape) for name, array in feeds.items()})
+        for name, shape in shapes.items():  # before TensorRT writes them: never past the allocation
+            binding = next(b for b in self.plan.outputs if b.name == name)
+            nbytes = int(np.prod(shape)) * binding.dtype.itemsize
+            if any(d < 0 for d in shape) or nbytes > self._capacity[name]:
+                raise EngineError(
+                    f"output {name!r} would have shape {list(shape)}, which does not fit the "
+                    f"{self._capacity[name]} bytes allocated for it at the profile maximum"
+                )
+        for binding in self.plan.inputs:
+            array = np.ascontiguousarray(feeds[binding.name], dtype=binding.dtype)
+            host = self._host[binding.name][: array.size]
+            host[:] = array.ravel()
+            cuda.memcpy_htod_async(self._device[binding.name], host, self._stream)
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise EngineError("TensorRT execute_async_v3 failed")
+        for name, shape in shapes.items():
+            host = self._host[name][: int(np.prod(shape))]
+            cuda.memcpy_dtoh_async(host, self._device[name], self._stream)
+        return shapes
+
+    def _read(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """Copies of the outputs out of the page-locked buffers (after the run's event was reached)."""
+        return {name: self._host[name][: int(np.prod(shape))].reshape(shape).copy() for name, shape in shapes.items()}
 
     def close(self) -> None:
         """Release, in order and inside the context they belong to, the execution context and the engine, the
@@ -148,17 +186,57 @@ class TensorRTEngine(Engine):
         objects and buffers still alive after the detach would be freed against a context that is gone)."""
         if getattr(self, "_cuda_context", None) is None:
             return
+        if self._in_flight is not None:
+            self._in_flight.wait()
         self._cuda_context.push()
         try:
-            self._stream.synchronize()
-            self._context = None  # the execution context first: it refers to the engine and the buffers
-            self._engine = None
-            for buffer in self._device.values():
-                buffer.free()
-            self._device.clear()
-            self._host.clear()
-            self._stream = None
+            self._release()
         finally:
             self._cuda_context.pop()
             self._cuda_context.detach()
             self._cuda_context = None
+
+    def _release(self) -> None:
+        """Inside the context: the stream's work finished, then the execution context (it refers to the engine and
+        the buffers), the engine, the device and page-locked buffers, the stream."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._context = None
+        self._engine = None
+        for buffer in self._device.values():
+            buffer.free()
+        self._device.clear()
+        self._host.clear()
+        self._stream = None
+
+
+class _TensorRTRun(Pending[dict[str, np.ndarray]]):
+    """A run enqueued on the engine's stream: `wait` synchronises its event (in the engine's context, pushed on
+    the waiting thread: CUDA's context stack is per thread) and copies the outputs out."""
+
+    def __init__(self, engine: TensorRTEngine, shapes: dict[str, tuple[int, ...]], done: Any, launched_at: float,
+                 enqueued_at: float) -> None:
+        self._engine, self._shapes, self._done = engine, shapes, done
+        self._launched_at, self._enqueued_at = launched_at, enqueued_at
+        self._lock = threading.Lock()
+        self._outputs: dict[str, np.ndarray] | None = None
+
+    def done(self) -> bool:
+        return self._outputs is not None
+
+    def wait(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._outputs is None:
+                engine = self._engine
+                engine._cuda_context.push()
+                try:
+                    self._done.synchronize()  # pycuda releases the GIL while it waits
+                finally:
+                    engine._cuda_context.pop()
+                self._outputs = engine._read(self._shapes)
+                engine._finished(self)
+            return self._outputs
+
+    @property
+    def timing(self) -> RunTiming | None:
+        return RunTiming(self._launched_at, self._enqueued_at) if self._outputs is not None else None

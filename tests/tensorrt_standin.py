@@ -20,9 +20,15 @@ IOptimizationProfile; developer guide, "Working with Dynamic Shapes"):
   reads each input and writes each output at its bound address, at the shape the context reports;
 - a build fails (`build_serialized_network` returns None) when a dynamic input has no profile shape,
   or a profile contradicts a fixed dimension, or min <= opt <= max does not hold.
-pycuda rules enforced: `init()` before anything else; a current context (`push`) for allocations,
-copies, streams and launches; async copies only from and to page-locked host memory; a context
-stack popped in order; a retained primary context detached once.
+- a build with a workspace pool (`set_memory_pool_limit`) smaller than the network needs fails;
+- the builder's and the profile's argument errors are RuntimeError.
+pycuda rules enforced (and CUDA's, which pycuda passes through): `init()` before anything else; a current
+context (`push`) for allocations, copies, streams, events and launches, the context stack being per host
+thread; async copies only from and to page-locked host memory; a context stack popped in order; a retained
+primary context detached once, and only after every object made in it (execution contexts, engines, device
+memory) is gone. Work queued on a stream (`memcpy_*_async`, `execute_async_v3`) runs in order and completes
+only when the stream or a later event is synchronised: until then a device-to-host copy has not landed, and a
+host buffer rewritten before its host-to-device copy has run is what the device reads.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from __future__ import annotations
 import enum
 import pickle
 import sys
+import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,11 +67,19 @@ class LogicError(RuntimeError):
 @dataclass
 class _Cuda:
     initialised: bool = False
-    stack: list[_Context] = field(default_factory=list)
     allocations: dict[int, bytearray] = field(default_factory=dict)
     pinned: set[int] = field(default_factory=set)  # ids of page-locked host buffers
     next_address: int = 0x7F0000000000
     retained: int = 0
+    streams: dict[int, Any] = field(default_factory=dict)  # handle -> stream, for execute_async_v3
+    _local: threading.local = field(default_factory=threading.local)
+
+    @property
+    def stack(self) -> list[_Context]:
+        """This host thread's context stack (CUDA keeps one per thread)."""
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
 
     def require_context(self, what: str) -> None:
         if not self.initialised:
@@ -75,6 +91,7 @@ class _Cuda:
 class _Context:
     def __init__(self, cuda: _Cuda) -> None:
         self._cuda, self.detached = cuda, False
+        self.owned: set[str] = set()  # what was made while this context was current and is still alive
 
     def push(self) -> None:
         if self.detached:
@@ -89,8 +106,17 @@ class _Context:
     def detach(self) -> None:
         if self.detached:
             raise LogicError("context detached twice")
+        if self.owned:
+            raise LogicError(f"context detached while what was made in it is alive: {sorted(self.owned)}")
         self.detached = True
         self._cuda.retained -= 1
+
+
+def _own(cuda: _Cuda, what: str) -> _Context:
+    """Record `what` as made in the current context (which must exist); returns that context."""
+    context = cuda.stack[-1]
+    context.owned.add(what)
+    return context
 
 
 class DeviceAllocation:
@@ -99,6 +125,7 @@ class DeviceAllocation:
         self.address = cuda.next_address
         cuda.next_address += (nbytes + 255) // 256 * 256 + 256
         cuda.allocations[self.address] = bytearray(nbytes)
+        self._context = _own(cuda, f"allocation {self.address:#x}")
 
     def __int__(self) -> int:
         return self.address
@@ -106,6 +133,7 @@ class DeviceAllocation:
     def free(self) -> None:
         self._cuda.require_context("cuMemFree")
         del self._cuda.allocations[self.address]
+        self._context.owned.discard(f"allocation {self.address:#x}")
 
 
 def _pinned_base(array: np.ndarray) -> np.ndarray:
@@ -140,12 +168,60 @@ def make_pycuda(devices: int = 1) -> tuple[types.ModuleType, types.ModuleType, _
             return _Context(state)
 
     class Stream:
+        """Work queued here runs, in order, when the stream (or an event recorded on it) is synchronised."""
+
         def __init__(self) -> None:
             state.require_context("cuStreamCreate")
             self.handle = id(self)
+            self.queue: list[Callable[[], None]] = []
+            state.streams[self.handle] = self
+
+        def enqueue(self, work: Callable[[], None]) -> None:
+            self.queue.append(work)
+
+        def run(self, upto: int | None = None) -> None:
+            count = len(self.queue) if upto is None else upto
+            done, self.queue = self.queue[:count], self.queue[count:]
+            for work in done:
+                work()
 
         def synchronize(self) -> None:
             state.require_context("cuStreamSynchronize")
+            self.run()
+
+    default: dict[str, Stream] = {}
+
+    def _stream(stream: Stream | None) -> Stream:
+        if stream is None:  # the legacy default stream: asynchronous as well
+            stream = default.setdefault("stream", Stream())
+        return stream
+
+    class Event:
+        def __init__(self) -> None:
+            state.require_context("cuEventCreate")
+            self._stream: Stream | None = None
+            self._marker: Callable[[], None] | None = None
+            self._done = True
+
+        def record(self, stream: Stream | None = None) -> Event:
+            state.require_context("cuEventRecord")
+            self._stream, self._done = _stream(stream), False
+
+            def reached() -> None:
+                self._done = True
+
+            self._marker = reached
+            self._stream.enqueue(reached)
+            return self
+
+        def query(self) -> bool:
+            state.require_context("cuEventQuery")
+            return self._done  # the stand-in's device only works when something synchronises
+
+        def synchronize(self) -> None:
+            state.require_context("cuEventSynchronize")
+            if not self._done and self._stream is not None:
+                self._stream.run(upto=self._stream.queue.index(self._marker) + 1)
 
     def pagelocked_empty(shape: Any, dtype: Any) -> np.ndarray:
         state.require_context("cuMemHostAlloc")
@@ -169,7 +245,11 @@ def make_pycuda(devices: int = 1) -> tuple[types.ModuleType, types.ModuleType, _
         memory = state.allocations[int(dest)]
         if src.nbytes > len(memory):
             raise DeviceMemoryViolation(f"copy of {src.nbytes} bytes into a {len(memory)}-byte allocation")
-        memory[: src.nbytes] = src.tobytes()
+
+        def copy() -> None:  # reads the host buffer as it is when the copy runs, not when it was queued
+            memory[: src.nbytes] = src.tobytes()
+
+        _stream(stream).enqueue(copy)
 
     def memcpy_dtoh_async(dest: np.ndarray, src: DeviceAllocation, stream: Stream | None = None) -> None:
         state.require_context("cuMemcpyDtoHAsync")
@@ -177,9 +257,13 @@ def make_pycuda(devices: int = 1) -> tuple[types.ModuleType, types.ModuleType, _
         memory = state.allocations[int(src)]
         if dest.nbytes > len(memory):
             raise DeviceMemoryViolation(f"copy of {dest.nbytes} bytes out of a {len(memory)}-byte allocation")
-        dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(memory[: dest.nbytes]), np.uint8)
 
-    for name, value in dict(init=init, Device=Device, Stream=Stream, pagelocked_empty=pagelocked_empty,
+        def copy() -> None:
+            dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(memory[: dest.nbytes]), np.uint8)
+
+        _stream(stream).enqueue(copy)
+
+    for name, value in dict(init=init, Device=Device, Stream=Stream, Event=Event, pagelocked_empty=pagelocked_empty,
                             mem_alloc=mem_alloc, memcpy_htod_async=memcpy_htod_async,
                             memcpy_dtoh_async=memcpy_dtoh_async).items():
         setattr(driver, name, value)
@@ -211,8 +295,10 @@ class _Engine:
     """ICudaEngine over an ONNX model run by onnxruntime."""
 
     def __init__(self, onnx_bytes: bytes, profiles: dict[str, tuple], cuda: _Cuda) -> None:
+        cuda.require_context("deserializeCudaEngine")
         self._session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
         self._cuda = cuda
+        self._context = _own(cuda, f"engine {id(self):#x}")
         self.profiles = profiles
         self.data_dependent = _has_data_dependent_ops(onnx_bytes)
         self.io: dict[str, tuple[TensorIOMode, str, tuple[int, ...]]] = {}
@@ -243,11 +329,25 @@ class _Engine:
         return [self.io[name][2]] * 3  # a fixed input: its shape
 
     def create_execution_context(self) -> _ExecutionContext:
+        self._cuda.require_context("createExecutionContext")
         return _ExecutionContext(self)
+
+    def __del__(self) -> None:
+        self._context.owned.discard(f"engine {id(self):#x}")
 
     def compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._session.get_outputs()]
         return dict(zip(names, self._session.run(names, feeds)))
+
+
+def _workspace_needed(onnx_bytes: bytes | None) -> int:
+    """The workspace the stand-in's "tactics" need: as many bytes as the network's weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    if onnx_bytes is None:
+        return 0
+    return sum(numpy_helper.to_array(i).nbytes for i in onnx.load_from_string(onnx_bytes).graph.initializer)
 
 
 def _dims(shape: list[Any]) -> tuple[int, ...]:
@@ -263,6 +363,7 @@ def _has_data_dependent_ops(onnx_bytes: bytes) -> bool:
 class _ExecutionContext:
     def __init__(self, engine: _Engine) -> None:
         self.engine = engine
+        self._context = _own(engine._cuda, f"execution context {id(self):#x}")
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._addresses: dict[str, int] = {}
         self._output_shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
@@ -309,29 +410,42 @@ class _ExecutionContext:
         self._addresses[name] = int(address)
         return True
 
+    def __del__(self) -> None:
+        self._context.owned.discard(f"execution context {id(self):#x}")
+
     def execute_async_v3(self, stream_handle: int) -> bool:
+        """Checks what TensorRT checks at enqueue time, then queues the inference on the stream: it reads the
+        inputs and writes the outputs when the stream runs, at the shapes and addresses bound now."""
         cuda = self.engine._cuda
         if not cuda.stack:
             return False  # no current CUDA context: the launch fails
         if not self.all_input_dimensions_specified or set(self._addresses) != set(self.engine.io):
             return False
+        stream = cuda.streams.get(stream_handle)
+        if stream is None:
+            return False
+        shapes, addresses = dict(self._shapes), dict(self._addresses)
+        self.executions.append(dict(shapes))
+        stream.enqueue(lambda: self._compute(shapes, addresses))
+        return True
+
+    def _compute(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+        cuda = self.engine._cuda
         feeds = {}
-        for name, shape in self._shapes.items():
+        for name, shape in shapes.items():
             dtype = np.dtype(_NUMPY[self.engine.io[name][1]])
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            memory = cuda.allocations.get(self._addresses[name])
+            memory = cuda.allocations.get(addresses[name])
             if memory is None or nbytes > len(memory):
                 raise DeviceMemoryViolation(f"input {name!r} of {nbytes} bytes read past its allocation")
             feeds[name] = np.frombuffer(bytes(memory[:nbytes]), dtype).reshape(shape)
-        self.executions.append(dict(self._shapes))
         for name, value in self.engine.compute(feeds).items():
             data = np.ascontiguousarray(value, _NUMPY[self.engine.io[name][1]]).tobytes()
-            memory = cuda.allocations.get(self._addresses[name])
+            memory = cuda.allocations.get(addresses[name])
             if memory is None or len(data) > len(memory):
                 size = None if memory is None else len(memory)
                 raise DeviceMemoryViolation(f"output {name!r} of {len(data)} bytes written into an allocation of {size}")
             memory[: len(data)] = data
-        return True
 
 
 class _Network:
@@ -354,9 +468,9 @@ class _Profile:
     def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
         shapes = tuple(tuple(int(d) for d in s) for s in (low, opt, high))
         if len({len(s) for s in shapes}) != 1:
-            raise ValueError("min, opt and max must have the same rank")
+            raise RuntimeError("min, opt and max must have the same rank")
         if any(not (a <= b <= c) for a, b, c in zip(*shapes)):
-            raise ValueError(f"profile for {name!r} breaks min <= opt <= max: {shapes}")
+            raise RuntimeError(f"profile for {name!r} breaks min <= opt <= max: {shapes}")
         self.shapes[name] = shapes
 
 
@@ -409,9 +523,10 @@ def make_tensorrt(cuda: _Cuda) -> types.ModuleType:
         def __init__(self) -> None:
             self.profiles: list[_Profile] = []
             self.flags: set[str] = set()
+            self.pool_limits: dict[str, int] = {}
 
         def set_memory_pool_limit(self, pool: str, size: int) -> None:
-            pass
+            self.pool_limits[pool] = int(size)
 
         def set_flag(self, flag: str) -> None:
             self.flags.add(flag)
@@ -434,6 +549,9 @@ def make_tensorrt(cuda: _Cuda) -> types.ModuleType:
             return _Profile()
 
         def build_serialized_network(self, network: _Network, config: BuilderConfig) -> bytes | None:
+            limit = config.pool_limits.get(trt.MemoryPoolType.WORKSPACE)
+            if limit is not None and limit < _workspace_needed(network.onnx):
+                return None  # TensorRT: no tactic fits the workspace: the build fails
             profile = config.profiles[0].shapes if config.profiles else {}
             for tensor in network.inputs:
                 dynamic = any(d < 0 for d in tensor.shape)

@@ -111,12 +111,6 @@ def test_profile_shapes_for_the_build_command() -> None:
         profile_for((-1, 3, -1, -1), 1, 1, 1)
 
 
-def test_config_accepts_the_tensorrt_backend() -> None:
-    from serve_app.config import EngineConfig
-
-    assert EngineConfig(backend="tensorrt", device="cuda").backend == "tensorrt"
-
-
 def test_config_refuses_mtcnn_on_tensorrt() -> None:
     from pydantic import ValidationError
 
@@ -261,3 +255,76 @@ def test_engine_built_from_onnx_matches_onnxruntime(tmp_path: Path) -> None:
     reference = create_engine("onnxruntime", MODELS / "gender.onnx", "cpu")
     x = np.random.default_rng(0).normal(0, 1, (40, 3, 32, 32)).astype(np.float32)  # 40 > max batch: split
     np.testing.assert_allclose(trt_engine.run_single(x)["probabilities"], reference.run_single(x)["probabilities"], atol=1e-3)
+
+
+def test_a_classifier_configured_for_tensorrt_loads_and_answers_through_it(standin: SimpleNamespace,
+                                                                          tmp_path: Path) -> None:
+    """The config's backend reaches the engine: a classifier whose engine.backend is tensorrt builds a TensorRT
+    engine (the stand-in) and answers as ONNX Runtime does on the same model."""
+    from deployments.config import ClassifierConfig
+    from deployments.models import build_classifier
+    from engines.tensorrt_build import build_engine
+    from tests.conftest import demo_args
+
+    engine_path = build_engine(MODELS / "gender.onnx", tmp_path / "gender.engine", max_batch=8)
+    section = next(c for c in demo_args()["classifiers"] if c["name"] == "gender")
+    trt_model = build_classifier(ClassifierConfig.model_validate(
+        {**section, "model": str(engine_path), "engine": {"backend": "tensorrt", "device": "cuda"}}), "cuda")
+    ort_model = build_classifier(ClassifierConfig.model_validate(section), "cpu")
+    assert trt_model.engine.backend == "tensorrt" and ort_model.engine.backend == "onnxruntime"
+    crops = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(trt_model.predict(crops).score, ort_model.predict(crops).score, atol=1e-5)
+    trt_model.close()
+
+
+def test_runs_are_asynchronous_and_a_second_launch_never_overwrites_the_first(standin: SimpleNamespace,
+                                                                             tmp_path: Path) -> None:
+    """The stand-in's stream runs queued copies and inferences only when synchronised, reading host buffers as
+    they are then: a launch that returned is not done, and launching again before waiting would make the first
+    run read the second's input from the shared page-locked buffer. Each answer must be its own."""
+    engine = _engine(standin, MODELS / "gender.onnx", tmp_path, max_batch=8)
+    reference = create_engine("onnxruntime", MODELS / "gender.onnx", "cpu")
+    name = engine.inputs[0].name
+    rng = np.random.default_rng(1)
+    a, b = (rng.normal(0, 1, (4, 3, 32, 32)).astype(np.float32) for _ in range(2))
+    first = engine.launch({name: a})
+    assert engine.asynchronous and not first.done()  # enqueued, not computed
+    second = engine.launch({name: b})  # must wait for the first before reusing its buffers
+    for run, x in ((second, b), (first, a)):
+        np.testing.assert_allclose(run.wait()["probabilities"], reference.run_single(x)["probabilities"], atol=1e-5)
+    engine.close()
+
+
+def test_a_run_launched_on_one_thread_is_waited_for_on_another(standin: SimpleNamespace, tmp_path: Path) -> None:
+    """As the stages' async execution does (launch on the event loop, wait on a waiter thread): CUDA's context
+    stack is per thread, so the waiting thread needs the engine's context pushed there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = _engine(standin, MODELS / "gender.onnx", tmp_path, max_batch=8)
+    x = np.random.default_rng(2).normal(0, 1, (3, 3, 32, 32)).astype(np.float32)
+    run = engine.launch({engine.inputs[0].name: x})
+    with ThreadPoolExecutor(1) as waiter:
+        outputs = waiter.submit(run.wait).result()
+    reference = create_engine("onnxruntime", MODELS / "gender.onnx", "cpu")
+    np.testing.assert_allclose(outputs["probabilities"], reference.run_single(x)["probabilities"], atol=1e-5)
+    engine.close()
+
+
+def test_a_workspace_too_small_for_the_network_fails_the_build(standin: SimpleNamespace, tmp_path: Path) -> None:
+    from engines.tensorrt_build import build_engine
+
+    with pytest.raises(RuntimeError, match="failed to build an engine"):
+        build_engine(MODELS / "age.onnx", tmp_path / "age.engine", workspace_mib=0)
+
+
+def test_an_engine_that_fails_to_load_releases_its_context_cleanly(standin: SimpleNamespace, tmp_path: Path) -> None:
+    """Whatever the load made in the context (engine, execution context, buffers) goes before the context is
+    detached, or the stand-in refuses the detach as CUDA would leave them dangling."""
+    from engines.tensorrt_build import build_engine
+    from engines.tensorrt_engine import TensorRTEngine
+    from tests.onnx_models import nonzero_positions
+
+    path = build_engine(nonzero_positions(tmp_path / "nonzero.onnx"), tmp_path / "nonzero.engine")
+    with pytest.raises(EngineError, match="data-dependent"):
+        TensorRTEngine(path)
+    assert standin.state.retained == 0 and standin.state.allocations == {}
