@@ -63,7 +63,7 @@ class StreamRefusal:
 
 def own_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """Every address of this host's interfaces."""
-    import psutil  # a dependency of Ray
+    import psutil
 
     found = set()
     for addresses in psutil.net_if_addrs().values():
@@ -81,7 +81,7 @@ def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     """Why `address` is internal, or None for a public address."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    for name in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+    for name in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(address, f"is_{name}"):
             return name.replace("_", "-")
     if address in own:

@@ -33,7 +33,9 @@ def test_grey_16_bit_and_alpha_pngs_decode_to_bgr() -> None:
         assert abs(int(frame[0, 0, 0]) - value) <= 1
 
 
-def test_pixel_limit_is_checked_before_decoding() -> None:
+def test_the_pixel_limit_is_inclusive() -> None:
+    """(That the size is checked before any decoding is shown in test_bounded_inputs.py, on images that only
+    declare their size.)"""
     data = ASTRONAUT.read_bytes()
     assert decode_image(data, 512 * 512).shape == (512, 512, 3)
     with pytest.raises(InputError) as info:

@@ -156,6 +156,16 @@ def test_detector_failure_is_a_503_with_a_clear_message(failing_detector_app: st
         assert client.get("/healthz").status_code == 200  # the replica is alive; only its answers fail
 
 
+def test_a_video_whose_detector_fails_is_a_503_for_the_annotated_video_too(failing_detector_app: str,
+                                                                           tmp_path: Path) -> None:
+    from tests.videos import two_faces
+
+    video = two_faces(tmp_path / "two.mp4", frames=10).read_bytes()
+    with httpx.Client(base_url=failing_detector_app, timeout=60) as client:
+        answer = client.post("/v1/video/annotate", content=video, headers={"Content-Type": "video/mp4"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "detector_unavailable"
+
+
 def test_health_checks_fail_when_an_engine_is_broken(tmp_path: Path) -> None:
     from deployments.classifier import Classifier
     from engines import create_engine

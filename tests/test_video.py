@@ -155,3 +155,33 @@ def test_a_video_that_breaks_off_ends_with_an_error_line(video_app: str, videos:
 def _write_bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_video_that_declares_no_usable_frame_count_is_cut_at_its_duration(video_app: str, videos: Path) -> None:
+    """A raw MJPEG stream (FFmpeg reports a frame count of -9e18): the 10 s limit holds on the frames read, at
+    its 25 fps, and the answer says why it stopped."""
+    frame = cv2.resize(cv2.imread(str(ASTRONAUT)), (120, 120))
+    raw = videos / "raw.mjpeg"
+    raw.write_bytes(cv2.imencode(".jpg", frame)[1].tobytes() * 300)
+    lines = _lines(video_app, raw)
+    frames = [line for line in lines if "frame" in line and "objects" in line]
+    assert len(frames) == 250
+    assert lines[-2]["error"]["code"] == "video_too_long" and "summary" in lines[-1]
+    with httpx.Client(timeout=120) as client:
+        annotated = client.post(f"{video_app}/v1/video/annotate", content=raw.read_bytes(), headers=MP4)
+    assert annotated.status_code == 413 and annotated.json()["error"]["code"] == "video_too_long"
+
+
+def test_an_uploaded_videos_temporary_file_goes_with_it_even_unclosed(tmp_path: Path) -> None:
+    import gc
+    import os
+
+    from serve_app.config import VideoConfig
+    from serve_app.video import VideoFile
+
+    video = VideoFile(two_faces(tmp_path / "v.mp4", frames=10).read_bytes(), VideoConfig())
+    path = video._path
+    assert os.path.exists(path)
+    del video  # a response that never started: nothing called close()
+    gc.collect()
+    assert not os.path.exists(path)
