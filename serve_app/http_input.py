@@ -72,8 +72,12 @@ async def parse_form(request: Request, body: bytes, max_files: int, batch: bool 
         raise InputError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from exc
 
 
-async def file_bytes(item: UploadFile | str) -> bytes:
-    return await item.read() if isinstance(item, UploadFile) else item.encode()
+async def file_bytes(item: UploadFile | str, field: str) -> bytes:
+    """A multipart part's bytes: it must be a file part (the document says binary); a text field is a 422."""
+    if not isinstance(item, UploadFile):
+        raise InputError(422, "not_a_file", f"the multipart field {field!r} must be a file (a part with a filename), "
+                         "not a text value")
+    return await item.read()
 
 
 async def image_list(request: Request, limit: int, max_images: int) -> list[bytes]:
@@ -90,7 +94,7 @@ async def image_list(request: Request, limit: int, max_images: int) -> list[byte
         raise InputError(422, "missing_images_field", "multipart body has no field named 'images'")
     if len(items) > max_images:
         raise InputError(413, "too_many_images", f"a batch takes at most {max_images} images, got {len(items)}")
-    return [await file_bytes(item) for item in items]
+    return [await file_bytes(item, "images") for item in items]
 
 
 async def image_bytes(request: Request, limit: int) -> bytes:
@@ -114,4 +118,4 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     item = form.get("image")
     if item is None:
         raise InputError(422, "missing_image_field", "multipart body has no field named 'image'")
-    return await file_bytes(item)
+    return await file_bytes(item, "image")

@@ -37,7 +37,7 @@ async def video_bytes(request: Request, limit: int) -> bytes:
         item = (await parse_form(request, body, max_files=2)).get("video")
         if item is None:
             raise InputError(422, "missing_video_field", "multipart body has no field named 'video'")
-        body = await file_bytes(item)
+        body = await file_bytes(item, "video")
     if not body:
         raise InputError(400, "empty_body", "the request body is empty; send the video file")
     return body
