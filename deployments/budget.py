@@ -6,6 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+# Above this many pixels an image's decode or resize (tens of milliseconds, a second for 36 Mpx) runs on a
+# thread in every replica, off its event loop: the replica's other requests go on meanwhile.
+LARGE_PIXELS = 4_000_000
+
 
 class PixelBudget:
     """At most `capacity` pixels of decoded frames at once; a request that would pass it waits for its turn

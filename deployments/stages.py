@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from deployments.batcher import Batched, GreedyBatcher
-from deployments.budget import PixelBudget
+from deployments.budget import LARGE_PIXELS, PixelBudget
 from deployments.config import ClassifierConfig, DetectorConfig
 from deployments.execution import ComputeExecutor
 from deployments.models import build_classifier, build_detector
@@ -79,7 +79,10 @@ class DetectorStage:
             try:
                 width, height = check_size(image, cfg.max_image_pixels)
                 async with self._budget.hold(width * height):
-                    frame, factor = decode_for_detection(image, cfg.max_image_pixels, cfg.max_detect_side)
+                    decode = (decode_for_detection, image, cfg.max_image_pixels, cfg.max_detect_side)
+                    # a large image's decode (a second for 36 Mpx) leaves the loop: other frames are detected meanwhile
+                    frame, factor = (await asyncio.to_thread(*decode) if width * height > LARGE_PIXELS
+                                     else decode_for_detection(*decode[1:]))
             except ImageRefused as exc:
                 return self._refused(start, (exc.status, exc.code, exc.message))
             if frame is None:
@@ -87,7 +90,10 @@ class DetectorStage:
             size = (width, height)
         else:
             size = (image.shape[1], image.shape[0])
-            frame, factor = fit_side(image, cfg.max_detect_side)
+            if size[0] * size[1] > LARGE_PIXELS:
+                frame, factor = await asyncio.to_thread(fit_side, image, cfg.max_detect_side)
+            else:
+                frame, factor = fit_side(image, cfg.max_detect_side)
         part = await self._batcher.submit(frame)
         return DetectorResult(part.result.scaled(1 / factor).clip(*size), _timing(start, [part]))
 

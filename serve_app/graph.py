@@ -207,7 +207,7 @@ class InferenceGraph:
         out.timings_ms[route.name] = round(_ms(start), 2)
 
     async def run_encoded(self, data: bytes, decode: Callable[[bytes], np.ndarray], mode: str,
-                          only: Collection[str] | None = None) -> GraphResult:
+                          only: Collection[str] | None = None, pixels: int = 0) -> GraphResult:
         """Send the compressed bytes to the detector and decode them here meanwhile (the crops need the
         frame): the decode leaves the critical path and a few KB cross the hop instead of a raw frame.
         If the local decode fails (bad input), the detector's work is cancelled and the error raised."""
@@ -216,7 +216,7 @@ class InferenceGraph:
         await asyncio.sleep(0)  # let the detector call go out before the decode holds the loop
         start = time.perf_counter()
         try:
-            frame = await self._cpu.run(decode, data)
+            frame = await self._cpu.run_large(pixels, decode, data)
         except BaseException:
             detecting.cancel()
             await asyncio.gather(detecting, return_exceptions=True)  # leave no outcome unread
@@ -226,11 +226,18 @@ class InferenceGraph:
         await detecting
         return await self._classify_all(frame, out, mode, only)
 
-    async def run(self, frame: np.ndarray, mode: str, only: Collection[str] | None = None) -> GraphResult:
-        """The detector gets the decoded frame (the detector runs in this process, or the bytes are not kept).
-        `only`: the classifiers to run (with their parents already included); None: all."""
+    async def run(self, frame: np.ndarray, mode: str, only: Collection[str] | None = None,
+                  detect_on: tuple[np.ndarray | bytes, float] | None = None) -> GraphResult:
+        """The detector gets the decoded frame (the detector runs in this process, or the bytes are not kept), or
+        `detect_on`: a smaller copy of it and its scale (a huge photo: the detector would only scale it down), the
+        boxes then mapped back. `only`: the classifiers to run (with their parents already included); None: all."""
         out = GraphResult(Detections.empty(), frame)
-        await self._detect(frame, out)
+        if detect_on is None:
+            await self._detect(frame, out)
+        else:
+            small, factor = detect_on
+            await self._detect(small, out)
+            out.detections = out.detections.scaled(1 / factor).clip(frame.shape[1], frame.shape[0])
         return await self._classify_all(frame, out, mode, only)
 
     def _selected(self, route: ClassifierRoute, out: GraphResult) -> np.ndarray | StageError:

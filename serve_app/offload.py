@@ -10,6 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from deployments.budget import LARGE_PIXELS
+
 T = TypeVar("T")
 
 
@@ -24,6 +26,13 @@ class CpuWork:
         if self._pool is None:
             return fn(*args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def run_large(self, pixels: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`run`, except that work on a large image (over LARGE_PIXELS) always leaves the event loop: decoding
+        a 36 Mpx PNG takes a second, and every other request of the replica would wait behind it."""
+        if self._pool is None and pixels > LARGE_PIXELS:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self.run(fn, *args, **kwargs)
 
     def close(self) -> None:
         if self._pool is not None:

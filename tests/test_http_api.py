@@ -50,6 +50,23 @@ def test_collage_returns_each_face(client: httpx.Client) -> None:
     assert [f["attributes"]["emotion"]["label"] for f in faces[:2]] == ["happy", "happy"]
 
 
+def test_a_huge_upload_is_answered_in_its_own_pixels_with_the_same_faces(client: httpx.Client) -> None:
+    """A 6144x2048 PNG (12.6 Mpx: decoded off the loop, the detector given it at its working side): the same three
+    faces as the 1536x512 collage, their boxes in the upload's pixels, their attributes as before."""
+    small = collage()
+    big = cv2.resize(small, (small.shape[1] * 4, small.shape[0] * 4), interpolation=cv2.INTER_LINEAR)
+    reference = sorted(infer(client, encode(small, ".png"))["objects"], key=lambda o: o["box"][0])
+    result = infer(client, encode(big, ".png"))
+    assert result["image"] == {"width": 6144, "height": 2048} and result["errors"] == {}
+    faces = sorted(result["objects"], key=lambda o: o["box"][0])
+    assert len(faces) == len(reference) == 3
+    for face, ref in zip(faces, reference):
+        expected = np.array(ref["box"]) * 4
+        side = expected[2] - expected[0]
+        assert np.all(np.abs(np.array(face["box"]) - expected) <= 0.1 * side)  # within a tenth of the face
+        assert face["attributes"]["gender"]["label"] == ref["attributes"]["gender"]["label"]
+
+
 def test_photo_without_faces_returns_none(client: httpx.Client) -> None:
     result = infer(client, NO_FACE.read_bytes(), {"Content-Type": "image/jpeg"})
     assert result["objects"] == []

@@ -6,12 +6,14 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from deployments.budget import PixelBudget
+from deployments.budget import LARGE_PIXELS, PixelBudget
 from deployments.results import NODE
+from engines.image import fit_side
 from serve_app.annotate import annotate
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError, check_header, decode_checked
@@ -112,21 +114,35 @@ class ImageService:
         from the header check to the answer."""
         width, height = check_header(data, self._limits.max_image_pixels)
         async with self._budget.hold(width * height):
-            return await self._run(data, mode, only, start)
+            return await self._run(data, mode, only, start, width * height)
 
-    async def _run(self, data: bytes, mode: Mode | None, only: list[str] | None, start: float) -> Inference:
+    async def _run(self, data: bytes, mode: Mode | None, only: list[str] | None, start: float,
+                   pixels: int) -> Inference:
         read_at = time.perf_counter()
         chosen: Mode = mode or self._limits.mode
         limit = self._limits.max_image_pixels
-        if self._send_encoded:
-            result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only)
+        if self._send_encoded and pixels > LARGE_PIXELS:
+            # A huge photo: decoded once, here (off the loop), and the detector gets it at its working size
+            # instead of decoding the same bytes a second time only to scale them down.
+            frame, small = await self._cpu.run_large(pixels, self._decode_for_both, data, limit)
+            decode_ms = (time.perf_counter() - read_at) * 1e3
+            result = await self._graph.run(frame, chosen, only, detect_on=small)
+        elif self._send_encoded:
+            result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only, pixels)
             decode_ms = result.decode_ms
         else:
-            frame = await self._cpu.run(decode_checked, data, limit)
+            frame = await self._cpu.run_large(pixels, decode_checked, data, limit)
             decode_ms = (time.perf_counter() - read_at) * 1e3
             result = await self._graph.run(frame, chosen, only)
         assert result.frame is not None
         return Inference(result.frame, result, chosen, start, (read_at - start) * 1e3, decode_ms)
+
+    def _decode_for_both(self, data: bytes, limit: int) -> tuple[np.ndarray, tuple[bytes, float]]:
+        """The full frame (for the crops) and, for the detector, the frame at its working size as a JPEG (quality
+        95: a few hundred KB over the hop, where the raw frame would be megabytes) with its scale."""
+        frame = decode_checked(data, limit)
+        small, factor = fit_side(frame, self._config.detector.max_detect_side)
+        return frame, (cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), factor)
 
     def answer(self, run: Inference, trace: bool) -> InferResponse:
         """The /v1/infer answer for one image (and its metrics)."""
