@@ -102,6 +102,8 @@ ERRORS = [
     # multipart
     pytest.param({"files": {"picture": ("a.png", ASTRONAUT_BYTES, "image/png")}}, 422, "missing_image_field",
                  id="multipart without image field"),
+    pytest.param({"data": {"image": "astronaut.png"}, "files": {"other": ("a.png", b"x", "image/png")}}, 422,
+                 "not_a_file", id="multipart image field that is not a file"),
     pytest.param({"files": {"image": ("a.png", b"", "image/png")}}, 400, "empty_body", id="multipart empty image"),
     pytest.param({"files": {"image": ("a.txt", b"just text", "text/plain")}}, 400, "undecodable_image",
                  id="multipart text file"),

@@ -105,6 +105,14 @@ def sources_app(serve_url: str, media: Path) -> Iterator[str]:
         yield url
 
 
+def test_a_json_body_that_is_not_utf8_is_a_422_in_the_one_error_shape(sources_app: str) -> None:
+    with httpx.Client(base_url=sources_app, timeout=60) as client:
+        answer = client.post("/v1/streams", content=b'{"source": "\xff\xfe"}',
+                             headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_body"
+        assert client.get("/v1/streams").status_code == 200  # and the service goes on
+
+
 def test_the_service_never_fetches_a_loopback_url(sources_app: str) -> None:
     server, seen = _server("127.0.0.1")
     try:
