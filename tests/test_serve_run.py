@@ -5,6 +5,7 @@ holding port 8000)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,16 @@ from tests.conftest import ROOT, _free_port
 from tests.images import ASTRONAUT
 
 SERVE = Path(sys.executable).parent / "serve"
+
+
+def _readme_run_environment() -> dict[str, str]:
+    """The variables the README's run command sets before `serve run serve_config.yaml`."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("python3 -m venv") and "serve run serve_config.yaml" in line)
+    before = line[line.rindex("&&") + 2 : line.index(".venv/bin/serve run")]
+    env = dict(re.findall(r"([A-Z][A-Z0-9_]*)=(\S+)", before))
+    assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", line  # what this test is about
+    return env
 
 
 def _listening(port: int) -> bool:
@@ -56,7 +67,7 @@ def test_ctrl_c_stops_serve_run_and_leaves_nothing_behind(tmp_path: Path) -> Non
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, as on a fresh machine
-    env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    env.update(_readme_run_environment())
     # HAProxy's stats and metrics listen on fixed ports (8404, 9101); the suite's own Serve holds those
     env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(stats_port), str(metrics_port)
     log = tmp_path / "serve_run.log"
