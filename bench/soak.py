@@ -34,7 +34,8 @@ def replica_rss_mib(app: str) -> dict[str, float]:
             rss_pages = int((proc / "statm").read_text().split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        title = cmdline.split("ServeReplica:", 1)[1].split()[0]
+        # the title is `ray::ServeReplica:APP:DEPLOYMENT`, with `.METHOD` appended while a call runs
+        title = cmdline.split("ServeReplica:", 1)[1].split()[0].split(".", 1)[0]
         if title.startswith(f"{app}:"):
             out[f"{title}[{proc.name}]"] = rss_pages * 4096 / 2**20
     return out
@@ -52,6 +53,7 @@ class SoakResult:
     rss_middle: dict[str, float] = field(default_factory=dict)  # halfway through the requests
     rss_end: dict[str, float] = field(default_factory=dict)
     rss_samples: list[float] = field(default_factory=list)  # total replica RSS over time
+    rss_series: list[dict[str, float]] = field(default_factory=list)  # each replica's RSS, every few requests
 
     @property
     def server_errors(self) -> int:
@@ -60,6 +62,21 @@ class SoakResult:
     def growth(self, since: dict[str, float]) -> dict[str, float]:
         """Each replica's RSS growth (MiB) from `since` to the end."""
         return {k: round(self.rss_end[k] - since[k], 1) for k in since if k in self.rss_end}
+
+    def settled_growth(self) -> dict[str, float]:
+        """Each replica's RSS growth (MiB) from the middle third of the load to the last third, median against
+        median. A leak grows with the requests and shows here; a sample that happens to catch frames and batches
+        in flight (30 MiB for a moment in the detector) does not, where a two-point difference took it for one."""
+        third = len(self.rss_series) // 3
+        if third < 2:
+            raise ValueError(f"{len(self.rss_series)} RSS samples are too few to compare thirds")
+        middle, last = self.rss_series[third : 2 * third], self.rss_series[2 * third :]
+        growth = {}
+        for key in self.rss_start:
+            before, after = [s[key] for s in middle if key in s], [s[key] for s in last if key in s]
+            if before and after:  # a replica that was replaced has no samples under its old pid
+                growth[key] = round(float(np.median(after) - np.median(before)), 1)
+        return growth
 
     def summary(self) -> dict[str, object]:
         return {
@@ -74,21 +91,28 @@ class SoakResult:
             "replica_rss_mib_start": {k: round(v, 1) for k, v in self.rss_start.items()},
             "replica_rss_mib_growth": self.growth(self.rss_start),
             "replica_rss_mib_growth_second_half": self.growth(self.rss_middle),
+            "replica_rss_mib_growth_settled": self.settled_growth() if len(self.rss_series) >= 6 else None,
             "total_rss_mib_samples": [round(v, 1) for v in self.rss_samples],
         }
 
 
 async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, time_limit_s: float,
-               app: str, sample_every_s: float = 5.0, warmup: int = 20) -> SoakResult:
+               app: str, sample_every_s: float = 5.0, warmup: int = 64, samples: int = 30) -> SoakResult:
     """`requests` POSTs at `concurrency` to `url`, bounded by `time_limit_s`; the RSS of application `app`'s
-    replicas after the warm-up, halfway, at the end, and every `sample_every_s`."""
+    replicas after the warm-up, halfway, at the end, `samples` times evenly over the requests, and the total every
+    `sample_every_s`."""
     import httpx
 
     result = SoakResult()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        for i in range(warmup):  # so that start-up allocations do not count as growth
-            await client.post(url, content=bodies[i % len(bodies)], headers={"Content-Type": "image/jpeg"})
+        # the warm-up runs at the soak's concurrency, so that what load itself allocates (frames and batches in
+        # flight, allocator arenas sized for the largest batch of the mix) lands before the first sample and does
+        # not count as growth; sequential warm-up left that to the first minutes of load
+        for start in range(0, warmup, concurrency):
+            await asyncio.gather(*(client.post(url, content=bodies[i % len(bodies)],
+                                               headers={"Content-Type": "image/jpeg"})
+                                   for i in range(start, min(start + concurrency, warmup))))
         result.rss_start = replica_rss_mib(app)
         remaining = requests
         deadline = time.perf_counter() + time_limit_s
@@ -114,6 +138,8 @@ async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, t
                 result.requests += 1
                 if result.requests == requests // 2:
                     result.rss_middle = replica_rss_mib(app)
+                if result.requests % max(1, requests // samples) == 0:
+                    result.rss_series.append(replica_rss_mib(app))
                 if time.perf_counter() >= next_sample:
                     next_sample = time.perf_counter() + sample_every_s
                     result.rss_samples.append(sum(replica_rss_mib(app).values()))

@@ -83,10 +83,15 @@ def test_killing_a_classifier_replica_under_load_loses_no_request(fault_app: str
                 return await client.post("/v1/infer", params={"trace": "true"}, content=body, headers={**PNG, **AUTH})
 
             burst = [asyncio.ensure_future(one()) for _ in range(24)]
-            # `slow` is the bottleneck (about 1 s a call, whatever the batch): once an answer is back, both
-            # replicas are in the middle of their next batch, with the rest queued behind it
-            await asyncio.wait(burst, return_when=asyncio.FIRST_COMPLETED)
-            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            # kill the victim while it holds a call: Serve's own queue-length probe (the method its router asks
+            # every replica) says when. Guessing from the answers is not enough: on a loaded 2-core machine the
+            # detector, not `slow`, can be the bottleneck, and both `slow` replicas may be idle at any moment.
+            actor = ray.get_actor(victim, namespace="serve")
+            deadline = time.monotonic() + 60
+            while await actor.get_num_ongoing_requests.remote() == 0:
+                assert time.monotonic() < deadline, "the victim replica never received a call within 60 s"
+                await asyncio.sleep(0.01)
+            ray.kill(actor, no_restart=True)
             late = [asyncio.ensure_future(one()) for _ in range(4)]  # and calls made after the kill
             return await asyncio.gather(*burst, *late)
 

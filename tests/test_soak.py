@@ -6,9 +6,15 @@ import asyncio
 
 from bench.soak import sample_bodies, soak
 
-# RSS a replica may still gain over the second half of the soak (MiB): allocator arenas and caches settle in the
-# first half; a leak of a few hundred KB per request, or a frame kept per request, shows here.
-FLAT_MIB = 25.0
+# RSS a replica may gain from the middle third of the soak to the last (median of 10 samples against median of
+# 10, 80 requests apart): caches settle in the warm-up and the first third; a leak of 250 KB per request, or a
+# frame kept per request, shows here.
+FLAT_MIB = 20.0
+# ...except the detector's: MTCNN's R-Net and O-Net see a new batch size with every frame, and ONNX Runtime's
+# arena grows in 32 MiB steps to the largest batch met so far, which a 240-request soak may still be reaching in
+# its last third (measured: +40, +20, +32 MiB steps at requests 80-150 in one run, then flat for 1600 requests
+# in another). A frame kept per request (0.8-2.3 MB here) still shows: 80 requests are 60 MiB or more.
+DETECTOR_FLAT_MIB = 40.0
 
 
 def test_short_soak_has_no_server_errors_loses_nothing_and_memory_stays_flat(demo_app: str) -> None:
@@ -22,6 +28,8 @@ def test_short_soak_has_no_server_errors_loses_nothing_and_memory_stays_flat(dem
     sampled = sorted(k.split("[")[0] for k in result.rss_start)  # this app's replicas only, each once
     assert sampled == ["faces:age", "faces:detector", "faces:emotion", "faces:gender", "faces:ingress",
                        "faces:streams"], sampled
-    growth = result.growth(result.rss_middle)
+    growth = result.settled_growth()
+    print(f"RSS after warm-up {result.rss_start}; growth, middle to last third (MiB) {growth}")
     assert set(growth) == set(result.rss_start)
-    assert all(g <= FLAT_MIB for g in growth.values()), f"RSS growth over the second half (MiB): {growth}"
+    bounds = {k: DETECTOR_FLAT_MIB if k.startswith("faces:detector[") else FLAT_MIB for k in growth}
+    assert all(growth[k] <= bounds[k] for k in growth), f"RSS growth, middle to last third (MiB): {growth}"
