@@ -132,9 +132,9 @@ class IngressConfig(StrictModel):
     cpu_work: Literal["auto", "loop", "threads"] = Field(
         "auto",
         description="where the ingress and the streams deployment decode images, cut crops, draw, read and write "
-        "video files and track: on the event loop, or on a small thread pool; auto: threads in layout ingress "
-        "(measured: 18 % more throughput at c4 on 2 cores), the loop otherwise (threads cost the `separate` "
-        "layout a third of its throughput at c16 there: docs/benchmarks.md)",
+        "video files and track: on the event loop, or on a small thread pool. auto is the loop in every layout: "
+        "on 2 cores threads cost throughput in two runs of three (docs/benchmarks.md, \"Where the ingress's CPU "
+        "work runs\"). Images over 4 Mpx are decoded off the loop either way",
     )
     detector_input: Literal["encoded", "frame"] = Field(
         "encoded",
@@ -213,7 +213,7 @@ class PipelineConfig(StrictModel):
     def cpu_work(self) -> str:
         """`ingress.cpu_work` resolved: `loop` or `threads`."""
         where = self.ingress.cpu_work
-        return ("threads" if self.layout == "ingress" else "loop") if where == "auto" else where
+        return "loop" if where == "auto" else where
 
     def edges(self) -> list[tuple[str, str, list[str]]]:
         """(parent, child, labels) for every operate_on_classifiers entry, in config order."""

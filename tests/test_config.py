@@ -227,3 +227,9 @@ def test_a_layout_that_puts_more_than_one_gpu_in_a_replica_fails_naming_the_frac
     config = validate(lambda a: [a.update(layout="ingress"), a["detector"]["deployment"].update(num_gpus=0.5)])
     with pytest.raises(PlacementError, match=r"ingress: the models it hosts ask for 1\.25 GPUs in all \(detector 0\.5"):
         bind_pipeline(config, [{"CPU": 4.0, "GPU": 1.0}])
+
+
+@pytest.mark.parametrize("layout", ["separate", "colocated", "ingress"])
+def test_cpu_work_auto_is_the_loop_in_every_layout_and_an_explicit_choice_is_kept(layout: str) -> None:
+    assert validate(lambda a: a.update(layout=layout)).cpu_work == "loop"
+    assert validate(lambda a: (a.update(layout=layout), a["ingress"].update(cpu_work="threads"))).cpu_work == "threads"

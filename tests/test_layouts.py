@@ -48,7 +48,9 @@ def ingress_app(serve_url: str) -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    serve.run(build_app(_small({**demo_args(), "layout": "ingress"})), name="inproc", route_prefix="/inproc")
+    args = _small({**demo_args(), "layout": "ingress"})
+    args["ingress"]["cpu_work"] = "threads"  # every other app here runs its CPU work on the loop (the default)
+    serve.run(build_app(args), name="inproc", route_prefix="/inproc")
     yield f"{serve_url}/inproc"
     serve.delete("inproc")
 
