@@ -4,6 +4,7 @@
 # alone in one process (ENGINES=1: bench/engines_gpu.py), then `bench.run` on the GPU (BENCH=1) with the
 # variants named in VARIANTS (default: the three layouts behind HAProxy) on both images, then `bench.video` (VIDEO=1:
 # the face demo, 1 and 8 videos at once, the shipped replica counts).
+# GPUS="1 2" runs every variant on one card and on two side by side (issue 19; needs a two-GPU machine).
 # Writes its files under $OUT (default bench/out/gpu); TAG names the JSON.
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
@@ -27,7 +28,7 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
   python3 -m bench.run --device cuda --backend torch --fp16 --standin-size 224 --requests "${REQUESTS:-30}" \
     --time-limit "${TIME_LIMIT:-20}" --workloads ${WORKLOADS:-face standin} --images ${IMAGES:-one many} \
-    --variants ${VARIANTS:-separate+haproxy colocated+haproxy ingress+haproxy} \
+    --variants ${VARIANTS:-separate+haproxy colocated+haproxy ingress+haproxy} --gpus ${GPUS:-1} \
     --tag "${TAG:-h200}" --out "$OUT" 2> "$OUT/bench.err" | tee "$OUT/bench.md"
   tail -n 20 "$OUT/bench.err"
 fi

@@ -18,6 +18,9 @@ For each workload it measures, in one run:
 Every measurement is made on two images (`--images`): the one-face portrait, where the detector is most of
 a request, and eight faces in one photo, where the classifiers matter (8 crops each); the second appears
 as the workload `<name>-many`.
+With `--gpus 1 2` each variant also runs on two cards (every deployment's replicas doubled, one set of models
+per card), side by side with one card, at c32 as well, recording each card's utilisation at c16 and c32 and
+which replica holds a CUDA context on which card (`bench/gpus.py`); the two-card runs appear as `<variant>@2gpu`.
 Each Serve variant runs in a fresh Ray in its own subprocess. Load is bounded in count and time, talks
 only to 127.0.0.1, and stops by itself. Results: markdown on stdout, JSON under --out.
 """
@@ -56,6 +59,8 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 }
 DEFAULT_VARIANTS = ["separate", "separate+haproxy", "colocated+haproxy", "ingress+haproxy"]
 LEVELS = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))
+SEVERAL_GPU_LEVELS = (*LEVELS, (32, "parallel"))  # two cards need more clients to fill
+SAMPLED_LEVELS = (16, 32)  # the GPU utilisation is sampled during these concurrencies
 IMAGES = ("one", "many")
 SLOWEST_SHARE = 0.05  # the tail whose spans are printed: the slowest 5 % of each c4 / c16 run
 
@@ -180,8 +185,10 @@ def slowest_spans(traces: list[dict[str, float]], share: float = SLOWEST_SHARE) 
 
 
 async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
-                       trace: bool = True) -> dict[str, Any]:
+                       trace: bool = True, sample_gpus: bool = False) -> dict[str, Any]:
     import httpx
+
+    from bench.gpus import UtilisationSampler
 
     out: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
@@ -209,11 +216,14 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                     sink.append(spans)
 
             count = n if concurrency == 1 else n * 2
+            sampler = UtilisationSampler().start() if sample_gpus and concurrency in SAMPLED_LEVELS else None
             cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
             lat, wall = await closed_loop(call, concurrency, count, time_limit)
             cpu_ms = ((busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)) * 1e3 / max(len(lat), 1)
             key = f"c{concurrency}_{mode}"
             out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_ms, 1)}
+            if sampler is not None:
+                out[key]["gpu_utilisation"] = sampler.stop()
             if traces and concurrency == 1:
                 out["breakdown_p50_ms"] = _medians(traces)
             elif traces:
@@ -292,11 +302,15 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
     import ray
     from ray import serve
 
+    from bench.gpus import one_set_per_card, replicas_by_card
     from bench.hops import measure_bare_hops
     from serve_app.app import build_app
 
     _, overrides = VARIANTS[opts.variant]
-    results: dict[str, Any] = {"variant": opts.variant, "workloads": {}}
+    overrides = {**overrides, "replicas": opts.gpu_count}
+    levels = SEVERAL_GPU_LEVELS if max(opts.gpus) > 1 else LEVELS
+    on_gpu = opts.device != "cpu"
+    results: dict[str, Any] = {"variant": opts.variant, "gpu_count": opts.gpu_count, "workloads": {}}
     ray.init(num_cpus=opts.ray_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)
     port = _free_port()
@@ -312,9 +326,16 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
                 serve.run(build_app(args), name=app, route_prefix=f"/{app}")
                 startup_s = round(time.perf_counter() - started, 1)
                 url = f"http://127.0.0.1:{port}/{app}/v1/infer"
+                placed: dict[str, Any] = {}
+                if on_gpu:
+                    cards = replicas_by_card(app)
+                    placed = {"replicas_by_card": cards,
+                              "one_set_per_card": one_set_per_card(cards, gpu_deployments(args)) if cards else None}
                 for image, body in bodies.items():
-                    http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit))
-                    results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s}}
+                    http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit, levels=levels,
+                                                    sample_gpus=on_gpu))
+                    results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s,
+                                                                              **placed}}
             except Exception as exc:  # one broken workload must not cost the others' numbers
                 import traceback
 
@@ -328,6 +349,47 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
         serve.shutdown()
         ray.shutdown()
     return results
+
+
+def gpu_deployments(args: dict[str, Any]) -> list[str]:
+    """The deployments of a workload's layout that hold models, so a CUDA context each on a GPU."""
+    layout = args.get("layout", "separate")
+    if layout == "ingress":
+        return ["ingress"]
+    if layout == "colocated":
+        return ["detector", "classifiers"]
+    return ["detector", *(c["name"] for c in args["classifiers"])]
+
+
+def variant_key(name: str, gpu_count: int) -> str:
+    """The report's name for a variant run on `gpu_count` cards: `separate+haproxy`, `separate+haproxy@2gpu`."""
+    return name if gpu_count == 1 else f"{name}@{gpu_count}gpu"
+
+
+def several_gpus(variants: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each variant run on N cards against the same variant on one (issue 19's targets): c16 and c32 throughput
+    ratios, the c1 latency ratio, each card's mean utilisation at c16, and whether each card held one set."""
+    rows = []
+    for key, many in variants.items():
+        if "@" not in key or key.split("@")[0] not in variants:
+            continue
+        one = variants[key.split("@")[0]]
+
+        def ratio(level: str, field: str) -> float | None:
+            a, b = many.get(level, {}).get(field), one.get(level, {}).get(field)
+            return round(a / b, 3) if a and b else None
+
+        rows.append({
+            "variant": key,
+            "c16_rps_ratio": ratio("c16_parallel", "rps"),
+            "c32_rps_ratio": ratio("c32_parallel", "rps"),
+            "c1_p50_ratio": ratio("c1_parallel", "p50_ms"),
+            "c16_gpu_mean_pct": {card: u["mean_pct"] for card, u in
+                                 many.get("c16_parallel", {}).get("gpu_utilisation", {}).items()},
+            "one_set_per_card": many.get("one_set_per_card"),
+            "replicas_by_card": many.get("replicas_by_card"),
+        })
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,6 +521,15 @@ def report(result: dict[str, Any]) -> str:
                 for row in t.get("slowest", []):
                     grew = ", ".join(f"{k} +{v}" for k, v in row["grew_ms"].items())
                     lines.append(f"| {variant} | {level} | {row['client_ms']} ({row['median_client_ms']}) | {grew} |")
+        spread = several_gpus(w.get("variants", {}))
+        if spread:
+            lines += ["", "Several GPUs against one (targets: c16 and c32 throughput >= 1.8x, c1 p50 <= 1.1x, each card "
+                      ">= 60 % busy at c16):", "",
+                      "| variant | c16 req/s ratio | c32 req/s ratio | c1 p50 ratio | c16 busy % per card | one set per card | replicas by card |",
+                      "|---|---|---|---|---|---|---|"]
+            for row in spread:
+                lines.append(f"| {row['variant']} | {row['c16_rps_ratio']} | {row['c32_rps_ratio']} | {row['c1_p50_ratio']} "
+                             f"| {row['c16_gpu_mean_pct']} | {row['one_set_per_card']} | {row['replicas_by_card']} |")
         for variant, error in w.get("failed", {}).items():
             lines.append(f"\n{variant}: FAILED: {error}")
         lines.append("")
@@ -484,11 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=40, help="per measurement at concurrency 1 (x2 above)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per measurement, at most")
     parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs for Ray (default: the machine's)")
+    parser.add_argument("--gpus", nargs="+", type=int, default=[1],
+                        help="run each variant on this many cards (every deployment's replicas times N, one set of "
+                        "models per card), e.g. `--gpus 1 2` for one and two side by side")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--tag", default="", help="suffix for the JSON file name")
     parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip the FastAPI anchor")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # inner mode: run one variant, print JSON
     parser.add_argument("--hops", action="store_true", help=argparse.SUPPRESS)  # inner: also the bare hop
+    parser.add_argument("--gpu-count", type=int, default=1, help=argparse.SUPPRESS)  # inner: this run's cards
     opts = parser.parse_args(argv)
     opts.ray_cpus = opts.ray_cpus or os.cpu_count()
     bodies = {name: body for name, body in images().items() if name in opts.images}
@@ -510,22 +585,29 @@ def main(argv: list[str] | None = None) -> int:
             for image, measured in measure_anchor(opts, workload, bodies).items():
                 result["workloads"][key_of(workload, image)]["anchor"] = measured
     inner = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for i, name in enumerate(opts.variants):
-        cmd = [sys.executable, "-m", "bench.run", "--variant", name, *inner, *(["--hops"] if i == 0 else [])]
-        print(f"running variant {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env={**os.environ, **VARIANTS[name][0]}, cwd=ROOT, capture_output=True, text=True,
-                              timeout=1800)
+    runs = [(name, count) for name in opts.variants for count in opts.gpus]
+    for i, (name, count) in enumerate(runs):
+        key = variant_key(name, count)
+        cmd = [sys.executable, "-m", "bench.run", "--variant", name, "--gpu-count", str(count), *inner,
+               *(["--hops"] if i == 0 else [])]
+        env = {**os.environ, **VARIANTS[name][0]}
+        if opts.device != "cpu":
+            from bench.gpus import visible_devices
+
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(count)  # Ray hands out only these cards
+        print(f"running variant {key} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            sys.stderr.write(f"variant {name} failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
+            sys.stderr.write(f"variant {key} failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
             continue
         variant = json.loads(line[len("RESULT "):])
         if "bare_hops" in variant:
             result["bare_hops"] = variant["bare_hops"]
         for workload, w in variant["workloads"].items():
-            result["workloads"][workload].setdefault("variants", {})[name] = w["http"]
+            result["workloads"][workload].setdefault("variants", {})[key] = w["http"]
         for workload, error in variant.get("failed", {}).items():
-            result["workloads"][workload].setdefault("failed", {})[name] = error
+            result["workloads"][workload].setdefault("failed", {})[key] = error
         path.write_text(json.dumps(result, indent=2))  # after each variant: a run cut short keeps what it measured
     path.write_text(json.dumps(result, indent=2))
     print(report(result))

@@ -20,24 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.replicas import replica_processes, rss_mib
+
 
 def replica_rss_mib(app: str) -> dict[str, float]:
-    """Resident memory of each replica process of Serve application `app` on this machine, by process title."""
+    """Resident memory of each replica process of Serve application `app` on this machine, `APP:DEPLOYMENT[pid]`."""
     out = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "ServeReplica:" not in cmdline:
-                continue
-            rss_pages = int((proc / "statm").read_text().split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        # the title is `ray::ServeReplica:APP:DEPLOYMENT`, with `.METHOD` appended while a call runs
-        title = cmdline.split("ServeReplica:", 1)[1].split()[0].split(".", 1)[0]
-        if title.startswith(f"{app}:"):
-            out[f"{title}[{proc.name}]"] = rss_pages * 4096 / 2**20
+    for pid, title in replica_processes(app).items():
+        rss = rss_mib(pid)
+        if rss is not None:
+            out[f"{title}[{pid}]"] = rss
     return out
 
 

@@ -40,10 +40,17 @@ def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
 
 def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout: str = "separate",
          access_log: bool = True, execution: str = "auto", detector_input: str = "encoded",
-         max_batch_size: int | None = None, cpu_work: str = "auto") -> dict[str, Any]:
-    """Apply one benchmark variant's settings to every deployment."""
+         max_batch_size: int | None = None, cpu_work: str = "auto", replicas: int = 1) -> dict[str, Any]:
+    """Apply one benchmark variant's settings to every deployment. `replicas` multiplies every deployment's
+    replicas but the streams one: with the shipped fractions (a quarter of a card each, one set of models a card)
+    `replicas: 2` is one set of models per card on two GPUs."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, not {replicas}")
     args = copy.deepcopy(args)
     args["layout"] = layout
+    for section in (args["ingress"], args["detector"], *args["classifiers"]):
+        deployment = section.setdefault("deployment", {})
+        deployment["num_replicas"] = deployment.get("num_replicas", 1) * replicas
     for stage in (args["detector"], *args["classifiers"]):
         stage["engine"].update(device=device, backend=backend, fp16=fp16, execution=execution)
         stage["deployment"]["access_log"] = access_log

@@ -1,10 +1,10 @@
 """Check a Serve config file offline, before starting anything: one line per problem, exit 1 if any.
 
-    python -m serve_app.validate serve_config.yaml [--gpus N] [--resources NAME=N ...]
+    python -m serve_app.validate serve_config.yaml [--gpus N] [--cpus N] [--resources NAME=N ...]
 
 Checks each application's `args`: the config's fields, that every model file exists and fits the
 input size, colour format and classes the config gives it, and that the plan can be scheduled on
-this machine (its CPUs, N GPUs, and the custom resources given).
+this machine (its CPUs or N CPUs, N GPUs, and the custom resources given).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def field_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
-def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None = None) -> tuple[list[str], list[str]]:
+def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None = None,
+             cpus: float | None = None) -> tuple[list[str], list[str]]:
     """(problems, notes): a problem fails the check; a note (a busy HTTP port) only informs."""
     from deployments.models import check_models
     from serve_app.app import bind_pipeline
@@ -73,7 +74,7 @@ def validate(path: Path, gpus: float = 0.0, resources: dict[str, float] | None =
     document, unreadable = _load(path)
     if unreadable:
         return [unreadable], []
-    node = {"CPU": float(os.cpu_count() or 1), "GPU": gpus, **(resources or {})}
+    node = {"CPU": float(cpus if cpus is not None else os.cpu_count() or 1), "GPU": gpus, **(resources or {})}
     problems = []
     for app in document.get("applications", []):
         prefix = f"{path}: application {app.get('name', '?')!r}"
@@ -107,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", type=Path, help="a Serve config file, e.g. serve_config.yaml")
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs to plan for (default 0: this machine's CPU only)")
+    parser.add_argument("--cpus", type=float, default=None,
+                        help="CPUs to plan for (default: this machine's), for a config meant for a bigger box")
     parser.add_argument("--resources", type=_resource, action="append", default=[], metavar="NAME=N",
                         help="a custom Ray resource the cluster offers, e.g. classifier_node=4 (repeatable)")
     args = parser.parse_args(argv)
-    problems, notes = validate(args.config, args.gpus, dict(args.resources))
+    problems, notes = validate(args.config, args.gpus, dict(args.resources), args.cpus)
     for line in (*problems, *notes):
         print(line, file=sys.stderr)
     if not problems:

@@ -182,6 +182,10 @@ def test_example_configs_validate() -> None:
     assert main([str(ROOT / "examples/autoscaling.yaml")]) == 1  # nothing offers classifier_node
     assert main([str(ROOT / "examples/faces_gpu.yaml"), "--gpus", "1"]) == 0
     assert main([str(ROOT / "examples/faces_gpu.yaml")]) == 1  # device cuda, and no GPU: refused up front
+    two = str(ROOT / "examples/faces_2gpu.yaml")
+    assert main([two, "--gpus", "2", "--cpus", "16"]) == 0
+    assert main([two, "--gpus", "1", "--cpus", "16"]) == 1  # eight quarter-card replicas cannot fit on one card
+    assert main([two, "--gpus", "2", "--cpus", "2"]) == 1  # nor 3.25 CPUs of replicas on 2
 
 
 def _actor_options(app: Any) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,97 @@
+"""The benchmark's several-GPU support, whatever can run without a GPU: nvidia-smi's documented CSV parsed,
+replicas placed per card, the one-set-per-card check, the replica multiplier and the side-by-side ratios.
+The two-GPU run itself needs two cards (`bash bench/gpu_run.sh` with GPUS="1 2"; docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.gpus import (
+    UtilisationSampler,
+    one_set_per_card,
+    parse_compute_apps,
+    parse_gpus,
+    placement_by_card,
+    visible_devices,
+)
+from bench.run import gpu_deployments, several_gpus, variant_key
+from bench.workloads import face_args, tune
+from serve_app.config import PipelineConfig
+
+# what `nvidia-smi --query-gpu=index,uuid,utilization.gpu --format=csv,noheader,nounits` prints on two cards
+GPUS = "0, GPU-5f1c2a3b-0000-1111-2222-333344445555, 71\n1, GPU-9e8d7c6b-aaaa-bbbb-cccc-ddddeeeeffff, [N/A]\n"
+UUID0, UUID1 = "GPU-5f1c2a3b-0000-1111-2222-333344445555", "GPU-9e8d7c6b-aaaa-bbbb-cccc-ddddeeeeffff"
+
+
+def test_nvidia_smis_gpu_rows_give_each_cards_index_and_utilisation() -> None:
+    assert parse_gpus(GPUS) == {UUID0: (0, 71.0), UUID1: (1, None)}
+    with pytest.raises(ValueError, match="index, uuid, utilization.gpu"):
+        parse_gpus("0, 71\n")  # a query without the uuid column is refused, not misread
+
+
+def test_replicas_are_counted_on_the_card_that_holds_their_context() -> None:
+    apps = parse_compute_apps(f"101, {UUID0}\n102, {UUID0}\n201, {UUID1}\n202, {UUID1}\n999, {UUID1}\n")
+    titles = {101: "faces:detector", 102: "faces:age", 201: "faces:detector", 202: "faces:age"}  # 999: not a replica
+    cards = placement_by_card(parse_gpus(GPUS), apps, titles)
+    assert cards == {0: {"age": 1, "detector": 1}, 1: {"age": 1, "detector": 1}}
+    assert one_set_per_card(cards, ["detector", "age"])
+    lopsided = placement_by_card(parse_gpus(GPUS), [(101, UUID0), (201, UUID0), (102, UUID1), (202, UUID1)], titles)
+    assert lopsided == {0: {"detector": 2}, 1: {"age": 2}}
+    assert not one_set_per_card(lopsided, ["detector", "age"])
+    assert not one_set_per_card({0: {"detector": 1}, 1: {}}, ["detector"])  # an empty card (or unseen pids)
+    assert not one_set_per_card({}, ["detector"])
+
+
+def test_a_run_on_n_cards_sees_the_first_n() -> None:
+    assert visible_devices(1) == "0" and visible_devices(2) == "0,1"
+    with pytest.raises(ValueError):
+        visible_devices(0)
+
+
+def test_the_replica_multiplier_doubles_every_model_deployment_and_the_plan_asks_for_two_cards() -> None:
+    args = tune(face_args(), device="cuda", backend="torch", fp16=True, replicas=2)
+    config = PipelineConfig.model_validate(args)
+    deployments = [config.ingress.deployment, config.detector.deployment, *(c.deployment for c in config.classifiers)]
+    assert [d.num_replicas for d in deployments] == [2, 2, 2, 2, 2]
+    assert config.ingress.streams.deployment.num_replicas == 1  # the streams deployment stays one
+    from serve_app.placement import check_fits, place
+
+    places = [place("detector", config.detector.deployment, config.detector.engine, 2.0),
+              *(place(c.name, c.deployment, c.engine, 2.0) for c in config.classifiers)]
+    assert sum(p.num_gpus * p.replicas for p in places) == pytest.approx(2.0)  # one set of models per card
+    check_fits(places, [{"CPU": 16.0, "GPU": 2.0}])
+    with pytest.raises(ValueError):
+        tune(face_args(), device="cuda", backend="torch", fp16=True, replicas=0)
+
+
+def test_the_deployments_that_hold_models_follow_the_layout() -> None:
+    args = face_args()
+    assert gpu_deployments({**args, "layout": "separate"}) == ["detector", "age", "gender", "emotion"]
+    assert gpu_deployments({**args, "layout": "colocated"}) == ["detector", "classifiers"]
+    assert gpu_deployments({**args, "layout": "ingress"}) == ["ingress"]
+
+
+def test_two_cards_are_reported_against_one_side_by_side() -> None:
+    one = {"c1_parallel": {"p50_ms": 50.0}, "c16_parallel": {"rps": 20.0}, "c32_parallel": {"rps": 21.0}}
+    two = {"c1_parallel": {"p50_ms": 52.0}, "c16_parallel": {"rps": 37.0, "gpu_utilisation": {
+        "0": {"mean_pct": 66.0, "max_pct": 90.0, "samples": 20}, "1": {"mean_pct": 61.5, "max_pct": 88.0, "samples": 20}}},
+        "c32_parallel": {"rps": 40.0}, "one_set_per_card": True, "replicas_by_card": {"0": {"ingress": 1}}}
+    (row,) = several_gpus({"ingress+haproxy": one, variant_key("ingress+haproxy", 2): two})
+    assert row["variant"] == "ingress+haproxy@2gpu"
+    assert (row["c16_rps_ratio"], row["c32_rps_ratio"], row["c1_p50_ratio"]) == (1.85, 1.905, 1.04)
+    assert row["c16_gpu_mean_pct"] == {"0": 66.0, "1": 61.5} and row["one_set_per_card"] is True
+    assert several_gpus({"ingress+haproxy@2gpu": two}) == []  # nothing to compare against: no row
+    assert variant_key("separate", 1) == "separate"
+
+
+def test_the_sampler_stops_by_itself_where_nvidia_smi_is_missing(tmp_path) -> None:
+    env_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = str(tmp_path)  # no nvidia-smi on it
+    try:
+        sampler = UtilisationSampler(every_s=0.01).start()
+        assert sampler.stop() == {}
+    finally:
+        os.environ["PATH"] = env_path
+
