@@ -33,6 +33,12 @@ def _nvidia_smi(*args: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def _query_gpus() -> dict[str, tuple[int, float | None]] | None:
+    """Every card's uuid: (index, busy %) now, or None without nvidia-smi."""
+    text = _nvidia_smi("--query-gpu=index,uuid,utilization.gpu", "--format=csv,noheader,nounits")
+    return None if text is None else parse_gpus(text)
+
+
 def _rows(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split(",")] for line in text.splitlines() if line.strip()]
 
@@ -78,11 +84,11 @@ def one_set_per_card(cards: dict[int, dict[str, int]], gpu_deployments: list[str
 def replicas_by_card(app: str) -> dict[int, dict[str, int]] | None:
     """Where application `app`'s replicas hold their CUDA contexts now, or None without nvidia-smi. In a PID
     namespace that nvidia-smi cannot see into, no pid matches and every card shows empty: say so, not 'wrong'."""
-    gpus = _nvidia_smi("--query-gpu=index,uuid,utilization.gpu", "--format=csv,noheader,nounits")
+    gpus = _query_gpus()
     apps = _nvidia_smi("--query-compute-apps=pid,gpu_uuid", "--format=csv,noheader")
     if gpus is None or apps is None:
         return None
-    return placement_by_card(parse_gpus(gpus), parse_compute_apps(apps), replica_processes(app))
+    return placement_by_card(gpus, parse_compute_apps(apps), replica_processes(app))
 
 
 @dataclass
@@ -101,10 +107,10 @@ class UtilisationSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            text = _nvidia_smi("--query-gpu=index,uuid,utilization.gpu", "--format=csv,noheader,nounits")
-            if text is None:
+            gpus = _query_gpus()
+            if gpus is None:
                 return
-            for index, busy in parse_gpus(text).values():
+            for index, busy in gpus.values():
                 if busy is not None:
                     self.samples.setdefault(index, []).append(busy)
 

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.gpus import UtilisationSampler, one_set_per_card, replicas_by_card, visible_devices
+
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
@@ -188,8 +190,6 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                        trace: bool = True, sample_gpus: bool = False) -> dict[str, Any]:
     import httpx
 
-    from bench.gpus import UtilisationSampler
-
     out: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -302,7 +302,6 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
     import ray
     from ray import serve
 
-    from bench.gpus import one_set_per_card, replicas_by_card
     from bench.hops import measure_bare_hops
     from serve_app.app import build_app
 
@@ -371,9 +370,9 @@ def several_gpus(variants: dict[str, Any]) -> list[dict[str, Any]]:
     ratios, the c1 latency ratio, each card's mean utilisation at c16, and whether each card held one set."""
     rows = []
     for key, many in variants.items():
-        if "@" not in key or key.split("@")[0] not in variants:
+        one = variants.get(key.split("@")[0]) if "@" in key else None
+        if one is None:
             continue
-        one = variants[key.split("@")[0]]
 
         def ratio(level: str, field: str) -> float | None:
             a, b = many.get(level, {}).get(field), one.get(level, {}).get(field)
@@ -592,8 +591,6 @@ def main(argv: list[str] | None = None) -> int:
                *(["--hops"] if i == 0 else [])]
         env = {**os.environ, **VARIANTS[name][0]}
         if opts.device != "cpu":
-            from bench.gpus import visible_devices
-
             env["CUDA_VISIBLE_DEVICES"] = visible_devices(count)  # Ray hands out only these cards
         print(f"running variant {key} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)

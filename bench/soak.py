@@ -55,13 +55,18 @@ class SoakResult:
         """Each replica's RSS growth (MiB) from `since` to the end."""
         return {k: round(self.rss_end[k] - since[k], 1) for k in since if k in self.rss_end}
 
+    @property
+    def has_thirds(self) -> bool:
+        """Enough samples (two a third) for `settled_growth`."""
+        return len(self.rss_series) // 3 >= 2
+
     def settled_growth(self) -> dict[str, float]:
         """Each replica's RSS growth (MiB) from the middle third of the load to the last third, median against
         median. A leak grows with the requests and shows here; a sample that happens to catch frames and batches
         in flight (30 MiB for a moment in the detector) does not, where a two-point difference took it for one."""
-        third = len(self.rss_series) // 3
-        if third < 2:
+        if not self.has_thirds:
             raise ValueError(f"{len(self.rss_series)} RSS samples are too few to compare thirds")
+        third = len(self.rss_series) // 3
         middle, last = self.rss_series[third : 2 * third], self.rss_series[2 * third :]
         growth = {}
         for key in self.rss_start:
@@ -83,7 +88,7 @@ class SoakResult:
             "replica_rss_mib_start": {k: round(v, 1) for k, v in self.rss_start.items()},
             "replica_rss_mib_growth": self.growth(self.rss_start),
             "replica_rss_mib_growth_second_half": self.growth(self.rss_middle),
-            "replica_rss_mib_growth_settled": self.settled_growth() if len(self.rss_series) >= 6 else None,
+            "replica_rss_mib_growth_settled": self.settled_growth() if self.has_thirds else None,
             "total_rss_mib_samples": [round(v, 1) for v in self.rss_samples],
         }
 

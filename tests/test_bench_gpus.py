@@ -4,8 +4,6 @@ The two-GPU run itself needs two cards (`bash bench/gpu_run.sh` with GPUS="1 2";
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from bench.gpus import (
@@ -86,12 +84,8 @@ def test_two_cards_are_reported_against_one_side_by_side() -> None:
     assert variant_key("separate", 1) == "separate"
 
 
-def test_the_sampler_stops_by_itself_where_nvidia_smi_is_missing(tmp_path) -> None:
-    env_path = os.environ.get("PATH", "")
-    os.environ["PATH"] = str(tmp_path)  # no nvidia-smi on it
-    try:
-        sampler = UtilisationSampler(every_s=0.01).start()
-        assert sampler.stop() == {}
-    finally:
-        os.environ["PATH"] = env_path
+def test_the_sampler_stops_by_itself_where_nvidia_smi_is_missing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi on it
+    sampler = UtilisationSampler(every_s=0.01).start()
+    assert sampler.stop() == {}
 

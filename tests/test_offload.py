@@ -11,14 +11,14 @@ from deployments.budget import LARGE_PIXELS
 from serve_app.offload import CpuWork
 
 
-def _thread_of(work: CpuWork, pixels: int | None) -> tuple[bool, int]:
-    async def main() -> tuple[bool, int]:
+def _ran_on_the_loop(work: CpuWork, pixels: int | None) -> bool:
+    async def main() -> bool:
         loop_thread = threading.get_ident()
         if pixels is None:
             ran_on = await work.run(threading.get_ident)
         else:
             ran_on = await work.run_large(pixels, threading.get_ident)
-        return ran_on == loop_thread, ran_on
+        return ran_on == loop_thread
 
     try:
         return asyncio.run(main())
@@ -34,7 +34,7 @@ def _thread_of(work: CpuWork, pixels: int | None) -> tuple[bool, int]:
     ("threads", 640 * 480, False),
 ])
 def test_cpu_work_runs_where_its_mode_and_the_image_size_say(where: str, pixels: int | None, on_loop: bool) -> None:
-    assert _thread_of(CpuWork(where), pixels)[0] is on_loop
+    assert _ran_on_the_loop(CpuWork(where), pixels) is on_loop
 
 
 def test_an_unknown_mode_is_refused() -> None:
