@@ -26,7 +26,7 @@ from deployments.placement_log import warn_if_gpu_unused
 from deployments.results import ClassifierResult, DetectorResult, StageTiming
 from engines import Classifications, Detections, EngineError, Pending, completed
 from engines.base import span
-from engines.image import ImageRefused, check_size, decode_for_detection, fit_side
+from engines.image import ImageRefused, check_size, decode_for_detection, fit_side, inverse
 from engines.yolo import Yolo
 
 logger = logging.getLogger("ray.serve")
@@ -81,8 +81,8 @@ class DetectorStage:
                 async with self._budget.hold(width * height):
                     decode = (decode_for_detection, image, cfg.max_image_pixels, cfg.max_detect_side)
                     # a large image's decode (a second for 36 Mpx) leaves the loop: other frames are detected meanwhile
-                    frame, factor = (await asyncio.to_thread(*decode) if width * height > LARGE_PIXELS
-                                     else decode_for_detection(*decode[1:]))
+                    frame, scale = (await asyncio.to_thread(*decode) if width * height > LARGE_PIXELS
+                                    else decode_for_detection(*decode[1:]))
             except ImageRefused as exc:
                 return self._refused(start, (exc.status, exc.code, exc.message))
             if frame is None:
@@ -91,11 +91,11 @@ class DetectorStage:
         else:
             size = (image.shape[1], image.shape[0])
             if size[0] * size[1] > LARGE_PIXELS:
-                frame, factor = await asyncio.to_thread(fit_side, image, cfg.max_detect_side)
+                frame, scale = await asyncio.to_thread(fit_side, image, cfg.max_detect_side)
             else:
-                frame, factor = fit_side(image, cfg.max_detect_side)
+                frame, scale = fit_side(image, cfg.max_detect_side)
         part = await self._batcher.submit(frame)
-        return DetectorResult(part.result.scaled(1 / factor).clip(*size), _timing(start, [part]))
+        return DetectorResult(part.result.scaled(inverse(scale)).clip(*size), _timing(start, [part]))
 
     def _refused(self, start: float, why: tuple[int, str, str]) -> DetectorResult:
         elapsed = round((time.perf_counter() - start) * 1e3, 3)

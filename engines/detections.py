@@ -79,13 +79,16 @@ class Detections:
             mask &= np.array([label in labels for label in self.labels], dtype=bool).reshape(-1)
         return np.flatnonzero(mask)
 
-    def scaled(self, factor: float) -> Detections:
-        """Boxes and landmarks multiplied by `factor` (found on a resized frame: back to the original's pixels)."""
-        if factor == 1.0:
+    def scaled(self, factor: float | tuple[float, float]) -> Detections:
+        """Boxes and landmarks multiplied by `factor`, one for both axes or (x, y) (found on a resized frame: back
+        to the original's pixels)."""
+        fx, fy = (factor, factor) if isinstance(factor, (int, float)) else factor
+        if fx == 1.0 and fy == 1.0:
             return self
-        landmarks = None if self.landmarks is None else (self.landmarks * factor).astype(np.float32)
-        return Detections((self.xyxy * factor).astype(np.float32), self.confidence, self.class_id, self.class_names,
-                          landmarks)
+        xy = np.array([fx, fy], np.float32)
+        landmarks = None if self.landmarks is None else (self.landmarks * xy).astype(np.float32)
+        return Detections((self.xyxy * np.tile(xy, 2)).astype(np.float32), self.confidence, self.class_id,
+                          self.class_names, landmarks)
 
     def clip(self, width: int, height: int) -> Detections:
         xyxy = self.xyxy.copy()

@@ -23,6 +23,7 @@ import numpy as np
 
 from deployments.results import StageTiming
 from engines import Classifications, Detections
+from engines.image import Scale, inverse
 from engines.preprocess import CropSpec, crop_resize
 from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
@@ -110,6 +111,10 @@ _PATH = re.compile(r"[\w.~-]*(?:/[\w.~-]+)+\.(?:h|hpp|c|cc|cpp|cu|py|onnx|engine
 def _short_error(exc: BaseException) -> str:
     """One line naming the failure, without tracebacks, file paths or source locations."""
     cause = getattr(exc, "cause", None) or exc
+    if callable(getattr(cause, "details", None)) and callable(getattr(cause, "code", None)):
+        # a gRPC error (a by-value handle call): its str() is a multi-line dump whose first line says nothing
+        code = getattr(cause.code(), "name", cause.code())
+        return f"{type(cause).__name__}: {code}: {_PATH.sub('<path>', str(cause.details() or ''))}"[:300]
     text = str(cause).strip().splitlines()
     first = _PATH.sub("<path>", text[0] if text else "")
     kind = getattr(cause, "kind", None) or type(cause).__name__  # StageFailed names the stage's own exception
@@ -227,7 +232,7 @@ class InferenceGraph:
         return await self._classify_all(frame, out, mode, only)
 
     async def run(self, frame: np.ndarray, mode: str, only: Collection[str] | None = None,
-                  detect_on: tuple[np.ndarray | bytes, float] | None = None) -> GraphResult:
+                  detect_on: tuple[np.ndarray | bytes, Scale] | None = None) -> GraphResult:
         """The detector gets the decoded frame (the detector runs in this process, or the bytes are not kept), or
         `detect_on`: a smaller copy of it and its scale (a huge photo: the detector would only scale it down), the
         boxes then mapped back. `only`: the classifiers to run (with their parents already included); None: all."""
@@ -235,9 +240,9 @@ class InferenceGraph:
         if detect_on is None:
             await self._detect(frame, out)
         else:
-            small, factor = detect_on
+            small, scale = detect_on
             await self._detect(small, out)
-            out.detections = out.detections.scaled(1 / factor).clip(frame.shape[1], frame.shape[0])
+            out.detections = out.detections.scaled(inverse(scale)).clip(frame.shape[1], frame.shape[0])
         return await self._classify_all(frame, out, mode, only)
 
     def _selected(self, route: ClassifierRoute, out: GraphResult) -> np.ndarray | StageError:

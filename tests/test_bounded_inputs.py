@@ -94,16 +94,17 @@ def test_bytes_whose_header_cannot_be_read_are_refused_before_decoding(monkeypat
 
 def test_frames_are_fitted_to_the_detectors_side_and_large_jpegs_decoded_reduced(monkeypatch: pytest.MonkeyPatch) -> None:
     frame = cv2.resize(collage(), (6144, 2048), interpolation=cv2.INTER_LINEAR)
-    fitted, factor = fit_side(frame, 1280)
-    assert fitted.shape == (427, 1280, 3) and factor == pytest.approx(1280 / 6144)
-    assert fit_side(frame[:100, :100], 1280)[1] == 1.0
+    fitted, scale = fit_side(frame, 1280)
+    assert fitted.shape == (427, 1280, 3) and scale == (1280 / 6144, 427 / 2048)  # each side rounded on its own
+    assert fit_side(frame[:100, :100], 1280)[1] == (1.0, 1.0)
     flags = []
     real = cv2.imdecode
     monkeypatch.setattr(image_module.cv2, "imdecode", lambda buf, flag: flags.append(flag) or real(buf, flag))
     data = cv2.imencode(".jpg", frame)[1].tobytes()
-    decoded, factor = decode_for_detection(data, 40_000_000, 1280)
-    assert flags == [cv2.IMREAD_REDUCED_COLOR_4]  # 6144 / 4 = 1536 >= 1280: never the full 12.6 Mpx frame
-    assert decoded.shape[1] == 1280 and factor == pytest.approx(1280 / 6144, rel=1e-3)
+    decoded, scale = decode_for_detection(data, 40_000_000, 1280)
+    # 6144 / 4 = 1536 >= 1280: never the full 12.6 Mpx frame (the orientation is applied by the project, not OpenCV)
+    assert flags == [cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION]
+    assert decoded.shape[1] == 1280 and scale == (1280 / 6144, decoded.shape[0] / 2048)
 
 
 def test_a_detector_finds_the_faces_of_a_huge_photo_in_its_own_pixels() -> None:

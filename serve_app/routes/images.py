@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from deployments.budget import LARGE_PIXELS, PixelBudget
 from deployments.results import NODE
-from engines.image import fit_side
+from engines.image import Scale, fit_side
 from serve_app.annotate import annotate
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError, check_header, decode_checked
@@ -137,12 +137,12 @@ class ImageService:
         assert result.frame is not None
         return Inference(result.frame, result, chosen, start, (read_at - start) * 1e3, decode_ms)
 
-    def _decode_for_both(self, data: bytes, limit: int) -> tuple[np.ndarray, tuple[bytes, float]]:
+    def _decode_for_both(self, data: bytes, limit: int) -> tuple[np.ndarray, tuple[bytes, Scale]]:
         """The full frame (for the crops) and, for the detector, the frame at its working size as a JPEG (quality
         95: a few hundred KB over the hop, where the raw frame would be megabytes) with its scale."""
         frame = decode_checked(data, limit)
-        small, factor = fit_side(frame, self._config.detector.max_detect_side)
-        return frame, (cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), factor)
+        small, scale = fit_side(frame, self._config.detector.max_detect_side)
+        return frame, (cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), scale)
 
     def answer(self, run: Inference, trace: bool) -> InferResponse:
         """The /v1/infer answer for one image (and its metrics)."""
