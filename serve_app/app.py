@@ -20,12 +20,20 @@ from serve_app.stream_service import Streams
 logger = logging.getLogger("ray.serve")
 
 
-def _options(name: str, deployment: DeploymentConfig, placement: Placement) -> dict[str, object]:
+def replica_environment(config: PipelineConfig) -> dict[str, str]:
+    """Variables every replica of the application gets: Serve's cap on a by-value call or result, raised so that
+    no legal frame or result is refused between deployments (the caller's channel and the callee's server both
+    read it)."""
+    return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(config.ingress.handles.grpc_max_message_bytes)}
+
+
+def _options(name: str, deployment: DeploymentConfig, placement: Placement,
+             environment: Mapping[str, str]) -> dict[str, object]:
     options: dict[str, object] = {
         "name": name,
         "max_ongoing_requests": deployment.max_ongoing_requests,
         "max_constructor_retry_count": deployment.max_constructor_retry_count,
-        "ray_actor_options": placement.actor_options(deployment),
+        "ray_actor_options": placement.actor_options(deployment, environment),
         "logging_config": {"enable_access_log": deployment.access_log},
     }
     if deployment.autoscaling_config:
@@ -60,6 +68,7 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     the models through the same handles, or, in layout ingress, through the ingress.
     """
     resources = list(nodes) if nodes is not None else cluster_nodes()
+    env = replica_environment(config)
     gpus = sum(float(n.get("GPU", 0.0)) for n in resources)
 
     detector_place = place("detector", config.detector.deployment, config.detector.engine, gpus)
@@ -72,7 +81,7 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     def streams(**handles: Any) -> Any:
         if not streams_on:
             return None
-        return Streams.options(**_options("streams", config.ingress.streams.deployment, streams_place)).bind(
+        return Streams.options(**_options("streams", config.ingress.streams.deployment, streams_place, env)).bind(
             config, **handles)
     devices = {p.name: p.device for p in (detector_place, *classifier_places)}
     logger.info(
@@ -82,32 +91,38 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
         config.ingress.mode,
     )
 
+    # the ingress holds each events listener as an ongoing request: room for them on top of the API's own capacity
+    # (which serve_app/admission.py's gate keeps at the configured max_ongoing_requests)
+    listeners = config.ingress.streams.max_listeners if streams_on else 0
+    ingress_deployment = config.ingress.deployment.model_copy(
+        update={"max_ongoing_requests": config.ingress.deployment.max_ongoing_requests + listeners})
+
     if config.layout == "ingress":
         host = combine("ingress", [ingress_place, detector_place, *classifier_places])
         check_fits([host, *extra], resources)
-        return Ingress.options(**_options("ingress", config.ingress.deployment, host)).bind(
+        return Ingress.options(**_options("ingress", ingress_deployment, host, env)).bind(
             config, devices=devices, streams=streams())
 
-    detector = Detector.options(**_options("detector", config.detector.deployment, detector_place)).bind(
+    detector = Detector.options(**_options("detector", config.detector.deployment, detector_place, env)).bind(
         config.detector, detector_place.device
     )
     if config.layout == "colocated" and config.classifiers:
         shared = combine("classifiers", classifier_places)
         check_fits([ingress_place, detector_place, shared, *extra], resources)
         first = config.classifiers[0].deployment
-        pool = ClassifierPool.options(**_options("classifiers", first, shared)).bind(
+        pool = ClassifierPool.options(**_options("classifiers", first, shared, env)).bind(
             list(config.classifiers), {c.name: devices[c.name] for c in config.classifiers}
         )
-        return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(
+        return Ingress.options(**_options("ingress", ingress_deployment, ingress_place, env)).bind(
             config, detector=detector, pool=pool, streams=streams(detector=detector, pool=pool)
         )
 
     check_fits([ingress_place, detector_place, *classifier_places, *extra], resources)
     classifiers = {
-        c.name: Classifier.options(**_options(c.name, c.deployment, p)).bind(c, p.device)
+        c.name: Classifier.options(**_options(c.name, c.deployment, p, env)).bind(c, p.device)
         for c, p in zip(config.classifiers, classifier_places)
     }
-    return Ingress.options(**_options("ingress", config.ingress.deployment, ingress_place)).bind(
+    return Ingress.options(**_options("ingress", ingress_deployment, ingress_place, env)).bind(
         config, detector=detector, classifiers=classifiers,
         streams=streams(detector=detector, classifiers=classifiers),
     )

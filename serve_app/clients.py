@@ -22,6 +22,45 @@ from deployments.results import ClassifierResult, DetectorResult, StageFailed, S
 logger = logging.getLogger("ray.serve")
 
 
+def payload_bytes(value: Any) -> int:
+    """The bytes a call's arguments carry: raw buffers and arrays counted, containers summed, the rest nothing."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    return 0
+
+
+class Routed:
+    """One deployment's handle in both of Serve's transports, chosen per call by what the call carries.
+
+    By value (`_by_reference=False`), Ray Serve 2.60 pickles a call over the callee replica's gRPC server: the
+    fastest for small payloads, but its messages are capped (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, 4 MiB
+    unless raised: a raw 1080p frame is 6.2 MB). By reference, the arguments go through Ray's object store,
+    which costs more for a few KB and far less for megabytes (bench/transport.py, docs/benchmarks.md). A call
+    whose arguments carry more than `above_bytes` goes by reference (0: always; None: never)."""
+
+    def __init__(self, handle: Any, above_bytes: int | None) -> None:  # ray.serve.handle.DeploymentHandle
+        self._by_value = handle.options(_by_reference=False)
+        self._by_reference = handle.options(_by_reference=True)
+        self._above = above_bytes
+
+    def handle_for(self, *args: Any) -> Any:
+        if self._above is None:
+            return self._by_value
+        return self._by_reference if payload_bytes(args) > self._above else self._by_value
+
+    def call(self, method: str, *args: Any) -> Any:
+        """`handle.<method>.remote(*args)` in the transport that suits the arguments: a DeploymentResponse."""
+        return getattr(self.handle_for(*args), method).remote(*args)
+
+    def method(self, name: str) -> Any:
+        """For calls without a payload (describe): the by-value handle's method."""
+        return getattr(self._by_value, name)
+
+
 class DetectorClient(Protocol):
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult: ...
 
@@ -43,11 +82,12 @@ class RemoteDetector:
     """The detector deployment, or (`method="detect_stage"`) the ingress that holds the detector (layout
     ingress, seen from the streams deployment)."""
 
-    def __init__(self, handle: Any, method: str = "detect") -> None:  # ray.serve.handle.DeploymentHandle
-        self._method = getattr(handle, method)
+    def __init__(self, handle: Routed, method: str = "detect") -> None:
+        self._handle = handle
+        self._method = method
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
-        return await _awaited(self._method.remote(image))
+        return await _awaited(self._handle.call(self._method, image))
 
 
 async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
@@ -65,12 +105,12 @@ class RemoteClassifier:
     """A classifier in a deployment of its own (layout `separate`), or (`by_name`) one of the classifiers the
     ingress holds (layout ingress, seen from the streams deployment)."""
 
-    def __init__(self, handle: Any, name: str, by_name: bool = False) -> None:
+    def __init__(self, handle: Routed, name: str, by_name: bool = False) -> None:
         self._name = name
         if by_name:
-            self._call = lambda crops: handle.classify_stage.remote(name, crops)
+            self._call = lambda crops: handle.call("classify_stage", name, crops)
         else:
-            self._call = lambda crops: handle.classify.remote(crops)
+            self._call = lambda crops: handle.call("classify", crops)
 
     async def classify(self, crops: np.ndarray) -> ClassifierResult:
         result, attempts = await _retried_once(f"classifier {self._name}", lambda: self._call(crops))
@@ -84,7 +124,7 @@ class PooledClassifiers:
     `classify_many` call: one hop instead of one per classifier. Each caller still waits, times out and
     fails on its own; `client(name)` gives the per-classifier view the graph uses."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Routed) -> None:
         self._handle = handle
         self._batch: list[tuple[str, np.ndarray, asyncio.Future[ClassifierResult]]] | None = None
         self._sending: set[asyncio.Task[None]] = set()
@@ -113,7 +153,7 @@ class PooledClassifiers:
             return
         calls = [(name, crops) for name, crops, _ in live]
         try:
-            answers, attempts = await _retried_once("classifiers", lambda: self._handle.classify_many.remote(calls))
+            answers, attempts = await _retried_once("classifiers", lambda: self._handle.call("classify_many", calls))
         except Exception as exc:
             for _, _, future in live:
                 if not future.done():

@@ -35,14 +35,31 @@ __all__ = [
 ]
 
 class HandleConfig(StrictModel):
-    """Options of the ingress's DeploymentHandles to the detector and classifiers (Ray Serve 2.60)."""
+    """How the ingress and the streams deployment call the model deployments (Ray Serve 2.60 handles)."""
 
-    by_reference: bool = Field(
-        False,
-        description="True: Serve's default (results through the object store). False measured faster on the 2-core "
-        "CPU box (2026-11-28: c16 throughput +18 % on the face demo, +8 % on the stand-ins)",
+    by_reference: Literal["auto"] | bool = Field(
+        "auto",
+        description="Serve's two transports: by value (pickled over the callee's gRPC server; the fastest for a few "
+        "KB) or by reference (through Ray's object store; far faster for megabytes: docs/benchmarks.md, "
+        "'Frames between deployments'). auto: by reference when a call's arguments carry more than "
+        "by_reference_above_bytes, else by value. Either way no legal frame, body or crop batch is refused by a "
+        "transport limit: every replica's gRPC message cap is raised to grpc_max_message_bytes",
     )
+    by_reference_above_bytes: int = Field(
+        1024 * 1024, ge=0, description="auto: calls carrying more than this go by reference (measured crossover "
+        "between 0.8 and 2.7 MB on the 2-core CPU machine)")
+    grpc_max_message_bytes: int = Field(
+        2**31 - 1, ge=4 * 1024 * 1024, le=2**31 - 1,
+        description="RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH in every replica of the application: the largest "
+        "call or result by value (Serve's default, 4 MiB, refused a 1080p frame)")
     prefer_local_routing: bool = Field(False, description="prefer replicas on the ingress's own node")
+
+    @property
+    def above_bytes(self) -> int | None:
+        """The threshold for `Routed`: None (always by value), 0 (always by reference) or the configured bytes."""
+        if self.by_reference == "auto":
+            return self.by_reference_above_bytes
+        return 0 if self.by_reference else None
 
 
 class TrackerConfig(StrictModel):
@@ -76,13 +93,20 @@ class StreamsConfig(StrictModel):
         description="host names or CIDRs a stream URL may reach although they are loopback, private, link-local or "
         "this host's own addresses (all refused by default: a client must not make the service fetch internal "
         "addresses)")
-    max_streams: int = Field(4, ge=1, le=256, description="streams running at once; more get 429")
+    max_streams: int = Field(4, ge=1, le=256, description="streams running or opening at once; more get 429")
+    max_frame_pixels: int = Field(3840 * 2160, ge=1, description="a source whose frames are larger (declared at the "
+                                  "open: 413; met later: the stream fails) is refused; frames are scaled to the "
+                                  "detector's max_detect_side as they are decoded")
+    max_listeners: int = Field(64, ge=1, le=1024, description="events listeners of all streams at once; more get 429. "
+                               "They are counted apart from the ingress's requests, so the API answers whatever "
+                               "listens")
+    max_listeners_per_stream: int = Field(8, ge=1, le=1024, description="events listeners of one stream at once")
     listener_buffer: int = Field(256, ge=1, description="records an events listener may lag behind before it "
                                  "loses its oldest ones")
     open_timeout_s: float = Field(10.0, gt=0, le=300, description="connecting to a source and reading its first "
                                   "frame (FFmpeg's open timeout)")
     read_timeout_s: float = Field(10.0, gt=0, le=300, description="a source that sends no frame for this long "
-                                  "ends its stream (FFmpeg's read timeout)")
+                                  "fails its stream, naming it")
     detector_outage_s: float = Field(30.0, gt=0, description="frames the detector does not answer are skipped; a "
                                      "stream fails once it has answered none for this long")
     keep_ended_s: float = Field(60.0, ge=0, description="an ended stream's final description answers GET and "
@@ -90,7 +114,14 @@ class StreamsConfig(StrictModel):
     deployment: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0, max_ongoing_requests=256),
         description="the `streams` deployment: one replica, holding every stream (each events listener is one of "
-        "its ongoing requests)")
+        "its ongoing requests: max_ongoing_requests must leave room for max_listeners and 32 other calls)")
+
+    @model_validator(mode="after")
+    def _listeners_fit(self) -> StreamsConfig:
+        if self.deployment.max_ongoing_requests < self.max_listeners + 32:
+            raise ValueError(f"streams.deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must "
+                             f"be at least max_listeners + 32 ({self.max_listeners + 32}): each listener holds one")
+        return self
 
     @field_validator("deployment")
     @classmethod

@@ -36,12 +36,16 @@ class Placement:
         """What one replica asks Ray for, by resource name."""
         return {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
 
-    def actor_options(self, deployment: DeploymentConfig) -> dict[str, object]:
+    def actor_options(self, deployment: DeploymentConfig,
+                      environment: Mapping[str, str] | None = None) -> dict[str, object]:
+        """Ray's actor options for a replica; `environment`: variables every replica of the application gets
+        (the deployment's own `env_vars` win)."""
         options: dict[str, object] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if deployment.resources:
             options["resources"] = dict(deployment.resources)
-        if deployment.env_vars:
-            options["runtime_env"] = {"env_vars": dict(deployment.env_vars)}
+        env = {**(environment or {}), **deployment.env_vars}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
         return options
 
 

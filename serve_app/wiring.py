@@ -17,7 +17,14 @@ from typing import Any
 
 from deployments.metrics import StageMetrics
 from deployments.stages import ClassifierStage, DetectorStage
-from serve_app.clients import ClassifierClient, DetectorClient, PooledClassifiers, RemoteClassifier, RemoteDetector
+from serve_app.clients import (
+    ClassifierClient,
+    DetectorClient,
+    PooledClassifiers,
+    RemoteClassifier,
+    RemoteDetector,
+    Routed,
+)
 from serve_app.config import PipelineConfig
 from serve_app.graph import ClassifierRoute, InferenceGraph
 from serve_app.offload import INLINE, CpuWork
@@ -61,27 +68,27 @@ def in_process(config: PipelineConfig, devices: Mapping[str, str]) -> Wiring:
     )
 
 
-def _tuned(config: PipelineConfig, handle: Any) -> Any:
+def _tuned(config: PipelineConfig, handle: Any) -> Routed:
     options = config.ingress.handles
     # local routing is an init option of the handle (setting it through options() is deprecated in 2.60)
     if options.prefer_local_routing and not handle.is_initialized:
         handle._init(_prefer_local_routing=True)
-    return handle.options(_by_reference=options.by_reference)
+    return Routed(handle, options.above_bytes)
 
 
 def remote(config: PipelineConfig, detector: Any, classifiers: Mapping[str, Any], pool: Any | None) -> Wiring:
     """The clients of the model deployments (`pool`: the shared `classifiers` deployment of layout colocated)."""
     detector = _tuned(config, detector)
-    describers: dict[str, Callable[[], Awaitable[Any]]] = {"detector": detector.describe.remote}
+    describers: dict[str, Callable[[], Awaitable[Any]]] = {"detector": detector.method("describe").remote}
     if pool is not None:
         pool = _tuned(config, pool)
         pooled = PooledClassifiers(pool)
         clients: dict[str, ClassifierClient] = {c.name: pooled.client(c.name) for c in config.classifiers}
-        describers["classifiers"] = pool.describe.remote
+        describers["classifiers"] = pool.method("describe").remote
     else:
         handles = {c.name: _tuned(config, classifiers[c.name]) for c in config.classifiers}
         clients = {name: RemoteClassifier(handle, name) for name, handle in handles.items()}
-        describers |= {name: handle.describe.remote for name, handle in handles.items()}
+        describers |= {name: handle.method("describe").remote for name, handle in handles.items()}
     return Wiring(RemoteDetector(detector), clients, describers)
 
 
