@@ -81,8 +81,9 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     def streams(**handles: Any) -> Any:
         if not streams_on:
             return None
-        return Streams.options(**_options("streams", config.ingress.streams.deployment, streams_place, env)).bind(
-            config, **handles)
+        with_listeners = config.ingress.streams.deployment.model_copy(update={"max_ongoing_requests": (
+            config.ingress.streams.deployment.max_ongoing_requests + config.ingress.streams.max_listeners)})
+        return Streams.options(**_options("streams", with_listeners, streams_place, env)).bind(config, **handles)
     devices = {p.name: p.device for p in (detector_place, *classifier_places)}
     logger.info(
         "pipeline: layout %s, GPU fractions %s, mode %s",

@@ -69,7 +69,7 @@ class ClassifierClient(Protocol):
     async def classify(self, crops: np.ndarray) -> ClassifierResult: ...
 
 
-async def _awaited(response: Any) -> Any:
+async def awaited(response: Any) -> Any:
     """Await a DeploymentResponse; if the caller is cancelled (a deadline), cancel the replica's work too."""
     try:
         return await response
@@ -87,7 +87,7 @@ class RemoteDetector:
         self._method = method
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
-        return await _awaited(self._handle.call(self._method, image))
+        return await awaited(self._handle.call(self._method, image))
 
 
 async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
@@ -95,10 +95,10 @@ async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
     or holds it until the replacement is up, within the caller's deadline). Returns the answer and the
     number of calls it took."""
     try:
-        return await _awaited(call()), 1
+        return await awaited(call()), 1
     except (RayActorError, ActorUnavailableError) as exc:
         logger.warning("%s: replica lost (%s); retrying once", name, type(exc).__name__)
-    return await _awaited(call()), 2
+    return await awaited(call()), 2
 
 
 class RemoteClassifier:

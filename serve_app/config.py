@@ -112,16 +112,10 @@ class StreamsConfig(StrictModel):
     keep_ended_s: float = Field(60.0, ge=0, description="an ended stream's final description answers GET and "
                                 "DELETE this long, then it is forgotten")
     deployment: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0, max_ongoing_requests=256),
-        description="the `streams` deployment: one replica, holding every stream (each events listener is one of "
-        "its ongoing requests: max_ongoing_requests must leave room for max_listeners and 32 other calls)")
-
-    @model_validator(mode="after")
-    def _listeners_fit(self) -> StreamsConfig:
-        if self.deployment.max_ongoing_requests < self.max_listeners + 32:
-            raise ValueError(f"streams.deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must "
-                             f"be at least max_listeners + 32 ({self.max_listeners + 32}): each listener holds one")
-        return self
+        default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0, max_ongoing_requests=32),
+        description="the `streams` deployment: one replica, holding every stream. max_ongoing_requests counts its "
+        "other calls (start, list, stop, the frames' work); each events listener holds one more, and room for "
+        "max_listeners is added on top")
 
     @field_validator("deployment")
     @classmethod

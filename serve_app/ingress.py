@@ -14,6 +14,7 @@ from ray import serve
 from deployments.results import ClassifierResult, DetectorResult
 from deployments.stages import ClassifierStage, DetectorStage
 from deployments.startup import freeze_startup_heap
+from serve_app.admission import ApiGate
 from serve_app.auth import BearerAuth
 from serve_app.config import PipelineConfig
 from serve_app.http_api import api
@@ -56,13 +57,15 @@ class Ingress:
             describers["streams"] = streams.describe.remote
         # Compressed bytes to a remote detector; a detector held here takes the decoded frame.
         send_encoded = config.ingress.detector_input == "encoded" and not held_here
+        gate = ApiGate(config.ingress.deployment.max_ongoing_requests)
         self.services = Services(
             auth=BearerAuth(config.ingress.auth_token_env),
+            gate=gate,
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
             images=ImageService(graph, config, metrics, send_encoded, self._cpu),
-            video=VideoService(graph, config, metrics, self._cpu),
-            streams=StreamsProxy(streams),
+            video=VideoService(graph, config, metrics, self._cpu, gate),
+            streams=StreamsProxy(streams, gate),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
             pipeline=PipelineService(config, describers, self._wiring.health,
                                      1 + (0 if held_here else len(self._wiring.describers)) + (streams is not None)),

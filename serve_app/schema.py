@@ -152,17 +152,33 @@ class StreamRequest(BaseModel):
                         min_length=1, max_length=2048)
 
 
+class FrameSize(BaseModel):
+    width: int
+    height: int
+
+
+class StreamError(BaseModel):
+    code: str
+    message: str
+    frame: int | None = None
+
+
 class StreamInfo(BaseModel):
     id: str
-    source: str
-    state: Literal["running", "ended", "stopped", "failed"]
+    source: str = Field(description="the source as given, its password (and secret-looking query values) as ***")
+    state: Literal["running", "ended", "stopped", "failed", "lost"]
     fps: float = Field(description="frames processed per second")
     frames_read: int
     frames_processed: int
     dropped_frames: int = Field(description="frames the source delivered while the pipeline was busy")
-    skipped_frames: int = Field(0, description="frames the detector did not answer (the stream goes on)")
+    failed_frames: int = Field(0, description="frames whose processing failed (the detector did not answer, or it "
+                               "raised); the stream goes on, and fails once none went through for detector_outage_s")
+    decode_errors: int = Field(0, description="packets of the source that did not decode")
     tracks: int
-    error: str | None = None
+    image: FrameSize | None = Field(None, description="the size of the source's frames (boxes are in its pixels)")
+    size_changes: int = Field(0, description="times the source changed its frame size")
+    last_error: StreamError | None = Field(None, description="the last frame that failed, or what ended the stream")
+    error: str | None = Field(None, description="why the stream failed")
 
 
 class StreamList(BaseModel):

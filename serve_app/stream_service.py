@@ -40,7 +40,8 @@ class Streams:
         self._wiring: Wiring | None = remote(config, detector, classifiers or {}, pool) if detector is not None else None
         self._graph: InferenceGraph | None = self._wiring.graph(config, self._cpu) if self._wiring else None
         self._metrics = StreamMetrics()
-        self._registry = StreamRegistry(config.ingress.streams, self._new_session, self._on_frame, self._on_end)
+        self._registry = StreamRegistry(config.ingress.streams, self._new_session, config.detector.max_detect_side,
+                                        self._on_frame, self._on_end)
 
     def _graph_now(self) -> InferenceGraph:
         if self._graph is None:  # layout ingress: the models are in the ingress replicas
@@ -54,7 +55,7 @@ class Streams:
 
     def _on_frame(self, stream: LiveStream) -> None:
         info = stream.describe()
-        self._metrics.record(stream.id, info["frames_processed"], info["dropped_frames"], info["skipped_frames"])
+        self._metrics.record(stream.id, info["frames_processed"], info["dropped_frames"], info["failed_frames"])
 
     def _on_end(self, stream: LiveStream) -> None:
         self._on_frame(stream)
@@ -82,17 +83,24 @@ class Streams:
             return StreamRefusal.of(exc)
 
     async def events(self, stream_id: str) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
-        """For a streaming handle call: first the stream's description (or why not), then its records."""
+        """For a streaming handle call: first the stream's description (or why not: unknown, too many listeners),
+        then its records. The listener counts until this generator ends, however it ends."""
         try:
-            yield self._registry.describe(stream_id)
+            described = self._registry.describe(stream_id)
+            listener = self._registry.listen(stream_id)
         except InputError as exc:
             yield StreamRefusal.of(exc)
             return
-        async for record in self._registry.events(stream_id):
-            yield record
+        try:
+            yield described
+            async for record in listener.records():
+                yield record
+        finally:
+            listener.close()
 
     async def describe(self) -> dict[str, Any]:
-        return {"streams": len(self._registry.list()), "max_streams": self._config.ingress.streams.max_streams}
+        return {"streams": len(self._registry.list()), "max_streams": self._config.ingress.streams.max_streams,
+                "opening": self._registry.opening, "listeners": self._registry.listening}
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: end the streams (their listeners get the summary)."""

@@ -1,48 +1,42 @@
-"""Live streams: a source (RTSP/HTTP URL, or a file in the media directory) read continuously, its latest
-frame tracked and classified, the per-frame records published to whoever listens.
+"""Live streams: a source (RTSP/HTTP URL, or a file in the media directory) read continuously, its latest frame
+tracked and classified, the per-frame records published to whoever listens. The registry lives in the
+`streams` deployment (serve_app/stream_service.py).
 
 Nothing queues without bound: the reader keeps only the newest frame, so a source faster than the pipeline
-loses frames (counted as `dropped`), and each listener has a bounded queue that loses its oldest records
-when the listener reads too slowly, never the stream. A file is played at its own frame rate, as a camera
-would deliver it. The registry lives in the `streams` deployment (serve_app/stream_service.py).
+loses frames (counted as `dropped`), and each listener has a bounded queue that loses its oldest records when
+the listener reads too slowly, never the stream. Listeners are counted, per stream and in all.
 
-Sources are contained (`check_url`): a URL's host is resolved and every address it has must be public
-(not loopback, private, link-local, multicast, reserved, or one of this host's own) unless the operator
-lists it in `allowed_hosts`; FFmpeg is told not to follow HTTP redirects. Opening a source and reading from
-it happen on the reader's own thread with FFmpeg's open and read timeouts, never on the event loop, and a
-stream's slot under `max_streams` is taken before the open starts.
+A stream says what happens to it: frames that fail (the detector away, anything raised while processing one)
+are counted with the last error, and the stream fails, with the reason, once none has succeeded for
+`detector_outage_s`, when its source ends before any frame was processed, when the source goes silent for
+`read_timeout_s`, breaks, or sends frames over `max_frame_pixels`, and when anything else ends its task.
+
+Opening is bounded and cannot hold others up: a start takes a slot under `max_streams` before anything is
+awaited, opens run concurrently (each on its reader's thread, with its open timeout), and a slot is given back
+only when its open has returned, whatever happened to the client who asked; a client that goes away aborts its
+open. Sources are contained: see serve_app/stream_sources.py and serve_app/egress.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import itertools
 import logging
-import os
-import socket
-import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-
-import cv2
-import numpy as np
 
 from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
+from serve_app.egress import FILE_OPTIONS, EgressLoop, Guard, guard_for
+from serve_app.stream_reader import Opened, ReadFrame, StreamReader, redact_text
+from serve_app.stream_sources import AddressPolicy, Source, parse_source
 
 logger = logging.getLogger("ray.serve")
 
 _END = None  # published when a stream ends
-_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
-# FFmpeg options for network sources: no redirects (a public URL must not bounce to an internal one)
-FFMPEG_OPTIONS = "max_redirects;0"
 
 
 @dataclass(frozen=True)
@@ -61,166 +55,40 @@ class StreamRefusal:
         return InputError(self.status, self.code, self.message)
 
 
-def own_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Every address of this host's interfaces."""
-    import psutil
-
-    found = set()
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family in (socket.AF_INET, socket.AF_INET6):
-                try:
-                    found.add(ipaddress.ip_address(address.address.split("%")[0]))
-                except ValueError:
-                    continue
-    return found
-
-
-def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-              own: set[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> str | None:
-    """Why `address` is internal, or None for a public address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    for name in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
-        if getattr(address, f"is_{name}"):
-            return name.replace("_", "-")
-    if address in own:
-        return "one of this host's own"
-    return None
-
-
-def check_url(url: str, allowed_hosts: list[str], resolve: Callable[..., list[Any]] = socket.getaddrinfo) -> None:
-    """Refuse (422) a URL whose host resolves to any internal address, unless the host or a network holding that
-    address is in `allowed_hosts`. Blocking (name resolution): call it off the event loop."""
-    parts = urlsplit(url)
-    host = parts.hostname
-    if not host:
-        raise InputError(422, "invalid_source", f"source {url!r} names no host")
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
-    except ValueError as exc:
-        raise InputError(422, "invalid_source", f"source {url!r} has a bad port") from exc
-    if host.lower() in {h.lower() for h in allowed_hosts if "/" not in h}:
-        return
-    try:
-        infos = resolve(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise InputError(422, "source_unavailable", f"cannot resolve the host of {url!r}: {exc}") from exc
-    networks = [ipaddress.ip_network(h, strict=False) for h in allowed_hosts if "/" in h]
-    own = own_addresses()
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if any(address in network for network in networks):
-            continue
-        why = _internal(address, own)
-        if why is not None:
-            raise InputError(422, "source_not_allowed",
-                             f"source {url!r} resolves to {address}, a {why} address; stream sources may only reach "
-                             "public addresses unless ingress.streams.allowed_hosts lists the host or its network")
-
-
-def resolve_source(source: str, config: StreamsConfig) -> tuple[str, bool]:
-    """The URL or file path to open for `source` and whether it is a file, or a 422 saying why it is refused.
-    URLs are checked for their scheme here; their addresses by `check_url`, off the event loop."""
-    scheme = urlsplit(source).scheme.lower()
-    if scheme:
-        if scheme not in config.url_schemes:
-            raise InputError(422, "invalid_source",
-                             f"source scheme {scheme!r} is not allowed; allowed: {', '.join(config.url_schemes)}, "
-                             "or a file name in the media directory")
-        return source, False
-    if config.media_dir is None:
-        raise InputError(422, "invalid_source", "file sources are off: set ingress.streams.media_dir")
-    root = Path(config.media_dir).resolve()
-    path = (root / source).resolve()
-    if not path.is_relative_to(root):
-        raise InputError(422, "invalid_source", f"source {source!r} is outside the media directory")
-    if not path.is_file():
-        raise InputError(422, "invalid_source", f"no file {source!r} in the media directory")
-    return str(path), True
-
-
-def open_capture(target: str, is_file: bool, config: StreamsConfig) -> cv2.VideoCapture:
-    """OpenCV's FFmpeg capture of `target`, with the open and read timeouts (blocking: off the event loop)."""
-    timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(config.open_timeout_s * 1000),
-                cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(config.read_timeout_s * 1000)]
-    if not is_file:
-        # read by OpenCV when the capture is opened; this process is the streams replica's own
-        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", FFMPEG_OPTIONS)
-    return cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
-
-
-@dataclass
-class _Frame:
-    index: int
-    image: np.ndarray
-
-
-class _Reader:
-    """A thread that reads the source continuously and keeps only its newest frame."""
-
-    def __init__(self, capture: cv2.VideoCapture, pace_fps: float | None) -> None:
-        self._capture = capture
-        self._pace = 1.0 / pace_fps if pace_fps else 0.0
-        self._lock = threading.Lock()
-        self._latest: _Frame | None = None
-        self._stop = threading.Event()
-        self.frames = 0
-        self.dropped = 0
-        self.ended = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        next_at = time.perf_counter()
-        try:
-            for index in itertools.count():
-                if self._stop.is_set():
-                    return
-                ok, image = self._capture.read()  # returns within the read timeout
-                if not ok or image is None:
-                    return
-                with self._lock:
-                    if self._latest is not None:
-                        self.dropped += 1  # the pipeline had not taken the previous frame
-                    self._latest = _Frame(index, image)
-                    self.frames += 1
-                if self._pace:
-                    next_at += self._pace
-                    time.sleep(max(0.0, next_at - time.perf_counter()))
-        finally:
-            self.ended.set()
-            self._capture.release()
-
-    def take(self) -> _Frame | None:
-        with self._lock:
-            frame, self._latest = self._latest, None
-            return frame
-
-    def stop(self) -> None:
-        self._stop.set()
+def _error(code: str, message: str, frame: int | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, **({"frame": frame} if frame is not None else {})}
 
 
 @dataclass
 class LiveStream:
     id: str
-    source: str
+    source: Source
+    reader: StreamReader
+    guard: Guard | None
+    opened: Opened
     state: str = "running"  # running, ended, stopped, failed
-    error: str | None = None
+    error: str | None = None  # why it failed
     processed: int = 0
-    skipped: int = 0  # frames the detector did not answer
+    failed: int = 0  # frames whose processing failed (the detector away, or anything raised)
+    last_error: dict[str, Any] | None = None  # the last frame failure, or what ended the stream
     fps: float = 0.0
     tracks: int = 0
+    started_at: float = field(default_factory=time.monotonic)
     listeners: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
-    reader: _Reader | None = None
 
     def describe(self) -> dict[str, Any]:
         reader = self.reader
-        return {"id": self.id, "source": self.source, "state": self.state, "fps": round(self.fps, 2),
-                "frames_read": reader.frames if reader else 0, "frames_processed": self.processed,
-                "dropped_frames": reader.dropped if reader else 0, "skipped_frames": self.skipped,
-                "tracks": self.tracks, **({"error": self.error} if self.error else {})}
+        size = reader.size or (self.opened.width, self.opened.height)
+        return {"id": self.id, "source": self.source.shown, "state": self.state, "fps": round(self.fps, 2),
+                "frames_read": reader.frames, "frames_processed": self.processed, "dropped_frames": reader.dropped,
+                "failed_frames": self.failed, "decode_errors": reader.decode_errors, "tracks": self.tracks,
+                "image": {"width": size[0], "height": size[1]}, "size_changes": reader.size_changes,
+                **({"last_error": self.last_error} if self.last_error else {}),
+                **({"error": self.error} if self.error else {})}
+
+    def fail(self, code: str, message: str) -> None:
+        self.state, self.error, self.last_error = "failed", message, _error(code, message)
 
     def publish(self, record: dict[str, Any] | None, capacity: int) -> None:
         for queue in self.listeners:
@@ -229,91 +97,216 @@ class LiveStream:
             queue.put_nowait(record)
 
 
+def in_source_pixels(record: dict[str, Any], frame: ReadFrame) -> dict[str, Any]:
+    """A record of a frame processed at its working size, with the boxes in the source frame's pixels and that
+    frame's own size (a source may change its resolution mid-stream)."""
+    sx, sy = frame.scale
+    if (sx, sy) != (1.0, 1.0):
+        for obj in record.get("objects", []):
+            x1, y1, x2, y2 = obj["box"]
+            obj["box"] = [round(x1 / sx, 1), round(y1 / sy, 1), round(x2 / sx, 1), round(y2 / sy, 1)]
+    return {**record, "image": {"width": frame.size[0], "height": frame.size[1]}, "read_at": round(frame.read_at, 3)}
+
+
+class Listener:
+    """One follower of a stream: its bounded queue, counted by the registry until `close()`."""
+
+    def __init__(self, registry: StreamRegistry, stream: LiveStream | None, fixed: list[dict[str, Any]]) -> None:
+        self._registry, self._stream, self._fixed = registry, stream, fixed
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        if stream is not None:
+            stream.listeners.add(self._queue)
+
+    async def records(self) -> AsyncIterator[dict[str, Any]]:
+        for record in self._fixed:  # an ended stream: its summary
+            yield record
+        if self._stream is None:
+            return
+        while (record := await self._queue.get()) is not _END:
+            yield record
+
+    def close(self) -> None:
+        if self._stream is not None and self._queue in self._stream.listeners:
+            self._stream.listeners.discard(self._queue)
+            self._registry._unlisten()
+
+
+class _Opening:
+    """A start in progress: what it made so far, so that a client who goes away can abort it."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.guard: Guard | None = None
+        self.reader: StreamReader | None = None
+        self.abandoned = False
+
+
 class StreamRegistry:
     """Every stream of the deployment: start, list, listen, stop; ended ones are kept `keep_ended_s`."""
 
-    def __init__(self, config: StreamsConfig, new_session: Callable[[float], Any],
+    def __init__(self, config: StreamsConfig, new_session: Callable[[float], Any], max_side: int = 0,
                  on_frame: Callable[[LiveStream], None] = lambda stream: None,
-                 on_end: Callable[[LiveStream], None] = lambda stream: None) -> None:
+                 on_end: Callable[[LiveStream], None] = lambda stream: None,
+                 policy: AddressPolicy | None = None) -> None:
+        """`new_session`: fps (0: unknown) -> an object with `async process_frame(index, frame)`, `track_count` and
+        `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side)."""
         self._config = config
-        self._new_session = new_session  # fps (0: unknown) -> an object with `async process_frame(index, frame)`
+        self._new_session = new_session
+        self._max_side = max_side
         self._on_frame = on_frame  # after each processed frame (the metrics)
         self._on_end = on_end  # once a stream has ended and published its summary (drop its metrics)
+        self._policy = policy or AddressPolicy(config.allowed_hosts)
+        self._egress: EgressLoop | None = None  # started with the first network source
         self._streams: dict[str, LiveStream] = {}
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # id -> (when, description)
-        self._opening = 0  # slots taken by streams whose source is being opened
+        self._opening = 0  # slots held by opens that have not returned
+        self._listening = 0
 
     def _running(self) -> int:
         return sum(s.state == "running" for s in self._streams.values())
 
-    async def start(self, source: str) -> LiveStream:
+    @property
+    def opening(self) -> int:
+        return self._opening
+
+    async def start(self, text: str) -> LiveStream:
+        source = parse_source(text, self._config)
         # the slot is taken before anything is awaited: concurrent starts cannot pass the limit together
         if self._running() + self._opening >= self._config.max_streams:
             raise InputError(429, "too_many_streams", f"{self._running() + self._opening} streams are running or "
                              f"starting; the limit is {self._config.max_streams} (ingress.streams.max_streams)")
-        target, is_file = resolve_source(source, self._config)
         self._opening += 1
+        opening = _Opening(source)
+        task = asyncio.ensure_future(self._open(opening))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read, should the client have gone
         try:
-            capture = await asyncio.to_thread(self._open, target, is_file, source)
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            opening.abandoned = True  # the open goes on holding its slot until it returns; make it return now
+            self._abort(opening)
+            raise
+
+    def _abort(self, opening: _Opening) -> None:
+        """Make an open return now: stop its reader, close its guard (which fails the connection FFmpeg waits on).
+        Not awaited: a caller being cancelled (a client gone) must not cancel the abort with it."""
+        if opening.reader is not None:
+            opening.reader.stop()
+        if opening.guard is not None and self._egress is not None:
+            self._egress.submit(opening.guard.close())
+
+    async def _open(self, opening: _Opening) -> LiveStream:
+        """Check, open, and register the stream; the slot is given back when this returns, however it ends."""
+        source = opening.source
+        try:
+            if not source.is_file:  # an early, clear 422; the guard checks again at every connection
+                await asyncio.to_thread(self._policy.addresses, source.host, source.port, f"source {source.shown}")
+                self._egress = self._egress or EgressLoop()
+                opening.guard = guard_for(source, self._policy, self._config.open_timeout_s)
+                assert opening.guard is not None
+                await self._egress.run(opening.guard.start())
+            if opening.abandoned:
+                raise asyncio.CancelledError
+            loop = asyncio.get_running_loop()
+            answered: asyncio.Future[Opened | InputError] = loop.create_future()
+
+            def on_opened(result: Opened | InputError) -> None:  # on the reader's thread
+                loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(result))
+
+            guard = opening.guard
+            opening.reader = StreamReader(
+                guard.reader_url() if guard else source.target, guard.reader_options() if guard else dict(FILE_OPTIONS),
+                source.shown, open_timeout_s=self._config.open_timeout_s, read_timeout_s=self._config.read_timeout_s,
+                max_frame_pixels=self._config.max_frame_pixels, max_side=self._max_side, pace=source.is_file,
+                on_opened=on_opened, explain=lambda: guard.refusals[-1] if guard and guard.refusals else None)
+            result = await answered
+            if isinstance(result, InputError):
+                raise result
+            if opening.abandoned:
+                raise asyncio.CancelledError
+            stream = LiveStream(uuid.uuid4().hex[:12], source, opening.reader, guard, result)
+            self._streams[stream.id] = stream
+            stream.task = asyncio.ensure_future(self._run(stream))
+            logger.info("stream %s started from %s (%dx%d %s, %.3g fps)", stream.id, source.shown, result.width,
+                        result.height, result.codec, result.fps)
+            return stream
+        except BaseException:
+            self._abort(opening)
+            raise
         finally:
             self._opening -= 1
-        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-        stream = LiveStream(uuid.uuid4().hex[:12], source)
-        stream.reader = _Reader(capture, fps if is_file and fps > 0 else None)  # a file plays at its own rate
-        stream.task = asyncio.ensure_future(self._run(stream, fps))
-        self._streams[stream.id] = stream
-        logger.info("stream %s started from %s", stream.id, source)
-        return stream
 
-    def _open(self, target: str, is_file: bool, source: str) -> cv2.VideoCapture:
-        """Check a URL's addresses, then open it (on a worker thread: both block)."""
-        if not is_file:
-            check_url(target, self._config.allowed_hosts)
-        capture = open_capture(target, is_file, self._config)
-        if not capture.isOpened():
-            capture.release()
-            raise InputError(422, "source_unavailable", f"cannot open {source!r}: FFmpeg could not read a video "
-                             f"from it within {self._config.open_timeout_s:g} s")
-        return capture
-
-    async def _run(self, stream: LiveStream, fps: float) -> None:
-        assert stream.reader is not None
-        session = self._new_session(fps)
+    async def _run(self, stream: LiveStream) -> None:
+        session = None
         started = time.perf_counter()
-        answered_at = started  # the detector's last answer
+        succeeded_at = time.monotonic()  # the last frame that went through (or the start)
+        cfg = self._config
         try:
+            session = self._new_session(stream.opened.fps)
             while stream.state == "running":
                 frame = stream.reader.take()
                 if frame is None:
                     if stream.reader.ended.is_set():
-                        if stream.reader.frames == 0:
-                            stream.state, stream.error = "failed", "the source gave no frame"
-                        else:
-                            stream.state = "ended"
+                        self._ended_reading(stream)
+                        break
+                    silent = time.monotonic() - max(stream.reader.last_frame_at, stream.started_at)
+                    if silent > cfg.read_timeout_s:
+                        stream.fail("source_silent", f"no frame from {stream.source.shown} for {silent:.1f} s "
+                                    f"(ingress.streams.read_timeout_s: {cfg.read_timeout_s:g})")
                         break
                     await asyncio.sleep(0.005)
                     continue
-                record = await session.process_frame(frame.index, frame.image)
-                if "error" in record and record["error"]["code"] == "detector_unavailable":
-                    stream.skipped += 1  # skip the frame; the next may find the detector back
-                    stream.publish(record, self._config.listener_buffer)
-                    if time.perf_counter() - answered_at > self._config.detector_outage_s:
-                        stream.state, stream.error = "failed", record["error"]["message"]
+                try:
+                    record = await session.process_frame(frame.index, frame.image)
+                except Exception as exc:  # noqa: BLE001 - a frame that fails is counted; failing ones end the stream
+                    record = {"error": _error("frame_failed", f"{type(exc).__name__}: {redact_text(str(exc))}",
+                                              frame.index)}
+                if "error" in record:
+                    stream.failed += 1
+                    stream.last_error = record["error"]
+                    stream.publish(record, cfg.listener_buffer)
+                    if time.monotonic() - succeeded_at > cfg.detector_outage_s:
+                        stream.fail(record["error"]["code"], f"no frame went through for {cfg.detector_outage_s:g} s "
+                                    f"(ingress.streams.detector_outage_s); the last failure: "
+                                    f"{record['error']['message']}")
                     continue
-                answered_at = time.perf_counter()
+                succeeded_at = time.monotonic()
                 stream.processed += 1
                 stream.tracks = session.track_count
                 stream.fps = stream.processed / max(time.perf_counter() - started, 1e-9)
-                stream.publish(record, self._config.listener_buffer)
+                stream.publish(in_source_pixels(record, frame), cfg.listener_buffer)
                 self._on_frame(stream)
-        except Exception as exc:  # a broken stream ends with an error, it does not hang its listeners
-            stream.state, stream.error = "failed", f"{type(exc).__name__}: {exc}"
-            stream.publish({"error": {"code": "stream_failed", "message": stream.error}}, self._config.listener_buffer)
+        except Exception as exc:  # noqa: BLE001 - a broken stream ends with an error, it does not hang its listeners
+            stream.fail("stream_failed", f"{type(exc).__name__}: {redact_text(str(exc))}")
+            logger.warning("stream %s failed: %s", stream.id, stream.error)
         finally:
-            stream.reader.stop()
-            stream.publish({"summary": {**stream.describe(), **session.summary()["summary"]}}, self._config.listener_buffer)
-            stream.publish(_END, self._config.listener_buffer + 1)
+            await self._release(stream)
+            if stream.state == "failed":
+                stream.publish({"error": stream.last_error}, cfg.listener_buffer)
+            summary = session.summary()["summary"] if session is not None else {}
+            stream.publish({"summary": {**stream.describe(), **summary}}, cfg.listener_buffer)
+            stream.publish(_END, cfg.listener_buffer + 2)
             self._retire(stream)
+
+    def _ended_reading(self, stream: LiveStream) -> None:
+        """The reader stopped on its own: the stream ends, or fails saying why."""
+        reader = stream.reader
+        if reader.error is not None:
+            stream.fail(reader.error.code, reader.error.message)
+        elif reader.frames == 0:
+            stream.fail("no_frame", f"{stream.source.shown} gave no frame")
+        elif stream.processed == 0 and stream.failed:
+            assert stream.last_error is not None
+            stream.fail(stream.last_error["code"],
+                        f"the source ended and none of its {stream.failed} frames went through; the last failure: "
+                        f"{stream.last_error['message']}")
+        else:
+            stream.state = "ended"
+
+    async def _release(self, stream: LiveStream) -> None:
+        """Stop reading the source: the reader, and the guard (which ends a read the reader is blocked in)."""
+        stream.reader.stop()
+        if stream.guard is not None and self._egress is not None:
+            await self._egress.run(stream.guard.close())
 
     def _retire(self, stream: LiveStream) -> None:
         """An ended stream leaves the registry; its final description answers GET and DELETE a while."""
@@ -355,25 +348,37 @@ class StreamRegistry:
         if stream is not None:
             if stream.state == "running":
                 stream.state = "stopped"
+            await self._release(stream)
             if stream.task is not None:
                 await asyncio.wait([stream.task], timeout=10)
         return self.describe(stream_id)
 
-    async def events(self, stream_id: str) -> AsyncIterator[dict[str, Any]]:
-        """The stream's records from now on, until it ends (then its summary)."""
+    def listen(self, stream_id: str) -> Listener:
+        """A listener of the stream's records from now on, until it ends (then its summary); a 429 beyond the
+        listener limits. The caller closes it (`Listener.close`), whether or not it read anything."""
         self._forget_old()
         if stream_id in self._ended:
-            yield {"summary": self._ended[stream_id][1]}
-            return
+            return Listener(self, None, [{"summary": self._ended[stream_id][1]}])
         stream = self.get(stream_id)
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        stream.listeners.add(queue)
-        try:
-            while (record := await queue.get()) is not _END:
-                yield record
-        finally:
-            stream.listeners.discard(queue)
+        cfg = self._config
+        if self._listening >= cfg.max_listeners:
+            raise InputError(429, "too_many_listeners", f"{self._listening} listeners are following streams; the "
+                             f"limit is {cfg.max_listeners} (ingress.streams.max_listeners)")
+        if len(stream.listeners) >= cfg.max_listeners_per_stream:
+            raise InputError(429, "too_many_listeners", f"stream {stream_id} has {len(stream.listeners)} listeners; "
+                             f"the limit is {cfg.max_listeners_per_stream} (ingress.streams.max_listeners_per_stream)")
+        self._listening += 1
+        return Listener(self, stream, [])
+
+    def _unlisten(self) -> None:
+        self._listening -= 1
+
+    @property
+    def listening(self) -> int:
+        return self._listening
 
     async def close(self) -> None:
         for stream_id in list(self._streams):
             await self.stop(stream_id)
+        if self._egress is not None:
+            self._egress.close()

@@ -13,8 +13,8 @@ replica and application tags. Metric names (Prometheus adds Ray's `ray_` prefix)
 - pipeline_video_frames_total: video frames processed (a rate of it is the service's video fps)
 - pipeline_video_tracks_total: tracks that appeared in processed videos
 - pipeline_streams: live streams running (the streams deployment); pipeline_stream_frames_total{outcome}: their
-  frames, processed, dropped (the source delivered them while the pipeline was busy) or skipped (the detector
-  did not answer). Per stream figures are in GET /v1/streams: a series per stream id would grow without bound.
+  frames, processed, dropped (the source delivered them while the pipeline was busy) or failed (the detector
+  did not answer, or their processing raised). Per stream figures are in GET /v1/streams: a series per stream id would grow without bound.
 - pipeline_video_cache_total{classifier, outcome}: tracked objects per frame whose attribute was served from the
   per-track cache (hit) or classified (miss); hit / (hit + miss) is the cache hit rate
 (The model stages' own metrics, pipeline_compute_ms{stage} and pipeline_batch_size{stage}, are in
@@ -93,15 +93,16 @@ class StreamMetrics:
     def __init__(self) -> None:
         self.running = Gauge("pipeline_streams", description="Live streams running")
         self.frames = Counter("pipeline_stream_frames", tag_keys=("outcome",),
-                              description="Live stream frames: processed, dropped (pipeline busy) or skipped (no detector)")
+                              description="Live stream frames: processed, dropped (pipeline busy) or failed (the "
+                              "detector away, or their processing raised)")
         self._seen: dict[str, tuple[int, int, int]] = {}  # stream -> counts already reported
 
-    def record(self, stream_id: str, processed: int, dropped: int, skipped: int) -> None:
+    def record(self, stream_id: str, processed: int, dropped: int, failed: int) -> None:
         before = self._seen.get(stream_id, (0, 0, 0))
-        for outcome, now, then in zip(("processed", "dropped", "skipped"), (processed, dropped, skipped), before):
+        for outcome, now, then in zip(("processed", "dropped", "failed"), (processed, dropped, failed), before):
             if now > then:
                 self.frames.inc(now - then, tags={"outcome": outcome})
-        self._seen[stream_id] = (processed, dropped, skipped)
+        self._seen[stream_id] = (processed, dropped, failed)
         self.running.set(len(self._seen))
 
     def forget(self, stream_id: str) -> None:

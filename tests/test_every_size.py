@@ -35,9 +35,22 @@ CONTENT_TYPE = {".png": "image/png", ".jpg": "image/jpeg", ".bmp": "image/bmp", 
                 ".webp": "image/webp", ".ppm": "image/x-portable-pixmap", ".jp2": "image/jp2"}
 
 
+# camera streams: (width, height, fps); 8 s each, a face moving across (tests/media.py)
+CAMERAS = {"480p": (854, 480, 25), "1080p": (1920, 1080, 25), "4K": (3840, 2160, 10)}
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sizes-media")
+
+
+@pytest.fixture(scope="module")
+def cameras(media: Path) -> Iterator[str]:
+    """GStreamer's RTSP server on 127.0.0.1 with an H.264 camera at each resolution; yields its base URL."""
+    require_gstreamer()
+    clips = {name: h264_clip(media / f"camera-{name}.mp4", w, h, 8.0, fps) for name, (w, h, fps) in CAMERAS.items()}
+    with rtsp_server(clips) as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -131,6 +144,68 @@ def test_phone_photos_get_the_upright_photos_boxes_in_every_orientation(client: 
         for face, ref in zip(faces, upright):  # the same pixels turned back: the same boxes, to JPEG's noise
             side = ref["box"][2] - ref["box"][0]
             assert np.allclose(face["box"], ref["box"], atol=max(3.0, 0.1 * side)), (orientation, face["box"], ref)
+
+
+def _tracked_faces(client: httpx.Client, stream_id: str, wanted: int) -> list[dict[str, Any]]:
+    """Frame records of the stream until `wanted` of them hold a tracked face with all three attributes (or the
+    stream ends: then the records so far, and the test fails on them)."""
+    complete: list[dict[str, Any]] = []
+    with client.stream("GET", f"/v1/streams/{stream_id}/events", timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            record = json.loads(line)
+            assert "summary" not in record, f"the stream ended first: {record}"
+            assert "error" not in record, record
+            if any(o["track_id"] is not None and set(o["attributes"]) == {"age", "gender", "emotion"}
+                   for o in record["objects"]):
+                complete.append(record)
+                if len(complete) == wanted:
+                    break
+    return complete
+
+
+@pytest.mark.parametrize("camera", list(CAMERAS))
+def test_a_camera_stream_of_each_resolution_gives_tracked_classified_faces(client: httpx.Client, cameras: str,
+                                                                         camera: str) -> None:
+    """A real RTSP camera (GStreamer) at 854x480, 1080p and 4K: a raw 1080p frame is 6.2 MB, a 4K one 24.9 MB;
+    the boxes come back in the camera's own pixels."""
+    width, height, _ = CAMERAS[camera]
+    started = client.post("/v1/streams", json={"source": f"{cameras}/{camera}"})
+    assert started.status_code == 201, started.text
+    stream = started.json()
+    try:
+        records = _tracked_faces(client, stream["id"], wanted=3)
+        for record in records:
+            assert record["image"] == {"width": width, "height": height}
+            (face,) = [o for o in record["objects"] if o["track_id"] is not None]
+            x1, y1, x2, y2 = face["box"]
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+            # the portrait is a third of the frame's height; the face in it about a fifth of that
+            assert 0.04 * height < y2 - y1 < 0.12 * height, face["box"]
+            assert face["attributes"]["gender"]["label"] == "female"
+        info = client.get(f"/v1/streams/{stream['id']}").json()
+        assert info["state"] == "running" and info["failed_frames"] == 0 and info["frames_processed"] >= 3
+        assert info["image"] == {"width": width, "height": height}
+    finally:
+        client.delete(f"/v1/streams/{stream['id']}")
+
+
+@pytest.mark.parametrize(("width", "height", "frames"), [(1920, 1080, 12), (3840, 2160, 6)], ids=["1080p", "4K"])
+def test_a_video_of_1080p_and_4k_frames_is_tracked_and_classified(client: httpx.Client, tmp_path: Path,
+                                                                 width: int, height: int, frames: int) -> None:
+    """POST /v1/video: every frame crosses to the detector as a raw frame (6.2 and 24.9 MB)."""
+    from tests.media import face_scene
+    from tests.videos import write
+
+    clip = write(tmp_path / "clip.mp4", list(face_scene(width, height, frames)))
+    response = client.post("/v1/video", content=clip.read_bytes(), headers={"Content-Type": "video/mp4"})
+    assert response.status_code == 200, response.text[:300]
+    records = [json.loads(line) for line in response.text.splitlines()]
+    assert "summary" in records[-1] and records[-1]["summary"]["frames"] == frames, records[-1]
+    assert not [r for r in records if "error" in r]
+    tracked = [o for r in records[:-1] for o in r["objects"] if o["track_id"] is not None]
+    assert tracked and all(o["attributes"]["gender"]["label"] == "female" for o in tracked)
+    assert all(o["box"][2] <= width and o["box"][3] <= height for r in records[:-1] for o in r["objects"])
 
 
 def test_calls_go_by_reference_only_when_they_carry_megabytes() -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
-from serve_app.streams import StreamRegistry, check_url, own_addresses
+from serve_app.stream_sources import check_url, own_addresses
+from serve_app.streams import StreamRegistry
 from tests.conftest import demo_args, deployed, small
 from tests.images import ASTRONAUT
 from tests.videos import two_faces
@@ -132,9 +133,10 @@ def test_an_allowed_source_cannot_redirect_to_an_internal_one(sources_app: str) 
     try:
         with httpx.Client(base_url=sources_app, timeout=60) as client:
             answer = client.post("/v1/streams", json={"source": f"http://127.0.0.2:{allowed.server_address[1]}/v"})
-        assert answer.status_code == 422 and answer.json()["error"]["code"] == "source_unavailable"
-        assert allowed_seen  # FFmpeg asked the allowed host ...
-        assert inside_seen == []  # ... and did not follow its redirect
+        assert answer.status_code == 422 and answer.json()["error"]["code"] == "source_not_allowed"
+        assert "resolves to 127.0.0.1, a loopback address" in answer.json()["error"]["message"]
+        assert allowed_seen  # FFmpeg asked the allowed host, its redirect came back to the guard ...
+        assert inside_seen == []  # ... which refused to reach the internal one
     finally:
         inside.shutdown()
         allowed.shutdown()
@@ -181,7 +183,7 @@ def test_a_source_that_gives_no_frame_fails(sources_app: str) -> None:
             if info["state"] != "running":
                 break
             asyncio.run(asyncio.sleep(0.1))
-        assert info["state"] == "failed" and info["error"] == "the source gave no frame"
+        assert info["state"] == "failed" and info["error"] == "empty.mjpeg gave no frame"
 
 
 class _Session:
@@ -199,7 +201,7 @@ class _Session:
         return {"summary": {"frames": 0}}
 
 
-def test_frames_the_detector_does_not_answer_are_skipped_and_the_stream_goes_on(media: Path) -> None:
+def test_frames_the_detector_does_not_answer_are_counted_as_failed_and_the_stream_goes_on(media: Path) -> None:
     ended: list[str] = []
     config = StreamsConfig(media_dir=media, detector_outage_s=30, keep_ended_s=60)
     registry = StreamRegistry(config, lambda fps: _Session(outage=set(range(5, 15))),
@@ -212,6 +214,6 @@ def test_frames_the_detector_does_not_answer_are_skipped_and_the_stream_goes_on(
         return registry.describe(stream.id)
 
     final = asyncio.run(asyncio.wait_for(play(), 60))
-    assert final["state"] == "ended" and final["skipped_frames"] > 0
-    assert final["frames_processed"] + final["skipped_frames"] + final["dropped_frames"] == final["frames_read"]
+    assert final["state"] == "ended" and final["failed_frames"] > 0
+    assert final["frames_processed"] + final["failed_frames"] + final["dropped_frames"] == final["frames_read"]
     assert ended == [final["id"]] and [s["id"] for s in registry.list()] == [final["id"]]  # retired, kept a while

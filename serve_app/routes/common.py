@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from serve_app.admission import ApiGate
 from serve_app.auth import BearerAuth
 from serve_app.decoding import InputError
 from serve_app.graph import DetectorUnavailable
@@ -39,6 +42,7 @@ class Services:
     """What the routes need from the ingress replica, made once at its start (`Ingress.services`)."""
 
     auth: BearerAuth
+    gate: ApiGate  # the API's request slots, apart from stream listeners
     metrics: IngressMetrics
     classifier_names: tuple[str, ...]
     images: ImageService
@@ -70,12 +74,18 @@ async def bearer(request: Request) -> None:
 
 
 async def counted(request: Request, route: str, work: Awaitable[T]) -> T:
-    """Await `work`, counting the answer's status in pipeline_requests_total{route, status}."""
+    """Await `work` once the API gate admits it, counting the answer's status in
+    pipeline_requests_total{route, status}."""
     status = 500
     try:
-        result = await work
+        async with services(request).gate.admit():
+            result = await work
         status = 200
         return result
+    except asyncio.CancelledError:
+        if inspect.iscoroutine(work):
+            work.close()  # cancelled at the gate: the work never started (closing a finished one does nothing)
+        raise
     except InputError as exc:
         status = exc.status
         raise

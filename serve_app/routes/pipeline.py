@@ -85,7 +85,8 @@ async def pipeline(request: Request) -> PipelineDescription | JSONResponse:
     """The running graph: the detector and each classifier with its filters, backend and device."""
     service = services(request).pipeline
     try:
-        detector, classifiers = await service.describe_all(10.0)
+        async with services(request).gate.admit():
+            detector, classifiers = await service.describe_all(10.0)
     except NotReady as exc:  # a deployment is down or still starting
         return error(503, "pipeline_unavailable", str(exc))
     return service.description(detector, classifiers)
@@ -93,8 +94,12 @@ async def pipeline(request: Request) -> PipelineDescription | JSONResponse:
 
 @router.get("/healthz", response_model=Health, responses=errors(503))
 async def healthz(request: Request) -> JSONResponse:
-    """200 once every deployment answers, 503 naming those that do not (still starting, or failed)."""
+    """200 once every deployment answers and the API admits requests; 503 naming what does not (a deployment
+    still starting or failed, or every API slot busy)."""
     service = services(request).pipeline
+    saturated = await services(request).gate.saturated(5.0)
+    if saturated is not None:
+        return error(503, "saturated", saturated)
     try:
         await service.describe_all(5.0)
     except NotReady as exc:

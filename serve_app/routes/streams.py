@@ -12,6 +12,8 @@ from fastapi.responses import Response, StreamingResponse
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
 
+from serve_app.admission import ApiGate
+from serve_app.clients import awaited
 from serve_app.decoding import InputError
 from serve_app.routes.common import bearer, errors, services
 from serve_app.routes.video import ndjson
@@ -44,8 +46,9 @@ _LOST = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
 class StreamsProxy:
     """The ingress's side of the streams deployment (None as the handle: streams are off)."""
 
-    def __init__(self, handle: Any | None) -> None:
+    def __init__(self, handle: Any | None, gate: ApiGate) -> None:
         self._handle = handle
+        self._gate = gate  # start, list, get and stop are API requests; a listener is not
 
     def _checked(self) -> Any:
         if self._handle is None:
@@ -54,7 +57,9 @@ class StreamsProxy:
 
     async def call(self, method: str, *args: Any) -> Any:
         try:
-            answer = await getattr(self._checked(), method).remote(*args)
+            async with self._gate.admit():
+                # a client that goes away cancels the streams replica's work too (an open is aborted)
+                answer = await awaited(getattr(self._checked(), method).remote(*args))
         except _LOST as exc:
             raise InputError(503, "streams_unavailable",
                              f"the streams deployment is not answering ({type(exc).__name__}); retry shortly") from exc

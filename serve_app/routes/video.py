@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from serve_app.admission import ApiGate
 from serve_app.annotate import draw
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError
@@ -31,8 +32,9 @@ def ndjson(record: dict[str, Any]) -> bytes:
 
 class VideoService:
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
-                 cpu: CpuWork = INLINE) -> None:
+                 cpu: CpuWork = INLINE, gate: ApiGate | None = None) -> None:
         self._cpu = cpu
+        self._gate = gate or ApiGate(1024)
         self._graph = graph
         self._config = config
         self._limits = config.ingress.video
@@ -71,8 +73,9 @@ class VideoService:
         video = await self.open(request)  # 4xx before the stream starts: limits, undecodable input
 
         async def lines() -> AsyncIterator[bytes]:
-            async for record, _ in self.records(video, every):
-                yield ndjson(record)
+            async with self._gate.admit():  # the frames are API work for as long as they stream
+                async for record, _ in self.records(video, every):
+                    yield ndjson(record)
 
         # the response owns the temporary file: closed after it is sent, or when the client left before
         return StreamingResponse(lines(), media_type="application/x-ndjson", background=BackgroundTask(video.close))
