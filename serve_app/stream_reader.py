@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
+import cv2
 import numpy as np
 
 from engines.image import Scale
@@ -56,6 +57,17 @@ class ReadFrame:
     size: tuple[int, int]  # the source frame's (width, height)
     scale: Scale  # pixels of `image` per pixel of the source frame, (x, y)
     read_at: float  # time.time() when it was decoded
+
+
+# a display matrix's rotation (FFmpeg's counter-clockwise degrees, as PyAV's VideoFrame.rotation gives it) -> the
+# turn that shows the frame upright: what OpenCV's capture does for /v1/video (CAP_PROP_ORIENTATION_AUTO)
+_UPRIGHT = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
+
+
+def upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """`image` turned as its stream's display matrix says (a phone video stored on its side)."""
+    turn = _UPRIGHT.get(round(rotation) % 360)
+    return image if turn is None else np.ascontiguousarray(cv2.rotate(image, turn))
 
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -99,6 +111,7 @@ class StreamReader:
         self.error: InputError | None = None
         self.ended = threading.Event()
         self.last_frame_at = time.monotonic()
+        self._fps = 0.0
         self._thread = threading.Thread(target=self._run, name="stream-reader", daemon=True)
         self._thread.start()
 
@@ -137,7 +150,8 @@ class StreamReader:
                                        "(ingress.streams.max_frame_pixels)"))
             return None
         rate = videos[0].average_rate or videos[0].guessed_rate
-        self._on_opened(Opened(float(rate) if rate else 0.0, context.width, context.height, context.name))
+        self._fps = float(rate) if rate else 0.0
+        self._on_opened(Opened(self._fps, context.width, context.height, context.name))
         return container
 
     def _open_failure(self, exc: BaseException, timed_out: bool) -> InputError:
@@ -199,21 +213,26 @@ class StreamReader:
                 self._keep(frame)
 
     def _keep(self, frame: av.VideoFrame) -> None:
-        width, height = frame.width, frame.height
-        if width * height > self._max_pixels:
-            raise InputError(413, "frames_too_large", f"{self._shown} sent a {width}x{height} frame; the limit is "
-                             f"{self._max_pixels} pixels (ingress.streams.max_frame_pixels)")
-        if self.size != (width, height):
+        stored = (frame.width, frame.height)
+        if stored[0] * stored[1] > self._max_pixels:
+            raise InputError(413, "frames_too_large", f"{self._shown} sent a {stored[0]}x{stored[1]} frame; the limit "
+                             f"is {self._max_pixels} pixels (ingress.streams.max_frame_pixels)")
+        target = working_size(*stored, self._max_side)
+        image = upright(frame.to_ndarray(format="bgr24", width=target[0], height=target[1], interpolation="AREA"),
+                        frame.rotation)
+        size, scale = stored, (target[0] / stored[0], target[1] / stored[1])
+        if round(frame.rotation) % 180:  # shown on its side: the displayed frame is the stored one turned
+            size, scale = (stored[1], stored[0]), (scale[1], scale[0])
+        if self.size != size:
             if self.size is not None:
                 self.size_changes += 1
-                logger.info("stream source %s: frames are now %dx%d", self._shown, width, height)
-            self.size = (width, height)
-        target = working_size(width, height, self._max_side)
-        image = frame.to_ndarray(format="bgr24", width=target[0], height=target[1], interpolation="AREA")
-        if self._pace and frame.time is not None:  # a file plays at its own rate, as a camera would send it
-            self._origin = frame.time if self._origin is None else self._origin
-            time.sleep(max(0.0, self._started + frame.time - self._origin - time.perf_counter()))
-        kept = ReadFrame(self.frames, image, (width, height), (target[0] / width, target[1] / height), time.time())
+                logger.info("stream source %s: frames are now %dx%d", self._shown, *size)
+            self.size = size
+        if self._pace:  # a file plays at its own rate, as a camera would send it (raw H.264 has no timestamps)
+            at = frame.time if frame.time is not None else self.frames / (self._fps or 25.0)
+            self._origin = at if self._origin is None else self._origin
+            time.sleep(max(0.0, self._started + at - self._origin - time.perf_counter()))
+        kept = ReadFrame(self.frames, image, size, scale, time.time())
         with self._lock:
             if self._latest is not None:
                 self.dropped += 1  # the pipeline had not taken the previous frame

@@ -395,3 +395,34 @@ def test_a_file_in_the_media_folder_may_not_fetch_urls(client: httpx.Client, med
         (media / "list.m3u8").write_bytes(_playlist(f"http://127.0.0.1:{port}/seg0.ts"))
         answer = client.post("/v1/streams", json={"source": "list.m3u8"})
     assert answer.status_code == 422 and seen == []
+
+
+def test_a_phone_video_stored_on_its_side_streams_as_displayed_like_v1_video(client: httpx.Client,
+                                                                           media: Path) -> None:
+    """An MP4 whose display matrix turns it 90 degrees (as phones record): the stream's frames are turned upright,
+    `image` is the displayed size and the boxes are /v1/video's for the same file (OpenCV's capture, which
+    /v1/video uses, turns it too; PyAV alone would not)."""
+    import struct
+
+    from tests.videos import write
+
+    import cv2
+
+    # displayed upright at 360x640; stored turned a quarter anticlockwise, the display matrix turning it back
+    path = write(media / "stored.mp4", [cv2.rotate(f, cv2.ROTATE_90_COUNTERCLOCKWISE) for f in face_scene(360, 640, 25)])
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd") + 4
+    matrix = at + 4 + (20 if data[at] == 0 else 32) + 16  # version/flags, times and ids, reserved, layer..volume
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)  # 90 degrees
+    (media / "phone.mp4").write_bytes(bytes(data))
+    video = client.post("/v1/video", content=bytes(data), headers={"Content-Type": "video/mp4"})
+    by_file = {r["frame"]: r for r in map(json.loads, video.text.splitlines()) if "objects" in r}
+    stream_id = client.post("/v1/streams", json={"source": "phone.mp4"}).json()["id"]
+    with client.stream("GET", f"/v1/streams/{stream_id}/events") as events:
+        records = [json.loads(line) for line in events.iter_lines()]
+    frames = [r for r in records if "objects" in r and r["objects"]]
+    assert frames and all(r["image"] == {"width": 360, "height": 640} for r in frames)
+    for record in frames:
+        boxes = [o["box"] for o in record["objects"]]
+        expected = [o["box"] for o in by_file[record["frame"]]["objects"]]
+        assert len(boxes) == len(expected) and np.allclose(boxes, expected, atol=2), (boxes, expected)
