@@ -1,6 +1,6 @@
 """By value or by reference: what a Serve handle call costs with a frame in it, in each direction.
 
-    python -m bench.transport                # 512x512, 1080p and 4K BGR frames, 30 calls each
+    python -m bench.transport                # 8 crops, 512x512, 720p, 1080p and 4K BGR frames, 30 calls each
     python -m bench.transport --calls 100 --out docs/results/transport-cpu-2core.json
 
 Ray Serve 2.60 sends a call `by value` (`_by_reference=False`) as cloudpickle over the callee replica's gRPC
@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-SIZES = {"512x512": (512, 512), "1080p": (1920, 1080), "4K": (3840, 2160)}
+SIZES = {"8 crops of 64x64": (64, 512), "512x512": (512, 512), "720p": (1280, 720), "1080p": (1920, 1080),
+         "4K": (3840, 2160)}
 UNCAPPED = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(512 * 1024 * 1024)}
 
 
