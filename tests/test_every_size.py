@@ -183,8 +183,8 @@ def test_a_camera_stream_of_each_resolution_gives_tracked_classified_faces(clien
             # the portrait is a third of the frame's height; the face in it about a fifth of that
             assert 0.04 * height < y2 - y1 < 0.12 * height, face["box"]
             assert face["attributes"]["gender"]["label"] == "female"
-        info = client.get(f"/v1/streams/{stream['id']}").json()
-        assert info["state"] == "running" and info["failed_frames"] == 0 and info["frames_processed"] >= 3
+        info = client.get(f"/v1/streams/{stream['id']}").json()  # (a slow machine may have reached the clip's end)
+        assert info["state"] in ("running", "ended") and info["failed_frames"] == 0 and info["frames_processed"] >= 3
         assert info["image"] == {"width": width, "height": height}
     finally:
         client.delete(f"/v1/streams/{stream['id']}")
