@@ -26,6 +26,7 @@ from deployments.placement_log import warn_if_gpu_unused
 from deployments.results import ClassifierResult, DetectorResult, StageTiming
 from engines import Classifications, Detections, EngineError, Pending, completed
 from engines.base import span
+from engines.batching import concatenate
 from engines.image import ImageRefused, check_size, decode_for_detection, fit_side, inverse
 from engines.yolo import Yolo
 
@@ -62,12 +63,14 @@ class DetectorStage:
         )
         self._probe = np.zeros((48, 48, 3), np.uint8)
         self._budget = PixelBudget(config.max_inflight_pixels)
+        # takes frames already on its device (decoded there: the GPU-resident image path)
+        self.takes_device_frames = bool(getattr(self._model, "takes_device_frames", False))
         logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
 
     def _detect_batch(self, frames: list[np.ndarray]) -> Pending[list[Detections]]:
         return completed(self._model.detect_batch, frames)
 
-    async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
+    async def detect(self, image: Any) -> DetectorResult:
         """`image`: a BGR frame, or the compressed bytes (a few KB instead of a megabyte over the hop), decoded
         here with the same decoder as the ingress's, their size checked from the header first. Frames larger
         than `max_detect_side` are detected scaled down, the boxes mapped back. Bytes that will not decode are
@@ -88,6 +91,11 @@ class DetectorStage:
             if frame is None:
                 return self._refused(start, (400, "undecodable_image", "the detector could not decode the image"))
             size = (width, height)
+        elif not isinstance(image, np.ndarray):  # a frame on the device: scaled there
+            from engines.device_image import fit_side_tensor
+
+            size = (int(image.shape[1]), int(image.shape[0]))
+            frame, scale = fit_side_tensor(image, cfg.max_detect_side)
         else:
             size = (image.shape[1], image.shape[0])
             if size[0] * size[1] > LARGE_PIXELS:
@@ -151,18 +159,22 @@ class ClassifierStage:
             self._predict_chunks, self._executor, self._max_batch, size_of=len, on_batch=on_batch
         )
         self._probe = np.zeros((1, *self._shape), np.uint8)
+        # takes crops cut on its device (a torch tensor), keeping them there where it normalises in its forward
+        self.takes_device_crops = self._model.engine.backend == "torch"
         logger.info("classifier %s ready on %s (execution %s)", config.name, self.device, self._executor.mode)
 
-    def _predict_chunks(self, chunks: list[np.ndarray]) -> Pending[list[Classifications]]:
+    def _predict_chunks(self, chunks: list[Any]) -> Pending[list[Classifications]]:
         """Launch the crops of every call in the batch as one engine batch; the answer splits per call."""
-        batch = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        batch = concatenate(chunks)
         sizes = [len(c) for c in chunks]
         return self._model.launch(batch).then(lambda result: result.split(sizes))
 
-    async def classify(self, crops: np.ndarray) -> ClassifierResult:
+    async def classify(self, crops: Any) -> ClassifierResult:
+        """`crops`: (N, H, W, 3) uint8 BGR, numpy on the host or a torch tensor on the device."""
         start = time.perf_counter()
-        if crops.dtype != np.uint8 or crops.shape[1:] != self._shape:
-            raise ValueError(f"{self.name}: crops must be (N, {self._shape}) uint8, got {crops.shape} {crops.dtype}")
+        if not str(crops.dtype).endswith("uint8") or tuple(crops.shape[1:]) != self._shape:
+            raise ValueError(f"{self.name}: crops must be (N, {self._shape}) uint8, got {tuple(crops.shape)} "
+                             f"{crops.dtype}")
         if len(crops) == 0:
             return ClassifierResult(self._model.predict(crops), StageTiming(0.0, 0.0, 0.0, 0))
         if len(crops) <= self._max_batch:

@@ -10,6 +10,8 @@ concurrency 16 while new shapes were compiled: docs/benchmarks.md.)
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -28,13 +30,29 @@ def buckets(limit: int) -> list[int]:
     return [*sizes, limit]
 
 
-def pad_batch(x: np.ndarray, limit: int) -> np.ndarray:
-    """`x` with zero rows appended up to its bucket size (unchanged when already there)."""
+def pad_batch(x: Any, limit: int) -> Any:
+    """`x` (a numpy array, or a torch tensor on its device) with zero rows appended up to its bucket size
+    (unchanged when already there)."""
     target = bucket(len(x), limit)
     if target == len(x):
         return x
+    if not isinstance(x, np.ndarray):  # a torch tensor: padded where it is
+        import torch
+
+        return torch.cat([x, x.new_zeros((target - len(x), *x.shape[1:]))])
     padding = np.zeros((target - len(x), *x.shape[1:]), dtype=x.dtype)
     return np.concatenate([x, padding])
+
+
+def concatenate(parts: list[Any]) -> Any:
+    """numpy arrays or torch tensors joined along the batch axis (one part: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(parts)
 
 
 def bucket_samples(name: str, sample_shape: tuple[int, ...], dtype: np.dtype, limit: int) -> list[dict[str, np.ndarray]]:

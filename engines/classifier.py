@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,11 @@ class ClassifierModel:
         """Fail at startup when the configured input size or colour format cannot feed the model."""
         self.engine.check_input_shape(self._input.name, (1, self.normalization.channels, height, width))
 
-    def _feed(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+    def _feed(self, crops: Any) -> dict[str, Any]:
+        """The engine's input for uint8 crops: numpy on the host, or a torch tensor on the engine's device (crops
+        cut there, engines/device_crops.py), which stays there when the normalisation is fused."""
+        if not isinstance(crops, np.ndarray) and not self.fused:
+            crops = crops.cpu().numpy()  # normalised on the host
         x = crops if self.fused else to_tensor(crops, self.normalization).astype(self._input.dtype, copy=False)
         return {self._input.name: pad_batch(x, self.max_batch_size) if self.pad_batches else x}
 

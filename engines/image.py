@@ -342,7 +342,7 @@ def inverse(scale: Scale) -> Scale:
     return 1 / scale[0], 1 / scale[1]
 
 
-def _decode_stored(data: bytes, flag: int) -> np.ndarray | None:
+def decode_stored(data: bytes, flag: int) -> np.ndarray | None:
     """The stored pixels (no orientation applied), BGR uint8; None if OpenCV cannot decode them."""
     try:
         frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -356,7 +356,7 @@ def decode_bgr(data: bytes, max_pixels: int | None = None) -> np.ndarray | None:
     converted. None if undecodable. With `max_pixels`, the header is checked first (`check_header`: raises
     ImageRefused), and so is the result."""
     header = check_header(data, max_pixels) if max_pixels is not None else read_header(data)
-    frame = _decode_stored(data, cv2.IMREAD_COLOR)
+    frame = decode_stored(data, cv2.IMREAD_COLOR)
     if frame is None:
         return None
     if max_pixels is not None and frame.shape[0] * frame.shape[1] > max_pixels:
@@ -382,7 +382,7 @@ def decode_for_detection(data: bytes, max_pixels: int, max_side: int) -> tuple[n
             if max(header.size) // k >= max_side:
                 flag, reduced = option, k
                 break
-    stored = _decode_stored(data, flag)
+    stored = decode_stored(data, flag)
     if stored is None:
         return None, UNSCALED
     frame = _displayed(stored, header)

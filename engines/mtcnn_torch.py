@@ -75,6 +75,7 @@ class TorchMtcnn:
 
     class_names = ("face",)
     backend = "torch"
+    takes_device_frames = True  # (H, W, 3) uint8 BGR tensors on its device, as engines/device_image.py decodes them
 
     def __init__(self, pnet: TorchEngine, rnet: TorchEngine, onet: TorchEngine, params: MtcnnParams | None = None,
                  pad_batches: bool = True) -> None:
@@ -149,16 +150,21 @@ class TorchMtcnn:
         host = torch.cat([boxes[keep, :5], landmarks[keep].reshape(-1, 10), frame_of[keep, None].float()], 1).cpu()
         return self._detections(host.numpy(), frames_bgr)
 
-    def _upload(self, frames_bgr: Sequence[np.ndarray]) -> list[tuple[list[int], Any]]:
-        """Frames grouped by size, each group one (B, 3, H, W) float32 RGB tensor on the device (one copy)."""
+    def _upload(self, frames_bgr: Sequence[Any]) -> list[tuple[list[int], Any]]:
+        """Frames grouped by size, each group one (B, 3, H, W) float32 RGB tensor on the device (one copy; a frame
+        already on the device, decoded there, is not copied)."""
         torch = self._torch
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, frame in enumerate(frames_bgr):
-            by_size.setdefault(frame.shape[:2], []).append(i)
+            by_size.setdefault(tuple(int(d) for d in frame.shape[:2]), []).append(i)
         groups = []
         for indices in by_size.values():
-            stacked = np.stack([frames_bgr[i] for i in indices]) if len(indices) > 1 else frames_bgr[indices[0]][None]
-            pixels = torch.from_numpy(np.ascontiguousarray(stacked)).to(self.device, non_blocking=True)
+            frames = [frames_bgr[i] for i in indices]
+            if isinstance(frames[0], np.ndarray):
+                stacked = np.stack(frames) if len(frames) > 1 else frames[0][None]
+                pixels = torch.from_numpy(np.ascontiguousarray(stacked)).to(self.device, non_blocking=True)
+            else:
+                pixels = (torch.stack(frames) if len(frames) > 1 else frames[0][None]).to(self.device)
             groups.append((indices, pixels.flip(3).permute(0, 3, 1, 2).float().contiguous()))
         return groups
 

@@ -47,18 +47,31 @@ class CropSpec:
         return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
 
 
-def crop_resize(frame: np.ndarray, xyxy: np.ndarray, spec: CropSpec) -> np.ndarray:
-    """(N, H, W, C) uint8 crops of `frame` at the network's size; out-of-image parts are black.
+@dataclass(frozen=True)
+class CropPlan:
+    """Where each object's crop comes from and goes to, in whole pixels (the one geometry the host and the device
+    crops share): the part of its crop box inside the frame (`source`, x1 y1 x2 y2), the output pixels it covers
+    (`target`, on the spec's width x height canvas; the rest is black), and which boxes have no part inside the
+    frame (`empty`: all black)."""
 
-    Each crop box maps onto the output (stretched, or scaled to fit and centred: `keep_aspect`); only the part
-    of the box inside the frame is resized, straight to the output pixels it covers, and placed on a black
-    canvas. So a crop costs memory for its output size whatever the box and the padding (resizing the padded
-    full-resolution region first would cost (1 + 2 x padding)^2 times the box's pixels)."""
-    boxes = spec.boxes(xyxy)
-    channels = frame.shape[2] if frame.ndim == 3 else 1
-    out = np.zeros((len(boxes), spec.height, spec.width, channels), dtype=np.uint8)
-    fh, fw = frame.shape[:2]
-    for i, (x1, y1, x2, y2) in enumerate(np.round(boxes).astype(np.int64)):
+    source: np.ndarray  # (N, 4) int64
+    target: np.ndarray  # (N, 4) int64
+    empty: np.ndarray  # (N,) bool
+
+    @property
+    def shrinks(self) -> np.ndarray:
+        """Boxes resized down (their source taller than their target): OpenCV's INTER_AREA, else INTER_LINEAR."""
+        return (self.source[:, 3] - self.source[:, 1]) > (self.target[:, 3] - self.target[:, 1])
+
+
+def crop_plan(xyxy: np.ndarray, spec: CropSpec, frame_height: int, frame_width: int) -> CropPlan:
+    """Each crop box (stretched onto the output, or scaled to fit and centred: `keep_aspect`), cut to the frame:
+    only the part inside the frame is resized, straight to the output pixels it covers."""
+    boxes = np.round(spec.boxes(xyxy)).astype(np.int64)
+    source = np.zeros((len(boxes), 4), np.int64)
+    target = np.zeros((len(boxes), 4), np.int64)
+    empty = np.zeros(len(boxes), bool)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
         x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
         w, h = x2 - x1, y2 - y1
         if spec.keep_aspect:
@@ -66,18 +79,55 @@ def crop_resize(frame: np.ndarray, xyxy: np.ndarray, spec: CropSpec) -> np.ndarr
             left, top = (spec.width - max(1, round(w * sx))) // 2, (spec.height - max(1, round(h * sy))) // 2
         else:
             sx, sy, left, top = spec.width / w, spec.height / h, 0, 0
-        vx1, vy1, vx2, vy2 = max(x1, 0), max(y1, 0), min(x2, fw), min(y2, fh)  # the part inside the frame
+        vx1, vy1, vx2, vy2 = max(x1, 0), max(y1, 0), min(x2, frame_width), min(y2, frame_height)
         if vx2 <= vx1 or vy2 <= vy1:
+            empty[i] = True
             continue
         ox1, ox2 = left + round((vx1 - x1) * sx), left + round((vx2 - x1) * sx)
         oy1, oy2 = top + round((vy1 - y1) * sy), top + round((vy2 - y1) * sy)
         ox1, oy1 = min(max(ox1, 0), spec.width - 1), min(max(oy1, 0), spec.height - 1)
         ox2, oy2 = min(max(ox2, ox1 + 1), spec.width), min(max(oy2, oy1 + 1), spec.height)
+        source[i], target[i] = (vx1, vy1, vx2, vy2), (ox1, oy1, ox2, oy2)
+    return CropPlan(source, target, empty)
+
+
+def crop_resize(frame: np.ndarray, xyxy: np.ndarray, spec: CropSpec) -> np.ndarray:
+    """(N, H, W, C) uint8 crops of `frame` at the network's size; out-of-image parts are black (`crop_plan`).
+
+    A crop costs memory for its output size whatever the box and the padding (resizing the padded
+    full-resolution region first would cost (1 + 2 x padding)^2 times the box's pixels). The device's twin,
+    engines/device_crops.py, cuts the same plan on a GPU."""
+    fh, fw = frame.shape[:2]
+    plan = crop_plan(xyxy, spec, fh, fw)
+    channels = frame.shape[2] if frame.ndim == 3 else 1
+    out = np.zeros((len(plan.empty), spec.height, spec.width, channels), dtype=np.uint8)
+    for i in np.flatnonzero(~plan.empty).tolist():
+        vx1, vy1, vx2, vy2 = plan.source[i].tolist()
+        ox1, oy1, ox2, oy2 = plan.target[i].tolist()
         region = frame[vy1:vy2, vx1:vx2]
-        shrink = region.shape[0] > oy2 - oy1
-        resized = cv2.resize(region, (ox2 - ox1, oy2 - oy1), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        resized = cv2.resize(region, (ox2 - ox1, oy2 - oy1),
+                             interpolation=cv2.INTER_AREA if plan.shrinks[i] else cv2.INTER_LINEAR)
         out[i, oy1:oy2, ox1:ox2] = resized.reshape(oy2 - oy1, ox2 - ox1, channels)
     return out
+
+
+def cut_crops(frame: Any, xyxy: np.ndarray, spec: CropSpec) -> Any:
+    """`crop_resize` where the frame is: on the host for a numpy frame, on its device for a torch tensor
+    (engines/device_crops.py), the same crops either way."""
+    if isinstance(frame, np.ndarray):
+        return crop_resize(frame, xyxy, spec)
+    from engines.device_crops import crop_resize_device
+
+    return crop_resize_device(frame, xyxy, spec)
+
+
+def take_rows(batch: Any, rows: np.ndarray) -> Any:
+    """Rows of a numpy array or a torch tensor, by host indices."""
+    if isinstance(batch, np.ndarray):
+        return batch[rows]
+    import torch
+
+    return batch[torch.as_tensor(rows, device=batch.device)]
 
 
 @dataclass(frozen=True)

@@ -296,8 +296,10 @@ class TorchEngine(Engine):
             )
         return [o.float() if o.is_floating_point() else o for o in out]
 
-    def _arrays(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.ascontiguousarray(feeds[spec.name]) for spec in self._inputs]
+    def _arrays(self, feeds: Mapping[str, Any]) -> list[Any]:
+        """The inputs in declared order: numpy arrays (host), or torch tensors already on the engine's device."""
+        return [np.ascontiguousarray(feeds[spec.name]) if isinstance(feeds[spec.name], np.ndarray)
+                else feeds[spec.name].contiguous() for spec in self._inputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.launch(feeds).wait()
@@ -320,11 +322,17 @@ class TorchEngine(Engine):
             if not graph.host_inputs:
                 graph.host_inputs = [torch.empty_like(t, device="cpu").pin_memory() for t in graph.inputs]
                 graph.host_outputs = [torch.empty_like(t, device="cpu").pin_memory() for t in graph.outputs]
-            for host, array in zip(graph.host_inputs, arrays):
-                np.copyto(host.numpy(), array)
+            on_device = not isinstance(arrays[0], np.ndarray)
+            if on_device:  # made on the caller's stream: the replay waits for it, and it lives until the copy ran
+                self._stream.wait_stream(torch.cuda.current_stream())
+                for array in arrays:
+                    array.record_stream(self._stream)
+            else:
+                for host, array in zip(graph.host_inputs, arrays):
+                    np.copyto(host.numpy(), array)
             with torch.cuda.stream(self._stream):
-                for device_input, host in zip(graph.inputs, graph.host_inputs):
-                    device_input.copy_(host, non_blocking=True)
+                for device_input, host, array in zip(graph.inputs, graph.host_inputs, arrays):
+                    device_input.copy_(array if on_device else host, non_blocking=True)
                 begin = torch.cuda.Event(enable_timing=True)
                 begin.record(self._stream)
                 graph.graph.replay()
@@ -340,10 +348,13 @@ class TorchEngine(Engine):
         if self._in_flight is run:
             self._in_flight = None
 
-    def _run_eager(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_eager(self, arrays: list[Any]) -> dict[str, np.ndarray]:
         torch = self._torch
+        if arrays and not isinstance(arrays[0], np.ndarray) and self.device == "cuda":
+            self._stream.wait_stream(torch.cuda.current_stream())  # tensors made on the caller's stream
         with self._context():
-            tensors = [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]
+            tensors = [torch.from_numpy(a).to(self.device, non_blocking=True) if isinstance(a, np.ndarray)
+                       else a.to(self.device) for a in arrays]
             out = self._forward(tensors)
             # .cpu() waits for this stream's work only, then copies
             return {spec.name: o.cpu().numpy() for spec, o in zip(self._outputs, out)}

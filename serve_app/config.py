@@ -166,6 +166,13 @@ class IngressConfig(StrictModel):
         description="what goes to a remote detector: the compressed bytes as received (decoded there, while the "
         "ingress decodes its own copy for the crops) or the decoded frame (a 512x512 photo is 786 KB raw)",
     )
+    frames_on_device: Literal["auto"] | bool = Field(
+        "auto",
+        description="layout ingress: decode each image into the detector's device memory (nvJPEG for JPEGs on "
+        "CUDA), detect, crop and classify it there; only metadata comes back. auto: where the detector (torch "
+        "MTCNN) and every classifier run through the torch backend on one CUDA device; true: also on the CPU "
+        "device (the same code, for tests); false: frames stay on the host",
+    )
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")

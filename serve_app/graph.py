@@ -24,7 +24,7 @@ import numpy as np
 from deployments.results import StageTiming
 from engines import Classifications, Detections
 from engines.image import Scale, inverse
-from engines.preprocess import CropSpec, crop_resize
+from engines.preprocess import CropSpec, cut_crops, take_rows
 from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
 from serve_app.decoding import InputError
@@ -175,7 +175,7 @@ class InferenceGraph:
         out = GraphResult(detections, frame)
         by_name = {r.name: r for r in self._routes}
         wanted = [(by_name[name], indices) for name, indices in rows.items() if len(indices)]
-        crops = await self._cpu.run(lambda: [crop_resize(frame, detections.xyxy[i], r.crop) for r, i in wanted])
+        crops = await self._cpu.run(cut_each_spec_once, frame, detections.xyxy, wanted)
         await asyncio.gather(*(self._classify(route, c, out, i) for (route, i), c in zip(wanted, crops)))
         return out
 
@@ -264,7 +264,7 @@ class InferenceGraph:
         if isinstance(selected, StageError):
             out.errors[route.name] = selected
         elif len(selected):
-            crops = await self._cpu.run(crop_resize, frame, out.detections.xyxy[selected], route.crop)
+            crops = await self._cpu.run(cut_crops, frame, out.detections.xyxy[selected], route.crop)
             await self._classify(route, crops, out, selected)
 
     async def _classify_all(self, frame: np.ndarray, out: GraphResult, mode: str,
@@ -273,13 +273,14 @@ class InferenceGraph:
         roots = [r for r in routes if not r.parents]
         start = time.perf_counter()
 
-        def cut() -> list[tuple[ClassifierRoute, np.ndarray, np.ndarray]]:
-            calls = []
+        def cut() -> list[tuple[ClassifierRoute, Any, np.ndarray]]:
+            wanted = []
             for route in roots:  # the independent classifiers: cropped now, all sent at once
                 indices = out.detections.select(route.labels, route.min_width, route.min_height)
                 if len(indices):
-                    calls.append((route, crop_resize(frame, out.detections.xyxy[indices], route.crop), indices))
-            return calls
+                    wanted.append((route, indices))
+            crops = cut_each_spec_once(frame, out.detections.xyxy, wanted)
+            return [(route, c, indices) for (route, indices), c in zip(wanted, crops)]
 
         calls = await self._cpu.run(cut)
         out.crop_ms = _ms(start)
@@ -307,6 +308,23 @@ class InferenceGraph:
         out.errors = {n: out.errors[n] for n in order if n in out.errors}
         out.timings_ms = {k: out.timings_ms[k] for k in ("detector", *order) if k in out.timings_ms}
         return out
+
+
+def cut_each_spec_once(frame: Any, xyxy: np.ndarray,
+                       wanted: list[tuple[ClassifierRoute, np.ndarray]]) -> list[Any]:
+    """The crops of each (route, object indices), each crop geometry cut once: classifiers that take the same
+    crop (size, square, padding, letterbox: age and emotion here) share one cut of the union of their objects,
+    on the host or on the frame's device (`cut_crops`); each gets its own rows of it."""
+    union: dict[CropSpec, np.ndarray] = {}
+    for route, indices in wanted:
+        union[route.crop] = np.union1d(union.get(route.crop, np.zeros(0, np.int64)), indices).astype(np.int64)
+    cut = {spec: cut_crops(frame, xyxy[indices], spec) for spec, indices in union.items()}
+    out = []
+    for route, indices in wanted:
+        everyone = union[route.crop]
+        same = len(indices) == len(everyone) and bool(np.all(indices == everyone))
+        out.append(cut[route.crop] if same else take_rows(cut[route.crop], np.searchsorted(everyone, indices)))
+    return out
 
 
 def _labels_by_object(out: GraphResult, name: str) -> dict[int, str | None]:

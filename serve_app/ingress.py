@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -27,7 +27,30 @@ from serve_app.routes.video import VideoService
 from serve_app.telemetry import IngressMetrics
 from serve_app.wiring import in_process, remote
 
+if TYPE_CHECKING:
+    from engines.device_image import DeviceDecoder
+
 logger = logging.getLogger("ray.serve")
+
+
+def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | None:
+    """The decoder that puts images on the detector's device, where every stage held here can take them there
+    (`ingress.frames_on_device`); None: frames stay on the host."""
+    wanted = config.ingress.frames_on_device
+    detector, classifiers = wiring.detector, list(wiring.classifiers.values())
+    if wanted is False or not isinstance(detector, DetectorStage):
+        return None
+    able = detector.takes_device_frames and all(
+        isinstance(c, ClassifierStage) and c.takes_device_crops and c.device == detector.device for c in classifiers)
+    if not able or (wanted == "auto" and not str(detector.device).startswith("cuda")):
+        if wanted is True:
+            logger.warning("ingress.frames_on_device: the detector or a classifier cannot take frames on %s; frames "
+                           "stay on the host", detector.device)
+        return None
+    from engines.device_image import DeviceDecoder
+
+    logger.info("images are decoded, detected, cropped and classified on %s", detector.device)
+    return DeviceDecoder(str(detector.device))
 
 
 @serve.deployment(name="ingress")
@@ -55,20 +78,23 @@ class Ingress:
         describers = dict(self._wiring.describers)
         if streams is not None:
             describers["streams"] = streams.describe.remote
-        # Compressed bytes to a remote detector; a detector held here takes the decoded frame.
+        # Compressed bytes to a remote detector; a detector held here takes the decoded frame, on its device
+        # when every stage here can keep it there.
         send_encoded = config.ingress.detector_input == "encoded" and not held_here
+        decoder = frames_on_device(config, self._wiring) if held_here else None
         gate = ApiGate(config.ingress.deployment.max_ongoing_requests)
         self.services = Services(
             auth=BearerAuth(config.ingress.auth_token_env),
             gate=gate,
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
-            images=ImageService(graph, config, metrics, send_encoded, self._cpu),
+            images=ImageService(graph, config, metrics, send_encoded, self._cpu, decoder),
             video=VideoService(graph, config, metrics, self._cpu, gate),
             streams=StreamsProxy(streams, gate),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
             pipeline=PipelineService(config, describers, self._wiring.health,
-                                     1 + (0 if held_here else len(self._wiring.describers)) + (streams is not None)),
+                                     1 + (0 if held_here else len(self._wiring.describers)) + (streams is not None),
+                                     decoder.device if decoder else "host"),
         )
         freeze_startup_heap()
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":

@@ -98,6 +98,8 @@ class PipelineDescription(BaseModel):
     classifiers: list[dict[str, Any]]
     edges: list[Edge] = Field(default_factory=list, description="classifier chains (operate_on_classifiers)")
     limits: dict[str, int]
+    frames: str = Field("host", description="where an image is decoded, cropped and classified: `host`, or the "
+                        "device that holds it from decode to answer (ingress.frames_on_device)")
 
 
 class BatchResponse(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -35,12 +36,15 @@ from serve_app.schema import (
 )
 from serve_app.telemetry import IngressMetrics
 
+if TYPE_CHECKING:
+    from engines.device_image import DeviceDecoder
+
 router = APIRouter(dependencies=[Depends(bearer)])
 
 
 @dataclass(frozen=True)
 class Inference:
-    frame: np.ndarray
+    frame: Any  # BGR (H, W, 3) uint8: numpy, or a torch tensor on the device that decoded it
     result: GraphResult
     mode: Mode
     start: float  # perf_counter at the request's arrival in the ingress
@@ -82,8 +86,11 @@ class ImageService:
     """Images through the graph: read, check, decode, run, answer (and count)."""
 
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
-                 send_encoded: bool, cpu: CpuWork = INLINE) -> None:
+                 send_encoded: bool, cpu: CpuWork = INLINE, decoder: DeviceDecoder | None = None) -> None:
+        """`decoder`: decode into the detector's device memory (layout ingress on a GPU: the frame never returns
+        to the host)."""
         self._cpu = cpu
+        self._decoder = decoder
         self._budget = PixelBudget(config.ingress.max_inflight_pixels)
         self._graph = graph
         self._config = config
@@ -130,6 +137,12 @@ class ImageService:
         elif self._send_encoded:
             result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only, pixels)
             decode_ms = result.decode_ms
+        elif self._decoder is not None:
+            frame = self._decoder.decode(data)
+            if frame is None:
+                raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
+            decode_ms = (time.perf_counter() - read_at) * 1e3
+            result = await self._graph.run(frame, chosen, only)
         else:
             frame = await self._cpu.run_large(pixels, decode_checked, data, limit)
             decode_ms = (time.perf_counter() - read_at) * 1e3
@@ -197,7 +210,8 @@ class ImageService:
 
     async def annotate_jpeg(self, request: Request, mode: Mode | None, classifiers: str | None) -> Response:
         run = await self.infer(request, mode, classifiers)
-        jpeg = await self._cpu.run(annotate, run.frame, merge(run.result.detections, run.result.outputs))
+        frame = run.frame if isinstance(run.frame, np.ndarray) else run.frame.cpu().numpy()  # the one copy back
+        jpeg = await self._cpu.run(annotate, frame, merge(run.result.detections, run.result.outputs))
         return Response(content=jpeg, media_type="image/jpeg")
 
 

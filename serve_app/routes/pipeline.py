@@ -34,8 +34,10 @@ class NotReady(Exception):
 
 class PipelineService:
     def __init__(self, config: PipelineConfig, describers: Mapping[str, Callable[[], Awaitable[Any]]],
-                 health: list[Callable[[], Awaitable[None]]], deployments: int) -> None:
+                 health: list[Callable[[], Awaitable[None]]], deployments: int, frames: str = "host") -> None:
+        """`frames`: where images are decoded and cut (`host`, or the device of the GPU-resident path)."""
         self._config = config
+        self._frames = frames
         self.layout = config.layout
         self._describers = dict(describers)  # the model deployments (or, in layout ingress, stages), then streams
         self._health = health  # engines held in the ingress replica
@@ -76,6 +78,7 @@ class PipelineService:
             edges=[Edge(parent=p, child=c, labels=labels) for p, c, labels in self._config.edges()],
             limits={"max_body_bytes": limits.max_body_bytes, "max_image_pixels": limits.max_image_pixels,
                     "max_batch_images": limits.max_batch_images},
+            frames=self._frames,
         )
 
 

@@ -1,0 +1,86 @@
+"""The GPU-resident image path's pieces, on whatever device torch has here (the CPU in CI, CUDA on the GPU
+machine): crops cut on the device equal the host's, images decoded for the device equal the host's decode, and
+the detector's working-size scaling on the device equals OpenCV's."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engines.device_crops import crop_resize_device  # noqa: E402
+from engines.device_image import DeviceDecoder, fit_side_tensor, orient_tensor  # noqa: E402
+from engines.image import decode_bgr, fit_side, orient  # noqa: E402
+from engines.preprocess import CropSpec, crop_resize  # noqa: E402
+from tests.images import collage, phone_photo  # noqa: E402
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+SPECS = [CropSpec(64, 64), CropSpec(32, 32), CropSpec(224, 224, square=False), CropSpec(64, 48, keep_aspect=True,
+         square=False), CropSpec(64, 64, padding=0.3)]
+
+
+def _boxes(frame: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Boxes of every kind: tiny (crops that grow), large (that shrink), one axis each way, half outside the frame,
+    wholly outside it."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-60, 60, (count, 2)) + rng.uniform(0, 1, (count, 2)) * frame.shape[1::-1]
+    sides = rng.uniform(2, 420, (count, 2))
+    boxes = np.concatenate([centres - sides / 2, centres + sides / 2], 1).astype(np.float32)
+    boxes[0] = [-300, -300, -200, -200]  # nothing of it inside the frame
+    return boxes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.width}x{s.height}{'sq' if s.square else ''}"
+                         f"{'-letterbox' if s.keep_aspect else ''}{'-pad' if s.padding else ''}")
+def test_device_crops_are_the_hosts(device: str, spec: CropSpec) -> None:
+    """Every pixel within one level of OpenCV's (its fixed-point arithmetic against float here)."""
+    frame = collage()
+    boxes = _boxes(frame, 80, seed=spec.width + spec.height)
+    host = crop_resize(frame, boxes, spec).astype(int)
+    cut = crop_resize_device(torch.from_numpy(frame).to(device), boxes, spec)
+    assert cut.device.type == device and cut.dtype == torch.uint8
+    assert np.abs(cut.cpu().numpy().astype(int) - host).max() <= 1
+    assert not cut[0].any()  # the box outside the frame is black
+
+
+def test_device_crops_of_no_objects_are_empty() -> None:
+    cut = crop_resize_device(torch.from_numpy(collage()), np.zeros((0, 4), np.float32), CropSpec(64, 64))
+    assert tuple(cut.shape) == (0, 64, 64, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_working_side_scaled_on_the_device_is_opencvs(device: str) -> None:
+    frame = cv2.resize(collage(), (3072, 1024), interpolation=cv2.INTER_LINEAR)
+    host, host_scale = fit_side(frame, 1280)
+    scaled, scale = fit_side_tensor(torch.from_numpy(frame).to(device), 1280)
+    assert scale == host_scale and tuple(scaled.shape) == host.shape
+    assert np.abs(scaled.cpu().numpy().astype(int) - host.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_on_the_device_is_the_hosts(device: str, orientation: int) -> None:
+    frame = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    turned = orient_tensor(torch.from_numpy(frame).to(device), orientation)
+    assert np.array_equal(turned.cpu().numpy(), orient(frame, orientation))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_images_decoded_for_the_device_are_the_hosts_decode(device: str) -> None:
+    """PNG, WebP and TIFF through OpenCV and one upload, JPEG through nvJPEG on CUDA (another decoder: within a
+    few levels), each turned as its orientation says; undecodable bytes give None."""
+    decoder = DeviceDecoder(device)
+    image = collage()
+    images = [phone_photo(image, 6), phone_photo(image, 3, "PNG"), phone_photo(image, 8, "WEBP"),
+              cv2.imencode(".tiff", image)[1].tobytes(), b"\xff\xd8\xff\xe0 not a jpeg at all"]
+    frames = decoder.decode_many(images)
+    assert frames[-1] is None
+    for data, frame in zip(images[:-1], frames[:-1]):
+        host = decode_bgr(data)
+        assert frame.device.type == device and tuple(frame.shape) == host.shape
+        jpeg_on_gpu = data[:2] == b"\xff\xd8" and decoder.decodes_jpeg_on_device
+        difference = np.abs(frame.cpu().numpy().astype(int) - host.astype(int))
+        assert difference.mean() < (1.0 if jpeg_on_gpu else 1e-9) and difference.max() <= (24 if jpeg_on_gpu else 0)

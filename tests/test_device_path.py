@@ -1,0 +1,86 @@
+"""The GPU-resident image path through the HTTP API: layout `ingress` with the torch backend, images decoded into
+the detector's device memory, detected, cropped and classified there (`ingress.frames_on_device`), against the
+same service keeping frames on the host. Here the device is the CPU (the same code as on CUDA, where the GPU run
+repeats it: bench/gpu_run.sh); the answers must be the host path's: the same faces, boxes within a pixel, the
+same labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import demo_args, deployed, small
+from tests.images import ASTRONAUT, collage, encode, many_faces, phone_photo
+
+pytest.importorskip("onnx2torch")
+
+
+def _torch_everywhere(frames_on_device: bool) -> dict[str, Any]:
+    args = small(demo_args())
+    args["layout"] = "ingress"
+    args["ingress"]["frames_on_device"] = frames_on_device
+    args["ingress"]["streams"] = {"enabled": False}
+    args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
+    args["detector"]["mtcnn"]["implementation"] = "torch"
+    for classifier in args["classifiers"]:
+        classifier["engine"] = {"backend": "torch", "device": "cpu"}
+    return args
+
+
+@pytest.fixture(scope="module")
+def apps(serve_url: str) -> Iterator[tuple[str, str]]:
+    with deployed(serve_url, "ondevice", _torch_everywhere(True)) as device, \
+            deployed(serve_url, "onhost", _torch_everywhere(False)) as host:
+        yield device, host
+
+
+def _infer(base: str, body: bytes, content_type: str) -> dict[str, Any]:
+    with httpx.Client(base_url=base, timeout=120) as client:
+        answer = client.post("/v1/infer", content=body, headers={"Content-Type": content_type})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_the_pipeline_says_where_frames_are(apps: tuple[str, str]) -> None:
+    device, host = apps
+    assert httpx.get(f"{device}/v1/pipeline", timeout=60).json()["frames"] == "cpu"
+    assert httpx.get(f"{host}/v1/pipeline", timeout=60).json()["frames"] == "host"
+
+
+@pytest.mark.parametrize("name", ["astronaut", "collage", "eight-faces", "phone-jpeg-6", "phone-png-8"])
+def test_frames_on_the_device_give_the_host_paths_answer(apps: tuple[str, str], name: str) -> None:
+    image = {"astronaut": ASTRONAUT.read_bytes(), "collage": encode(collage(), ".jpg"),
+             "eight-faces": encode(many_faces(), ".jpg"), "phone-jpeg-6": phone_photo(collage(), 6),
+             "phone-png-8": phone_photo(collage(), 8, "PNG")}[name]
+    kind = "image/png" if name in ("astronaut", "phone-png-8") else "image/jpeg"
+    device, host = (_infer(base, image, kind) for base in apps)
+    assert device["image"] == host["image"] and device["errors"] == host["errors"] == {}
+    assert len(device["objects"]) == len(host["objects"]) >= 1
+    for ours, theirs in zip(device["objects"], host["objects"]):
+        assert np.allclose(ours["box"], theirs["box"], atol=1.0), (ours["box"], theirs["box"])
+        for attribute in ("gender", "emotion"):
+            assert ours["attributes"][attribute]["label"] == theirs["attributes"][attribute]["label"]
+        assert abs(ours["attributes"]["age"]["value"] - theirs["attributes"]["age"]["value"]) < 1.0
+
+
+def test_annotate_copies_the_frame_back_once_and_draws_it(apps: tuple[str, str]) -> None:
+    import cv2
+
+    with httpx.Client(base_url=apps[0], timeout=120) as client:
+        drawn = client.post("/v1/annotate", content=encode(collage(), ".jpg"), headers={"Content-Type": "image/jpeg"})
+    assert drawn.status_code == 200 and drawn.headers["content-type"] == "image/jpeg"
+    image = cv2.imdecode(np.frombuffer(drawn.content, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == collage().shape
+
+
+def test_undecodable_bytes_with_a_good_header_are_a_400(apps: tuple[str, str]) -> None:
+    header_only = encode(collage(), ".png")[:200]
+    with httpx.Client(base_url=apps[0], timeout=60) as client:
+        answer = client.post("/v1/infer", content=header_only, headers={"Content-Type": "image/png"})
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "undecodable_image"
+        assert client.post("/v1/infer", content=ASTRONAUT.read_bytes(),
+                           headers={"Content-Type": "image/png"}).status_code == 200
