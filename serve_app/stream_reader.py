@@ -21,14 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import av
 import cv2
 import numpy as np
 
 from engines.image import Scale
 from serve_app.decoding import InputError
 from serve_app.stream_sources import redact
+
+if TYPE_CHECKING:
+    import av
 
 logger = logging.getLogger("ray.serve")
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
@@ -130,6 +133,8 @@ class StreamReader:
     def _open(self) -> av.container.InputContainer | None:
         began = time.monotonic()
         try:
+            import av  # a dependency of the package; imported here so that the service starts without it
+
             container = av.open(self._url, options=self._options, timeout=(self._open_timeout, self._read_timeout))
         except Exception as exc:  # noqa: BLE001 - every failure becomes the client's answer
             timed_out = time.monotonic() - began >= 0.95 * self._open_timeout
@@ -155,6 +160,8 @@ class StreamReader:
         return container
 
     def _open_failure(self, exc: BaseException, timed_out: bool) -> InputError:
+        import av
+
         """What to tell the client. PyAV's open timeout interrupts FFmpeg, which then reports whatever the
         interrupted step says (an RTSP open says "invalid data"): the time taken tells a timeout apart."""
         if timed_out or isinstance(exc, av.error.ExitError):
@@ -168,6 +175,12 @@ class StreamReader:
         return InputError(422, "source_unavailable", f"cannot open {self._shown}: {why}")
 
     def _run(self) -> None:
+        try:
+            import av
+        except ImportError as exc:  # the GPU machine's trimmed environment, say
+            self._on_opened(InputError(503, "streams_unavailable", f"live streams need PyAV (pip install av): {exc}"))
+            self.ended.set()
+            return
         container = self._open()
         if container is None:
             self.ended.set()
@@ -190,6 +203,8 @@ class StreamReader:
             _trim_memory()
 
     def _read(self, container: av.container.InputContainer) -> None:
+        import av
+
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = 2
@@ -212,7 +227,7 @@ class StreamReader:
             for frame in decoded:
                 self._keep(frame)
 
-    def _keep(self, frame: av.VideoFrame) -> None:
+    def _keep(self, frame: Any) -> None:  # av.VideoFrame
         stored = (frame.width, frame.height)
         if stored[0] * stored[1] > self._max_pixels:
             raise InputError(413, "frames_too_large", f"{self._shown} sent a {stored[0]}x{stored[1]} frame; the limit "
