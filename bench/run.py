@@ -58,9 +58,15 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "separate+haproxy+no-log": (HAPROXY, {"layout": "separate", "access_log": False}),
     "separate+haproxy+cpu-threads": (HAPROXY, {"layout": "separate", "cpu_work": "threads"}),
     "ingress+haproxy+cpu-threads": (HAPROXY, {"layout": "ingress", "cpu_work": "threads"}),
+    # the GPU-resident image path (issue 24): `ingress` keeps frames on the device where it can (auto); these force
+    "ingress+haproxy+host-frames": (HAPROXY, {"layout": "ingress", "frames_on_device": False}),
+    "ingress+haproxy+device-frames": (HAPROXY, {"layout": "ingress", "frames_on_device": True}),
+    "ingress+haproxy+x2": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2}),
+    "ingress+haproxy+x4": (HAPROXY, {"layout": "ingress", "ingress_replicas": 4}),
 }
 DEFAULT_VARIANTS = ["separate", "separate+haproxy", "colocated+haproxy", "ingress+haproxy"]
 LEVELS = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))
+SATURATION = ((64, "parallel"), (128, "parallel"))  # --saturate: where the card, not the clients, is the limit
 SEVERAL_GPU_LEVELS = (*LEVELS, (32, "parallel"))  # two cards need more clients to fill
 SAMPLED_LEVELS = (16, 32)  # the GPU utilisation is sampled during these concurrencies
 IMAGES = ("one", "many")
@@ -187,11 +193,14 @@ def slowest_spans(traces: list[dict[str, float]], share: float = SLOWEST_SHARE) 
 
 
 async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
-                       trace: bool = True, sample_gpus: bool = False) -> dict[str, Any]:
+                       trace: bool = True, sample_gpus: bool = False, all_levels: bool = False) -> dict[str, Any]:
+    """Each level's latency, throughput, errors and server CPU per request; the GPU's busy fraction at c16 and c32,
+    or at every level (`all_levels`)."""
     import httpx
 
     out: dict[str, Any] = {}
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    most = max(32, *(c for c, _ in levels))
+    limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         for _ in range(5):  # warm every replica and batch path
             (await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})).raise_for_status()
@@ -215,8 +224,9 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                     spans["client_ms"] = client_ms
                     sink.append(spans)
 
-            count = n if concurrency == 1 else n * 2
-            sampler = UtilisationSampler().start() if sample_gpus and concurrency in SAMPLED_LEVELS else None
+            count = n if concurrency == 1 else max(n * 2, concurrency * 8)
+            sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
+                else None
             cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
             lat, wall = await closed_loop(call, concurrency, count, time_limit)
             cpu_ms = ((busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)) * 1e3 / max(len(lat), 1)
@@ -308,6 +318,7 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
     _, overrides = VARIANTS[opts.variant]
     overrides = {**overrides, "replicas": opts.gpu_count}
     levels = SEVERAL_GPU_LEVELS if max(opts.gpus) > 1 else LEVELS
+    levels = (*levels, *SATURATION) if opts.saturate else levels
     on_gpu = opts.device != "cpu"
     results: dict[str, Any] = {"variant": opts.variant, "gpu_count": opts.gpu_count, "workloads": {}}
     ray.init(num_cpus=opts.ray_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
@@ -332,7 +343,7 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
                               "one_set_per_card": one_set_per_card(cards, gpu_deployments(args)) if cards else None}
                 for image, body in bodies.items():
                     http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit, levels=levels,
-                                                    sample_gpus=on_gpu))
+                                                    sample_gpus=on_gpu, all_levels=opts.saturate))
                     results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s,
                                                                               **placed}}
             except Exception as exc:  # one broken workload must not cost the others' numbers
@@ -463,8 +474,9 @@ def _http_rows(label: str, table: dict[str, Any]) -> list[str]:
         if not key.startswith("c"):
             continue
         c, mode = key.split("_", 1)
+        busy = "/".join(str(u.get("mean_pct")) for u in s.get("gpu_utilisation", {}).values()) or "-"
         rows.append(f"| {label} | {mode} | {c[1:]} | {s['p50_ms']} | {s['p95_ms']} | {s['rps']} | "
-                    f"{s['server_cpu_ms_per_request']} | {s['errors']} |")
+                    f"{s['server_cpu_ms_per_request']} | {busy} | {s['errors']} |")
     return rows
 
 
@@ -492,8 +504,8 @@ def report(result: dict[str, Any]) -> str:
                          f"{round(together / max(classifiers), 2) if together and classifiers else ''}x); batched "
                          f"throughput (req/s): " + ", ".join(f"{k} {v}" for k, v in ip["batched_throughput_rps"].items())
                          + f"; start-up {ip.get('startup_s')} s")
-        lines += ["", "| server | mode | concurrency | p50 ms | p95 ms | req/s | server CPU ms/req | errors |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| server | mode | concurrency | p50 ms | p95 ms | req/s | server CPU ms/req | GPU busy % | errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         if anchor:
             lines += _http_rows("anchor: FastAPI, one process", anchor)
         for variant, http in w.get("variants", {}).items():
@@ -557,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", nargs="+", type=int, default=[1],
                         help="run each variant on this many cards (every deployment's replicas times N, one set of "
                         "models per card), e.g. `--gpus 1 2` for one and two side by side")
+    parser.add_argument("--saturate", action="store_true",
+                        help="also c64 and c128, and the GPU's busy fraction at every level (issue 24)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--tag", default="", help="suffix for the JSON file name")
     parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip the FastAPI anchor")

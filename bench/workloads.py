@@ -40,14 +40,24 @@ def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
 
 def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout: str = "separate",
          access_log: bool = True, execution: str = "auto", detector_input: str = "encoded",
-         max_batch_size: int | None = None, cpu_work: str = "auto", replicas: int = 1) -> dict[str, Any]:
+         max_batch_size: int | None = None, cpu_work: str = "auto", replicas: int = 1,
+         frames_on_device: bool | str = "auto", ingress_replicas: int = 1) -> dict[str, Any]:
     """Apply one benchmark variant's settings to every deployment. `replicas` multiplies every deployment's
     replicas but the streams one: with the shipped fractions (a quarter of a card each, one set of models a card)
-    `replicas: 2` is one set of models per card on two GPUs."""
-    if replicas < 1:
-        raise ValueError(f"replicas must be >= 1, not {replicas}")
+    `replicas: 2` is one set of models per card on two GPUs. `ingress_replicas` (layout ingress): that many
+    ingress replicas share one card, each model's fraction divided among them."""
+    if replicas < 1 or ingress_replicas < 1:
+        raise ValueError(f"replicas must be >= 1, not {replicas} / {ingress_replicas}")
     args = copy.deepcopy(args)
     args["layout"] = layout
+    args["ingress"]["frames_on_device"] = frames_on_device
+    if frames_on_device is True and backend == "torch":  # the torch cascade takes device frames (auto: on CUDA)
+        args["detector"].setdefault("mtcnn", {})["implementation"] = "torch"
+    if layout == "ingress" and ingress_replicas > 1:
+        args["ingress"].setdefault("deployment", {})["num_replicas"] = ingress_replicas
+        for stage in (args["detector"], *args["classifiers"]):
+            deployment = stage.setdefault("deployment", {})
+            deployment["num_gpus"] = deployment.get("num_gpus", 0.25) / ingress_replicas
     for section in (args["ingress"], args["detector"], *args["classifiers"]):
         deployment = section.setdefault("deployment", {})
         deployment["num_replicas"] = deployment.get("num_replicas", 1) * replicas

@@ -1,0 +1,132 @@
+"""The GPU-bound ceiling: what the card's own kernel time allows per image, for the whole pipeline, in one process.
+
+    python -m bench.ceiling --device cuda --fp16 --batch 16 --out bench/out/gpu/ceiling.json
+
+For each image (one face, eight faces), batches of `--batch` copies go through the GPU-resident path in one
+process, as the service's `ingress` layout does it but with nothing else around: nvJPEG decode of the batch,
+the torch MTCNN on the device frames, every classifier's crops cut on the device (one cut per crop geometry,
+all frames' objects together) and classified in one batch each. torch.profiler sums the CUDA kernel time of the
+whole pass; divided by the images, it is the kernel time per image, and 1000 / it the images per second the card
+allows (the issue's ceiling). The wall time of the same batched pass, per image, is printed beside it (what one
+process reaches, host work included), and the detector's own kernel time. On a machine without CUDA it runs
+on the CPU (wall time only) so that it can be checked there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.run import images, key_of, workload_args
+
+
+def _pass(decoder: Any, detector: Any, classifiers: dict[str, Any], routes: list[Any], bodies: list[bytes],
+          max_side: int) -> int:
+    """One batch through decode, detect, crop and classify; the objects found."""
+    from engines.device_image import fit_side_tensor
+    from engines.preprocess import cut_crops
+    from engines.batching import concatenate
+
+    frames = decoder.decode_many(bodies)
+    fitted = [fit_side_tensor(f, max_side) for f in frames]
+    found = detector.detect_batch([f for f, _ in fitted])
+    found = [d.scaled((1 / s[0], 1 / s[1])) for d, (_, s) in zip(found, fitted)]
+    objects = sum(len(d) for d in found)
+    runs = []
+    for route in routes:  # crops of every frame's objects, one batch per classifier
+        parts = [cut_crops(frame, d.xyxy[d.select(route.labels, route.min_width, route.min_height)], route.crop)
+                 for frame, d in zip(frames, found)]
+        parts = [p for p in parts if len(p)]
+        if parts:
+            runs.append(classifiers[route.name].launch(concatenate(parts)))
+    for run in runs:
+        run.wait()
+    return objects
+
+
+def measure(device: str, fp16: bool, batch: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from deployments.models import build_classifier, build_detector
+    from engines.device_image import DeviceDecoder
+    from serve_app.config import PipelineConfig
+    from serve_app.graph import ClassifierRoute
+
+    args = workload_args("face", device, "torch", fp16, 224)
+    args["detector"]["mtcnn"]["implementation"] = "torch"  # the GPU-resident cascade (auto picks it on CUDA)
+    config = PipelineConfig.model_validate(args)
+    detector = build_detector(config.detector, device)
+    classifiers = {c.name: build_classifier(c, device) for c in config.classifiers}
+    routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
+    decoder = DeviceDecoder(device)
+    max_side = config.detector.max_detect_side
+    cuda = device == "cuda"
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch,
+                           "fp16": fp16, "nvjpeg": decoder.decodes_jpeg_on_device, "images": {}}
+    for image, body in images().items():
+        bodies = [body] * batch
+        for _ in range(3):  # warm-up: capture graphs, choose kernels
+            objects = _pass(decoder, detector, classifiers, routes, bodies, max_side)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            _pass(decoder, detector, classifiers, routes, bodies, max_side)
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / (repeats * batch)
+        row: dict[str, Any] = {"objects_per_image": objects / batch, "wall_ms_per_image": round(wall_ms, 3),
+                               "wall_images_per_s": round(1e3 / wall_ms, 1)}
+        if cuda:
+            row |= _kernel_times(lambda: _pass(decoder, detector, classifiers, routes, bodies, max_side),
+                                 lambda: detector.detect_batch(decoder.decode_many(bodies)), repeats, batch)
+        out["images"][key_of("face", image)] = row
+    return out
+
+
+def _kernel_times(whole: Any, detect_only: Any, repeats: int, batch: int) -> dict[str, Any]:
+    """CUDA kernel time per image (ms) of the whole pass and of decode + detect alone, from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernel_ms(work: Any) -> float:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                work()
+            torch.cuda.synchronize()
+        total_us = sum(e.self_device_time_total for e in prof.key_averages())
+        return total_us / 1e3 / (repeats * batch)
+
+    whole_ms, detect_ms = kernel_ms(whole), kernel_ms(detect_only)
+    return {"kernel_ms_per_image": round(whole_ms, 3), "decode_detect_kernel_ms_per_image": round(detect_ms, 3),
+            "ceiling_images_per_s": round(1e3 / whole_ms, 1) if whole_ms else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    opts = parser.parse_args()
+    result = measure(opts.device, opts.fp16, opts.batch, opts.repeats)
+    print(f"device: {result['device']}, batches of {opts.batch}, fp16 {opts.fp16}, nvJPEG {result['nvjpeg']}")
+    print("| image | objects | kernel ms/image (decode+detect) | ceiling images/s | one process: wall ms/image, images/s |")
+    print("|---|---|---|---|---|")
+    for name, row in result["images"].items():
+        print(f"| {name} | {row['objects_per_image']:.0f} | {row.get('kernel_ms_per_image', '-')} "
+              f"({row.get('decode_detect_kernel_ms_per_image', '-')}) | {row.get('ceiling_images_per_s', '-')} | "
+              f"{row['wall_ms_per_image']}, {row['wall_images_per_s']} |")
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
