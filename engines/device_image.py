@@ -11,6 +11,7 @@ same arithmetic as OpenCV's. Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,12 @@ def orient_tensor(frame: Any, orientation: int) -> Any:
     return frame
 
 
+@functools.lru_cache(maxsize=16)
+def _weights(height: int, width: int, out_height: int, out_width: int, device: str) -> tuple[Any, Any]:
+    """The INTER_AREA resize matrices of one frame size, made once (a camera or a photo size repeats)."""
+    return image_resize_weights(height, width, out_height, out_width, device)
+
+
 def fit_side_tensor(frame: Any, max_side: int) -> tuple[Any, Scale]:
     """engines/image.py's `fit_side` on the device: the (H, W, 3) uint8 frame scaled down (OpenCV's INTER_AREA)
     so that its longer side is at most `max_side`, and the scale on each axis."""
@@ -48,7 +55,7 @@ def fit_side_tensor(frame: Any, max_side: int) -> tuple[Any, Scale]:
         return frame, UNSCALED
     factor = max_side / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    weights = image_resize_weights(height, width, size[1], size[0], frame.device)
+    weights = _weights(height, width, size[1], size[0], str(frame.device))
     planes = frame.permute(2, 0, 1).float()[None]  # (1, 3, H, W)
     scaled = resize_image(planes, weights)[0].permute(1, 2, 0)
     return scaled.round().clamp(0, 255).to(torch.uint8).contiguous(), (size[0] / width, size[1] / height)

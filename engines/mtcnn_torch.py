@@ -118,6 +118,8 @@ class TorchMtcnn:
         if not frames_bgr:
             return []
         torch = self._torch
+        if self._stream is not None and not isinstance(frames_bgr[0], np.ndarray):
+            self._stream.wait_stream(torch.cuda.current_stream())  # frames decoded or scaled on the caller's stream
         context = torch.cuda.stream(self._stream) if self._stream is not None else _null()
         with torch.inference_mode(), context:
             return self._detect(frames_bgr)
