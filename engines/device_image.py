@@ -56,9 +56,10 @@ def fit_side_tensor(frame: Any, max_side: int) -> tuple[Any, Scale]:
     factor = max_side / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     weights = _weights(height, width, size[1], size[0], str(frame.device))
-    planes = frame.permute(2, 0, 1).float()[None]  # (1, 3, H, W)
-    scaled = resize_image(planes, weights)[0].permute(1, 2, 0)
-    return scaled.round().clamp(0, 255).to(torch.uint8).contiguous(), (size[0] / width, size[1] / height)
+    with torch.inference_mode():
+        planes = frame.permute(2, 0, 1).float()[None]  # (1, 3, H, W)
+        scaled = resize_image(planes, weights)[0].permute(1, 2, 0)
+        return scaled.round().clamp(0, 255).to(torch.uint8).contiguous(), (size[0] / width, size[1] / height)
 
 
 class DeviceDecoder:
