@@ -180,7 +180,8 @@ def test_example_configs_validate() -> None:
 
     assert main([str(ROOT / "examples/autoscaling.yaml"), "--resources", "classifier_node=4"]) == 0
     assert main([str(ROOT / "examples/autoscaling.yaml")]) == 1  # nothing offers classifier_node
-    assert main([str(ROOT / "examples/faces_gpu.yaml"), "--gpus", "1"]) == 0
+    # two ingress replicas, each holding every model: 3.25 CPUs of replicas, for a GPU box's cores
+    assert main([str(ROOT / "examples/faces_gpu.yaml"), "--gpus", "1", "--cpus", "16"]) == 0
     assert main([str(ROOT / "examples/faces_gpu.yaml")]) == 1  # device cuda, and no GPU: refused up front
     two = str(ROOT / "examples/faces_2gpu.yaml")
     assert main([two, "--gpus", "2", "--cpus", "16"]) == 0
