@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import re
 import ssl
@@ -52,8 +53,14 @@ class EgressLoop:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="stream-egress", daemon=True)
         self._thread.start()
+        self._closed = False
 
     def submit(self, work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self._closed:  # the replica is stopping: nothing more runs here
+            work.close()
+            done: concurrent.futures.Future[T] = concurrent.futures.Future()
+            done.cancel()
+            return done
         return asyncio.run_coroutine_threadsafe(work, self._loop)
 
     async def run(self, work: Coroutine[Any, Any, T]) -> T:
@@ -61,8 +68,23 @@ class EgressLoop:
         return await asyncio.wrap_future(self.submit(work))
 
     def close(self) -> None:
+        """Cancel what still runs here (relays, guard closes), then stop and close the loop."""
+        if self._closed:
+            return
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(timeout=5)
+        self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 class Guard:

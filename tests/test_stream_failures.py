@@ -201,8 +201,14 @@ def test_a_camera_over_the_frame_pixel_limit_is_refused_at_the_start(
     url, _ = camera
     registry = StreamRegistry(_config(media, allowed_hosts=["127.0.0.1"], max_frame_pixels=640 * 360),
                               lambda fps: Session(_ok))
+    async def start() -> None:
+        try:
+            await registry.start(url)
+        finally:
+            await registry.close()
+
     with pytest.raises(InputError) as refused:
-        asyncio.run(registry.start(url))
+        asyncio.run(start())
     assert refused.value.status == 413 and refused.value.code == "frames_too_large"
     assert "854x480" in refused.value.message and registry.opening == 0
 
