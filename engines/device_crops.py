@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from engines.preprocess import CropSpec, crop_plan
-
-_AREA_EPSILON = 1e-3  # OpenCV's resizeArea ignores partial pixel overlaps up to this (engines/torch_boxes.py)
+from engines.torch_boxes import AREA_EPSILON
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,8 @@ def _axis(lo: np.ndarray, hi: np.ndarray, first: np.ndarray, count: np.ndarray, 
     start = d * scale
     end = start + scale
     up, down = np.ceil(start), np.floor(end)
-    start = np.where(up - start <= _AREA_EPSILON, up, start) + lo[:, None]
-    end = np.where(end - down <= _AREA_EPSILON, down, end) + lo[:, None]
+    start = np.where(up - start <= AREA_EPSILON, up, start) + lo[:, None]
+    end = np.where(end - down <= AREA_EPSILON, down, end) + lo[:, None]
     edges = np.concatenate([start, end], 1)  # (N, 2 * size)
     base = np.floor(edges)
     frac = edges - base

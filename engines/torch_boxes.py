@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 _MAX_MATRIX_BOXES = 2048  # beyond this the K x K overlap matrices get large (32 MB each): NMS runs on the host
-_AREA_EPSILON = 1e-3  # OpenCV's resizeArea ignores partial pixel overlaps up to this
+AREA_EPSILON = 1e-3  # OpenCV's resizeArea ignores partial pixel overlaps up to this
 
 
 def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: str = "iou") -> Any:
@@ -104,7 +104,7 @@ def resize_weights(lo: Any, hi: Any, size: int, window: int, area: bool) -> Any:
     if area:  # the share of output pixel d's span [d*scale, (d+1)*scale) that source pixel p covers
         start = d * scale
         covered = (torch.minimum(start + scale, p + 1) - torch.maximum(start, p)).clamp(min=0)
-        covered = covered * (covered > _AREA_EPSILON)
+        covered = covered * (covered > AREA_EPSILON)
         return (covered / torch.minimum(scale, length - start)).float()
     tap0, tap1, fx = _linear_taps(d, scale, inv_scale, length)
     return ((1 - fx) * (p == tap0) + fx * (p == tap1)).float()
@@ -172,8 +172,8 @@ def crop_resize(images: Any, frame_of: Any, boxes: Any, size: int, table: Any | 
     start = d * scale[..., None]  # (N, 2, size), relative to lo
     end = start + scale[..., None]
     up, down = torch.ceil(start), torch.floor(end)
-    start = torch.where(up - start <= _AREA_EPSILON, up, start) + lo[..., None]
-    end = torch.where(end - down <= _AREA_EPSILON, down, end) + lo[..., None]
+    start = torch.where(up - start <= AREA_EPSILON, up, start) + lo[..., None]
+    end = torch.where(end - down <= AREA_EPSILON, down, end) + lo[..., None]
     corners = torch.cat([start, end], 2)  # (N, 2, 2 * size): the rectangles' top/left, then bottom/right edges
     last = torch.tensor([height - 1, width - 1], device=images.device)[None, :, None]  # (1, 2, 1): y, x
     base = torch.floor(corners).clamp(max=last)
