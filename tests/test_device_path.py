@@ -1,8 +1,8 @@
 """The GPU-resident image path through the HTTP API: layout `ingress` with the torch backend, images decoded into
 the detector's device memory, detected, cropped and classified there (`ingress.frames_on_device`), against the
-same service keeping frames on the host. Here the device is the CPU (the same code as on CUDA, where the GPU run
-repeats it: bench/gpu_run.sh); the answers must be the host path's: the same faces, boxes within a pixel, the
-same labels."""
+shipped service, which keeps frames on the host (ONNX Runtime, the numpy cascade). Here the device is the CPU (the
+same code as on CUDA); the answers must be the host path's: the same faces, boxes within a pixel, the same
+labels."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from tests.images import ASTRONAUT, collage, encode, many_faces, phone_photo
 pytest.importorskip("onnx2torch")
 
 
-def _torch_everywhere(frames_on_device: bool) -> dict[str, Any]:
+def _on_the_device() -> dict[str, Any]:
+    """The demo on the torch backend (the CPU device), layout ingress, frames kept on the device."""
     args = small(demo_args())
     args["layout"] = "ingress"
-    args["ingress"]["frames_on_device"] = frames_on_device
+    args["ingress"]["frames_on_device"] = True
     args["ingress"]["streams"] = {"enabled": False}
     args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
     args["detector"]["mtcnn"]["implementation"] = "torch"
@@ -32,10 +33,10 @@ def _torch_everywhere(frames_on_device: bool) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def apps(serve_url: str) -> Iterator[tuple[str, str]]:
-    with deployed(serve_url, "ondevice", _torch_everywhere(True)) as device, \
-            deployed(serve_url, "onhost", _torch_everywhere(False)) as host:
-        yield device, host
+def apps(serve_url: str, demo_app: str) -> Iterator[tuple[str, str]]:
+    """The device path, and the shipped service (frames on the host) as the reference."""
+    with deployed(serve_url, "ondevice", _on_the_device()) as device:
+        yield device, demo_app
 
 
 def _infer(base: str, body: bytes, content_type: str) -> dict[str, Any]:
