@@ -29,10 +29,6 @@ class ApiGate:
             self._slots = asyncio.Semaphore(self.capacity)
         return self._slots
 
-    @property
-    def busy(self) -> int:
-        return self.capacity - (self._slots._value if self._slots is not None else self.capacity)
-
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         slots = self._semaphore()

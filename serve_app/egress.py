@@ -25,7 +25,6 @@ import logging
 import re
 import ssl
 import threading
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -97,8 +96,6 @@ class Guard:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.refusals: list[InputError] = []  # appended on the egress loop, read anywhere
-        self.connections = 0
-        self.last_data_at = time.monotonic()  # the source's last bytes
 
     @property
     def port(self) -> int:
@@ -148,14 +145,11 @@ class Guard:
                 failure = exc
                 continue
             self._writers.add(writer)
-            self.connections += 1
             return reader, writer
         raise ConnectionError(f"cannot connect to {host}:{port}: {failure or 'no address'}")
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool) -> None:
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         while chunk := await source.read(65536):
-            if upstream:
-                self.last_data_at = time.monotonic()
             sink.write(chunk)
             await sink.drain()
 
@@ -203,7 +197,7 @@ class RtspGuard(Guard):
             self.refuse(InputError(422, "source_unavailable", f"{source.shown}: {exc}"))
             return
         try:
-            await self._until_one_ends(self._pipe(reader, up_writer, upstream=False), self._answers(up_reader, writer))
+            await self._until_one_ends(self._pipe(reader, up_writer), self._answers(up_reader, writer))
         finally:
             up_writer.close()
             self._writers.discard(up_writer)
@@ -213,7 +207,6 @@ class RtspGuard(Guard):
         whole (head, and body by its Content-Length) and passed on, unless it is a redirect."""
         while True:
             first = await source.readexactly(1)
-            self.last_data_at = time.monotonic()
             if first == b"$":
                 frame = await source.readexactly(3)
                 data = await source.readexactly(int.from_bytes(frame[1:3], "big"))
@@ -269,8 +262,8 @@ class HttpGuard(Guard):
                               .encode("latin-1"))
         up_reader, up_writer = upstream
         try:
-            await self._until_one_ends(self._pipe(reader, up_writer, upstream=False),
-                                       self._pipe(up_reader, writer, upstream=True))
+            await self._until_one_ends(self._pipe(reader, up_writer),
+                                       self._pipe(up_reader, writer))
         finally:
             up_writer.close()
             self._writers.discard(up_writer)

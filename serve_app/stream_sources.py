@@ -158,15 +158,3 @@ class AddressPolicy:
                                  "public addresses unless ingress.streams.allowed_hosts lists the host or its network")
         return addresses
 
-
-def check_url(url: str, allowed_hosts: list[str], resolve: Callable[..., list[Any]] = socket.getaddrinfo) -> None:
-    """Refuse (422) a URL whose host resolves to any internal address, unless the host or a network holding that
-    address is in `allowed_hosts`. Blocking (name resolution): call it off the event loop."""
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise InputError(422, "invalid_source", f"source {shown(url)} names no host")
-    try:
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower(), 0)
-    except ValueError:
-        raise InputError(422, "invalid_source", f"source {shown(url)} has a bad port") from None
-    AddressPolicy(allowed_hosts, resolve).addresses(parts.hostname, port, f"source {shown(url)}")

@@ -20,11 +20,19 @@ import pytest
 
 from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
-from serve_app.stream_sources import check_url, own_addresses
+from serve_app.stream_sources import AddressPolicy, own_addresses
 from serve_app.streams import StreamRegistry
 from tests.conftest import demo_args, deployed, small
 from tests.images import ASTRONAUT
 from tests.videos import two_faces
+
+
+def check_url(url: str, allowed_hosts: list[str], resolve: Any) -> None:
+    """The policy's answer for a URL's host, as parse_source and the egress guard ask it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    AddressPolicy(allowed_hosts, resolve).addresses(parts.hostname, parts.port or 554, f"source {url}")
 
 
 def _resolver(*addresses: str):  # noqa: ANN202 - socket.getaddrinfo's documented result shape

@@ -138,7 +138,8 @@ class ImageService:
             result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only, pixels)
             decode_ms = result.decode_ms
         elif self._decoder is not None:
-            frame = self._decoder.decode(data)
+            # a format nvJPEG does not take is decoded by OpenCV: a large one off the loop, as on the host path
+            frame = await self._cpu.run_large(pixels, self._decoder.decode, data)
             if frame is None:
                 raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
             decode_ms = (time.perf_counter() - read_at) * 1e3
