@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 
+from engines.tracking import Tracker
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError
 from serve_app.graph import InferenceGraph
@@ -42,6 +43,9 @@ class Streams:
         self._metrics = StreamMetrics()
         self._registry = StreamRegistry(config.ingress.streams, self._new_session, config.detector.max_detect_side,
                                         self._on_frame, self._on_end)
+        # The tracker's library is imported now: imported at a stream's first frame it held this replica's event
+        # loop for 1-7 s (a loaded 2-core box), so the 201 came after most of a short clip had gone unwatched.
+        Tracker()
 
     def _graph_now(self) -> InferenceGraph:
         if self._graph is None:  # layout ingress: the models are in the ingress replicas

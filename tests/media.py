@@ -32,12 +32,12 @@ def require_gstreamer() -> None:
         pytest.skip(message)
 
 
-def face_scene(width: int, height: int, frames: int) -> Iterator[np.ndarray]:
+def face_scene(width: int, height: int, frames: int, travel: float = 1.0) -> Iterator[np.ndarray]:
     """A grey canvas of `width` x `height` with the astronaut's face, a third of the height tall, moving from the
-    left to the right over `frames` frames."""
+    left to the right over `frames` frames: across the whole width, or `travel` of it."""
     side = height // 3
     face = cv2.resize(read(ASTRONAUT), (side, side), interpolation=cv2.INTER_AREA)
-    span = max(width - side - 20, 1)
+    span = max(int((width - side - 20) * travel), 1)
     for i in range(frames):
         canvas = np.full((height, width, 3), 90, np.uint8)
         x = 10 + span * i // max(frames - 1, 1)
