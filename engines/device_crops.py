@@ -7,13 +7,15 @@ on the host: INTER_AREA where the box shrinks (an area average where both axes s
 at the corners of each output pixel's source rectangle; OpenCV's two-tap "linear area" weights where one axis
 grows), INTER_LINEAR where it grows (two taps per axis, pixel centres aligned). The host works out, in numpy,
 which source pixels and weights every output pixel takes (a few KB: objects x output size x 2); the device only
-gathers and sums, a fixed handful of kernels whatever the objects, and nothing waits for it. Pixels are within
-one level of OpenCV's (its arithmetic is partly fixed point; tests/test_device_crops.py). Nothing here imports
-torch at module level.
+gathers and sums, a fixed handful of kernels whatever the objects, and nothing waits for it. The crops of many
+frames (a batch of requests, or of streams) are cut together, from the frames laid end to end, with the host's
+arrays sent in one copy. Pixels are within one level of OpenCV's (its arithmetic is partly fixed point;
+tests/test_device_crops.py). Nothing here imports torch at module level.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,70 +85,170 @@ def _axis(lo: np.ndarray, hi: np.ndarray, first: np.ndarray, count: np.ndarray, 
     return _Axis(taps, weights, corners, corner_weights, inside, scale[:, 0])
 
 
-def _gather(source: Any, rows: Any, row_weights: Any, cols: Any, col_weights: Any) -> Any:
-    """sum over a, b of row_weights[n, r, a] * col_weights[n, c, b] * source[rows[n, r, a], cols[n, c, b]], for an
-    (H, W, C) source: (N, R, K, C), one gather and two contractions for every crop."""
-    pixels = source[rows[:, :, :, None, None], cols[:, None, None, :, :]]  # (N, R, A, K, B, C)
-    pixels = pixels.to(row_weights.dtype)
+def _gather(flat: Any, rows: Any, row_weights: Any, cols: Any, col_weights: Any, channels: int) -> Any:
+    """sum over a, b of row_weights[n, r, a] * col_weights[n, c, b] * flat[rows[n, r, a] + cols[n, c, b] + ch]: (N,
+    R, K, C), one gather and two contractions for every crop of every frame. `flat` is every frame's pixels end to
+    end (H, W, C row-major each); `rows` are element offsets of source rows (the frame's own offset included),
+    `cols` of source columns."""
+    import torch
+
+    channel = torch.arange(channels, device=flat.device)
+    index = rows[:, :, :, None, None, None] + cols[:, None, None, :, :, None] + channel  # (N, R, A, K, B, C)
+    pixels = flat[index].to(row_weights.dtype)
     across = (pixels * col_weights[:, None, None, :, :, None]).sum(4)  # (N, R, A, K, C)
     return (across * row_weights[:, :, :, None, None]).sum(2)  # (N, R, K, C)
 
 
-def _upload(arrays: list[np.ndarray], device: Any) -> list[Any]:
-    """Host arrays to the device without waiting: through page-locked memory where the device is a GPU."""
+class _Upload:
+    """Host arrays gathered into one buffer and sent to the device in one copy (through page-locked memory on a
+    GPU, without waiting): a frame's crops needed nine small copies, each its own page-locked allocation."""
+
+    _ALIGN = 8
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+
+    def add(self, array: np.ndarray) -> int:
+        self._parts.append(np.ascontiguousarray(array))
+        return len(self._parts) - 1
+
+    def send(self, device: Any) -> list[Any]:
+        import torch
+
+        offsets, size = [], 0
+        for part in self._parts:
+            offsets.append(size)
+            size += -(-part.nbytes // self._ALIGN) * self._ALIGN
+        packed = np.zeros(max(size, self._ALIGN), np.uint8)
+        for part, offset in zip(self._parts, offsets):
+            packed[offset : offset + part.nbytes] = part.reshape(-1).view(np.uint8)
+        host = torch.from_numpy(packed)
+        on_device = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        out = []
+        for part, offset in zip(self._parts, offsets):
+            out.append(on_device[offset : offset + part.nbytes].view(_torch_dtype(part.dtype)).reshape(part.shape))
+        return out
+
+
+def _torch_dtype(dtype: np.dtype) -> Any:
     import torch
 
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-    if device.type != "cuda":
-        return tensors
-    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32,
+            np.dtype(np.float64): torch.float64, np.dtype(np.bool_): torch.bool}[dtype]
 
 
 def crop_resize_device(frame: Any, xyxy: np.ndarray, spec: CropSpec) -> Any:
     """(N, spec.height, spec.width, C) uint8 crops of `frame` ((H, W, C) uint8, on its device), as
     engines/preprocess.py's `crop_resize` cuts them on the host."""
+    return crop_resize_device_many([frame], [xyxy], spec)
+
+
+def crop_resize_device_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray], spec: CropSpec) -> Any:
+    """The crops of every frame's boxes, frame after frame, in one pass: (sum of N, spec.height, spec.width, C)
+    uint8 on the frames' device (all frames on one device, any sizes). The same pixels as `crop_resize_device`
+    frame by frame, in a fixed number of launches and one host-to-device copy whatever the frames."""
     import torch
 
+    if len(frames) != len(xyxys):
+        raise ValueError(f"{len(frames)} frames but {len(xyxys)} box arrays")
     with torch.inference_mode():
-        return _cut(frame, xyxy, spec)
+        return _cut(frames, [np.asarray(b, np.float32).reshape(-1, 4) for b in xyxys], spec)
 
 
-def _cut(frame: Any, xyxy: np.ndarray, spec: CropSpec) -> Any:
+def _cut(frames: Sequence[Any], xyxys: list[np.ndarray], spec: CropSpec) -> Any:
     import torch
 
-    height, width, channels = (int(d) for d in frame.shape)
-    plan = crop_plan(np.asarray(xyxy, np.float32).reshape(-1, 4), spec, height, width)
-    n = len(plan.empty)
-    if n == 0 or plan.empty.all():
-        return torch.zeros((n, spec.height, spec.width, channels), dtype=torch.uint8, device=frame.device)
-    source, target, shrinks = plan.source, plan.target, plan.shrinks  # INTER_AREA: by height, as the host decides
+    if not frames:
+        raise ValueError("no frames to cut crops from")
+    device, channels = frames[0].device, int(frames[0].shape[2])
+    shapes = [tuple(int(d) for d in f.shape) for f in frames]
+    if any(f.device != device for f in frames) or any(s[2] != channels for s in shapes):
+        raise ValueError("frames to cut crops from together must share one device and channel count")
+    plans = [crop_plan(xyxy, spec, h, w) for xyxy, (h, w, _) in zip(xyxys, shapes)]
+    empty = np.concatenate([p.empty for p in plans])
+    n = len(empty)
+    if n == 0 or empty.all():
+        return torch.zeros((n, spec.height, spec.width, channels), dtype=torch.uint8, device=device)
+    frame_of = np.repeat(np.arange(len(frames)), [len(p.empty) for p in plans])
+    used = np.unique(frame_of[~empty]).tolist()  # frames with something to cut: the only ones gathered from
+    source = np.concatenate([p.source for p in plans])
+    target = np.concatenate([p.target for p in plans])
+    shrinks = np.concatenate([p.shrinks for p in plans])  # INTER_AREA: by height, as the host decides
     y = _axis(source[:, 1], source[:, 3], target[:, 1], target[:, 3] - target[:, 1], spec.height, shrinks)
     x = _axis(source[:, 0], source[:, 2], target[:, 0], target[:, 2] - target[:, 0], spec.width, shrinks)
-    area = shrinks & (y.scale >= 1) & (x.scale >= 1)  # OpenCV's area path: no axis grows
-    inside = y.inside[:, :, None] & x.inside[:, None, :] & ~plan.empty[:, None, None]
-    rows, row_w, cols, col_w, inside_d = _upload([y.taps, y.weights, x.taps, x.weights, inside], frame.device)
-    pixels = _gather(frame, rows, row_w, cols, col_w)  # (N, h, w, C) float32
-    if area.any():
-        pixels = torch.where(torch.from_numpy(area).to(frame.device)[:, None, None, None],
-                             _area(frame, plan.source[area], y, x, area, spec), pixels)
+    area = shrinks & (y.scale >= 1) & (x.scale >= 1) & ~empty  # OpenCV's area path: no axis grows
+    inside = y.inside[:, :, None] & x.inside[:, None, :] & ~empty[:, None, None]
+
+    # every frame used, end to end: element offsets of each frame and of each of its rows
+    sizes = np.array([shapes[i][0] * shapes[i][1] * channels for i in used], np.int64)
+    start = np.zeros(len(frames), np.int64)
+    start[used] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    row_stride = np.array([s[1] * channels for s in shapes], np.int64)[frame_of]
+    upload = _Upload()
+    slots = [upload.add(y.taps * row_stride[:, None, None] + start[frame_of][:, None, None]), upload.add(y.weights),
+             upload.add(x.taps * channels), upload.add(x.weights), upload.add(inside)]
+    area_slots = _area_plan(upload, len(frames), frame_of, source, area, y, x, channels) if area.any() else None
+    sent = upload.send(device)
+    rows, row_w, cols, col_w, inside_d = (sent[i] for i in slots)
+    flat = frames[used[0]].reshape(-1) if len(used) == 1 else torch.cat([frames[i].reshape(-1) for i in used])
+    pixels = _gather(flat, rows, row_w, cols, col_w, channels)  # (N, h, w, C) float32
+    if area_slots is not None:
+        pixels = torch.where(sent[area_slots.mask][:, None, None, None],
+                             _area(frames, area_slots, sent, spec, channels), pixels)
     return torch.where(inside_d[..., None], pixels.round().clamp(0, 255), 0.0).to(torch.uint8)
 
 
-def _area(frame: Any, sources: np.ndarray, y: _Axis, x: _Axis, area: np.ndarray, spec: CropSpec) -> Any:
-    """Area averages for every crop (rows of boxes not on the area path are ignored by the caller): from the
-    integral image of the part of the frame the area boxes read (exact in int64 for any frame), at the corners
-    of each output pixel's source span."""
+@dataclass(frozen=True)
+class _AreaSlots:
+    """Where the area path's arrays are in the upload, and the part of each frame its integral image covers."""
+
+    parts: list[tuple[int, int, int, int, int]]  # (frame, y0, x0, y1, x1) of each frame with area crops
+    rows: int
+    row_weights: int
+    cols: int
+    col_weights: int
+    scale: int
+    mask: int
+
+
+def _area_plan(upload: _Upload, frames: int, frame_of: np.ndarray, source: np.ndarray, area: np.ndarray, y: _Axis,
+               x: _Axis, channels: int) -> _AreaSlots:
+    """The area crops read integral images of the part of their frame that their boxes cover (exact in int64 for
+    any frame), laid end to end as the frames are: each output pixel's source span's corners as element offsets
+    into them. Rows of boxes not on the area path point at offset 0 and are ignored by the caller."""
+    parts = []
+    offset, width = np.zeros(frames, np.int64), np.ones(frames, np.int64)
+    top, left = np.zeros(frames, np.int64), np.zeros(frames, np.int64)
+    extent_y, extent_x = np.zeros(frames, np.int64), np.zeros(frames, np.int64)
+    total = 0
+    for frame in np.unique(frame_of[area]).tolist():
+        mine = source[area & (frame_of == frame)]
+        y0, x0, y1, x1 = int(mine[:, 1].min()), int(mine[:, 0].min()), int(mine[:, 3].max()), int(mine[:, 2].max())
+        parts.append((frame, y0, x0, y1, x1))
+        offset[frame], width[frame], top[frame], left[frame] = total, x1 - x0 + 1, y0, x0
+        extent_y[frame], extent_x[frame] = y1 - y0, x1 - x0
+        total += (y1 - y0 + 1) * (x1 - x0 + 1) * channels  # the part's table has a zero row and column first
+    f, keep = frame_of, area[:, None, None]
+    rows = np.clip(y.corners - top[f][:, None, None], 0, extent_y[f][:, None, None])
+    cols = np.clip(x.corners - left[f][:, None, None], 0, extent_x[f][:, None, None])
+    rows = np.where(keep, rows * (width[f] * channels)[:, None, None] + offset[f][:, None, None], 0)
+    cols = np.where(keep, cols * channels, 0)
+    return _AreaSlots(parts, upload.add(rows), upload.add(y.corner_weights), upload.add(cols),
+                      upload.add(x.corner_weights), upload.add(np.where(area, y.scale * x.scale, 1.0)),
+                      upload.add(area))
+
+
+def _area(frames: Sequence[Any], slots: _AreaSlots, sent: list[Any], spec: CropSpec, channels: int) -> Any:
+    """Area averages for every crop from the integral images of the parts `_area_plan` chose."""
     import torch
 
-    y0, x0 = int(sources[:, 1].min()), int(sources[:, 0].min())
-    y1, x1 = int(sources[:, 3].max()), int(sources[:, 2].max())
-    part = frame[y0:y1, x0:x1].to(torch.int64)
-    table = torch.nn.functional.pad(part.cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0)).double()
-    rows = np.clip(y.corners - y0, 0, y1 - y0)  # the area boxes' corners lie within the part
-    cols = np.clip(x.corners - x0, 0, x1 - x0)
-    rows_d, row_w, cols_d, col_w = _upload([rows, y.corner_weights, cols, x.corner_weights], frame.device)
-    summed = _gather(table, rows_d, row_w, cols_d, col_w)  # (N, 2h, 2w, C)
+    tables = []
+    for frame, y0, x0, y1, x1 in slots.parts:
+        part = frames[frame][y0:y1, x0:x1].to(torch.int64)
+        tables.append(torch.nn.functional.pad(part.cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0)).reshape(-1))
+    flat = (tables[0] if len(tables) == 1 else torch.cat(tables)).double()
+    summed = _gather(flat, sent[slots.rows], sent[slots.row_weights], sent[slots.cols], sent[slots.col_weights],
+                     channels)  # (N, 2h, 2w, C)
     h, w = spec.height, spec.width
     rect = summed[:, h:, w:] - summed[:, :h, w:] - summed[:, h:, :w] + summed[:, :h, :w]
-    scale = torch.from_numpy(y.scale * x.scale).to(frame.device)
-    return (rect / scale[:, None, None, None]).float()
+    return (rect / sent[slots.scale][:, None, None, None]).float()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,18 @@ def cut_crops(frame: Any, xyxy: np.ndarray, spec: CropSpec) -> Any:
     from engines.device_crops import crop_resize_device
 
     return crop_resize_device(frame, xyxy, spec)
+
+
+def cut_crops_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray], spec: CropSpec) -> Any:
+    """`cut_crops` of several frames, their crops one after another: on the device in one pass
+    (engines/device_crops.py `crop_resize_device_many`), on the host frame by frame."""
+    if frames and not isinstance(frames[0], np.ndarray):
+        from engines.device_crops import crop_resize_device_many
+
+        return crop_resize_device_many(frames, xyxys, spec)
+    cut = [crop_resize(frame, xyxy, spec) for frame, xyxy in zip(frames, xyxys, strict=True)]
+    channels = frames[0].shape[2] if frames and frames[0].ndim == 3 else 1
+    return np.concatenate(cut) if cut else np.zeros((0, spec.height, spec.width, channels), np.uint8)
 
 
 def take_rows(batch: Any, rows: np.ndarray) -> Any:

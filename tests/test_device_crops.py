@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engines.device_crops import crop_resize_device  # noqa: E402
+from engines.device_crops import crop_resize_device, crop_resize_device_many  # noqa: E402
 from engines.device_image import DeviceDecoder, fit_side_tensor, orient_tensor  # noqa: E402
 from engines.image import decode_bgr, fit_side, orient  # noqa: E402
-from engines.preprocess import CropSpec, crop_resize  # noqa: E402
+from engines.preprocess import CropSpec, crop_resize, cut_crops_many  # noqa: E402
 from tests.images import collage, phone_photo  # noqa: E402
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -44,6 +44,33 @@ def test_device_crops_are_the_hosts(device: str, spec: CropSpec) -> None:
     assert cut.device.type == device and cut.dtype == torch.uint8
     assert np.abs(cut.cpu().numpy().astype(int) - host).max() <= 1
     assert not cut[0].any()  # the box outside the frame is black
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2], SPECS[3]], ids=["64sq", "224", "letterbox"])
+def test_crops_of_many_frames_cut_together_are_each_frames_own(device: str, spec: CropSpec) -> None:
+    """Frames of different sizes, one without objects, one whose only box is outside it, cut in one pass: each
+    frame's crops, in order, exactly as cut frame by frame on the device, and within one level of OpenCV's."""
+    base = collage()
+    frames = [base, cv2.resize(base, (700, 300), interpolation=cv2.INTER_AREA), base[:200, :333].copy(),
+              cv2.resize(base, (1500, 640), interpolation=cv2.INTER_LINEAR), base]
+    boxes = [_boxes(frames[0], 12, 1), _boxes(frames[1], 9, 2), np.zeros((0, 4), np.float32),
+             np.array([[-90, -90, -10, -10]], np.float32), _boxes(frames[4], 7, 3)]
+    on_device = [torch.from_numpy(f).to(device) for f in frames]
+    together = cut_crops_many(on_device, boxes, spec)
+    one_by_one = torch.cat([crop_resize_device(f, b, spec) for f, b in zip(on_device, boxes)])
+    assert together.device.type == device and tuple(together.shape) == (29, spec.height, spec.width, 3)
+    assert torch.equal(together, one_by_one)
+    host = cut_crops_many(frames, boxes, spec).astype(int)
+    assert np.abs(together.cpu().numpy().astype(int) - host).max() <= 1
+
+
+def test_crops_of_frames_without_objects_are_empty() -> None:
+    frames = [torch.from_numpy(collage())] * 2
+    cut = crop_resize_device_many(frames, [np.zeros((0, 4), np.float32)] * 2, CropSpec(64, 64))
+    assert tuple(cut.shape) == (0, 64, 64, 3)
+    with pytest.raises(ValueError, match="2 frames but 1"):
+        crop_resize_device_many(frames, [np.zeros((0, 4), np.float32)], CropSpec(64, 64))
 
 
 def test_device_crops_of_no_objects_are_empty() -> None:
