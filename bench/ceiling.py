@@ -26,30 +26,49 @@ from bench.run import images, key_of, workload_args
 
 
 def _pass(decoder: Any, detector: Any, classifiers: dict[str, Any], routes: list[Any], bodies: list[bytes],
-          max_side: int) -> int:
-    """One batch through decode, detect, crop and classify; the objects found."""
+          max_side: int, crops: str) -> int:
+    """One batch through decode, detect, crop and classify; the objects found. `crops`: "batched" cuts each crop
+    geometry once for every frame's objects together (engines/preprocess.py `cut_crops_many`), "per-frame" cuts
+    each classifier's crops frame by frame."""
+    from engines.batching import concatenate
     from engines.device_image import fit_side_tensor
     from engines.preprocess import cut_crops
-    from engines.batching import concatenate
 
     frames = decoder.decode_many(bodies)
     fitted = [fit_side_tensor(f, max_side) for f in frames]
     found = detector.detect_batch([f for f, _ in fitted])
     found = [d.scaled((1 / s[0], 1 / s[1])) for d, (_, s) in zip(found, fitted)]
     objects = sum(len(d) for d in found)
-    runs = []
-    for route in routes:  # crops of every frame's objects, one batch per classifier
-        parts = [cut_crops(frame, d.xyxy[d.select(route.labels, route.min_width, route.min_height)], route.crop)
-                 for frame, d in zip(frames, found)]
-        parts = [p for p in parts if len(p)]
-        if parts:
-            runs.append(classifiers[route.name].launch(concatenate(parts)))
+    selected = {route.name: [d.select(route.labels, route.min_width, route.min_height) for d in found]
+                for route in routes}
+    if crops == "batched":
+        from engines.preprocess import cut_crops_many
+
+        by_spec: dict[Any, list[Any]] = {}
+        for route in routes:  # the union of every route of one crop geometry (all faces here): one cut
+            by_spec[route.crop] = [np.union1d(a, b) for a, b in zip(by_spec.get(route.crop, selected[route.name]),
+                                                                    selected[route.name])]
+        cut = {spec: cut_crops_many(frames, [d.xyxy[rows] for d, rows in zip(found, union)], spec)
+               for spec, union in by_spec.items()}
+        batches = {route.name: cut[route.crop] for route in routes
+                   if all(np.array_equal(a, b) for a, b in zip(selected[route.name], by_spec[route.crop]))}
+        if len(batches) != len(routes):
+            raise RuntimeError("the bench's classifiers all take every face: a route selected fewer")
+    else:
+        batches = {}
+        for route in routes:  # crops of every frame's objects, one batch per classifier
+            parts = [cut_crops(frame, d.xyxy[rows], route.crop) for frame, d, rows in zip(frames, found,
+                                                                                           selected[route.name])]
+            parts = [p for p in parts if len(p)]
+            if parts:
+                batches[route.name] = concatenate(parts)
+    runs = [classifiers[name].launch(batch) for name, batch in batches.items() if len(batch)]
     for run in runs:
         run.wait()
     return objects
 
 
-def measure(device: str, fp16: bool, batch: int, repeats: int) -> dict[str, Any]:
+def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_profile: int = 0) -> dict[str, Any]:
     import torch
 
     from deployments.models import build_classifier, build_detector
@@ -67,26 +86,42 @@ def measure(device: str, fp16: bool, batch: int, repeats: int) -> dict[str, Any]
     max_side = config.detector.max_detect_side
     cuda = device == "cuda"
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch,
-                           "fp16": fp16, "nvjpeg": decoder.decodes_jpeg_on_device, "images": {}}
+                           "fp16": fp16, "nvjpeg": decoder.decodes_jpeg_on_device, "crops": crops, "images": {}}
     for image, body in images().items():
         bodies = [body] * batch
+        def whole() -> int:
+            return _pass(decoder, detector, classifiers, routes, bodies, max_side, crops)
+
         for _ in range(3):  # warm-up: capture graphs, choose kernels
-            objects = _pass(decoder, detector, classifiers, routes, bodies, max_side)
+            objects = whole()
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(repeats):
-            _pass(decoder, detector, classifiers, routes, bodies, max_side)
+            whole()
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / (repeats * batch)
+        cpu_ms = (time.process_time() - cpu_start) * 1e3 / (repeats * batch)
         row: dict[str, Any] = {"objects_per_image": objects / batch, "wall_ms_per_image": round(wall_ms, 3),
-                               "wall_images_per_s": round(1e3 / wall_ms, 1)}
+                               "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3)}
         if cuda:
-            row |= _kernel_times(lambda: _pass(decoder, detector, classifiers, routes, bodies, max_side),
+            row |= _kernel_times(whole,
                                  lambda: detector.detect_batch(decoder.decode_many(bodies)), repeats, batch)
+        if host_profile:
+            row["host_ops"] = _host_ops(whole, host_profile)
         out["images"][key_of("face", image)] = row
     return out
+
+
+def _host_ops(work: Any, top: int) -> list[dict[str, Any]]:
+    """The host's busiest operations in one pass (torch.profiler, self CPU time): where a batch's host time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in ops]
 
 
 def _kernel_times(whole: Any, detect_only: Any, repeats: int, batch: int) -> dict[str, Any]:
@@ -113,16 +148,22 @@ def main() -> None:
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--crops", default="batched", choices=["batched", "per-frame"],
+                        help="cut each crop geometry once for all frames of the batch, or per classifier per frame")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also list the N operations of one pass that take the most host time")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
-    result = measure(opts.device, opts.fp16, opts.batch, opts.repeats)
-    print(f"device: {result['device']}, batches of {opts.batch}, fp16 {opts.fp16}, nvJPEG {result['nvjpeg']}")
-    print("| image | objects | kernel ms/image (decode+detect) | ceiling images/s | one process: wall ms/image, images/s |")
-    print("|---|---|---|---|---|")
+    result = measure(opts.device, opts.fp16, opts.batch, opts.repeats, opts.crops, opts.host_profile)
+    print(f"device: {result['device']}, batches of {opts.batch}, fp16 {opts.fp16}, nvJPEG {result['nvjpeg']}, "
+          f"crops {opts.crops}")
+    print("| image | objects | kernel ms/image (decode+detect) | ceiling images/s | one process: wall ms/image, "
+          "images/s | host CPU ms/image |")
+    print("|---|---|---|---|---|---|")
     for name, row in result["images"].items():
         print(f"| {name} | {row['objects_per_image']:.0f} | {row.get('kernel_ms_per_image', '-')} "
               f"({row.get('decode_detect_kernel_ms_per_image', '-')}) | {row.get('ceiling_images_per_s', '-')} | "
-              f"{row['wall_ms_per_image']}, {row['wall_images_per_s']} |")
+              f"{row['wall_ms_per_image']}, {row['wall_images_per_s']} | {row['host_cpu_ms_per_image']} |")
     if opts.out:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -11,8 +11,9 @@ CPU device against the numpy one.
 
 Frames of one `detect_batch` call that have the same size share every P-Net launch (one batch per pyramid
 level); R-Net and O-Net take the candidates of all frames in one batch each. On CUDA, the pyramid and P-Net
-of a frame size seen before are one CUDA-graph replay per frame: the second time a size comes, its whole
-P-Net stage is captured (an LRU of `_PNET_GRAPHS` sizes); other sizes run eager.
+of a frame size seen before are CUDA-graph replays: the second time a size comes, its whole
+P-Net stage is captured for that number of frames (frames go through in chunks of powers of two, each one
+replay; an LRU of `_PNET_GRAPHS` pairs of size and chunk); other sizes run eager.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from engines.torch_engine import TorchEngine, CapturedGraph, capture_graph, repl
 logger = logging.getLogger(__name__)
 
 _PYRAMID_CACHE = 16  # frame sizes whose level geometry is kept
-_PNET_GRAPHS = 8  # frame sizes whose P-Net stage is kept as a CUDA graph
+_PNET_GRAPHS = 24  # (frame size, chunk of frames) pairs whose P-Net stage is kept as a CUDA graph
+_PNET_MAX_CHUNK = 16  # frames of one P-Net replay
 _SEEN, _FAILED = "seen", "failed"
 
 
@@ -91,8 +93,8 @@ class TorchMtcnn:
         self._stream = torch.cuda.Stream() if self.device == "cuda" else None
         self._pyramids: OrderedDict[tuple[int, int], _Pyramid] = OrderedDict()
         self._stage_batch = {id(e): e.batch_limit(STAGE_BATCH) for e in (rnet, onet)}
-        # per (height, width): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
-        self._pnet_graphs: OrderedDict[tuple[int, int], CapturedGraph | str] = OrderedDict()
+        # per (height, width, frames): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
+        self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
         self._pool: Any = None
         self.pnet_capture_s = 0.0
 
@@ -232,28 +234,42 @@ class TorchMtcnn:
         return [torch.cat(probs, 1), torch.cat(regs, 2)]
 
     def _pnet_maps_of(self, rgb: Any, pyramid: _Pyramid) -> list[Any]:
-        """`_pnet_maps`, replayed as a CUDA graph when this frame size came before: one graph per size, replayed
-        once per frame of the batch (a graph per batch size as well would capture again, under load, each time
-        a new number of frames arrives together: 100-200 ms each, the GPU run's c4 tails)."""
+        """`_pnet_maps`, replayed as CUDA graphs: the frames of a batch go through in chunks of powers of two (13
+        frames: 8, 4 and 1), each chunk one replay of the graph of its frame size and chunk size, captured the
+        second time that pair comes (so a burst of new batch sizes does not capture under load, 100-200 ms each,
+        and a size seen once costs nothing). Replaying a one-frame graph per frame instead left P-Net's small
+        convolutions a frame wide: most of the detector's kernel time in batches of 16."""
         torch = self._torch
-        key = (int(rgb.shape[2]), int(rgb.shape[3]))
         if not self.pnet.cuda_graphs:
             return self._pnet_maps(rgb, pyramid)
-        if key in self._pnet_graphs:
-            self._pnet_graphs.move_to_end(key)
-            if self._pnet_graphs[key] == _SEEN:
-                self._pnet_graphs[key] = self._capture_pnet(rgb[:1], pyramid)
-        else:
-            self._pnet_graphs[key] = _SEEN  # first sight: eager; captured if it comes again
-            while len(self._pnet_graphs) > _PNET_GRAPHS:
-                self._pnet_graphs.popitem(last=False)
-        graph = self._pnet_graphs[key]
-        if not isinstance(graph, CapturedGraph):
-            return self._pnet_maps(rgb, pyramid)
-        if len(rgb) == 1:
-            return replay(graph, [rgb])
-        per_frame = [[t.clone() for t in replay(graph, [rgb[i : i + 1]])] for i in range(len(rgb))]
-        return [torch.cat([maps[k] for maps in per_frame]) for k in range(2)]
+        chunks = _power_chunks(len(rgb), _PNET_MAX_CHUNK)
+        maps = []
+        start = 0
+        for size in chunks:
+            chunk = rgb[start : start + size]
+            start += size
+            graph = self._pnet_graph((int(rgb.shape[2]), int(rgb.shape[3]), size), chunk, pyramid)
+            if not isinstance(graph, CapturedGraph):
+                maps.append(self._pnet_maps(chunk, pyramid))
+            elif len(chunks) == 1:
+                return replay(graph, [chunk])
+            else:  # the graphs share one memory pool: another's replay may overwrite these outputs, so copy now
+                maps.append([t.clone() for t in replay(graph, [chunk])])
+        return [torch.cat([m[k] for m in maps]) for k in range(2)] if len(maps) > 1 else maps[0]
+
+    def _pnet_graph(self, key: tuple[int, int, int], chunk: Any, pyramid: _Pyramid) -> CapturedGraph | str:
+        """The captured P-Net stage for (height, width, frames), captured on its second sight; _SEEN or _FAILED
+        (run eager) otherwise. The least recently used are dropped beyond `_PNET_GRAPHS`."""
+        graphs = self._pnet_graphs
+        if key not in graphs:
+            graphs[key] = _SEEN
+            while len(graphs) > _PNET_GRAPHS:
+                graphs.popitem(last=False)
+            return _SEEN
+        graphs.move_to_end(key)
+        if graphs[key] == _SEEN:
+            graphs[key] = self._capture_pnet(chunk, pyramid)
+        return graphs[key]
 
     def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         start = time.perf_counter()
@@ -332,6 +348,14 @@ class TorchMtcnn:
                 mine[:, 5:15].reshape(-1, 5, 2).astype(np.float32),
             ).clip(w, h))
         return out
+
+
+def _power_chunks(count: int, largest: int) -> list[int]:
+    """`count` as a sum of powers of two of at most `largest` (itself one), largest first: 13 -> [8, 4, 1]."""
+    chunks = [largest] * (count // largest)
+    rest = count % largest
+    chunks += [1 << bit for bit in range(rest.bit_length() - 1, -1, -1) if rest >> bit & 1]
+    return chunks
 
 
 def _pnet_output_size(size: int) -> int:

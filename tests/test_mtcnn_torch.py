@@ -18,7 +18,7 @@ if os.environ.get("CI") == "true":  # the test extra installs torch: in CI a fai
 else:
     torch = pytest.importorskip("torch", reason="the GPU-resident cascade needs torch: pip install '.[torch]'")
 
-from engines.mtcnn_torch import TorchMtcnn  # noqa: E402
+from engines.mtcnn_torch import TorchMtcnn, _power_chunks  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 PHOTOS = {
@@ -110,7 +110,8 @@ def test_the_cascade_on_cuda_finds_the_numpy_cascades_faces(fp16: bool, referenc
 
 @pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
 def test_a_replayed_pnet_stage_gives_what_eager_gives() -> None:
-    """One graph per frame size, replayed per frame: a batch of three same-size frames gets each its own maps."""
+    """One graph per frame size and chunk of frames: a batch of three same-size frames is a chunk of two and one
+    of one, each replayed, and each frame gets its own maps."""
     detector = TorchMtcnn(*_nets("torch", "cuda"))
     image = collage()
     frames = detector._upload([image, image[:, ::-1].copy(), image[::-1].copy()])
@@ -118,15 +119,26 @@ def test_a_replayed_pnet_stage_gives_what_eager_gives() -> None:
     batch = frames[0][1]
     with torch.inference_mode(), torch.cuda.stream(detector._stream):
         eager = [t.clone() for t in detector._pnet_maps(batch, pyramid)]
-        detector._pnet_maps_of(batch, pyramid)  # first sight: eager
-        replayed = [t.clone() for t in detector._pnet_maps_of(batch, pyramid)]  # captured, replayed per frame
-        single = [t.clone() for t in detector._pnet_maps_of(batch[1:2], pyramid)]
-    assert len(detector._pnet_graphs) == 1 and not isinstance(detector._pnet_graphs[image.shape[:2]], str)
+        detector._pnet_maps_of(batch, pyramid)  # first sight of (size, 2) and (size, 1): eager
+        replayed = [t.clone() for t in detector._pnet_maps_of(batch, pyramid)]  # captured, replayed
+        single = [t.clone() for t in detector._pnet_maps_of(batch[2:3], pyramid)]
+    height, width = image.shape[:2]
+    assert set(detector._pnet_graphs) == {(height, width, 2), (height, width, 1)}
+    assert not any(isinstance(g, str) for g in detector._pnet_graphs.values())
     for a, b, c in zip(eager, replayed, single):
-        # eager ran the batch of three, the graph one frame at a time: cuDNN picks other (TF32) kernels per
-        # batch size, which moves probabilities by up to ~6e-4 (seen on the H200); replays agree exactly
+        # eager ran the batch of three, the graphs two frames and one: cuDNN picks other (TF32) kernels per
+        # batch size, which moves probabilities by up to ~6e-4 (seen on the H200); replays of one graph agree
         torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)
-        torch.testing.assert_close(b[1:2], c, atol=0, rtol=0)
+        torch.testing.assert_close(b[2:3], c, atol=0, rtol=0)
+
+
+def test_frames_go_through_pnet_in_chunks_of_powers_of_two() -> None:
+    assert _power_chunks(1, 16) == [1] and _power_chunks(13, 16) == [8, 4, 1]
+    assert _power_chunks(40, 16) == [16, 16, 8] and _power_chunks(0, 16) == []
+    for count in range(1, 70):
+        chunks = _power_chunks(count, 16)
+        assert sum(chunks) == count and all(c & (c - 1) == 0 and c <= 16 for c in chunks)
+        assert chunks == sorted(chunks, reverse=True) and len(set(chunks) - {16}) == len(chunks) - chunks.count(16)
 
 
 def test_the_pnet_stage_it_captures_makes_no_tensor_from_host_data(on_cpu: TorchMtcnn) -> None:
