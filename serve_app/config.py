@@ -173,6 +173,12 @@ class IngressConfig(StrictModel):
         "MTCNN) and every classifier run through the torch backend on one CUDA device; true: also on the CPU "
         "device (the same code, for tests); false: frames stay on the host",
     )
+    device_batch_size: int = Field(
+        16, ge=1, le=256,
+        description="frames on the device: the most requests whose JPEGs are decoded in one nvJPEG call, and whose "
+        "classifier crops are cut in one pass; a batch runs as soon as the previous one is done, with what queued "
+        "meanwhile (nothing waits for company)",
+    )
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")

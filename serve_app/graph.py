@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 from deployments.results import StageTiming
 from engines import Classifications, Detections
 from engines.image import Scale, inverse
-from engines.preprocess import CropSpec, cut_crops, take_rows
+from engines.preprocess import CropSpec, cut_crops, cut_crops_many, take_rows
 from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
 from serve_app.decoding import InputError
@@ -32,6 +32,9 @@ from serve_app.offload import INLINE, CpuWork
 from serve_app.schema import DetectedObject, StageError
 
 logger = logging.getLogger("ray.serve")
+
+
+CropCutter = Callable[[Any, np.ndarray, list[tuple["ClassifierRoute", np.ndarray]]], Awaitable[list[Any]]]
 
 
 class DetectorUnavailable(RuntimeError):
@@ -151,12 +154,14 @@ def merge(detections: Detections, outputs: Mapping[str, tuple[np.ndarray, Classi
 
 class InferenceGraph:
     def __init__(self, detector: DetectorClient, routes: list[ClassifierRoute], detector_timeout_s: float,
-                 cpu: CpuWork = INLINE) -> None:
-        """`cpu`: where the crops are cut (ingress.cpu_work)."""
+                 cpu: CpuWork = INLINE, cut_on_device: CropCutter | None = None) -> None:
+        """`cpu`: where the crops are cut (ingress.cpu_work); `cut_on_device`: how the crops of a frame on a device
+        are cut (layout ingress: with other requests' frames, serve_app/device_frames.py); None: as host frames."""
         self._detector = detector
         self._routes = routes
         self._detector_timeout_s = detector_timeout_s
         self._cpu = cpu
+        self._cut_on_device = cut_on_device
 
     @property
     def routes(self) -> list[ClassifierRoute]:
@@ -273,16 +278,13 @@ class InferenceGraph:
         roots = [r for r in routes if not r.parents]
         start = time.perf_counter()
 
-        def cut() -> list[tuple[ClassifierRoute, Any, np.ndarray]]:
-            wanted = []
-            for route in roots:  # the independent classifiers: cropped now, all sent at once
-                indices = out.detections.select(route.labels, route.min_width, route.min_height)
-                if len(indices):
-                    wanted.append((route, indices))
-            crops = cut_each_spec_once(frame, out.detections.xyxy, wanted)
-            return [(route, c, indices) for (route, indices), c in zip(wanted, crops)]
-
-        calls = await self._cpu.run(cut)
+        # the independent classifiers: cropped now, all sent at once
+        wanted = [(r, i) for r in roots if len(i := out.detections.select(r.labels, r.min_width, r.min_height))]
+        if self._cut_on_device is not None and not isinstance(frame, np.ndarray):
+            crops = await self._cut_on_device(frame, out.detections.xyxy, wanted)
+        else:
+            crops = await self._cpu.run(cut_each_spec_once, frame, out.detections.xyxy, wanted)
+        calls = [(route, c, indices) for (route, indices), c in zip(wanted, crops)]
         out.crop_ms = _ms(start)
         start = time.perf_counter()
         chained = [r for r in routes if r.parents]
@@ -315,15 +317,37 @@ def cut_each_spec_once(frame: Any, xyxy: np.ndarray,
     """The crops of each (route, object indices), each crop geometry cut once: classifiers that take the same
     crop (size, square, padding, letterbox: age and emotion here) share one cut of the union of their objects,
     on the host or on the frame's device (`cut_crops`); each gets its own rows of it."""
-    union: dict[CropSpec, np.ndarray] = {}
-    for route, indices in wanted:
-        union[route.crop] = np.union1d(union.get(route.crop, np.zeros(0, np.int64)), indices).astype(np.int64)
-    cut = {spec: cut_crops(frame, xyxy[indices], spec) for spec, indices in union.items()}
+    return cut_each_spec_once_many([frame], [xyxy], [wanted])[0]
+
+
+def cut_each_spec_once_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray],
+                            wanteds: Sequence[list[tuple[ClassifierRoute, np.ndarray]]]) -> list[list[Any]]:
+    """`cut_each_spec_once` of several frames (the requests of a batch), each crop geometry cut once for all of
+    them (`cut_crops_many`: one pass on the device); per frame, the crops of each of its (route, indices)."""
+    unions: list[dict[CropSpec, np.ndarray]] = []
+    for wanted in wanteds:
+        union: dict[CropSpec, np.ndarray] = {}
+        for route, indices in wanted:
+            union[route.crop] = np.union1d(union.get(route.crop, np.zeros(0, np.int64)), indices).astype(np.int64)
+        unions.append(union)
+    specs = list(dict.fromkeys(spec for union in unions for spec in union))
+    cut: list[dict[CropSpec, Any]] = [{} for _ in frames]
+    for spec in specs:
+        having = [i for i, union in enumerate(unions) if spec in union]
+        together = cut_crops_many([frames[i] for i in having], [xyxys[i][unions[i][spec]] for i in having], spec)
+        start = 0
+        for i in having:
+            count = len(unions[i][spec])
+            cut[i][spec] = together[start : start + count] if len(having) > 1 else together
+            start += count
     out = []
-    for route, indices in wanted:
-        everyone = union[route.crop]
-        same = len(indices) == len(everyone) and bool(np.all(indices == everyone))
-        out.append(cut[route.crop] if same else take_rows(cut[route.crop], np.searchsorted(everyone, indices)))
+    for union, crops, wanted in zip(unions, cut, wanteds):
+        mine = []
+        for route, indices in wanted:
+            everyone = union[route.crop]
+            same = len(indices) == len(everyone) and bool(np.all(indices == everyone))
+            mine.append(crops[route.crop] if same else take_rows(crops[route.crop], np.searchsorted(everyone, indices)))
+        out.append(mine)
     return out
 
 

@@ -17,6 +17,7 @@ from deployments.startup import freeze_startup_heap
 from serve_app.admission import ApiGate
 from serve_app.auth import BearerAuth
 from serve_app.config import PipelineConfig
+from serve_app.device_frames import DeviceBatches
 from serve_app.http_api import api
 from serve_app.offload import CpuWork
 from serve_app.routes.common import Services
@@ -73,7 +74,9 @@ class Ingress:
         held_here = detector is None  # layout "ingress": the models live in this replica
         self._wiring = in_process(config, devices or {}) if held_here else remote(config, detector, classifiers or {}, pool)
         self._cpu = CpuWork(config.cpu_work)
-        graph = self._wiring.graph(config, self._cpu)
+        decoder = frames_on_device(config, self._wiring) if held_here else None
+        self._batches = DeviceBatches(decoder, config.ingress.device_batch_size) if decoder else None
+        graph = self._wiring.graph(config, self._cpu, self._batches.cut if self._batches else None)
         metrics = IngressMetrics()
         describers = dict(self._wiring.describers)
         if streams is not None:
@@ -81,14 +84,13 @@ class Ingress:
         # Compressed bytes to a remote detector; a detector held here takes the decoded frame, on its device
         # when every stage here can keep it there.
         send_encoded = config.ingress.detector_input == "encoded" and not held_here
-        decoder = frames_on_device(config, self._wiring) if held_here else None
         gate = ApiGate(config.ingress.deployment.max_ongoing_requests)
         self.services = Services(
             auth=BearerAuth(config.ingress.auth_token_env),
             gate=gate,
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
-            images=ImageService(graph, config, metrics, send_encoded, self._cpu, decoder),
+            images=ImageService(graph, config, metrics, send_encoded, self._cpu, self._batches),
             video=VideoService(graph, config, metrics, self._cpu, gate),
             streams=StreamsProxy(streams, gate),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
@@ -119,6 +121,8 @@ class Ingress:
         if hasattr(self, "_wiring"):
             self._wiring.close()
             self._cpu.close()
+            if getattr(self, "_batches", None) is not None:
+                self._batches.close()
 
     async def check_health(self) -> None:
         """Serve calls this periodically: in layout `ingress` the engines held here must answer."""

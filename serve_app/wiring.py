@@ -26,7 +26,7 @@ from serve_app.clients import (
     Routed,
 )
 from serve_app.config import PipelineConfig
-from serve_app.graph import ClassifierRoute, InferenceGraph
+from serve_app.graph import ClassifierRoute, CropCutter, InferenceGraph
 from serve_app.offload import INLINE, CpuWork
 
 
@@ -45,9 +45,9 @@ class Wiring:
     health: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # engines held in this replica
     stages: list[DetectorStage | ClassifierStage] = field(default_factory=list)  # held here, closed by `close`
 
-    def graph(self, config: PipelineConfig, cpu: CpuWork = INLINE) -> InferenceGraph:
+    def graph(self, config: PipelineConfig, cpu: CpuWork = INLINE, cut_on_device: CropCutter | None = None) -> InferenceGraph:
         routes = [ClassifierRoute.from_config(c, self.classifiers[c.name]) for c in config.classifiers]
-        return InferenceGraph(self.detector, routes, config.ingress.detector_timeout_s, cpu)
+        return InferenceGraph(self.detector, routes, config.ingress.detector_timeout_s, cpu, cut_on_device)
 
     def close(self) -> None:
         for stage in self.stages:

@@ -24,6 +24,7 @@ def _on_the_device() -> dict[str, Any]:
     args = small(demo_args())
     args["layout"] = "ingress"
     args["ingress"]["frames_on_device"] = True
+    args["ingress"]["detector_timeout_s"] = 60.0  # the torch cascade on 2 busy CPU cores, a batch of requests
     args["ingress"]["streams"] = {"enabled": False}
     args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
     args["detector"]["mtcnn"]["implementation"] = "torch"
@@ -85,3 +86,24 @@ def test_undecodable_bytes_with_a_good_header_are_a_400(apps: tuple[str, str]) -
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "undecodable_image"
         assert client.post("/v1/infer", content=ASTRONAUT.read_bytes(),
                            headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_concurrent_requests_batched_on_the_device_each_get_their_own_answer(apps: tuple[str, str]) -> None:
+    """Six requests at once (their JPEGs decoded together, their crops cut together): each answer is the one its
+    image gets alone."""
+    import asyncio
+
+    images = [encode(collage(), ".jpg"), encode(many_faces(), ".jpg"), phone_photo(collage(), 6)]
+    alone = [_infer(apps[0], image, "image/jpeg") for image in images]
+
+    async def at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=apps[0], timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/infer", content=images[i % 3],
+                                                      headers={"Content-Type": "image/jpeg"}) for i in range(6)))
+
+    for i, response in enumerate(asyncio.run(at_once())):
+        assert response.status_code == 200, response.text
+        got, expected = response.json(), alone[i % 3]
+        assert got["image"] == expected["image"] and len(got["objects"]) == len(expected["objects"])
+        for ours, theirs in zip(got["objects"], expected["objects"]):
+            assert ours["box"] == theirs["box"] and ours["attributes"] == theirs["attributes"]

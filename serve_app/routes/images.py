@@ -37,7 +37,7 @@ from serve_app.schema import (
 from serve_app.telemetry import IngressMetrics
 
 if TYPE_CHECKING:
-    from engines.device_image import DeviceDecoder
+    from serve_app.device_frames import DeviceBatches
 
 router = APIRouter(dependencies=[Depends(bearer)])
 
@@ -86,11 +86,11 @@ class ImageService:
     """Images through the graph: read, check, decode, run, answer (and count)."""
 
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
-                 send_encoded: bool, cpu: CpuWork = INLINE, decoder: DeviceDecoder | None = None) -> None:
-        """`decoder`: decode into the detector's device memory (layout ingress on a GPU: the frame never returns
-        to the host)."""
+                 send_encoded: bool, cpu: CpuWork = INLINE, on_device: DeviceBatches | None = None) -> None:
+        """`on_device`: decode into the detector's device memory (layout ingress on a GPU: the frame never returns
+        to the host), JPEGs of concurrent requests in one batch."""
         self._cpu = cpu
-        self._decoder = decoder
+        self._on_device = on_device
         self._budget = PixelBudget(config.ingress.max_inflight_pixels)
         self._graph = graph
         self._config = config
@@ -137,9 +137,10 @@ class ImageService:
         elif self._send_encoded:
             result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only, pixels)
             decode_ms = result.decode_ms
-        elif self._decoder is not None:
+        elif self._on_device is not None:
             # a format nvJPEG does not take is decoded by OpenCV: a large one off the loop, as on the host path
-            frame = await self._cpu.run_large(pixels, self._decoder.decode, data)
+            frame = await self._on_device.decode(data) if self._on_device.batches(data) else \
+                await self._cpu.run_large(pixels, self._on_device.decoder.decode, data)
             if frame is None:
                 raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
             decode_ms = (time.perf_counter() - read_at) * 1e3
