@@ -151,13 +151,19 @@ class DetectorConfig(StrictModel):
                                   "(ingress.detector_input: encoded) are refused above this, from their header")
     max_inflight_pixels: int = Field(80_000_000, ge=1, description="decoded pixels the detector replica holds at "
                                      "once; further images wait for their turn")
+    interval: int = Field(
+        0, ge=0, le=100,
+        description="video and live streams: the detector runs on one processed frame in interval + 1 of each "
+        "stream; the frames between carry each tracked object on at its last velocity, with its cached attributes, "
+        "and classify nothing (DeepStream nvinfer's interval). Photos are always detected",
+    )
     mtcnn: MtcnnConfig = Field(default_factory=MtcnnConfig)
     yolo: YoloConfig | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
     batching: BatchingConfig = Field(
         default_factory=lambda: BatchingConfig(max_batch_size=8),
         description="frames of concurrent requests batched into one call (YOLO: one engine run; MTCNN: R-Net and "
-        "O-Net once for the candidates of all frames, P-Net per frame)",
+        "O-Net once for the candidates of all frames, P-Net once per frame size (torch) or per frame (numpy))",
     )
     deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
 

@@ -54,3 +54,47 @@ class Tracker:
             for row, external in zip(tracked.data["row"].tolist(), tracked.tracker_id.tolist()):
                 ids[row] = self._ids.setdefault(int(external), len(self._ids) + 1)
         return ids
+
+
+class CarriedBoxes:
+    """The tracked objects on the frames the detector skips (DeepStream nvinfer's `interval`): each track seen on
+    the last detected frame, its box moved on at the velocity it had between its last two detections (constant
+    velocity; a track seen once stays where it was), clipped to the frame; its score, class and landmarks (moved
+    with the box) are those of its last detection. Only tracked objects (id >= 0) are carried."""
+
+    def __init__(self) -> None:
+        self._seen: Detections | None = None  # the tracked objects of the last detected frame
+        self._ids = np.zeros(0, np.int64)
+        self._index = 0
+        self._velocity = np.zeros((0, 4), np.float32)  # pixels per frame, per carried track
+        self._last: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, box) of its last detection
+
+    def observe(self, index: int, detections: Detections, track_ids: np.ndarray) -> None:
+        """A detected frame: its objects and their track ids (from `Tracker.update`)."""
+        rows = np.flatnonzero(track_ids >= 0)
+        self._seen, self._ids, self._index = detections[rows], track_ids[rows].astype(np.int64), index
+        velocity = np.zeros((len(rows), 4), np.float32)
+        last = {}
+        for k, (track, box) in enumerate(zip(self._ids.tolist(), self._seen.xyxy)):
+            if track in self._last and index > self._last[track][0]:
+                before, old = self._last[track]
+                velocity[k] = (box - old) / (index - before)
+            last[track] = (index, box.copy())
+        self._velocity, self._last = velocity, last
+
+    def at(self, index: int, width: int, height: int) -> tuple[Detections, np.ndarray]:
+        """The carried objects on frame `index` (after the last observed one) of a `width` x `height` frame, and
+        their track ids."""
+        if self._seen is None:
+            return Detections.empty(), np.zeros(0, np.int64)
+        shift = self._velocity * float(index - self._index)
+        xyxy = self._seen.xyxy + shift
+        landmarks = self._seen.landmarks
+        if landmarks is not None:
+            centre = ((shift[:, 0] + shift[:, 2]) / 2, (shift[:, 1] + shift[:, 3]) / 2)
+            landmarks = landmarks + np.stack(centre, 1)[:, None, :]
+        moved = Detections(xyxy.astype(np.float32), self._seen.confidence, self._seen.class_id,
+                           self._seen.class_names, None if landmarks is None else landmarks.astype(np.float32))
+        inside = (moved.xyxy[:, 2] > 0) & (moved.xyxy[:, 3] > 0) & (moved.xyxy[:, 0] < width) & \
+            (moved.xyxy[:, 1] < height)  # a track carried out of the frame is dropped until detected again
+        return moved[inside].clip(width, height), self._ids[inside]

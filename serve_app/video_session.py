@@ -1,6 +1,10 @@
 """One video through the graph: detect every processed frame, track, and classify each track only when its
 cached attributes are due, DeepStream's secondary-classifier behaviour.
 
+With `detector.interval` N the detector runs on one processed frame in N + 1 (DeepStream nvinfer's `interval`);
+the frames between carry each tracked object on at its last velocity (engines/tracking.py `CarriedBoxes`), with
+its cached attributes, and classify nothing; their records say `"detected": false`.
+
 A classifier classifies a track when the track first appears (once confirmed by the tracker), again when its
 box area has grown by `reinfer_area_growth` since the last classification, and after `reinfer_interval` frames
 if set. Every frame's object carries the latest attribute of each classifier and the frame it was computed on.
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from engines import Detections
-from engines.tracking import Tracker, TrackerParams
+from engines.tracking import CarriedBoxes, Tracker, TrackerParams
 from serve_app.config import PipelineConfig
 from serve_app.offload import INLINE, CpuWork
 from serve_app.graph import ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph, topological_order
@@ -73,8 +77,14 @@ class VideoSession:
     """The per-video state: the tracker, each classifier's cache, and the counts of the summary line."""
 
     def __init__(self, graph: InferenceGraph, tracker: TrackerParams, routes: list[ClassifierRoute],
-                 reinfer: dict[str, tuple[float, int]], fps: float, cpu: CpuWork = INLINE) -> None:
+                 reinfer: dict[str, tuple[float, int]], fps: float, cpu: CpuWork = INLINE, interval: int = 0) -> None:
+        """`interval`: the detector runs on one processed frame in interval + 1; the frames between get the tracked
+        objects carried on (`CarriedBoxes`) and their cached attributes (detector.interval)."""
         self._graph = graph
+        self._interval = interval
+        self._skipped = interval  # processed frames since the last detected one: the first frame is detected
+        self._carried = CarriedBoxes()
+        self.detected_frames = 0
         self._cpu = cpu  # where the tracker runs (and `records` reads frames)
         self._fps = fps  # the video's frame rate (0: unknown), for each frame's time_ms
         self._tracker = Tracker(tracker)
@@ -94,8 +104,17 @@ class VideoSession:
     def track_count(self) -> int:
         return len(self.tracks)
 
+    def _detects_next(self) -> bool:
+        """Whether the next processed frame goes to the detector (one in interval + 1); frames are asked in order."""
+        due = self._skipped >= self._interval
+        self._skipped = 0 if due else self._skipped + 1
+        return due
+
     async def process_frame(self, index: int, frame: np.ndarray) -> dict[str, Any]:
-        """Detect, then `process` (live streams: one frame at a time, the newest)."""
+        """Detect, then `process` (live streams: one frame at a time, the newest); or `carry`, on the frames the
+        detector skips."""
+        if not self._detects_next():
+            return self.carry(index, frame)
         try:
             detected = await self._graph.detect(frame)
         except DetectorUnavailable as exc:
@@ -109,6 +128,8 @@ class VideoSession:
     async def process(self, index: int, frame: np.ndarray, detections: Detections) -> dict[str, Any]:
         """Track and classify one frame; its NDJSON record."""
         track_ids = await self._cpu.run(self._tracker.update, detections)
+        self._carried.observe(index, detections, track_ids)
+        self.detected_frames += 1
         xyxy = detections.xyxy
         areas = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) if len(detections) else np.zeros(0)
         errors: dict[str, Any] = {}
@@ -133,9 +154,28 @@ class VideoSession:
         seen = {int(t) for t in track_ids.tolist() if t >= 0}
         self.last_new_tracks = len(seen - self.tracks)
         self.tracks |= seen
-        time_ms = round(index * 1000.0 / self._fps, 1) if self._fps > 0 else None
-        return {"frame": index, "time_ms": time_ms, "objects": self._objects(detections, track_ids),
-                **({"errors": errors} if errors else {})}
+        return {"frame": index, "time_ms": self._time_ms(index), **self._detected(True),
+                "objects": self._objects(detections, track_ids), **({"errors": errors} if errors else {})}
+
+    def carry(self, index: int, frame: Any) -> dict[str, Any]:
+        """A frame the detector skips: the tracked objects of the last detected frame, carried on to this one, with
+        their cached attributes; nothing is classified."""
+        height, width = (int(d) for d in frame.shape[:2])
+        detections, track_ids = self._carried.at(index, width, height)
+        self.frames += 1
+        self.objects_seen += len(detections)
+        self.last_new_tracks = 0
+        self.last_classified = {name: 0 for name in self._caches}
+        self.last_cached = {name: len(track_ids) for name in self._caches}
+        return {"frame": index, "time_ms": self._time_ms(index), **self._detected(False),
+                "objects": self._objects(detections, track_ids)}
+
+    def _time_ms(self, index: int) -> float | None:
+        return round(index * 1000.0 / self._fps, 1) if self._fps > 0 else None
+
+    def _detected(self, detected: bool) -> dict[str, bool]:
+        """`detected` in the records of a video whose detector skips frames (detector.interval > 0)."""
+        return {"detected": detected} if self._interval else {}
 
     def _objects(self, detections: Detections, track_ids: np.ndarray) -> list[dict[str, Any]]:
         labels = detections.labels
@@ -164,15 +204,21 @@ class VideoSession:
         frames meet in the detector's batches while the tracker and the classifiers work on an earlier one. A
         detector failure ends the records with an error record (with no frame); the caller adds what follows
         (the summary). `on_frame` runs after each frame (the metrics)."""
-        pending: deque[tuple[int, np.ndarray, asyncio.Future[GraphResult]]] = deque()
+        pending: deque[tuple[int, np.ndarray, asyncio.Future[GraphResult] | None]] = deque()
         try:
             while True:
                 while len(pending) < lookahead and (item := await self._cpu.run(next, frames, None)) is not None:
                     index, frame = item
-                    pending.append((index, frame, asyncio.ensure_future(self._graph.detect(frame))))
+                    detecting = asyncio.ensure_future(self._graph.detect(frame)) if self._detects_next() else None
+                    pending.append((index, frame, detecting))
                 if not pending:
                     return
                 index, frame, detecting = pending.popleft()
+                if detecting is None:  # a frame the detector skips
+                    record = self.carry(index, frame)
+                    on_frame(self)
+                    yield record, frame
+                    continue
                 try:
                     detected = await detecting
                 except DetectorUnavailable as exc:
@@ -183,12 +229,14 @@ class VideoSession:
                 yield record, frame
         finally:
             for *_, detecting in pending:
-                detecting.cancel()
+                if detecting is not None:
+                    detecting.cancel()
 
     def summary(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._started
         return {"summary": {
             "frames": self.frames,
+            **({"detected_frames": self.detected_frames} if self._interval else {}),
             "tracks": len(self.tracks),
             "classifier_calls": dict(self.classifier_calls),
             "objects_seen": self.objects_seen,
@@ -199,6 +247,9 @@ class VideoSession:
 def new_session(graph: InferenceGraph, config: PipelineConfig, fps: float, cpu: CpuWork = INLINE) -> VideoSession:
     """A session with the configured tracker and each classifier's re-inference rules."""
     t = config.ingress.video.tracker
-    params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold, fps or 30.0)
+    interval = config.detector.interval
+    # the tracker sees one frame in interval + 1: its frame rate (which scales its lost-track buffer) is theirs
+    params = TrackerParams(t.activation_threshold, t.lost_track_buffer, t.matching_threshold,
+                           (fps or 30.0) / (interval + 1))
     reinfer = {c.name: (c.reinfer_area_growth, c.reinfer_interval) for c in config.classifiers}
-    return VideoSession(graph, params, graph.routes, reinfer, fps, cpu)
+    return VideoSession(graph, params, graph.routes, reinfer, fps, cpu, interval)
