@@ -1,0 +1,267 @@
+"""Live streams at scale: how many concurrent camera streams the service sustains, DeepStream's own unit.
+
+    python -m bench.streams [--sizes 720p 1080p] [--counts 1 2 4 8] [--intervals 0 2] [--seconds 12] [--rtsp]
+    python -m bench.streams --device cuda --backend torch --fp16 --counts 4 8 12 16 --intervals 0 2   # GPU
+
+Makes an H.264 clip per size (30 fps, a key frame a second, two faces: one moving, one still; encoded with
+PyAV's libx264, so the GPU machine needs no GStreamer), deploys the face workload on a local Ray with the clips as
+its `media_dir` (file sources are played at their own rate, as a camera sends them), or, with `--rtsp`, serves
+them from GStreamer's gst-rtsp-server on 127.0.0.1 (the CPU machine). For each size, detector interval and stream
+count N it starts N streams, follows each one's events for `--seconds`, and records per stream: processed frames
+per second, dropped frames (the stream's own count, of the frames read), and latency from each frame's decode
+(`read_at`) to its events line (p50, p95); and over all: aggregate processed fps, the host's CPU per processed
+frame (every process, from /proc/stat, minus this one) and, on CUDA, the GPU's busy fraction (nvidia-smi,
+sampled). A count is sustained when every stream keeps >= 29 fps processed, <= 1 % dropped and p95 <= 150 ms
+(the issue's limits); the counts go up until one is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from bench.run import busy_cpu_seconds, environment, own_cpu_seconds, pct
+
+SIZES = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
+FPS = 30
+LIMITS = {"min_fps": 29.0, "max_dropped": 0.01, "max_p95_ms": 150.0}
+
+
+def make_clip(path: Path, width: int, height: int, seconds: float, fps: int = FPS) -> Path:
+    """An H.264 MP4 (constrained baseline, a key frame a second, as cameras send): a face moving across the
+    frame over the clip and a second one still, on grey."""
+    import av
+    import cv2
+
+    from tests.media import face_scene
+
+    count = int(seconds * fps)
+    corner = (height - height // 2, width - 3 * width // 4)
+    still = next(face_scene(corner[1], corner[0], 1))  # a smaller face, still, in the lower right quarter
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(fps), "bf": "0",
+                          "profile": "baseline"}
+        for frame in face_scene(width, height, count, travel=0.5):
+            frame[height // 2 :, 3 * width // 4 :] = still
+            for packet in stream.encode(av.VideoFrame.from_ndarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB),
+                                                                   format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+class GpuBusy:
+    """The GPU's busy fraction (nvidia-smi's utilization.gpu), sampled every 200 ms while in use."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout.split()
+                self.samples.append(float(out[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+
+    def __enter__(self) -> GpuBusy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=6)
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+async def follow(client: Any, stream_id: str, seconds: float) -> dict[str, Any]:
+    """One stream's events for `seconds`: processed frames, fps and latencies; then the stream's own counts."""
+    latencies: list[float] = []
+    detected = 0
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(seconds):
+            async with client.stream("GET", f"/v1/streams/{stream_id}/events") as response:
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    record = json.loads(line)
+                    if "summary" in record or "error" in record:
+                        break
+                    latencies.append((time.time() - record["read_at"]) * 1e3)
+                    detected += record.get("detected", True)
+    except TimeoutError:
+        pass
+    wall = time.perf_counter() - start
+    info = (await client.get(f"/v1/streams/{stream_id}")).json()
+    read = max(info.get("frames_read", 0), 1)
+    return {"processed": len(latencies), "fps": round(len(latencies) / wall, 2), "detected": detected,
+            "dropped": round(info.get("dropped_frames", 0) / read, 4), "state": info.get("state"),
+            "latency_p50_ms": round(pct(latencies, 50), 1) if latencies else None,
+            "latency_p95_ms": round(pct(latencies, 95), 1) if latencies else None}
+
+
+async def streams_at_once(url: str, source: str, count: int, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        started = await asyncio.gather(*(client.post("/v1/streams", json={"source": source}) for _ in range(count)))
+        ids = []
+        for response in started:
+            if response.status_code != 201:
+                raise RuntimeError(f"a stream did not start: {response.status_code} {response.text[:300]}")
+            ids.append(response.json()["id"])
+        await asyncio.sleep(1.0)  # past each stream's first frames (the tracker's start, the first detections)
+        cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+        try:
+            per_stream = await asyncio.gather(*(follow(client, i, seconds) for i in ids))
+        finally:
+            cpu = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)
+            await asyncio.gather(*(client.delete(f"/v1/streams/{i}") for i in ids))
+    processed = sum(s["processed"] for s in per_stream)
+    fps = [s["fps"] for s in per_stream]
+    p95 = [s["latency_p95_ms"] or float("inf") for s in per_stream]
+    dropped = [s["dropped"] for s in per_stream]
+    sustained = (min(fps) >= LIMITS["min_fps"] and max(dropped) <= LIMITS["max_dropped"]
+                 and max(p95) <= LIMITS["max_p95_ms"])
+    return {"streams": count, "aggregate_fps": round(processed / seconds, 1), "min_fps": min(fps),
+            "median_fps": round(float(np.median(fps)), 2), "max_dropped": max(dropped), "max_p95_ms": max(p95),
+            "median_p50_ms": round(float(np.median([s["latency_p50_ms"] or float("inf") for s in per_stream])), 1),
+            "host_cpu_ms_per_frame": round(cpu * 1e3 / processed, 1) if processed else None,
+            "sustained": sustained, "per_stream": per_stream}
+
+
+@contextmanager
+def sources(clips: dict[str, Path], rtsp: bool) -> Iterator[dict[str, str]]:
+    """What a stream is started from, per size: the clip's name in the media directory, or its RTSP URL."""
+    if not rtsp:
+        yield {name: clip.name for name, clip in clips.items()}
+        return
+    from tests.media import require_gstreamer, rtsp_server
+
+    require_gstreamer()
+    with rtsp_server(clips) as url:
+        yield {name: f"{url}/{name}" for name in clips}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=list(SIZES))
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--intervals", type=int, nargs="+", default=[0, 2], help="detector.interval values")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long each count is followed")
+    parser.add_argument("--rtsp", action="store_true", help="serve the clips from gst-rtsp-server (CPU machine)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--layout", default="ingress", choices=["separate", "colocated", "ingress"])
+    parser.add_argument("--ingress-replicas", type=int, default=None)
+    parser.add_argument("--all-counts", action="store_true", help="go on after a count that is not sustained")
+    parser.add_argument("--out", default="bench/out/streams.json")
+    opts = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from bench.run import workload_args
+    from serve_app.app import build_app
+
+    media = Path(tempfile.mkdtemp(prefix="bench-streams-"))
+    clip_seconds = opts.seconds + 8.0  # a stream outlives its window (start, warm-up, the last events)
+    clips = {name: make_clip(media / f"{name}.mp4", *SIZES[name], clip_seconds) for name in opts.sizes}
+    result: dict[str, Any] = {"environment": environment(opts), "limits": LIMITS, "fps": FPS, "runs": []}
+    result["environment"]["command"] = "python -m bench.streams " + " ".join(argv or sys.argv[1:])
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8013})
+    try:
+        with sources(clips, opts.rtsp) as named, GpuBusy() if opts.device != "cpu" else _Nothing() as busy:
+            for interval in opts.intervals:
+                args = workload_args("face", opts.device, opts.backend, opts.fp16, 112)
+                args["layout"] = opts.layout
+                args["detector"]["interval"] = interval
+                args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": max(opts.counts),
+                                              "allowed_hosts": ["127.0.0.1"]}
+                if opts.ingress_replicas:
+                    args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
+                serve.run(build_app(args), name="streams-bench", route_prefix="/")
+                url = "http://127.0.0.1:8013"
+                for size in opts.sizes:
+                    asyncio.run(streams_at_once(url, named[size], 1, 2.0))  # warm-up
+                    for count in sorted(opts.counts):
+                        samples = len(busy.samples)
+                        run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds))
+                        run |= {"size": size, "interval": interval,
+                                "gpu_busy": _mean(busy.samples[samples:])}
+                        result["runs"].append(run)
+                        print(_row(run), flush=True)
+                        if not run["sustained"] and not opts.all_counts:
+                            break
+                serve.delete("streams-bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result["largest_sustained"] = {f"{size} interval {interval}": max(
+        (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval and r["sustained"]),
+        default=0) for size in opts.sizes for interval in opts.intervals}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(result, indent=2))
+    print(report(result))
+    return 0
+
+
+class _Nothing:
+    samples: list[float] = []
+
+    def __enter__(self) -> _Nothing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _mean(samples: list[float]) -> float | None:
+    return round(sum(samples) / len(samples), 1) if samples else None
+
+
+HEADER = ("| size | interval | streams | aggregate fps | fps per stream (min, median) | dropped (max) | latency p50 / "
+          "p95 ms | host CPU ms/frame | GPU busy % | sustained |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(run: dict[str, Any]) -> str:
+    return (f"| {run['size']} | {run['interval']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
+            f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
+            f"{run['host_cpu_ms_per_frame']} | {run['gpu_busy'] if run['gpu_busy'] is not None else '-'} | "
+            f"{'yes' if run['sustained'] else 'no'} |")
+
+
+def report(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [f"{env.get('gpu', env['cpu_model'])} ({env['cpus']} CPUs), {env['date']}: `{env['command']}`", "",
+             HEADER, *(_row(r) for r in result["runs"]), "",
+             "Largest count sustained (>= 29 fps each, <= 1 % dropped, p95 <= 150 ms): " +
+             ", ".join(f"{k}: {v}" for k, v in result["largest_sustained"].items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
