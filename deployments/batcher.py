@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -111,3 +111,69 @@ class GreedyBatcher(Generic[T, R]):
                     queue_ms = (started - entry.enqueued) * 1e3
                     entry.future.set_result(Batched(result, queue_ms, compute_ms, size, timing))
             await asyncio.sleep(0)  # let calls that arrived during the compute join the next batch
+
+
+class Muxer(Generic[T, R]):
+    """nvstreammux's rule for work that is itself awaited (a handle call carrying a batch of frames): a batch goes
+    when it holds `full()` items (the sources that are live, say; at most `max_batch_size`) or when its oldest
+    item has waited `push_timeout_s` (nvstreammux's batched-push-timeout; 0: at once, with whatever queued while
+    the previous batch was out). One batch is out at a time. `run_batch(items)` returns one result per item, in
+    order; a failure fails every item of its batch, and the muxer lives on."""
+
+    def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[R]]], max_batch_size: int,
+                 push_timeout_s: float, full: Callable[[], int] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._run_batch = run_batch
+        self._max = max_batch_size
+        self._timeout = push_timeout_s
+        self._full = full or (lambda: max_batch_size)
+        self._pending: deque[_Pending[T, R]] = deque()
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+        self.largest = 0
+
+    async def submit(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        entry: _Pending[T, R] = _Pending(item, 1, loop.create_future(), time.perf_counter())
+        self._pending.append(entry)
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return (await entry.future).result
+
+    def _target(self) -> int:
+        return max(1, min(self._full(), self._max))
+
+    async def _drain(self) -> None:
+        while self._pending:
+            deadline = self._pending[0].enqueued + self._timeout
+            while len(self._pending) < self._target() and (left := deadline - time.perf_counter()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+            batch = [self._pending.popleft() for _ in range(min(self._max, len(self._pending)))]
+            batch = [e for e in batch if not e.future.done()]  # callers that gave up
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                results = await self._run_batch([e.item for e in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
+            except Exception as exc:  # noqa: BLE001 - the batch shares the failure
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            self.largest = max(self.largest, len(batch))
+            compute_ms = (time.perf_counter() - started) * 1e3
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    entry.future.set_result(Batched(result, (started - entry.enqueued) * 1e3, compute_ms, len(batch)))

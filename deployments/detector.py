@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from ray import serve
 
@@ -20,6 +22,10 @@ class Detector:
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
         return await self._stage.detect(image)
+
+    async def detect_many(self, images: list[np.ndarray | bytes]) -> list[DetectorResult]:
+        """Frames of several streams in one call (the streams' muxer): they reach the engine's batcher together."""
+        return list(await asyncio.gather(*(self._stage.detect(image) for image in images)))
 
     async def check_health(self) -> None:
         """Serve calls this periodically: a replica whose engine cannot run a blank frame is restarted."""

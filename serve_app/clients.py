@@ -89,6 +89,10 @@ class RemoteDetector:
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
         return await awaited(self._handle.call(self._method, image))
 
+    async def detect_many(self, images: list[np.ndarray | bytes]) -> list[DetectorResult]:
+        """Several frames in one call (`<method>_many`): the stream muxer's batches."""
+        return await awaited(self._handle.call(f"{self._method}_many", images))
+
 
 async def _retried_once(name: str, call: Callable[[], Any]) -> tuple[Any, int]:
     """Await `call()`; once more if the replica died under it (Serve routes the retry to a live replica,

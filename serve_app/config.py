@@ -81,6 +81,19 @@ class VideoConfig(StrictModel):
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
 
+class MuxerConfig(StrictModel):
+    """How the frames of live streams meet at the detector (DeepStream's nvstreammux)."""
+
+    batch_size: int = Field(16, ge=1, le=256, description="the most frames, of different streams, in one detector "
+                            "call; a batch is full when it holds a frame of every running stream (nvstreammux's "
+                            "batch-size)")
+    batched_push_timeout_ms: float = Field(
+        33.0, ge=0, le=10_000,
+        description="a batch that is not full goes after its first frame has waited this long (nvstreammux's "
+        "batched-push-timeout; 33: a frame at 30 fps); 0: at once, with what queued while the last batch was out",
+    )
+
+
 class StreamsConfig(StrictModel):
     """POST /v1/streams: which sources may be opened, how many at once, and the deployment that holds them."""
 
@@ -94,6 +107,7 @@ class StreamsConfig(StrictModel):
         "this host's own addresses (all refused by default: a client must not make the service fetch internal "
         "addresses)")
     max_streams: int = Field(4, ge=1, le=256, description="streams running or opening at once; more get 429")
+    muxer: MuxerConfig = Field(default_factory=MuxerConfig)
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="a source whose frames are larger (declared at the "
                                   "open: 413; met later: the stream fails) is refused; frames are scaled to the "
                                   "detector's max_detect_side as they are decoded")

@@ -3,6 +3,7 @@ metrics), handed to the routers of serve_app/routes through the app's `services`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -109,6 +110,9 @@ class Ingress:
         if not isinstance(detector, DetectorStage):
             raise RuntimeError("this ingress holds no detector (layout is not ingress)")
         return await detector.detect(image)
+
+    async def detect_stage_many(self, images: list[np.ndarray | bytes]) -> list[DetectorResult]:
+        return list(await asyncio.gather(*(self.detect_stage(image) for image in images)))
 
     async def classify_stage(self, name: str, crops: np.ndarray) -> ClassifierResult:
         stage = self._wiring.classifiers.get(name)

@@ -100,6 +100,9 @@ class PipelineDescription(BaseModel):
     limits: dict[str, int]
     frames: str = Field("host", description="where an image is decoded, cropped and classified: `host`, or the "
                         "device that holds it from decode to answer (ingress.frames_on_device)")
+    streams: dict[str, Any] | None = Field(None, description="the streams deployment: streams held, opening, "
+                                           "listeners, and its muxer's batches (frames of all streams per detector "
+                                           "call); null where streams are off")
 
 
 class BatchResponse(BaseModel):

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
 from engines.tracking import Tracker
+from serve_app.clients import RemoteDetector
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError
 from serve_app.graph import InferenceGraph
 from serve_app.offload import CpuWork
+from serve_app.stream_muxer import MuxedDetector
 from serve_app.streams import LiveStream, StreamRefusal, StreamRegistry
 from serve_app.telemetry import StreamMetrics
 from serve_app.video_session import VideoSession, new_session
@@ -38,11 +41,13 @@ class Streams:
         """The model deployments' handles (layouts separate and colocated); none in layout ingress."""
         self._config = config
         self._cpu = CpuWork(config.cpu_work)
-        self._wiring: Wiring | None = remote(config, detector, classifiers or {}, pool) if detector is not None else None
-        self._graph: InferenceGraph | None = self._wiring.graph(config, self._cpu) if self._wiring else None
         self._metrics = StreamMetrics()
         self._registry = StreamRegistry(config.ingress.streams, self._new_session, config.detector.max_detect_side,
                                         self._on_frame, self._on_end)
+        self._muxer: MuxedDetector | None = None
+        self._graph: InferenceGraph | None = None
+        if detector is not None:
+            self._graph = self._muxed(remote(config, detector, classifiers or {}, pool))
         # The tracker's library is imported now: imported at a stream's first frame it held this replica's event
         # loop for 1-7 s (a loaded 2-core box), so the 201 came after most of a short clip had gone unwatched.
         Tracker()
@@ -50,9 +55,15 @@ class Streams:
     def _graph_now(self) -> InferenceGraph:
         if self._graph is None:  # layout ingress: the models are in the ingress replicas
             app = serve.get_replica_context().app_name
-            self._wiring = through_ingress(self._config, serve.get_deployment_handle("ingress", app_name=app))
-            self._graph = self._wiring.graph(self._config, self._cpu)
+            self._graph = self._muxed(through_ingress(self._config, serve.get_deployment_handle("ingress", app_name=app)))
         return self._graph
+
+    def _muxed(self, wiring: Wiring) -> InferenceGraph:
+        """The streams' graph: the frames of all streams go to the detector in batches (serve_app/stream_muxer.py)."""
+        if not isinstance(wiring.detector, RemoteDetector):
+            raise TypeError(f"the streams deployment reaches its detector by handle, not {type(wiring.detector)}")
+        self._muxer = MuxedDetector(wiring.detector, self._config.ingress.streams.muxer, self._registry.running)
+        return replace(wiring, detector=self._muxer).graph(self._config, self._cpu)
 
     def _new_session(self, fps: float) -> VideoSession:
         return new_session(self._graph_now(), self._config, fps, self._cpu)
@@ -104,7 +115,8 @@ class Streams:
 
     async def describe(self) -> dict[str, Any]:
         return {"streams": len(self._registry.list()), "max_streams": self._config.ingress.streams.max_streams,
-                "opening": self._registry.opening, "listeners": self._registry.listening}
+                "opening": self._registry.opening, "listeners": self._registry.listening,
+                "muxer": self._muxer.stats() if self._muxer else None}
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: end the streams (their listeners get the summary)."""

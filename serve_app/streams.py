@@ -162,7 +162,8 @@ class StreamRegistry:
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
 
-    def _running(self) -> int:
+    def running(self) -> int:
+        """Streams running now (also the muxer's full batch)."""
         return sum(s.state == "running" for s in self._streams.values())
 
     @property
@@ -172,8 +173,8 @@ class StreamRegistry:
     async def start(self, text: str) -> LiveStream:
         source = parse_source(text, self._config)
         # the slot is taken before anything is awaited: concurrent starts cannot pass the limit together
-        if self._running() + self._opening >= self._config.max_streams:
-            raise InputError(429, "too_many_streams", f"{self._running() + self._opening} streams are running or "
+        if self.running() + self._opening >= self._config.max_streams:
+            raise InputError(429, "too_many_streams", f"{self.running() + self._opening} streams are running or "
                              f"starting; the limit is {self._config.max_streams} (ingress.streams.max_streams)")
         self._opening += 1
         opening = _Opening(source)

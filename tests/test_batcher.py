@@ -123,3 +123,64 @@ def test_a_caller_that_gave_up_is_dropped_from_the_next_batch() -> None:
         assert recorder.batches == [["a"], ["kept"]]
 
     asyncio.run(scenario())
+
+
+def _muxer_run(full: int, timeout_s: float, arrivals: list[float]) -> tuple[list[list[int]], list[int]]:
+    """Items submitted at `arrivals` (seconds after the start); the batches the muxer sent and each item's result."""
+    from deployments.batcher import Muxer
+
+    batches: list[list[int]] = []
+
+    async def run_batch(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        await asyncio.sleep(0.01)
+        return [i * 10 for i in items]
+
+    async def main() -> list[int]:
+        muxer = Muxer(run_batch, max_batch_size=4, push_timeout_s=timeout_s, full=lambda: full)
+
+        async def one(i: int, at: float) -> int:
+            await asyncio.sleep(at)
+            return await muxer.submit(i)
+
+        return list(await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals))))
+
+    return batches, asyncio.run(main())
+
+
+def test_the_muxer_waits_for_a_frame_of_every_stream() -> None:
+    """Three streams, their frames arriving 0.05 s apart, a push timeout far longer: one batch of all three."""
+    batches, results = _muxer_run(full=3, timeout_s=30.0, arrivals=[0.0, 0.05, 0.1])
+    assert batches == [[0, 1, 2]] and results == [0, 10, 20]
+
+
+def test_the_muxer_sends_what_it_has_when_the_push_timeout_passes() -> None:
+    """A third stream that sends nothing: after the timeout the batch goes with the two frames it has."""
+    batches, results = _muxer_run(full=3, timeout_s=0.05, arrivals=[0.0, 0.0])
+    assert batches == [[0, 1]] and results == [0, 10]
+
+
+def test_a_full_muxer_batch_goes_at_once_and_holds_no_more_than_its_size() -> None:
+    batches, _ = _muxer_run(full=99, timeout_s=30.0, arrivals=[0.0] * 6 + [0.5, 0.5])
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7]]  # full at four; the last two wait for the late pair
+
+
+def test_a_failing_muxer_batch_fails_its_items_and_the_next_batch_runs() -> None:
+    from deployments.batcher import Muxer
+
+    async def main() -> tuple[BaseException | int, ...]:
+        calls = 0
+
+        async def run_batch(items: list[int]) -> list[int]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("the detector failed")
+            return items
+
+        muxer = Muxer(run_batch, max_batch_size=4, push_timeout_s=0.0)
+        first = await asyncio.gather(muxer.submit(1), muxer.submit(2), return_exceptions=True)
+        return (*first, await muxer.submit(3))
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError) and third == 3

@@ -89,21 +89,21 @@ def test_undecodable_bytes_with_a_good_header_are_a_400(apps: tuple[str, str]) -
 
 
 def test_concurrent_requests_batched_on_the_device_each_get_their_own_answer(apps: tuple[str, str]) -> None:
-    """Six requests at once (their JPEGs decoded together, their crops cut together): each answer is the one its
+    """Four requests at once (their JPEGs decoded together, their crops cut together): each answer is the one its
     image gets alone."""
     import asyncio
 
-    images = [encode(collage(), ".jpg"), encode(many_faces(), ".jpg"), phone_photo(collage(), 6)]
+    images = [encode(collage(), ".jpg"), phone_photo(collage(), 6)]
     alone = [_infer(apps[0], image, "image/jpeg") for image in images]
 
     async def at_once() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=apps[0], timeout=120) as client:
-            return await asyncio.gather(*(client.post("/v1/infer", content=images[i % 3],
-                                                      headers={"Content-Type": "image/jpeg"}) for i in range(6)))
+            return await asyncio.gather(*(client.post("/v1/infer", content=images[i % 2],
+                                                      headers={"Content-Type": "image/jpeg"}) for i in range(4)))
 
     for i, response in enumerate(asyncio.run(at_once())):
         assert response.status_code == 200, response.text
-        got, expected = response.json(), alone[i % 3]
+        got, expected = response.json(), alone[i % 2]
         assert got["image"] == expected["image"] and len(got["objects"]) == len(expected["objects"])
         for ours, theirs in zip(got["objects"], expected["objects"]):
             assert ours["box"] == theirs["box"] and ours["attributes"] == theirs["attributes"]

@@ -18,7 +18,7 @@ def test_schemathesis_finds_nothing_the_document_does_not_say(demo_app: str, tmp
     st = Path(sys.executable).with_name("st")
     run = subprocess.run(
         [str(st), "run", f"{demo_app}/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-         "--max-examples", "6", "--max-time", "45", "--request-timeout", "30", "--workers", "1",
+         "--max-examples", "6", "--max-time", "25", "--request-timeout", "30", "--workers", "1",
          "--generation-deterministic", "--no-color", "--report-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its .schemathesis cache stays out of the checkout
     )

@@ -25,7 +25,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def streams_app(serve_url: str, media: Path) -> Iterator[str]:
     args = small(demo_args())
-    args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2}
+    # the muxer waits (up to 5 s) for a frame of every running stream: two streams' frames go in one detector call
+    args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2,
+                                  "muxer": {"batched_push_timeout_ms": 5000}}
     with deployed(serve_url, "streams", args) as url:
         yield url
 
@@ -110,3 +112,17 @@ def test_a_stream_that_reaches_its_end_reports_ended(client: httpx.Client, media
     assert info["state"] == "ended" and info["frames_read"] == 25
     assert info["frames_processed"] + info["dropped_frames"] == 25  # every frame processed or counted as dropped
     client.delete(f"/v1/streams/{stream['id']}")
+
+
+def test_the_frames_of_two_streams_reach_the_detector_in_one_call(client: httpx.Client) -> None:
+    """nvstreammux's batch: with two streams running, each detector call carries a frame of each."""
+    ids = [client.post("/v1/streams", json={"source": "two.mp4"}).json()["id"] for _ in range(2)]
+    try:
+        for stream_id in ids:
+            records = _events(client, stream_id, frames=4)
+            assert all("error" not in r for r in records), records
+        muxer = client.get("/v1/pipeline").json()["streams"]["muxer"]
+    finally:
+        for stream_id in ids:
+            client.delete(f"/v1/streams/{stream_id}")
+    assert muxer["largest_batch"] == 2 and muxer["frames"] >= 8, muxer

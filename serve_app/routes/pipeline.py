@@ -43,7 +43,7 @@ class PipelineService:
         self._health = health  # engines held in the ingress replica
         self.deployments = deployments  # the ingress and what it calls
 
-    async def describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def describe_all(self, timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
         """Every deployment's description; raises NotReady naming each one that did not answer in time."""
         async def ask(describe: Callable[[], Awaitable[Any]]) -> Any:
             async with asyncio.timeout(timeout_s):
@@ -66,9 +66,10 @@ class PipelineService:
                 continue
             answer = described[name]  # the shared `classifiers` deployment answers for all of them
             classifiers.extend(answer if isinstance(answer, list) else [answer])
-        return described["detector"], classifiers
+        return described["detector"], classifiers, described.get("streams")
 
-    def description(self, detector: dict[str, Any], classifiers: list[dict[str, Any]]) -> PipelineDescription:
+    def description(self, detector: dict[str, Any], classifiers: list[dict[str, Any]],
+                    streams: dict[str, Any] | None = None) -> PipelineDescription:
         limits = self._config.ingress
         return PipelineDescription(
             mode=limits.mode,
@@ -79,6 +80,7 @@ class PipelineService:
             limits={"max_body_bytes": limits.max_body_bytes, "max_image_pixels": limits.max_image_pixels,
                     "max_batch_images": limits.max_batch_images},
             frames=self._frames,
+            streams=streams,
         )
 
 
@@ -89,10 +91,10 @@ async def pipeline(request: Request) -> PipelineDescription | JSONResponse:
     service = services(request).pipeline
     try:
         async with services(request).gate.admit():
-            detector, classifiers = await service.describe_all(10.0)
+            detector, classifiers, streams = await service.describe_all(10.0)
     except NotReady as exc:  # a deployment is down or still starting
         return error(503, "pipeline_unavailable", str(exc))
-    return service.description(detector, classifiers)
+    return service.description(detector, classifiers, streams)
 
 
 @router.get("/healthz", response_model=Health, responses=errors(503))

@@ -1,0 +1,36 @@
+"""The frames of live streams batched before the detector, as DeepStream's nvstreammux batches its sources.
+
+Each stream's loop asks for one frame's detections at a time; here those requests wait (`Muxer`) until the batch
+holds a frame of every running stream, or its first frame has waited `batched_push_timeout_ms`, and go to the
+detector in one handle call (`detect_many`), which hands them to the engine's batcher together. Without it the
+streams' frames met at the detector only when their calls happened to overlap, one handle call each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from deployments.batcher import Muxer
+from deployments.results import DetectorResult
+from serve_app.clients import RemoteDetector
+from serve_app.config import MuxerConfig
+
+
+class MuxedDetector:
+    """A `DetectorClient` for the streams' graph: `detect` through the muxer."""
+
+    def __init__(self, detector: RemoteDetector, config: MuxerConfig, running: Callable[[], int]) -> None:
+        self._muxer: Muxer[np.ndarray | bytes, DetectorResult] = Muxer(
+            detector.detect_many, config.batch_size, config.batched_push_timeout_ms / 1e3, running)
+
+    async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
+        return await self._muxer.submit(image)
+
+    def stats(self) -> dict[str, Any]:
+        """Batches sent, frames in them, the largest."""
+        m = self._muxer
+        return {"batches": m.batches, "frames": m.items, "largest_batch": m.largest,
+                "mean_batch": round(m.items / m.batches, 2) if m.batches else None}
