@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import demo_args
+from tests.conftest import demo_args, deployed
 from tests.images import ASTRONAUT
 from tests.onnx_models import broken_classifier, constant_yolo, slow_classifier, v8_rows
 
@@ -23,10 +23,6 @@ SMALL = {"num_cpus": 0.1, "num_gpus": 0}
 def fault_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """gender and emotion, plus `slow` (about 1 s a call on this machine, two replicas): a classifier whose
     calls are still in flight when one of its replicas is killed."""
-    from ray import serve
-
-    from serve_app.app import build_app
-
     args = demo_args()
     args["ingress"]["deployment"] = {**SMALL, "env_vars": {"PIPELINE_API_TOKEN": "s3cret-token"}}
     args["detector"]["deployment"] = SMALL
@@ -36,9 +32,8 @@ def fault_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     slow.pop("labels_file", None)
     args["classifiers"] = [{**c, "deployment": SMALL} for c in args["classifiers"] if c["name"] in ("gender", "emotion")]
     args["classifiers"].append({**slow, "deployment": {**SMALL, "num_replicas": 2}})
-    serve.run(build_app(args), name="faults", route_prefix="/faults")
-    yield f"{serve_url}/faults"
-    serve.delete("faults")
+    with deployed(serve_url, "faults", args) as url:
+        yield url
 
 
 AUTH = {"Authorization": "Bearer s3cret-token"}
@@ -128,10 +123,6 @@ def test_killing_a_classifier_replica_under_load_loses_no_request(fault_app: str
 
 @pytest.fixture(scope="module")
 def failing_detector_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
     models = tmp_path_factory.mktemp("faulty-detector")
     # class 4, but only one class name: every real photo fails, while the blank health probe sees nothing
     rows = v8_rows([(3, 3, 1.6, 1.6, 4, 0.9)], num_classes=5)
@@ -145,9 +136,8 @@ def failing_detector_app(serve_url: str, tmp_path_factory: pytest.TempPathFactor
         },
         "classifiers": [],
     }
-    serve.run(build_app(args), name="baddet", route_prefix="/baddet")
-    yield f"{serve_url}/baddet"
-    serve.delete("baddet")
+    with deployed(serve_url, "baddet", args) as url:
+        yield url
 
 
 def test_detector_failure_is_a_503_with_a_clear_message(failing_detector_app: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import demo_args
+from tests.conftest import demo_args, deployed
 from tests.images import ASTRONAUT, collage, encode
 from tests.onnx_models import fails_on_bright_classifier
 
@@ -29,30 +29,20 @@ def _small(args: dict) -> dict:
 @pytest.fixture(scope="module")
 def colocated_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Face demo, classifiers in one deployment, plus one classifier that fails on every real photo."""
-    from ray import serve
-
-    from serve_app.app import build_app
-
     args = _small({**demo_args(), "layout": "colocated"})
     gender = next(c for c in args["classifiers"] if c["name"] == "gender")
     model = fails_on_bright_classifier(tmp_path_factory.mktemp("colocated") / "broken.onnx")
     args["classifiers"].append({**gender, "name": "broken", "model": str(model)})
-    serve.run(build_app(args), name="colocated", route_prefix="/colocated")
-    yield f"{serve_url}/colocated"
-    serve.delete("colocated")
+    with deployed(serve_url, "colocated", args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def ingress_app(serve_url: str) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
     args = _small({**demo_args(), "layout": "ingress"})
     args["ingress"]["cpu_work"] = "threads"  # every other app here runs its CPU work on the loop (the default)
-    serve.run(build_app(args), name="inproc", route_prefix="/inproc")
-    yield f"{serve_url}/inproc"
-    serve.delete("inproc")
+    with deployed(serve_url, "inproc", args) as url:
+        yield url
 
 
 def _infer(base: str, body: bytes, **params: str) -> dict:

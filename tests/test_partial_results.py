@@ -7,17 +7,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import demo_args
+from tests.conftest import demo_args, deployed
 from tests.images import ASTRONAUT
 from tests.onnx_models import fails_on_bright_classifier
 
 
 @pytest.fixture(scope="module")
 def faulty_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
     args = demo_args()
     small = {"num_cpus": 0.1, "num_gpus": 0}
     gender = next(c for c in args["classifiers"] if c["name"] == "gender")
@@ -32,9 +28,8 @@ def faulty_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "detector": {**args["detector"], "deployment": small},
         "classifiers": [{**c, "deployment": small} for c in (gender, broken, hurried)],
     }
-    serve.run(build_app(config), name="faulty", route_prefix="/faulty")
-    yield f"{serve_url}/faulty"
-    serve.delete("faulty")
+    with deployed(serve_url, "faulty", config) as url:
+        yield url
 
 
 def test_failing_and_timed_out_classifiers_do_not_lose_the_others(faulty_app: str) -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from engines import EngineError, create_engine
 from engines.yolo import Yolo, YoloParams, class_aware_nms, decode, infer_layout, letterbox
-from tests.conftest import ROOT
+from tests.conftest import ROOT, deployed
 from tests.images import encode
 from tests.onnx_models import constant_yolo, mean_colour_classifier, v8_rows
 
@@ -112,13 +112,8 @@ def vehicles_args(models: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def vehicles_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    serve.run(build_app(vehicles_args(tmp_path_factory.mktemp("vehicles"))), name="vehicles", route_prefix="/vehicles")
-    yield f"{serve_url}/vehicles"
-    serve.delete("vehicles")
+    with deployed(serve_url, "vehicles", vehicles_args(tmp_path_factory.mktemp("vehicles"))) as url:
+        yield url
 
 
 def test_example_vehicle_pipeline_classifies_only_vehicles(vehicles_app: str) -> None:
