@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--layout", default="ingress", choices=["separate", "colocated", "ingress"])
     parser.add_argument("--ingress-replicas", type=int, default=None)
+    parser.add_argument("--muxer-batch-sizes", type=int, nargs="+", default=[16],
+                        help="ingress.streams.muxer.batch_size values (1: a handle call per frame)")
+    parser.add_argument("--push-timeout-ms", type=float, default=None,
+                        help="ingress.streams.muxer.batched_push_timeout_ms (default: the config's)")
     parser.add_argument("--all-counts", action="store_true", help="go on after a count that is not sustained")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
@@ -195,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": 8013})
     try:
         with sources(clips, opts.rtsp) as named, GpuBusy() if opts.device != "cpu" else _Nothing() as busy:
-            for interval in opts.intervals:
+            for interval, muxer_batch in [(i, b) for i in opts.intervals for b in opts.muxer_batch_sizes]:
                 args = workload_args("face", opts.device, opts.backend, opts.fp16, 112)
                 args["layout"] = opts.layout
                 args["detector"]["interval"] = interval
+                muxer: dict[str, Any] = {"batch_size": muxer_batch}
+                if opts.push_timeout_ms is not None:
+                    muxer["batched_push_timeout_ms"] = opts.push_timeout_ms
                 args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": max(opts.counts),
-                                              "allowed_hosts": ["127.0.0.1"]}
+                                              "allowed_hosts": ["127.0.0.1"], "muxer": muxer}
                 if opts.ingress_replicas:
                     args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
                 serve.run(build_app(args), name="streams-bench", route_prefix="/")
@@ -210,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                     for count in sorted(opts.counts):
                         samples = len(busy.samples)
                         run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds))
-                        run |= {"size": size, "interval": interval,
-                                "gpu_busy": _mean(busy.samples[samples:])}
+                        run |= {"size": size, "interval": interval, "muxer_batch_size": muxer_batch,
+                                "gpu_busy": _mean(busy.samples[samples:]), "muxer": asyncio.run(_muxer(url))}
                         result["runs"].append(run)
                         print(_row(run), flush=True)
                         if not run["sustained"] and not opts.all_counts:
@@ -220,13 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result["largest_sustained"] = {f"{size} interval {interval}": max(
-        (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval and r["sustained"]),
-        default=0) for size in opts.sizes for interval in opts.intervals}
+    result["largest_sustained"] = {f"{size} interval {interval} muxer {b}": max(
+        (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
+         and r["muxer_batch_size"] == b and r["sustained"]), default=0)
+        for size in opts.sizes for interval in opts.intervals for b in opts.muxer_batch_sizes}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2))
     print(report(result))
     return 0
+
+
+async def _muxer(url: str) -> dict[str, Any] | None:
+    """The streams muxer's counts so far (GET /v1/pipeline)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return ((await client.get("/v1/pipeline")).json().get("streams") or {}).get("muxer")
 
 
 class _Nothing:
@@ -243,12 +259,12 @@ def _mean(samples: list[float]) -> float | None:
     return round(sum(samples) / len(samples), 1) if samples else None
 
 
-HEADER = ("| size | interval | streams | aggregate fps | fps per stream (min, median) | dropped (max) | latency p50 / "
-          "p95 ms | host CPU ms/frame | GPU busy % | sustained |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| size | interval | muxer batch | streams | aggregate fps | fps per stream (min, median) | dropped (max) | latency p50 / "
+          "p95 ms | host CPU ms/frame | GPU busy % | sustained |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(run: dict[str, Any]) -> str:
-    return (f"| {run['size']} | {run['interval']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
+    return (f"| {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
             f"{run['host_cpu_ms_per_frame']} | {run['gpu_busy'] if run['gpu_busy'] is not None else '-'} | "
             f"{'yes' if run['sustained'] else 'no'} |")
