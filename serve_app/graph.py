@@ -280,7 +280,9 @@ class InferenceGraph:
 
         # the independent classifiers: cropped now, all sent at once
         wanted = [(r, i) for r in roots if len(i := out.detections.select(r.labels, r.min_width, r.min_height))]
-        if self._cut_on_device is not None and not isinstance(frame, np.ndarray):
+        if not wanted:
+            crops = []
+        elif self._cut_on_device is not None and not isinstance(frame, np.ndarray):
             crops = await self._cut_on_device(frame, out.detections.xyxy, wanted)
         else:
             crops = await self._cpu.run(cut_each_spec_once, frame, out.detections.xyxy, wanted)
