@@ -42,6 +42,20 @@ class _Pending(Generic[T, R]):
     enqueued: float
 
 
+def _settle(batch: list[_Pending[T, R]], results: Sequence[R], started: float, compute_ms: float, size: int,
+            timing: RunTiming | None = None) -> None:
+    """Each waiting caller gets its own result (callers that gave up are skipped)."""
+    for entry, result in zip(batch, results):
+        if not entry.future.done():
+            entry.future.set_result(Batched(result, (started - entry.enqueued) * 1e3, compute_ms, size, timing))
+
+
+def _fail(batch: list[_Pending[T, R]], exc: Exception) -> None:
+    for entry in batch:
+        if not entry.future.done():
+            entry.future.set_exception(exc)
+
+
 class GreedyBatcher(Generic[T, R]):
     """Runs `run_batch(items) -> Pending[results]` (one result per item, in order) on `executor`.
 
@@ -99,17 +113,12 @@ class GreedyBatcher(Generic[T, R]):
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
             except Exception as exc:  # the whole batch shares the failure; the batcher lives on
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
+                _fail(batch, exc)
                 continue
             size = sum(e.size for e in batch)
             if self._on_batch is not None:
                 self._on_batch(size, compute_ms)
-            for entry, result in zip(batch, results):
-                if not entry.future.done():
-                    queue_ms = (started - entry.enqueued) * 1e3
-                    entry.future.set_result(Batched(result, queue_ms, compute_ms, size, timing))
+            _settle(batch, results, started, compute_ms, size, timing)
             await asyncio.sleep(0)  # let calls that arrived during the compute join the next batch
 
 
@@ -166,14 +175,9 @@ class Muxer(Generic[T, R]):
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
             except Exception as exc:  # noqa: BLE001 - the batch shares the failure
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
+                _fail(batch, exc)
                 continue
             self.batches += 1
             self.items += len(batch)
             self.largest = max(self.largest, len(batch))
-            compute_ms = (time.perf_counter() - started) * 1e3
-            for entry, result in zip(batch, results):
-                if not entry.future.done():
-                    entry.future.set_result(Batched(result, (started - entry.enqueued) * 1e3, compute_ms, len(batch)))
+            _settle(batch, results, started, (time.perf_counter() - started) * 1e3, len(batch))
