@@ -62,7 +62,7 @@ def deployed(serve_url: str, name: str, args: dict[str, Any]) -> Iterator[str]:
     try:
         yield f"{serve_url}/{name}"
     finally:
-        serve.delete(name, _blocking=False)  # the next module deploys while these replicas stop
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")
