@@ -67,20 +67,17 @@ class CarriedBoxes:
         self._ids = np.zeros(0, np.int64)
         self._index = 0
         self._velocity = np.zeros((0, 4), np.float32)  # pixels per frame, per carried track
-        self._last: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, box) of its last detection
 
     def observe(self, index: int, detections: Detections, track_ids: np.ndarray) -> None:
         """A detected frame: its objects and their track ids (from `Tracker.update`)."""
+        before = self._index
+        previous = {} if self._seen is None else dict(zip(self._ids.tolist(), self._seen.xyxy))
         rows = np.flatnonzero(track_ids >= 0)
         self._seen, self._ids, self._index = detections[rows], track_ids[rows].astype(np.int64), index
-        velocity = np.zeros((len(rows), 4), np.float32)
-        last = {}
+        self._velocity = np.zeros((len(rows), 4), np.float32)
         for k, (track, box) in enumerate(zip(self._ids.tolist(), self._seen.xyxy)):
-            if track in self._last and index > self._last[track][0]:
-                before, old = self._last[track]
-                velocity[k] = (box - old) / (index - before)
-            last[track] = (index, box.copy())
-        self._velocity, self._last = velocity, last
+            if track in previous and index > before:
+                self._velocity[k] = (box - previous[track]) / (index - before)
 
     def at(self, index: int, width: int, height: int) -> tuple[Detections, np.ndarray]:
         """The carried objects on frame `index` (after the last observed one) of a `width` x `height` frame, and
