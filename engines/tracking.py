@@ -15,6 +15,16 @@ import numpy as np
 from engines.detections import Detections
 
 
+def tracker_unavailable() -> str | None:
+    """Why no tracker can be made in this process (its library is missing), or None. It imports the library, so
+    a replica that calls it at start does not pay for the import at its first tracked frame."""
+    try:
+        import supervision  # noqa: F401
+    except ImportError as exc:
+        return f"the tracker needs supervision==0.23.0, which this environment lacks ({exc})"
+    return None
+
+
 @dataclass(frozen=True)
 class TrackerParams:
     activation_threshold: float = 0.25  # detections above it start tracks

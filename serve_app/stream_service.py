@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from engines.tracking import Tracker
+from engines.tracking import tracker_unavailable
 from serve_app.clients import RemoteDetector
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError
@@ -50,7 +50,10 @@ class Streams:
             self._graph = self._muxed(remote(config, detector, classifiers or {}, pool))
         # The tracker's library is imported now: imported at a stream's first frame it held this replica's event
         # loop for 1-7 s (a loaded 2-core box), so the 201 came after most of a short clip had gone unwatched.
-        Tracker()
+        # Where it is missing (a trimmed environment), the replica still starts, and every start says why not.
+        self._unavailable = tracker_unavailable()
+        if self._unavailable:
+            logger.warning("live streams are unavailable: %s", self._unavailable)
 
     def _graph_now(self) -> InferenceGraph:
         if self._graph is None:  # layout ingress: the models are in the ingress replicas
@@ -77,6 +80,8 @@ class Streams:
         self._metrics.forget(stream.id)
 
     async def start(self, source: str) -> dict[str, Any] | StreamRefusal:
+        if self._unavailable:
+            return StreamRefusal(503, "streams_unavailable", f"live streams are unavailable: {self._unavailable}")
         try:
             return (await self._registry.start(source)).describe()
         except InputError as exc:

@@ -247,3 +247,27 @@ def test_a_stream_whose_detector_always_fails_ends_failed_with_its_reason(failin
     assert records[-1]["summary"]["state"] == "failed" and records[-2]["error"]["code"] == "detector_unavailable"
     _scrape_until(f"http://127.0.0.1:{metrics_port}/metrics",
                   [r'^ray_pipeline_stream_frames_total\{.*application="faildet".*outcome="failed".*\} [1-9]'])
+
+
+_WITHOUT_TRACKER = """
+import asyncio, sys
+sys.modules["supervision"] = None  # the tracker's library cannot be imported, as in a trimmed environment
+from serve_app.config import PipelineConfig
+from serve_app.stream_service import Streams
+from tests.conftest import demo_args
+streams = Streams.func_or_class(PipelineConfig.model_validate(demo_args()))
+refusal = asyncio.run(streams.start("clip.mp4"))
+print(refusal.status, refusal.code, refusal.message)
+"""
+
+
+def test_a_streams_replica_without_the_tracker_library_starts_and_refuses_streams_saying_why() -> None:
+    """A missing tracker library must not fail the whole application's deployment (it did: the replica imported
+    it at start and raised); the replica starts, and each stream start is refused with the reason."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRACKER], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, code, message = done.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert (status, code) == ("503", "streams_unavailable") and "supervision" in message, done.stdout
