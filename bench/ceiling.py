@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ def _pass(decoder: Any, detector: Any, classifiers: dict[str, Any], routes: list
     return objects
 
 
-def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_profile: int = 0) -> dict[str, Any]:
+def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_profile: int = 0,
+            host_threads: int = 0) -> dict[str, Any]:
     import torch
 
     from deployments.models import build_classifier, build_detector
@@ -83,6 +85,8 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
     classifiers = {c.name: build_classifier(c, device) for c in config.classifiers}
     routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
     decoder = DeviceDecoder(device)
+    if host_threads:  # override what the engines set (their `intra_op_threads`), to compare
+        torch.set_num_threads(host_threads)
     max_side = config.detector.max_detect_side
     cuda = device == "cuda"
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch,
@@ -96,21 +100,44 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
             objects = whole()
         if cuda:
             torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, threads_start = time.perf_counter(), time.process_time(), _thread_cpu()
         for _ in range(repeats):
             whole()
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / (repeats * batch)
         cpu_ms = (time.process_time() - cpu_start) * 1e3 / (repeats * batch)
+        threads = _thread_cpu()
+        by_name: dict[str, float] = {}
+        for tid, (name, seconds) in threads.items():
+            spent = seconds - threads_start.get(tid, (name, 0.0))[1]
+            by_name[name] = by_name.get(name, 0.0) + spent * 1e3 / (repeats * batch)
         row: dict[str, Any] = {"objects_per_image": objects / batch, "wall_ms_per_image": round(wall_ms, 3),
-                               "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3)}
+                               "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3),
+                               "torch_threads": torch.get_num_threads(),
+                               "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in sorted(
+                                   by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
         if cuda:
             row |= _kernel_times(whole,
                                  lambda: detector.detect_batch(decoder.decode_many(bodies)), repeats, batch)
         if host_profile:
             row["host_ops"] = _host_ops(whole, host_profile)
         out["images"][key_of("face", image)] = row
+    return out
+
+
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of this process so far, with its name (Linux /proc)."""
+    out: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
@@ -152,11 +179,15 @@ def main() -> None:
                         help="cut each crop geometry once for all frames of the batch, or per classifier per frame")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="also list the N operations of one pass that take the most host time")
+    parser.add_argument("--host-threads", type=int, default=0, metavar="N",
+                        help="torch's CPU threads, set after the engines set theirs (0: as the engines leave it)")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
-    result = measure(opts.device, opts.fp16, opts.batch, opts.repeats, opts.crops, opts.host_profile)
+    result = measure(opts.device, opts.fp16, opts.batch, opts.repeats, opts.crops, opts.host_profile,
+                     opts.host_threads)
+    threads = next(iter(result["images"].values()))["torch_threads"]
     print(f"device: {result['device']}, batches of {opts.batch}, fp16 {opts.fp16}, nvJPEG {result['nvjpeg']}, "
-          f"crops {opts.crops}")
+          f"crops {opts.crops}, torch CPU threads {threads}")
     print("| image | objects | kernel ms/image (decode+detect) | ceiling images/s | one process: wall ms/image, "
           "images/s | host CPU ms/image |")
     print("|---|---|---|---|---|---|")
@@ -164,6 +195,9 @@ def main() -> None:
         print(f"| {name} | {row['objects_per_image']:.0f} | {row.get('kernel_ms_per_image', '-')} "
               f"({row.get('decode_detect_kernel_ms_per_image', '-')}) | {row.get('ceiling_images_per_s', '-')} | "
               f"{row['wall_ms_per_image']}, {row['wall_images_per_s']} | {row['host_cpu_ms_per_image']} |")
+    for name, row in result["images"].items():
+        busiest = list(row["host_cpu_ms_per_image_by_thread"].items())[:6]
+        print(f"{name}: host CPU ms/image by thread: " + ", ".join(f"{k} {v}" for k, v in busiest))
     if opts.out:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps(result, indent=1) + "\n")

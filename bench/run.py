@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "ingress+haproxy+device-frames": (HAPROXY, {"layout": "ingress", "frames_on_device": True}),
     "ingress+haproxy+x2": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2}),
     "ingress+haproxy+x4": (HAPROXY, {"layout": "ingress", "ingress_replicas": 4}),
+    # torch's CPU pool at every core, as the engines left it on CUDA before they held it to `intra_op_threads`
+    "ingress+haproxy+x2+threads16": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "host_threads": 16}),
 }
 DEFAULT_VARIANTS = ["separate", "separate+haproxy", "colocated+haproxy", "ingress+haproxy"]
 LEVELS = ((1, "sequential"), (1, "parallel"), (4, "parallel"), (16, "parallel"))

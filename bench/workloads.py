@@ -41,11 +41,13 @@ def standin_args(models: dict[str, Path], size: int) -> dict[str, Any]:
 def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout: str = "separate",
          access_log: bool = True, execution: str = "auto", detector_input: str = "encoded",
          max_batch_size: int | None = None, cpu_work: str = "auto", replicas: int = 1,
-         frames_on_device: bool | str = "auto", ingress_replicas: int = 1) -> dict[str, Any]:
+         frames_on_device: bool | str = "auto", ingress_replicas: int = 1,
+         host_threads: int | None = None) -> dict[str, Any]:
     """Apply one benchmark variant's settings to every deployment. `replicas` multiplies every deployment's
     replicas but the streams one: with the shipped fractions (a quarter of a card each, one set of models a card)
     `replicas: 2` is one set of models per card on two GPUs. `ingress_replicas` (layout ingress): that many
-    ingress replicas share one card, each model's fraction divided among them."""
+    ingress replicas share one card, each model's fraction divided among them. `host_threads`: every engine's
+    `intra_op_threads` (torch's CPU pool of its process)."""
     if replicas < 1 or ingress_replicas < 1:
         raise ValueError(f"replicas must be >= 1, not {replicas} / {ingress_replicas}")
     args = copy.deepcopy(args)
@@ -64,6 +66,8 @@ def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout:
     for stage in (args["detector"], *args["classifiers"]):
         stage["engine"].update(device=device, backend=backend, fp16=fp16, execution=execution)
         stage["deployment"]["access_log"] = access_log
+        if host_threads is not None:
+            stage["engine"]["intra_op_threads"] = host_threads
         if max_batch_size is not None:
             stage.setdefault("batching", {})["max_batch_size"] = max_batch_size
     args["ingress"]["deployment"]["access_log"] = access_log

@@ -166,10 +166,10 @@ class TorchEngine(Engine):
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device 'cuda' asked for the torch backend, but torch sees no CUDA GPU")
         self.device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            # torch's CPU thread pool is per process and defaults to every core: hold it to the replica's share
-            # (stages that share a process, as in layout "ingress", share one pool; the last setting wins)
-            torch.set_num_threads(intra_op_threads)
+        # torch's CPU thread pool is per process and defaults to every core: hold it to the replica's share
+        # (stages that share a process, as in layout "ingress", share one pool; the last setting wins). On CUDA
+        # too: the host's own torch ops there are small, and a pool of every core spun between them.
+        torch.set_num_threads(intra_op_threads)
         self.name = Path(path).name
         try:
             model = onnx.load(str(path))
