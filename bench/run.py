@@ -482,6 +482,46 @@ def _http_rows(label: str, table: dict[str, Any]) -> list[str]:
     return rows
 
 
+HOST_CPU_TARGET_MS = {1: 3.0, 8: 6.0}  # issue 24: host CPU per served image at saturation, by faces in the image
+
+
+def _against_ceiling(workload: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
+    """Each variant's best saturated throughput against the GPU-bound ceiling of the same run (bench/ceiling.py),
+    and the host CPU per served image at that level against issue 24's targets."""
+    if not ceiling or not ceiling.get("ceiling_images_per_s"):
+        return []
+    limit = ceiling["ceiling_images_per_s"]
+    target = HOST_CPU_TARGET_MS.get(round(ceiling["objects_per_image"]))
+    lines = ["", f"Against the GPU-bound ceiling of this run ({limit} images/s: kernel time per image "
+             f"{ceiling['kernel_ms_per_image']} ms, batches of the ceiling's size, one process; target >= 0.9x; host "
+             f"CPU per served image at that level, target <= {target} ms):", "",
+             "| variant | best level | req/s | / ceiling | server CPU ms/req |", "|---|---|---|---|---|"]
+    for variant, http in workload.get("variants", {}).items():
+        levels = [(k, v) for k, v in http.items() if k.startswith("c") and k.endswith("_parallel")
+                  and isinstance(v, dict) and v.get("rps")]
+        if not levels:
+            continue
+        level, best = max(levels, key=lambda kv: kv[1]["rps"])
+        lines.append(f"| {variant} | {level} | {best['rps']} | {round(best['rps'] / limit, 3)} | "
+                     f"{best.get('server_cpu_ms_per_request', '')} |")
+    return lines
+
+
+def measure_ceiling(opts: argparse.Namespace) -> dict[str, Any] | None:
+    """bench/ceiling.py in a process of its own, on this run's device (the face workload's GPU-resident path)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "ceiling.json"
+        cmd = [sys.executable, "-m", "bench.ceiling", "--device", "cuda" if opts.device != "cpu" else "cpu",
+               "--batch", str(opts.ceiling_batch), "--repeats", "10", "--out", str(out), *(["--fp16"] if opts.fp16 else [])]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write("the ceiling failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+            return None
+        return json.loads(out.read_text())
+
+
 def report(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"Machine: {env['cpu_model']}, {env['cpus']} cores" + (f", {env['gpu']}" if "gpu" in env else ""),
@@ -534,6 +574,7 @@ def report(result: dict[str, Any]) -> str:
                 for row in t.get("slowest", []):
                     grew = ", ".join(f"{k} +{v}" for k, v in row["grew_ms"].items())
                     lines.append(f"| {variant} | {level} | {row['client_ms']} ({row['median_client_ms']}) | {grew} |")
+        lines += _against_ceiling(w, result.get("ceiling", {}).get("images", {}).get(name))
         spread = several_gpus(w.get("variants", {}))
         if spread:
             lines += ["", "Several GPUs against one (targets: c16 and c32 throughput >= 1.8x, c1 p50 <= 1.1x, each card "
@@ -573,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
                         "models per card), e.g. `--gpus 1 2` for one and two side by side")
     parser.add_argument("--saturate", action="store_true",
                         help="also c64 and c128, and the GPU's busy fraction at every level (issue 24)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also the GPU-bound ceiling (bench/ceiling.py) of the face workload, and each variant's "
+                        "best throughput against it")
+    parser.add_argument("--ceiling-batch", type=int, default=16, help="the ceiling's batch of images")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--tag", default="", help="suffix for the JSON file name")
     parser.add_argument("--no-anchor", dest="anchor", action="store_false", help="skip the FastAPI anchor")
@@ -599,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         if opts.anchor:
             for image, measured in measure_anchor(opts, workload, bodies).items():
                 result["workloads"][key_of(workload, image)]["anchor"] = measured
+    if opts.ceiling and "face" in opts.workloads:
+        print("the GPU-bound ceiling ...", file=sys.stderr, flush=True)
+        result["ceiling"] = measure_ceiling(opts)
     inner = [a for a in (argv if argv is not None else sys.argv[1:])]
     runs = [(name, count) for name in opts.variants for count in opts.gpus]
     for i, (name, count) in enumerate(runs):

@@ -89,3 +89,18 @@ def test_the_sampler_stops_by_itself_where_nvidia_smi_is_missing(tmp_path, monke
     sampler = UtilisationSampler(every_s=0.01).start()
     assert sampler.stop() == {}
 
+
+
+def test_each_variants_best_saturated_level_is_set_against_the_runs_ceiling() -> None:
+    from bench.run import _against_ceiling
+
+    workload = {"variants": {"ingress+haproxy+x2": {
+        "c1_parallel": {"rps": 40.0, "server_cpu_ms_per_request": 30.0},
+        "c64_parallel": {"rps": 300.0, "server_cpu_ms_per_request": 9.5},
+        "c128_parallel": {"rps": 250.0, "server_cpu_ms_per_request": 12.0},
+        "breakdown_p50_ms": {"total_ms": 10.0}}}}
+    ceiling = {"objects_per_image": 8.0, "kernel_ms_per_image": 3.333, "ceiling_images_per_s": 300.0}
+    lines = _against_ceiling(workload, ceiling)
+    assert "| ingress+haproxy+x2 | c64_parallel | 300.0 | 1.0 | 9.5 |" in lines
+    assert any("target <= 6.0 ms" in line for line in lines)  # eight faces: issue 24's host CPU target
+    assert _against_ceiling(workload, {"objects_per_image": 1.0}) == []  # a CPU ceiling has no kernel time
