@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,7 @@ async def follow(client: Any, stream_id: str, seconds: float) -> dict[str, Any]:
     info = (await client.get(f"/v1/streams/{stream_id}")).json()
     read = max(info.get("frames_read", 0), 1)
     return {"processed": len(latencies), "fps": round(len(latencies) / wall, 2), "detected": detected,
+            "decoder": info.get("decoder"),
             "dropped": round(info.get("dropped_frames", 0) / read, 4), "state": info.get("state"),
             "latency_p50_ms": round(pct(latencies, 50), 1) if latencies else None,
             "latency_p95_ms": round(pct(latencies, 95), 1) if latencies else None}
@@ -148,7 +150,7 @@ async def streams_at_once(url: str, source: str, count: int, seconds: float) -> 
             "median_fps": round(float(np.median(fps)), 2), "max_dropped": max(dropped), "max_p95_ms": max(p95),
             "median_p50_ms": round(float(np.median([s["latency_p50_ms"] or float("inf") for s in per_stream])), 1),
             "host_cpu_ms_per_frame": round(cpu * 1e3 / processed, 1) if processed else None,
-            "sustained": sustained, "per_stream": per_stream}
+            "decoders": sorted({str(s["decoder"]) for s in per_stream}), "sustained": sustained, "per_stream": per_stream}
 
 
 @contextmanager
@@ -181,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-timeout-ms", type=float, default=None,
                         help="ingress.streams.muxer.batched_push_timeout_ms (default: the config's)")
     parser.add_argument("--all-counts", action="store_true", help="go on after a count that is not sustained")
+    parser.add_argument("--clips", type=Path, help="a folder holding <size>.mp4 clips made beforehand (make_clip), "
+                        "for a machine without PyAV's encoder")
+    parser.add_argument("--streams-gpu", type=float, default=None,
+                        help="the streams deployment's GPU share (default: 0.05 on CUDA, where NVDEC decodes)")
+    parser.add_argument("--decoder", default="auto", choices=["auto", "ffmpeg", "nvdec"],
+                        help="ingress.streams.decoder")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
 
@@ -192,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     media = Path(tempfile.mkdtemp(prefix="bench-streams-"))
     clip_seconds = opts.seconds + 8.0  # a stream outlives its window (start, warm-up, the last events)
-    clips = {name: make_clip(media / f"{name}.mp4", *SIZES[name], clip_seconds) for name in opts.sizes}
+    if opts.clips:  # made beforehand: long enough for the window, or they end early (the run then says so)
+        clips = {name: shutil.copy(opts.clips / f"{name}.mp4", media / f"{name}.mp4") for name in opts.sizes}
+        clips = {name: Path(path) for name, path in clips.items()}
+    else:
+        clips = {name: make_clip(media / f"{name}.mp4", *SIZES[name], clip_seconds) for name in opts.sizes}
     result: dict[str, Any] = {"environment": environment(opts), "limits": LIMITS, "fps": FPS, "runs": []}
     result["environment"]["command"] = "python -m bench.streams " + " ".join(argv or sys.argv[1:])
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
@@ -206,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                 muxer: dict[str, Any] = {"batch_size": muxer_batch}
                 if opts.push_timeout_ms is not None:
                     muxer["batched_push_timeout_ms"] = opts.push_timeout_ms
+                gpu_share = opts.streams_gpu if opts.streams_gpu is not None else (0.05 if opts.device != "cpu" else 0)
                 args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": max(opts.counts),
-                                              "allowed_hosts": ["127.0.0.1"], "muxer": muxer}
+                                              "allowed_hosts": ["127.0.0.1"], "muxer": muxer, "decoder": opts.decoder,
+                                              "deployment": {"num_cpus": 0.25, "num_gpus": gpu_share}}
                 if opts.ingress_replicas:
                     args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
                 serve.run(build_app(args), name="streams-bench", route_prefix="/")
@@ -260,14 +274,14 @@ def _mean(samples: list[float]) -> float | None:
 
 
 HEADER = ("| size | interval | muxer batch | streams | aggregate fps | fps per stream (min, median) | dropped (max) | latency p50 / "
-          "p95 ms | host CPU ms/frame | GPU busy % | sustained |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "p95 ms | host CPU ms/frame | GPU busy % | sustained | decoder |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(run: dict[str, Any]) -> str:
     return (f"| {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
             f"{run['host_cpu_ms_per_frame']} | {run['gpu_busy'] if run['gpu_busy'] is not None else '-'} | "
-            f"{'yes' if run['sustained'] else 'no'} |")
+            f"{'yes' if run['sustained'] else 'no'} | {', '.join(run.get('decoders', []))} |")
 
 
 def report(result: dict[str, Any]) -> str:

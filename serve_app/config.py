@@ -108,6 +108,10 @@ class StreamsConfig(StrictModel):
         "addresses)")
     max_streams: int = Field(4, ge=1, le=256, description="streams running or opening at once; more get 429")
     muxer: MuxerConfig = Field(default_factory=MuxerConfig)
+    decoder: Literal["auto", "ffmpeg", "nvdec"] = Field(
+        "auto", description="where streams' H.264 and HEVC frames are decoded: `nvdec` on the GPU (PyNvVideoCodec, "
+        "the `nvdec` extra; the streams deployment needs a GPU share, and starting it fails where NVDEC cannot be "
+        "used), `ffmpeg` on the CPU, `auto`: NVDEC where the streams replica can use it, else FFmpeg")
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="a source whose frames are larger (declared at the "
                                   "open: 413; met later: the stream fails) is refused; frames are scaled to the "
                                   "detector's max_detect_side as they are decoded")

@@ -93,6 +93,8 @@ class StreamReader:
     (called on that thread, once). Then decodes until the source ends, fails, or `stop()`; `take()` hands out
     the newest frame. `error` says why reading ended if it did not end cleanly."""
 
+    decoder = "ffmpeg"  # where its frames are decoded (GET /v1/streams/{id})
+
     def __init__(self, url: str, options: dict[str, str], shown: str, *, open_timeout_s: float,
                  read_timeout_s: float, max_frame_pixels: int, max_side: int, pace: bool,
                  on_opened: Callable[[Opened | InputError], None],
@@ -228,15 +230,21 @@ class StreamReader:
                 self._keep(frame)
 
     def _keep(self, frame: Any) -> None:  # av.VideoFrame
-        stored = (frame.width, frame.height)
+        self._keep_image((frame.width, frame.height), lambda target: frame.to_ndarray(
+            format="bgr24", width=target[0], height=target[1], interpolation="AREA"), frame.rotation, frame.time)
+
+    def _keep_image(self, stored: tuple[int, int], render: Callable[[tuple[int, int]], np.ndarray], rotation: float,
+                    at: float | None) -> None:
+        """Keep a decoded frame of `stored` (width, height): `render(target)` gives it as BGR at the working size
+        (the decoder scales while it converts), turned upright by `rotation`; `at`: its time in the source (None:
+        counted from the frame rate)."""
         if stored[0] * stored[1] > self._max_pixels:
             raise InputError(413, "frames_too_large", f"{self._shown} sent a {stored[0]}x{stored[1]} frame; the limit "
                              f"is {self._max_pixels} pixels (ingress.streams.max_frame_pixels)")
         target = working_size(*stored, self._max_side)
-        image = upright(frame.to_ndarray(format="bgr24", width=target[0], height=target[1], interpolation="AREA"),
-                        frame.rotation)
+        image = upright(render(target), rotation)
         size, scale = stored, (target[0] / stored[0], target[1] / stored[1])
-        if round(frame.rotation) % 180:  # shown on its side: the displayed frame is the stored one turned
+        if round(rotation) % 180:  # shown on its side: the displayed frame is the stored one turned
             size, scale = (stored[1], stored[0]), (scale[1], scale[0])
         if self.size != size:
             if self.size is not None:
@@ -244,7 +252,7 @@ class StreamReader:
                 logger.info("stream source %s: frames are now %dx%d", self._shown, *size)
             self.size = size
         if self._pace:  # a file plays at its own rate, as a camera would send it (raw H.264 has no timestamps)
-            at = frame.time if frame.time is not None else self.frames / (self._fps or 25.0)
+            at = at if at is not None else self.frames / (self._fps or 25.0)
             self._origin = at if self._origin is None else self._origin
             time.sleep(max(0.0, self._started + at - self._origin - time.perf_counter()))
         kept = ReadFrame(self.frames, image, size, scale, time.time())

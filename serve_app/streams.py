@@ -31,6 +31,7 @@ from typing import Any
 from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
 from serve_app.egress import FILE_OPTIONS, EgressLoop, Guard, guard_for
+from serve_app.nvdec_reader import nvdec_unavailable, reader_class
 from serve_app.stream_reader import Opened, ReadFrame, StreamReader, redact_text
 from serve_app.stream_sources import AddressPolicy, Source, parse_source
 
@@ -82,7 +83,8 @@ class LiveStream:
         size = reader.size or (self.opened.width, self.opened.height)
         return {"id": self.id, "source": self.source.shown, "state": self.state, "fps": round(self.fps, 2),
                 "frames_read": reader.frames, "frames_processed": self.processed, "dropped_frames": reader.dropped,
-                "failed_frames": self.failed, "decode_errors": reader.decode_errors, "tracks": self.tracks,
+                "failed_frames": self.failed, "decode_errors": reader.decode_errors, "decoder": reader.decoder,
+                "tracks": self.tracks,
                 "image": {"width": size[0], "height": size[1]}, "size_changes": reader.size_changes,
                 **({"last_error": self.last_error} if self.last_error else {}),
                 **({"error": self.error} if self.error else {})}
@@ -161,6 +163,15 @@ class StreamRegistry:
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # id -> (when, description)
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
+        self._nvdec_unavailable = (nvdec_unavailable(config.deployment.num_gpus or 0.0) if config.decoder != "ffmpeg"
+                                   else "ingress.streams.decoder is ffmpeg")
+        if config.decoder == "nvdec" and self._nvdec_unavailable:
+            raise ValueError(f"ingress.streams.decoder is nvdec, but {self._nvdec_unavailable}")
+
+    @property
+    def decoder(self) -> str:
+        """Where this replica decodes streams' frames: `nvdec` or `ffmpeg`."""
+        return "ffmpeg" if self._nvdec_unavailable else "nvdec"
 
     def running(self) -> int:
         """Streams running now (also the muxer's full batch)."""
@@ -214,7 +225,8 @@ class StreamRegistry:
                 loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(result))
 
             guard = opening.guard
-            opening.reader = StreamReader(
+            reader = reader_class(self._config.decoder, self._nvdec_unavailable, source.is_file)
+            opening.reader = reader(
                 guard.reader_url() if guard else source.target, guard.reader_options() if guard else dict(FILE_OPTIONS),
                 source.shown, open_timeout_s=self._config.open_timeout_s, read_timeout_s=self._config.read_timeout_s,
                 max_frame_pixels=self._config.max_frame_pixels, max_side=self._max_side, pace=source.is_file,

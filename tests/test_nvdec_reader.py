@@ -1,0 +1,97 @@
+"""Live streams decoded on NVDEC (serve_app/nvdec_reader.py). Without an NVIDIA driver the decoder is the stand-in
+of tests/nvdec_standin.py, which holds the reader to PyNvVideoCodec's rules (Annex B packets, RGB out, surfaces
+valid until the next Decode); the demuxing, the packets, the scaling, rotation and counts are the reader's own."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.streams import make_clip
+from serve_app.config import StreamsConfig
+from serve_app.egress import FILE_OPTIONS
+from serve_app.nvdec_reader import NvdecReader, nvdec_unavailable, reader_class
+from serve_app.stream_reader import Opened, StreamReader
+from serve_app.streams import StreamRegistry
+from tests import nvdec_standin
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", nvdec_standin.module())
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("nvdec") / "clip.mp4", 640, 360, 2.0)
+
+
+def _read(kind: type[StreamReader], path: Path, max_side: int = 320) -> tuple[StreamReader, Opened]:
+    opened: list[object] = []
+    reader = kind(str(path), dict(FILE_OPTIONS), path.name, open_timeout_s=10, read_timeout_s=10,
+                  max_frame_pixels=3840 * 2160, max_side=max_side, pace=False, on_opened=opened.append)
+    assert reader.ended.wait(60), "the reader did not finish the clip"
+    assert reader.error is None, reader.error
+    assert isinstance(opened[0], Opened), opened
+    return reader, opened[0]
+
+
+def test_an_h264_file_decodes_on_nvdec_frame_for_frame_like_ffmpeg(standin: None, clip: Path) -> None:
+    nvdec, opened = _read(NvdecReader, clip)
+    ffmpeg, _ = _read(StreamReader, clip)
+    assert nvdec.decoder == "nvdec" and ffmpeg.decoder == "ffmpeg"
+    assert nvdec.frames == ffmpeg.frames == 60 and nvdec.decode_errors == 0
+    assert nvdec.size == ffmpeg.size == (640, 360) and (opened.width, opened.height) == (640, 360)
+    ours, theirs = nvdec.take(), ffmpeg.take()
+    assert ours is not None and theirs is not None
+    assert ours.image.shape == theirs.image.shape == (180, 320, 3) and ours.scale == theirs.scale == (0.5, 0.5)
+    # the same last frame, scaled on the device (area) against FFmpeg's area scaler: a few levels apart at most;
+    # a surface taken after the decoder reused it (white) or RGB taken for BGR would be far off
+    assert np.abs(ours.image.astype(int) - theirs.image.astype(int)).mean() < 3
+
+
+def _turned(clip: Path, out: Path) -> Path:
+    """`clip` with a display matrix of 90 degrees (as a phone records a video held upright)."""
+    data = bytearray(clip.read_bytes())
+    at = data.find(b"tkhd") + 4
+    matrix = at + 4 + (20 if data[at] == 0 else 32) + 16  # version/flags, times and ids, reserved, layer..volume
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_phone_video_decoded_on_nvdec_is_turned_upright_as_ffmpeg_turns_it(standin: None, clip: Path,
+                                                                          tmp_path: Path) -> None:
+    phone = _turned(clip, tmp_path / "phone.mp4")
+    nvdec, _ = _read(NvdecReader, phone)
+    ffmpeg, _ = _read(StreamReader, phone)
+    assert nvdec.size == ffmpeg.size == (360, 640)  # the displayed size
+    ours, theirs = nvdec.take(), ffmpeg.take()
+    assert ours is not None and theirs is not None and ours.image.shape == theirs.image.shape == (320, 180, 3)
+    assert np.abs(ours.image.astype(int) - theirs.image.astype(int)).mean() < 3
+
+
+def test_codecs_nvdec_does_not_take_are_decoded_by_ffmpeg(standin: None, tmp_path: Path) -> None:
+    from tests.videos import two_faces
+
+    mpeg4 = two_faces(tmp_path / "mpeg4.mp4", frames=30, enters_at=5)  # MPEG-4 part 2
+    reader, _ = _read(NvdecReader, mpeg4)
+    assert reader.decoder == "ffmpeg" and reader.frames == 30
+
+
+def test_the_reader_is_chosen_by_the_setting_and_what_the_replica_has() -> None:
+    assert reader_class("ffmpeg", None, True) is StreamReader
+    assert reader_class("auto", "no GPU here", False) is StreamReader
+    assert reader_class("auto", None, False) is NvdecReader  # PyAV demuxes, with the guard; NVDEC decodes
+    assert nvdec_unavailable(0.0) == "the streams deployment holds no GPU (ingress.streams.deployment.num_gpus is 0)"
+    assert StreamRegistry(StreamsConfig(), lambda fps: None).decoder == "ffmpeg"
+
+
+def test_asking_for_nvdec_where_it_cannot_run_fails_the_start_saying_why() -> None:
+    config = StreamsConfig(decoder="nvdec")  # the streams deployment holds no GPU by default
+    with pytest.raises(ValueError, match="ingress.streams.decoder is nvdec, but the streams deployment holds no GPU"):
+        StreamRegistry(config, lambda fps: None)
