@@ -38,7 +38,7 @@ def _boxes(frame: np.ndarray, count: int, seed: int) -> np.ndarray:
 def test_device_crops_are_the_hosts(device: str, spec: CropSpec) -> None:
     """Every pixel within one level of OpenCV's (its fixed-point arithmetic against float here)."""
     frame = collage()
-    boxes = _boxes(frame, 80, seed=spec.width + spec.height)
+    boxes = _boxes(frame, 32, seed=spec.width + spec.height)  # every kind of box; more only costs CI time
     host = crop_resize(frame, boxes, spec).astype(int)
     cut = crop_resize_device(torch.from_numpy(frame).to(device), boxes, spec)
     assert cut.device.type == device and cut.dtype == torch.uint8
