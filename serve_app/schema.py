@@ -179,6 +179,8 @@ class StreamInfo(BaseModel):
     failed_frames: int = Field(0, description="frames whose processing failed (the detector did not answer, or it "
                                "raised); the stream goes on, and fails once none went through for detector_outage_s")
     decode_errors: int = Field(0, description="packets of the source that did not decode")
+    decoder: Literal["ffmpeg", "nvdec"] = Field("ffmpeg", description="where its frames are decoded: FFmpeg on the "
+                                                "CPU, or the GPU's NVDEC (ingress.streams.decoder)")
     tracks: int
     image: FrameSize | None = Field(None, description="the size of the source's frames (boxes are in its pixels)")
     size_changes: int = Field(0, description="times the source changed its frame size")

@@ -65,6 +65,7 @@ def test_a_stream_from_the_media_directory_produces_events_and_stops_on_delete(c
     (mine,) = [s for s in listed if s["id"] == stream["id"]]
     assert mine["state"] == "running" and mine["frames_processed"] >= 10 and mine["fps"] > 0
     assert mine["frames_read"] >= mine["frames_processed"] and mine["dropped_frames"] >= 0
+    assert mine["decoder"] == "ffmpeg"  # no GPU share here: FFmpeg on the CPU (NVDEC: tests/test_nvdec_reader.py)
 
     with client.stream("GET", f"/v1/streams/{stream['id']}/events") as listening:
         stopped = client.delete(f"/v1/streams/{stream['id']}")
