@@ -22,6 +22,7 @@ from tests import nvdec_standin
 
 @pytest.fixture
 def standin(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("av", reason="the stand-in decodes with PyAV (the GPU machine's trimmed environment lacks it)")
     monkeypatch.setitem(sys.modules, "PyNvVideoCodec", nvdec_standin.module())
 
 
@@ -95,3 +96,33 @@ def test_asking_for_nvdec_where_it_cannot_run_fails_the_start_saying_why() -> No
     config = StreamsConfig(decoder="nvdec")  # the streams deployment holds no GPU by default
     with pytest.raises(ValueError, match="ingress.streams.decoder is nvdec, but the streams deployment holds no GPU"):
         StreamRegistry(config, lambda fps: None)
+
+
+def _real_nvdec() -> str | None:
+    """Why the real PyNvVideoCodec cannot run here, or None."""
+    return nvdec_unavailable(1.0)
+
+
+CLIP = Path(__file__).parent / "data" / "faces_h264.mp4"  # H.264, 320x240, 30 fps, 60 frames (make_clip)
+
+
+@pytest.mark.skipif(_real_nvdec() is not None, reason=f"no NVDEC here ({_real_nvdec()}); runs on the GPU machine")
+def test_the_real_nvdec_decodes_a_file_frame_for_frame_like_opencv() -> None:
+    """On a GPU: PyNvVideoCodec itself, demuxing the file (the reader for machines without PyAV), against OpenCV's
+    FFmpeg decode of the same clip."""
+    import cv2
+
+    from serve_app.nvdec_reader import NvdecFileReader
+
+    reader, opened = _read(NvdecFileReader, CLIP, max_side=0)
+    assert reader.decoder == "nvdec" and reader.frames == 60 and (opened.width, opened.height) == (320, 240)
+    capture = cv2.VideoCapture(str(CLIP))
+    last = None
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        last = frame
+    ours = reader.take()
+    assert ours is not None and last is not None and ours.image.shape == last.shape
+    assert np.abs(ours.image.astype(int) - last.astype(int)).mean() < 3  # BGR, the same picture
