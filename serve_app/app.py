@@ -14,7 +14,7 @@ from deployments.classifier_pool import ClassifierPool
 from deployments.detector import Detector
 from serve_app.config import DeploymentConfig, PipelineConfig
 from serve_app.ingress import Ingress
-from serve_app.placement import Placement, check_fits, combine, place
+from serve_app.placement import Placement, check_fits, combine, place, place_streams
 from serve_app.stream_service import Streams
 
 logger = logging.getLogger("ray.serve")
@@ -75,7 +75,7 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     classifier_places = [place(c.name, c.deployment, c.engine, gpus) for c in config.classifiers]
     ingress_place = place("ingress", config.ingress.deployment, None, gpus)
     streams_on = config.ingress.streams.enabled
-    streams_place = place("streams", config.ingress.streams.deployment, None, gpus)
+    streams_place = place_streams(config.ingress.streams.deployment, config.ingress.streams.decoder, gpus)
     extra = [streams_place] if streams_on else []
 
     def streams(**handles: Any) -> Any:

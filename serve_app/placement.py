@@ -74,6 +74,20 @@ def place(
     return Placement(name, engine.device, deployment.num_cpus, deployment.num_gpus, replicas, custom)
 
 
+def place_streams(deployment: DeploymentConfig, decoder: str, cluster_gpus: float) -> Placement:
+    """The `streams` deployment's placement: no model, but a GPU share where it decodes on NVDEC
+    (`ingress.streams.decoder` auto or nvdec, and `deployment.num_gpus` above 0)."""
+    replicas, custom = _start_replicas(deployment), dict(deployment.resources)
+    if decoder == "ffmpeg" or deployment.num_gpus == 0:
+        return Placement("streams", "cpu", deployment.num_cpus, 0.0, replicas, custom)
+    if cluster_gpus <= 0:
+        if decoder == "nvdec":
+            raise PlacementError("streams: ingress.streams.decoder is nvdec, but the Ray cluster has no GPU")
+        logger.warning("streams: no GPU in the Ray cluster; streams are decoded by FFmpeg on the CPU")
+        return Placement("streams", "cpu", deployment.num_cpus, 0.0, replicas, custom)
+    return Placement("streams", "cuda", deployment.num_cpus, deployment.num_gpus, replicas, custom)
+
+
 def combine(name: str, parts: list[Placement]) -> Placement:
     """One replica that hosts the models of `parts`: it asks for the sum of their CPUs and GPU fractions."""
     gpus = sum(p.num_gpus for p in parts)

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import PipelineConfig
-from serve_app.placement import PlacementError, check_fits, place
+from serve_app.config import DeploymentConfig, PipelineConfig
+from serve_app.placement import Placement, PlacementError, check_fits, place, place_streams
 from tests.conftest import ROOT, demo_args
 
 
@@ -70,6 +70,19 @@ def test_gpu_cluster_gives_each_deployment_its_fraction() -> None:
     assert [(p.device, p.num_gpus) for p in placements] == [("auto", 0.25)] * 3
     detector = place("detector", config.detector.deployment, config.detector.engine, cluster_gpus=1)
     check_fits([detector, *placements], [{"CPU": 2, "GPU": 1}])  # 4 x 0.25 of one RTX 3090
+
+
+def test_the_streams_deployment_holds_its_gpu_share_only_where_it_decodes_on_nvdec() -> None:
+    share = DeploymentConfig(num_cpus=0.25, num_gpus=0.05)
+    assert place_streams(share, "auto", cluster_gpus=1).num_gpus == 0.05  # NVDEC: the replica must see the card
+    assert place_streams(share, "ffmpeg", cluster_gpus=1).num_gpus == 0.0  # FFmpeg on the CPU needs no card
+    assert place_streams(share, "auto", cluster_gpus=0).num_gpus == 0.0  # no GPU: FFmpeg, as on this machine
+    assert place_streams(DeploymentConfig(num_cpus=0.25, num_gpus=0), "auto", cluster_gpus=1).num_gpus == 0.0
+    with pytest.raises(PlacementError, match="streams: ingress.streams.decoder is nvdec, but the Ray cluster has no GPU"):
+        place_streams(share, "nvdec", cluster_gpus=0)
+    with pytest.raises(PlacementError, match=r"1\.05 GPU in all"):  # its share counts against the card
+        check_fits([place_streams(share, "auto", 1), place("ingress", DeploymentConfig(num_gpus=0), None, 1),
+                    Placement("ingress", "cuda", 0.25, 0.5, 2)], [{"CPU": 16, "GPU": 1}])
 
 
 def test_explicit_cuda_without_gpu_fails_loudly() -> None:
