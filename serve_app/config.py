@@ -76,6 +76,10 @@ class VideoConfig(StrictModel):
     max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="larger uploads get 413")
     max_duration_s: float = Field(600.0, gt=0, description="longer videos (frames / fps) get 413")
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="larger frames get 413")
+    decoder: Literal["auto", "ffmpeg", "nvdec"] = Field(
+        "auto", description="where H.264 and HEVC videos are decoded: `nvdec` on the GPU (PyNvVideoCodec, the `nvdec` "
+        "extra; needs layout ingress with frames on a CUDA device, else the start fails), `ffmpeg` (OpenCV) on the "
+        "CPU, `auto`: NVDEC where the ingress keeps frames on a CUDA device and can load it")
     lookahead: int = Field(4, ge=1, le=64, description="frames whose detection is in flight ahead of the one "
                            "being tracked and classified (they batch together at the detector)")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)

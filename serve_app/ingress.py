@@ -55,6 +55,21 @@ def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | Non
     return DeviceDecoder(str(detector.device))
 
 
+def videos_on_nvdec(config: PipelineConfig, decoder: DeviceDecoder | None) -> bool:
+    """Whether /v1/video decodes on NVDEC here (`ingress.video.decoder`): where frames stay on a CUDA device and
+    PyNvVideoCodec loads; `nvdec` where that cannot be fails the start, saying why."""
+    wanted = config.ingress.video.decoder
+    if wanted == "ffmpeg":
+        return False
+    from serve_app.nvdec_reader import nvdec_unavailable
+
+    on_cuda = decoder is not None and str(decoder.device).startswith("cuda")
+    why = nvdec_unavailable(1.0) if on_cuda else "the ingress keeps no frames on a CUDA device (layout ingress, models on cuda)"
+    if why and wanted == "nvdec":
+        raise ValueError(f"ingress.video.decoder is nvdec, but {why}")
+    return why is None
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
@@ -92,7 +107,7 @@ class Ingress:
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
             images=ImageService(graph, config, metrics, send_encoded, self._cpu, self._batches),
-            video=VideoService(graph, config, metrics, self._cpu, gate),
+            video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder)),
             streams=StreamsProxy(streams, gate),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
             pipeline=PipelineService(config, describers, self._wiring.health,

@@ -8,6 +8,7 @@ FFmpeg needs to seek; the file is removed when the video is closed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 import weakref
@@ -136,6 +137,49 @@ class VideoFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_NVDEC_FOURCCS = {"avc1", "h264", "H264", "hvc1", "hev1", "hevc"}  # H.264 and HEVC: what the NVDEC path takes
+
+
+class NvdecVideoFile(VideoFile):
+    """`VideoFile` whose frames are decoded on the GPU's NVDEC (PyNvVideoCodec): the same checks (OpenCV opens the
+    file to read its size, rate and length), the same limits and counts; H.264 and HEVC go to NVDEC, demuxed by
+    PyNvVideoCodec from the temporary file (nothing but that file is opened), each processed frame turned upright
+    as OpenCV's capture turns it and copied to the host as BGR. Other codecs are read by OpenCV as before."""
+
+    @property
+    def on_nvdec(self) -> bool:
+        fourcc = int(self._capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("latin-1")
+        return fourcc in _NVDEC_FOURCCS
+
+    def frames(self, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        if not self.on_nvdec:
+            yield from super().frames(every)
+            return
+        import PyNvVideoCodec as nvc
+        import torch
+
+        from serve_app.nvdec_reader import to_working_bgr
+        from serve_app.stream_reader import upright
+
+        # OpenCV gives the display rotation clockwise; upright() takes FFmpeg's (counter-clockwise) degrees
+        rotation = -float(self._capture.get(cv2.CAP_PROP_ORIENTATION_META) or 0.0)
+        demuxer = nvc.CreateDemuxer(filename=self._path)
+        decoder = nvc.CreateDecoder(gpuid=0, codec=demuxer.GetNvCodecId(), usedevicememory=True,
+                                    outputColorType=nvc.OutputColorType.RGB)
+        index = 0
+        for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
+            for frame in decoder.Decode(packet):
+                if index >= self.max_frames:
+                    self.cut_short = (f"the video lasts longer than {self._limits.max_duration_s:g} s: it was cut "
+                                      f"after {index} frames")
+                    return
+                self.frames_read = index + 1
+                if index % every == 0:
+                    rgb = torch.from_dlpack(frame)  # the decoder's surface: copied to the host before the next Decode
+                    yield index, upright(to_working_bgr(rgb, (int(rgb.shape[1]), int(rgb.shape[0]))), rotation)
+                index += 1
 
 
 class Mp4Writer:

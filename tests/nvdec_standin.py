@@ -40,6 +40,7 @@ class PacketData:
         self.bsl_data = 0
         self.bsl = 0
         self.pts = 0
+        self._held: Any = None  # a demuxed packet's bytes (the library's demuxer owns them)
 
 
 class _Frame:
@@ -91,6 +92,46 @@ class _Decoder:
         return out
 
 
+class _Demuxer:
+    """`CreateDemuxer(filename=...)`: the file's video packets, in Annex B form as the library's demuxer gives them
+    (it runs FFmpeg's `*_mp4toannexb` filter on MP4 input), each a `PacketData`; then the iteration ends."""
+
+    def __init__(self, filename: str) -> None:
+        import av
+
+        self._container = av.open(filename)
+        self._stream = self._container.streams.video[0]
+        self._codec = {"h264": cudaVideoCodec.H264, "hevc": cudaVideoCodec.HEVC}[self._stream.codec_context.name]
+
+    def GetNvCodecId(self) -> cudaVideoCodec:  # noqa: N802 - the library's name
+        return self._codec
+
+    def FrameRate(self) -> float:  # noqa: N802
+        return float(self._stream.average_rate or 0)
+
+    def Width(self) -> int:  # noqa: N802
+        return self._stream.codec_context.width
+
+    def Height(self) -> int:  # noqa: N802
+        return self._stream.codec_context.height
+
+    def __iter__(self) -> Any:
+        from av.bitstream import BitStreamFilterContext
+
+        annexb = BitStreamFilterContext(f"{self._stream.codec_context.name}_mp4toannexb", self._stream)
+        for packet in self._container.demux(self._stream):
+            for out in annexb.filter(packet if packet.size else None):
+                data = np.frombuffer(bytes(out), np.uint8)
+                packet_data = PacketData()
+                packet_data.bsl_data, packet_data.bsl, packet_data._held = data.ctypes.data, data.size, data
+                yield packet_data
+        self._container.close()
+
+
+def CreateDemuxer(filename: str) -> _Demuxer:  # noqa: N802 - the library's name
+    return _Demuxer(filename)
+
+
 def CreateDecoder(gpuid: int = 0, codec: cudaVideoCodec = cudaVideoCodec.H264,  # noqa: N802 - the library's name
                   usedevicememory: bool = True, outputColorType: OutputColorType = OutputColorType.NATIVE,
                   **_: Any) -> _Decoder:
@@ -100,7 +141,7 @@ def CreateDecoder(gpuid: int = 0, codec: cudaVideoCodec = cudaVideoCodec.H264,  
 def module() -> types.ModuleType:
     """The stand-in as a module, to put in `sys.modules["PyNvVideoCodec"]`."""
     standin = types.ModuleType("PyNvVideoCodec")
-    for name in ("OutputColorType", "cudaVideoCodec", "PacketData", "CreateDecoder"):
+    for name in ("OutputColorType", "cudaVideoCodec", "PacketData", "CreateDecoder", "CreateDemuxer"):
         setattr(standin, name, globals()[name])
     standin.__version__ = "standin"
     return standin

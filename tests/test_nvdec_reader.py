@@ -126,3 +126,61 @@ def test_the_real_nvdec_decodes_a_file_frame_for_frame_like_opencv() -> None:
     ours = reader.take()
     assert ours is not None and last is not None and ours.image.shape == last.shape
     assert np.abs(ours.image.astype(int) - last.astype(int)).mean() < 3  # BGR, the same picture
+
+
+def test_a_file_demuxed_by_pynvvideocodec_itself_streams_like_ffmpeg(standin: None, clip: Path) -> None:
+    """The reader for machines without PyAV (the GPU machine's trimmed environment): the library's own demuxer."""
+    from serve_app.nvdec_reader import NvdecFileReader
+
+    nvdec, opened = _read(NvdecFileReader, clip)
+    ffmpeg, _ = _read(StreamReader, clip)
+    assert nvdec.frames == ffmpeg.frames == 60 and (opened.width, opened.height, opened.fps) == (640, 360, 30.0)
+    ours, theirs = nvdec.take(), ffmpeg.take()
+    assert ours is not None and theirs is not None and ours.image.shape == theirs.image.shape
+    assert np.abs(ours.image.astype(int) - theirs.image.astype(int)).mean() < 3
+
+
+def _video_frames(kind: type, data: bytes, every: int) -> tuple[list[int], list[np.ndarray], int]:
+    from serve_app.config import VideoConfig
+
+    with kind(data, VideoConfig()) as video:
+        indices, images = [], []
+        for index, image in video.frames(every):
+            indices.append(index)
+            images.append(image)
+        return indices, images, video.frames_read
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("turned", [False, True], ids=["upright", "phone"])
+def test_an_uploaded_video_decodes_on_nvdec_as_opencv_decodes_it(standin: None, clip: Path, tmp_path: Path,
+                                                                 every: int, turned: bool) -> None:
+    from serve_app.video import NvdecVideoFile, VideoFile
+
+    data = (_turned(clip, tmp_path / "phone.mp4") if turned else clip).read_bytes()
+    ours, theirs = _video_frames(NvdecVideoFile, data, every), _video_frames(VideoFile, data, every)
+    assert ours[0] == theirs[0] == list(range(0, 60, every)) and ours[2] == theirs[2] == 60
+    for mine, cv in zip(ours[1], theirs[1]):
+        assert mine.shape == cv.shape == ((640, 360, 3) if turned else (360, 640, 3))
+        assert np.abs(mine.astype(int) - cv.astype(int)).mean() < 3
+
+
+def test_videos_nvdec_does_not_take_are_read_by_opencv(standin: None, tmp_path: Path) -> None:
+    from serve_app.video import NvdecVideoFile
+    from tests.videos import two_faces
+
+    data = two_faces(tmp_path / "mpeg4.mp4", frames=20, enters_at=5).read_bytes()  # MPEG-4 part 2
+    indices, _, read = _video_frames(NvdecVideoFile, data, 1)
+    assert indices == list(range(20)) and read == 20
+
+
+def test_videos_go_to_nvdec_only_where_the_ingress_keeps_frames_on_a_cuda_device() -> None:
+    from serve_app.config import PipelineConfig
+    from serve_app.ingress import videos_on_nvdec
+    from tests.conftest import demo_args
+
+    args = demo_args()
+    assert videos_on_nvdec(PipelineConfig.model_validate(args), None) is False
+    args["ingress"]["video"] = {"decoder": "nvdec"}
+    with pytest.raises(ValueError, match="ingress.video.decoder is nvdec, but the ingress keeps no frames on a CUDA"):
+        videos_on_nvdec(PipelineConfig.model_validate(args), None)

@@ -20,7 +20,7 @@ from serve_app.offload import INLINE, CpuWork
 from serve_app.routes.common import ERRORS, bearer, counted, services
 from serve_app.schema import VIDEO_BODY, DetectedObject
 from serve_app.telemetry import IngressMetrics
-from serve_app.video import Mp4Writer, VideoFile, video_bytes
+from serve_app.video import Mp4Writer, NvdecVideoFile, VideoFile, video_bytes
 from serve_app.video_session import VideoSession, new_session
 
 router = APIRouter(dependencies=[Depends(bearer)])
@@ -32,7 +32,9 @@ def ndjson(record: dict[str, Any]) -> bytes:
 
 class VideoService:
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
-                 cpu: CpuWork = INLINE, gate: ApiGate | None = None) -> None:
+                 cpu: CpuWork = INLINE, gate: ApiGate | None = None, on_nvdec: bool = False) -> None:
+        """`on_nvdec`: H.264 and HEVC videos are decoded on the GPU (serve_app/video.py `NvdecVideoFile`)."""
+        self._file = NvdecVideoFile if on_nvdec else VideoFile
         self._cpu = cpu
         self._gate = gate or ApiGate(1024)
         self._graph = graph
@@ -42,7 +44,7 @@ class VideoService:
 
     async def open(self, request: Request) -> VideoFile:
         data = await video_bytes(request, self._limits.max_bytes)
-        return await self._cpu.run(VideoFile, data, self._limits)  # a temporary file written, then opened
+        return await self._cpu.run(self._file, data, self._limits)  # a temporary file written, then opened
 
     def _count(self, session: VideoSession) -> None:
         self._metrics.record_video_frame(session.last_new_tracks, session.last_classified, session.last_cached)
