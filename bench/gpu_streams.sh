@@ -22,9 +22,11 @@ case "${1:-}" in
   streams)
     [ -d "$site/ray" ] || { echo "run 'ray' first, on this warm machine"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    timeout 500 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p 1080p \
-      --counts 4 8 12 16 24 --intervals 0 2 --seconds 8 --out "$O/streams-gpu.json" 2> "$O/streams.err" | tail -n 30
+    timeout 320 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p 1080p \
+      --counts 4 8 12 16 24 --intervals 0 2 --seconds 6 --out "$O/streams-gpu.json" 2> "$O/streams.err" | tail -n 30
     tail -n 5 "$O/streams.err"
+    timeout 240 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress --clip .gpuclips/720p.mp4 \
+      --videos 1 8 --out "$O/video-gpu-nvdec.json" 2> "$O/video.err" | tail -n 12
     ;;
   *) echo "usage: $0 ray|streams"; exit 2 ;;
 esac

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector-replicas", type=int, default=None, help="detector.deployment.num_replicas")
     parser.add_argument("--ingress-replicas", type=int, default=None, help="ingress.deployment.num_replicas")
     parser.add_argument("--gpu-fraction", type=float, default=None, help="num_gpus of every model replica")
+    parser.add_argument("--clip", type=Path, help="this video instead of the built one (an H.264 clip: NVDEC decodes it "
+                        "where the ingress keeps frames on CUDA, `--layout ingress`)")
+    parser.add_argument("--layout", default=None, choices=["separate", "colocated", "ingress"])
     parser.add_argument("--out", default="bench/out/video.json")
     opts = parser.parse_args(argv)
 
@@ -136,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         args["detector"]["deployment"]["num_replicas"] = opts.detector_replicas
     if opts.ingress_replicas:
         args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
-    video = two_faces(Path(tempfile.mkdtemp()) / "two.mp4", frames=opts.frames, enters_at=opts.frames // 2)
+    if opts.layout:
+        args["layout"] = opts.layout
+    video = opts.clip or two_faces(Path(tempfile.mkdtemp()) / "two.mp4", frames=opts.frames, enters_at=opts.frames // 2)
     frames = read_frames(video)
     bodies = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in frames]
     result: dict[str, Any] = {"environment": environment(opts),
                               "command": "python -m bench.video " + " ".join(argv or sys.argv[1:]),
                               "workload": opts.workload,
-                              "video": {"frames": len(frames), "width": 800, "height": 300}}
+                              "video": {"frames": len(frames), "width": frames[0].shape[1], "height": frames[0].shape[0],
+                                        "clip": str(opts.clip) if opts.clip else "built"}}
     result["environment"]["command"] = result["command"]
     device = "cpu" if opts.device == "cpu" else "cuda"
     result["detector_alone_fps"] = round(detector_alone_fps(frames, args, device), 2)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_app(args), name="video", route_prefix="/")
         url = "http://127.0.0.1:8012"
         asyncio.run(per_frame_run(url, bodies[:10], 1))  # warm-up: the per-frame path, then a short video
-        asyncio.run(video_run(url, two_faces(video.with_name("warm.mp4"), frames=20, enters_at=10).read_bytes()))
+        asyncio.run(video_run(url, two_faces(Path(tempfile.mkdtemp()) / "warm.mp4", frames=20, enters_at=10).read_bytes()))
         result["video"] |= asyncio.run(video_run(url, video.read_bytes()))
         result["infer_c1"] = asyncio.run(per_frame_run(url, bodies, 1))
         result["infer_c4"] = asyncio.run(per_frame_run(url, bodies, 4))
