@@ -51,6 +51,13 @@ def small(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def without_streams(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` with live streams off, for apps whose tests never touch /v1/streams: one replica fewer to start
+    (the streams replica imports the tracker's library), which CI's two cores feel at every module's deploy."""
+    args["ingress"]["streams"] = {"enabled": False}
+    return args
+
+
 @contextmanager
 def deployed(serve_url: str, name: str, args: dict[str, Any]) -> Iterator[str]:
     """The application built from `args`, running at /<name> for the duration of the block."""

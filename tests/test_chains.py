@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.config import PipelineConfig
-from tests.conftest import ROOT, SMALL, deployed, small
+from tests.conftest import ROOT, SMALL, deployed, small, without_streams
 from tests.images import ASTRONAUT, collage, encode
 from tests.onnx_models import fails_on_bright_classifier, slow_classifier
 
@@ -64,7 +64,7 @@ def test_the_example_chain_validates_and_lists_its_edge() -> None:
 
 @pytest.fixture(scope="module")
 def chain_app(serve_url: str) -> Iterator[str]:
-    with deployed(serve_url, "chain", chain_args()) as url:
+    with deployed(serve_url, "chain", without_streams(chain_args())) as url:
         yield url
 
 
@@ -176,7 +176,7 @@ def faulty_chain_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -
         {**extra, "name": "broken", "model": str(fails_on_bright_classifier(models / "broken.onnx"))},
         {**extra, "name": "orphan", "operate_on_classifiers": {"broken": ["a"]}},
     ]
-    with deployed(serve_url, "chains", args) as url:
+    with deployed(serve_url, "chains", without_streams(args)) as url:
         yield url
 
 

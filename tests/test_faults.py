@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import demo_args, deployed
+from tests.conftest import demo_args, deployed, without_streams
 from tests.images import ASTRONAUT
 from tests.onnx_models import broken_classifier, constant_yolo, slow_classifier, v8_rows
 
@@ -32,7 +32,7 @@ def fault_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     slow.pop("labels_file", None)
     args["classifiers"] = [{**c, "deployment": SMALL} for c in args["classifiers"] if c["name"] in ("gender", "emotion")]
     args["classifiers"].append({**slow, "deployment": {**SMALL, "num_replicas": 2}})
-    with deployed(serve_url, "faults", args) as url:
+    with deployed(serve_url, "faults", without_streams(args)) as url:
         yield url
 
 
@@ -136,7 +136,7 @@ def failing_detector_app(serve_url: str, tmp_path_factory: pytest.TempPathFactor
         },
         "classifiers": [],
     }
-    with deployed(serve_url, "baddet", args) as url:
+    with deployed(serve_url, "baddet", without_streams(args)) as url:
         yield url
 
 
@@ -203,7 +203,7 @@ def test_healthz_names_the_deployment_that_never_comes_up(serve_url: str, tmp_pa
         else {**c, "model": str(corrupt), "deployment": {**SMALL, "max_constructor_retry_count": 1}}
         for c in args["classifiers"] if c["name"] in ("gender", "emotion")
     ]
-    serve._run(build_app(args), name="halfup", route_prefix="/halfup", _blocking=False)
+    serve._run(build_app(without_streams(args)), name="halfup", route_prefix="/halfup", _blocking=False)
     try:
         with httpx.Client(base_url=f"{serve_url}/halfup", timeout=60) as client:
             deadline = time.monotonic() + 90

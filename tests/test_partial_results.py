@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import demo_args, deployed
+from tests.conftest import demo_args, deployed, without_streams
 from tests.images import ASTRONAUT
 from tests.onnx_models import fails_on_bright_classifier
 
@@ -28,7 +28,7 @@ def faulty_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "detector": {**args["detector"], "deployment": small},
         "classifiers": [{**c, "deployment": small} for c in (gender, broken, hurried)],
     }
-    with deployed(serve_url, "faulty", config) as url:
+    with deployed(serve_url, "faulty", without_streams(config)) as url:
         yield url
 
 

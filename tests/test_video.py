@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import demo_args, deployed, small
+from tests.conftest import demo_args, deployed, small, without_streams
 from tests.images import ASTRONAUT
 from tests.videos import growing_face, two_faces, write
 
@@ -26,7 +26,7 @@ def video_app(serve_url: str) -> Iterator[str]:
     args = small(demo_args())
     next(c for c in args["classifiers"] if c["name"] == "gender")["reinfer_interval"] = 10
     args["ingress"]["video"] = {"max_duration_s": 10, "max_bytes": 4 * 1024 * 1024, "max_frame_pixels": 800 * 300}
-    with deployed(serve_url, "video", args) as url:
+    with deployed(serve_url, "video", without_streams(args)) as url:
         yield url
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from engines import EngineError, create_engine
 from engines.yolo import Yolo, YoloParams, class_aware_nms, decode, infer_layout, letterbox
-from tests.conftest import ROOT, deployed
+from tests.conftest import ROOT, deployed, without_streams
 from tests.images import encode
 from tests.onnx_models import constant_yolo, mean_colour_classifier, v8_rows
 
@@ -112,7 +112,7 @@ def vehicles_args(models: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def vehicles_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with deployed(serve_url, "vehicles", vehicles_args(tmp_path_factory.mktemp("vehicles"))) as url:
+    with deployed(serve_url, "vehicles", without_streams(vehicles_args(tmp_path_factory.mktemp("vehicles")))) as url:
         yield url
 
 
