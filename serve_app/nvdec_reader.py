@@ -18,6 +18,7 @@ Measured on an H100 (docs/benchmarks.md, "NVDEC through PyNvVideoCodec"): one de
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -95,8 +96,15 @@ class NvdecReader(StreamReader):
             return
         import PyNvVideoCodec as nvc
 
-        decoder = nvc.CreateDecoder(gpuid=0, codec=getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec][0]),
-                                    usedevicememory=True, outputColorType=nvc.OutputColorType.RGB)
+        try:
+            decoder = nvc.CreateDecoder(gpuid=0, codec=getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec][0]),
+                                        usedevicememory=True, outputColorType=nvc.OutputColorType.RGB)
+        except Exception as exc:  # noqa: BLE001 - no decoder for it on this card: FFmpeg on the CPU instead
+            logger.warning("stream source %s: NVDEC cannot decode it (%s); FFmpeg on the CPU does", self._shown,
+                           str(exc).splitlines()[0][:200])
+            self.decoder = "ffmpeg"
+            super()._read(container)
+            return
         annexb = BitStreamFilterContext(NVDEC_CODECS[codec][1], stream)
         # The display rotation reaches PyAV on decoded frames only: FFmpeg decodes on the CPU until the first frame.
         probe: Any = stream.codec_context
@@ -128,6 +136,7 @@ class NvdecFileReader(NvdecReader):
     """A file source where PyAV is missing: PyNvVideoCodec demuxes it (a local file: nothing to guard)."""
 
     def _run(self) -> None:
+        self._answered = False
         try:
             self._play()
         except InputError as exc:
@@ -136,7 +145,13 @@ class NvdecFileReader(NvdecReader):
             if not self._stop.is_set():
                 self.error = InputError(502, "source_failed", f"{self._shown}: {str(exc).splitlines()[0][:300]}")
         finally:
+            if not self._answered:  # it failed before the open was answered: the start says why, never waits
+                self._on_opened(self.error or InputError(422, "source_unavailable", f"cannot open {self._shown}"))
             self.ended.set()
+
+    def _answer(self, result: Opened | InputError) -> None:
+        self._answered = True
+        self._on_opened(result)
 
     def _play(self) -> None:
         import PyNvVideoCodec as nvc
@@ -144,21 +159,21 @@ class NvdecFileReader(NvdecReader):
 
         try:
             demuxer = nvc.CreateDemuxer(filename=self._url)
+            width, height = int(demuxer.Width()), int(demuxer.Height())
+            decoder = nvc.CreateDecoder(gpuid=0, codec=demuxer.GetNvCodecId(), usedevicememory=True,
+                                        outputColorType=nvc.OutputColorType.RGB)
         except Exception as exc:  # noqa: BLE001 - the client's answer
-            self._on_opened(InputError(422, "source_unavailable", f"cannot open {self._shown}: "
-                                       f"{str(exc).splitlines()[0][:200]}"))
+            self._answer(InputError(422, "source_unavailable", f"cannot open {self._shown} for NVDEC: "
+                                    f"{str(exc).splitlines()[0][:200]}"))
             return
-        width, height = int(demuxer.Width()), int(demuxer.Height())
         if width * height > self._max_pixels:
-            self._on_opened(InputError(413, "frames_too_large", f"{self._shown} sends {width}x{height} frames; the "
-                                       f"limit is {self._max_pixels} pixels (ingress.streams.max_frame_pixels)"))
+            self._answer(InputError(413, "frames_too_large", f"{self._shown} sends {width}x{height} frames; the "
+                                    f"limit is {self._max_pixels} pixels (ingress.streams.max_frame_pixels)"))
             return
         self._fps = float(demuxer.FrameRate() or 0.0)
-        decoder = nvc.CreateDecoder(gpuid=0, codec=demuxer.GetNvCodecId(), usedevicememory=True,
-                                    outputColorType=nvc.OutputColorType.RGB)
-        self._on_opened(Opened(self._fps, width, height, "nvdec"))
+        self._answer(Opened(self._fps, width, height, "nvdec"))
         self._started, self._origin = time.perf_counter(), None
-        for packet in demuxer:
+        for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
             if self._stop.is_set():
                 return
             for frame in decoder.Decode(packet):

@@ -184,3 +184,32 @@ def test_videos_go_to_nvdec_only_where_the_ingress_keeps_frames_on_a_cuda_device
     args["ingress"]["video"] = {"decoder": "nvdec"}
     with pytest.raises(ValueError, match="ingress.video.decoder is nvdec, but the ingress keeps no frames on a CUDA"):
         videos_on_nvdec(PipelineConfig.model_validate(args), None)
+
+
+def test_a_file_nvdec_cannot_decode_is_refused_at_once_not_left_waiting(standin: None, clip: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library refusing to make a decoder for the file answers the start with the reason (the start waits for
+    that answer: without one it would hang until the client gave up)."""
+    from serve_app.decoding import InputError
+    from serve_app.nvdec_reader import NvdecFileReader
+
+    def refuse(**_: object) -> None:
+        raise RuntimeError("CreateDecoder: this profile is not supported by the card")
+
+    monkeypatch.setattr(sys.modules["PyNvVideoCodec"], "CreateDecoder", refuse)
+    answers: list[object] = []
+    reader = NvdecFileReader(str(clip), dict(FILE_OPTIONS), clip.name, open_timeout_s=10, read_timeout_s=10,
+                             max_frame_pixels=3840 * 2160, max_side=320, pace=False, on_opened=answers.append)
+    assert reader.ended.wait(30)
+    assert len(answers) == 1 and isinstance(answers[0], InputError) and answers[0].status == 422, answers
+    assert "cannot open clip.mp4 for NVDEC: CreateDecoder: this profile is not supported" in answers[0].message
+
+
+def test_a_stream_nvdec_cannot_decode_falls_back_to_ffmpeg(standin: None, clip: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**_: object) -> None:
+        raise RuntimeError("CreateDecoder: this profile is not supported by the card")
+
+    monkeypatch.setattr(sys.modules["PyNvVideoCodec"], "CreateDecoder", refuse)
+    reader, _ = _read(NvdecReader, clip)
+    assert reader.decoder == "ffmpeg" and reader.frames == 60
