@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import tempfile
 import weakref
@@ -22,6 +23,8 @@ from fastapi import Request
 from serve_app.config import VideoConfig
 from serve_app.decoding import InputError
 from serve_app.http_input import MULTIPART, file_bytes, media_type_of, parse_form, read_limited
+
+logger = logging.getLogger("ray.serve")
 
 VIDEO_TYPES = ("video/mp4", "video/quicktime", "video/x-msvideo", "video/x-matroska", "application/octet-stream")
 
@@ -165,9 +168,14 @@ class NvdecVideoFile(VideoFile):
 
         # OpenCV gives the display rotation clockwise; upright() takes FFmpeg's (counter-clockwise) degrees
         rotation = -float(self._capture.get(cv2.CAP_PROP_ORIENTATION_META) or 0.0)
-        demuxer = nvc.CreateDemuxer(filename=self._path)
-        decoder = nvc.CreateDecoder(gpuid=0, codec=demuxer.GetNvCodecId(), usedevicememory=True,
-                                    outputColorType=nvc.OutputColorType.RGB)
+        try:
+            demuxer = nvc.CreateDemuxer(filename=self._path)
+            decoder = nvc.CreateDecoder(gpuid=0, codec=demuxer.GetNvCodecId(), usedevicememory=True,
+                                        outputColorType=nvc.OutputColorType.RGB)
+        except Exception as exc:  # noqa: BLE001 - a stream this card will not decode: OpenCV reads it instead
+            logger.warning("video: NVDEC cannot decode it (%s); OpenCV on the CPU does", str(exc).splitlines()[0][:200])
+            yield from super().frames(every)
+            return
         index = 0
         for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
             for frame in decoder.Decode(packet):

@@ -213,3 +213,15 @@ def test_a_stream_nvdec_cannot_decode_falls_back_to_ffmpeg(standin: None, clip: 
     monkeypatch.setattr(sys.modules["PyNvVideoCodec"], "CreateDecoder", refuse)
     reader, _ = _read(NvdecReader, clip)
     assert reader.decoder == "ffmpeg" and reader.frames == 60
+
+
+def test_a_video_nvdec_cannot_decode_is_read_by_opencv(standin: None, clip: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_app.video import NvdecVideoFile
+
+    def refuse(**_: object) -> None:
+        raise RuntimeError("CreateDecoder: this profile is not supported by the card")
+
+    monkeypatch.setattr(sys.modules["PyNvVideoCodec"], "CreateDecoder", refuse)
+    indices, images, read = _video_frames(NvdecVideoFile, clip.read_bytes(), 2)
+    assert indices == list(range(0, 60, 2)) and read == 60 and images[0].shape == (360, 640, 3)
