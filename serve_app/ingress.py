@@ -58,16 +58,11 @@ def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | Non
 def videos_on_nvdec(config: PipelineConfig, decoder: DeviceDecoder | None) -> bool:
     """Whether /v1/video decodes on NVDEC here (`ingress.video.decoder`): where frames stay on a CUDA device and
     PyNvVideoCodec loads; `nvdec` where that cannot be fails the start, saying why."""
-    wanted = config.ingress.video.decoder
-    if wanted == "ffmpeg":
-        return False
-    from serve_app.nvdec_reader import nvdec_unavailable
+    from serve_app.nvdec_reader import nvdec_refusal, nvdec_unavailable
 
     on_cuda = decoder is not None and str(decoder.device).startswith("cuda")
-    why = nvdec_unavailable(1.0) if on_cuda else "the ingress keeps no frames on a CUDA device (layout ingress, models on cuda)"
-    if why and wanted == "nvdec":
-        raise ValueError(f"ingress.video.decoder is nvdec, but {why}")
-    return why is None
+    return nvdec_refusal(config.ingress.video.decoder, "ingress.video.decoder", lambda: nvdec_unavailable(1.0) if on_cuda
+                         else "the ingress keeps no frames on a CUDA device (layout ingress, models on cuda)") is None
 
 
 @serve.deployment(name="ingress")

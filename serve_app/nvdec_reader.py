@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +54,18 @@ def nvdec_unavailable(gpu_share: float) -> str | None:
     except Exception as exc:  # noqa: BLE001 - ImportError, or the package's own driver check (RuntimeError)
         return f"PyNvVideoCodec cannot be loaded (pip install '.[nvdec]'): {str(exc).splitlines()[0][:200]}"
     return None
+
+
+def nvdec_refusal(setting: str, key: str, unavailable: Callable[[], str | None]) -> str | None:
+    """Why NVDEC is not used where `key` (`ingress.streams.decoder`, `ingress.video.decoder`) is `setting`, or None
+    when it is: `ffmpeg` never, `auto` where `unavailable()` gives no reason; `nvdec` where it gives one raises
+    ValueError saying why (the replica fails its start)."""
+    if setting == "ffmpeg":
+        return f"{key} is ffmpeg"
+    why = unavailable()
+    if why and setting == "nvdec":
+        raise ValueError(f"{key} is nvdec, but {why}")
+    return why
 
 
 def to_working_bgr(rgb: Any, target: tuple[int, int]) -> np.ndarray:
@@ -120,14 +133,16 @@ class NvdecReader(StreamReader):
                         rotation, probe = float(frames[0].rotation or 0), None
             for out in annexb.filter(packet if packet.size else None):
                 if out.size:
-                    self._decode(nvc, decoder, np.frombuffer(bytes(out), np.uint8), out.pts, rotation)
-        self._decode(nvc, decoder, None, None, rotation)
+                    data = np.frombuffer(bytes(out), np.uint8)  # alive until Decode has read it
+                    self._keep_decoded(decoder, _packet(nvc, data, out.pts), rotation)
+        self._keep_decoded(decoder, _packet(nvc, None, None), rotation)
 
-    def _decode(self, nvc: Any, decoder: Any, data: np.ndarray | None, pts: int | None, rotation: float) -> None:
+    def _keep_decoded(self, decoder: Any, packet: Any, rotation: float) -> None:
+        """Decode `packet` and keep each frame it gives (its surface used up before the next Decode)."""
         import torch
 
-        for frame in decoder.Decode(_packet(nvc, data, pts)):
-            rgb = torch.from_dlpack(frame)  # the decoder's surface: used up before the next Decode
+        for frame in decoder.Decode(packet):
+            rgb = torch.from_dlpack(frame)
             self._keep_image((int(rgb.shape[1]), int(rgb.shape[0])), lambda target, rgb=rgb: to_working_bgr(rgb, target),
                              rotation, None)
 
@@ -155,7 +170,6 @@ class NvdecFileReader(NvdecReader):
 
     def _play(self) -> None:
         import PyNvVideoCodec as nvc
-        import torch
 
         try:
             demuxer = nvc.CreateDemuxer(filename=self._url)
@@ -176,10 +190,7 @@ class NvdecFileReader(NvdecReader):
         for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
             if self._stop.is_set():
                 return
-            for frame in decoder.Decode(packet):
-                rgb = torch.from_dlpack(frame)
-                self._keep_image((int(rgb.shape[1]), int(rgb.shape[0])),
-                                 lambda target, rgb=rgb: to_working_bgr(rgb, target), 0.0, None)
+            self._keep_decoded(decoder, packet, 0.0)
 
 
 def reader_class(decoder: str, device_reason: str | None, is_file: bool) -> type[StreamReader]:

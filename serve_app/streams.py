@@ -31,7 +31,7 @@ from typing import Any
 from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
 from serve_app.egress import FILE_OPTIONS, EgressLoop, Guard, guard_for
-from serve_app.nvdec_reader import nvdec_unavailable, reader_class
+from serve_app.nvdec_reader import nvdec_refusal, nvdec_unavailable, reader_class
 from serve_app.stream_reader import Opened, ReadFrame, StreamReader, redact_text
 from serve_app.stream_sources import AddressPolicy, Source, parse_source
 
@@ -163,10 +163,8 @@ class StreamRegistry:
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # id -> (when, description)
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
-        self._nvdec_unavailable = (nvdec_unavailable(config.deployment.num_gpus or 0.0) if config.decoder != "ffmpeg"
-                                   else "ingress.streams.decoder is ffmpeg")
-        if config.decoder == "nvdec" and self._nvdec_unavailable:
-            raise ValueError(f"ingress.streams.decoder is nvdec, but {self._nvdec_unavailable}")
+        self._nvdec_unavailable = nvdec_refusal(config.decoder, "ingress.streams.decoder",
+                                                lambda: nvdec_unavailable(config.deployment.num_gpus))
 
     @property
     def decoder(self) -> str:

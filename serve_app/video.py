@@ -13,8 +13,9 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -112,18 +113,33 @@ class VideoFile:
 
     def frames(self, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
         """(index, BGR frame) of every `every`-th frame, from 0, up to `max_frames`."""
+
+        def retrieved() -> np.ndarray | None:
+            ok, frame = self._capture.retrieve()
+            return frame if ok else None
+
+        def grabbed() -> Iterator[Callable[[], np.ndarray | None]]:
+            while self._capture.grab():
+                yield retrieved
+
+        return self._counted(grabbed(), every)
+
+    def _counted(self, decoded: Iterator[Callable[[], np.ndarray | None]],
+                 every: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, frame) of every `every`-th of the `decoded` frames, each converted (its callable called) only if
+        it is kept, before the next is decoded; counts `frames_read` and stops at `max_frames` (`cut_short`)."""
         index = 0
         while True:
             if index >= self.max_frames:
                 self.cut_short = (f"the video lasts longer than {self._limits.max_duration_s:g} s: it was cut after "
                                   f"{index} frames")
                 return
-            ok = self._capture.grab()
-            if not ok:
+            convert = next(decoded, None)
+            if convert is None:
                 return
             if index % every == 0:
-                ok, frame = self._capture.retrieve()
-                if not ok or frame is None:
+                frame = convert()
+                if frame is None:
                     return
                 self.frames_read = index + 1
                 yield index, frame
@@ -176,18 +192,17 @@ class NvdecVideoFile(VideoFile):
             logger.warning("video: NVDEC cannot decode it (%s); OpenCV on the CPU does", str(exc).splitlines()[0][:200])
             yield from super().frames(every)
             return
-        index = 0
-        for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
-            for frame in decoder.Decode(packet):
-                if index >= self.max_frames:
-                    self.cut_short = (f"the video lasts longer than {self._limits.max_duration_s:g} s: it was cut "
-                                      f"after {index} frames")
-                    return
-                self.frames_read = index + 1
-                if index % every == 0:
-                    rgb = torch.from_dlpack(frame)  # the decoder's surface: copied to the host before the next Decode
-                    yield index, upright(to_working_bgr(rgb, (int(rgb.shape[1]), int(rgb.shape[0]))), rotation)
-                index += 1
+
+        def on_host(frame: Any) -> np.ndarray:
+            rgb = torch.from_dlpack(frame)  # the decoder's surface, copied to the host at full size
+            return upright(to_working_bgr(rgb, (int(rgb.shape[1]), int(rgb.shape[0]))), rotation)
+
+        def decoded() -> Iterator[Callable[[], np.ndarray]]:
+            for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
+                for frame in decoder.Decode(packet):  # each surface is converted, if kept, before the next Decode
+                    yield lambda frame=frame: on_host(frame)
+
+        yield from self._counted(decoded(), every)
 
 
 class Mp4Writer:
