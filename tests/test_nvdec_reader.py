@@ -4,7 +4,6 @@ valid until the next Decode); the demuxing, the packets, the scaling, rotation a
 
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from serve_app.nvdec_reader import NvdecReader, nvdec_unavailable, reader_class
 from serve_app.stream_reader import Opened, StreamReader
 from serve_app.streams import StreamRegistry
 from tests import nvdec_standin
+from tests.videos import turned_display
 
 
 @pytest.fixture
@@ -55,19 +55,9 @@ def test_an_h264_file_decodes_on_nvdec_frame_for_frame_like_ffmpeg(standin: None
     assert np.abs(ours.image.astype(int) - theirs.image.astype(int)).mean() < 3
 
 
-def _turned(clip: Path, out: Path) -> Path:
-    """`clip` with a display matrix of 90 degrees (as a phone records a video held upright)."""
-    data = bytearray(clip.read_bytes())
-    at = data.find(b"tkhd") + 4
-    matrix = at + 4 + (20 if data[at] == 0 else 32) + 16  # version/flags, times and ids, reserved, layer..volume
-    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
-    out.write_bytes(bytes(data))
-    return out
-
-
 def test_a_phone_video_decoded_on_nvdec_is_turned_upright_as_ffmpeg_turns_it(standin: None, clip: Path,
                                                                           tmp_path: Path) -> None:
-    phone = _turned(clip, tmp_path / "phone.mp4")
+    phone = turned_display(clip, tmp_path / "phone.mp4")
     nvdec, _ = _read(NvdecReader, phone)
     ffmpeg, _ = _read(StreamReader, phone)
     assert nvdec.size == ffmpeg.size == (360, 640)  # the displayed size
@@ -157,7 +147,7 @@ def test_an_uploaded_video_decodes_on_nvdec_as_opencv_decodes_it(standin: None, 
                                                                  every: int, turned: bool) -> None:
     from serve_app.video import NvdecVideoFile, VideoFile
 
-    data = (_turned(clip, tmp_path / "phone.mp4") if turned else clip).read_bytes()
+    data = (turned_display(clip, tmp_path / "phone.mp4") if turned else clip).read_bytes()
     ours, theirs = _video_frames(NvdecVideoFile, data, every), _video_frames(VideoFile, data, every)
     assert ours[0] == theirs[0] == list(range(0, 60, every)) and ours[2] == theirs[2] == 60
     for mine, cv in zip(ours[1], theirs[1]):

@@ -402,20 +402,14 @@ def test_a_phone_video_stored_on_its_side_streams_as_displayed_like_v1_video(cli
     """An MP4 whose display matrix turns it 90 degrees (as phones record): the stream's frames are turned upright,
     `image` is the displayed size and the boxes are /v1/video's for the same file (OpenCV's capture, which
     /v1/video uses, turns it too; PyAV alone would not)."""
-    import struct
-
-    from tests.videos import write
+    from tests.videos import turned_display, write
 
     import cv2
 
     # displayed upright at 360x640; stored turned a quarter anticlockwise, the display matrix turning it back
     path = write(media / "stored.mp4", [cv2.rotate(f, cv2.ROTATE_90_COUNTERCLOCKWISE) for f in face_scene(360, 640, 25)])
-    data = bytearray(path.read_bytes())
-    at = data.find(b"tkhd") + 4
-    matrix = at + 4 + (20 if data[at] == 0 else 32) + 16  # version/flags, times and ids, reserved, layer..volume
-    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)  # 90 degrees
-    (media / "phone.mp4").write_bytes(bytes(data))
-    video = client.post("/v1/video", content=bytes(data), headers={"Content-Type": "video/mp4"})
+    data = turned_display(path, media / "phone.mp4").read_bytes()
+    video = client.post("/v1/video", content=data, headers={"Content-Type": "video/mp4"})
     by_file = {r["frame"]: r for r in map(json.loads, video.text.splitlines()) if "objects" in r}
     stream_id = client.post("/v1/streams", json={"source": "phone.mp4"}).json()["id"]
     with client.stream("GET", f"/v1/streams/{stream_id}/events") as events:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -54,3 +55,14 @@ def growing_face(path: Path, frames: int = 60, start: int = 120, end: int = 280)
         _put(canvas, _sprite(size), (300 - size) // 2, (300 - size) // 2)
         out.append(canvas)
     return write(path, out)
+
+
+def turned_display(clip: Path, out: Path) -> Path:
+    """`clip` (an MP4) written to `out` with a display matrix of 90 degrees, as a phone records a video held
+    upright: the stored frames stay as they are, players turn them."""
+    data = bytearray(clip.read_bytes())
+    at = data.find(b"tkhd") + 4
+    matrix = at + 4 + (20 if data[at] == 0 else 32) + 16  # version/flags, times and ids, reserved, layer..volume
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)  # 90 degrees
+    out.write_bytes(bytes(data))
+    return out
