@@ -1,6 +1,7 @@
 """The GPU-bound ceiling: what the card's own kernel time allows per image, for the whole pipeline, in one process.
 
     python -m bench.ceiling --device cuda --fp16 --batch 16 --out bench/out/gpu/ceiling.json
+    python -m bench.ceiling --device cuda --fp16 --batch 16 --clips 720p.mp4 1080p.mp4   # streams' frames
 
 For each image (one face, eight faces), batches of `--batch` copies go through the GPU-resident path in one
 process, as the service's `ingress` layout does it but with nothing else around: nvJPEG decode of the batch,
@@ -10,6 +11,11 @@ whole pass; divided by the images, it is the kernel time per image, and 1000 / i
 allows (the issue's ceiling). The wall time of the same batched pass, per image, is printed beside it (what one
 process reaches, host work included), and the detector's own kernel time. On a machine without CUDA it runs
 on the CPU (wall time only) so that it can be checked there.
+
+With `--clips`, a stream's frames instead (bench/streams.py's ceiling): `--batch` frames spread over each video,
+copied to the device from pinned memory, scaled to the detector's working size there, then detect, crop and
+classify as above. NVDEC decodes on its own engine beside the SMs, so decode adds no kernel time; how fast it
+decodes is bench/nvdec.py's figure.
 """
 
 from __future__ import annotations
@@ -19,23 +25,23 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from bench.run import images, key_of, workload_args
 
 
-def _pass(decoder: Any, detector: Any, classifiers: dict[str, Any], routes: list[Any], bodies: list[bytes],
+def _pass(frames_of: Callable[[], list[Any]], detector: Any, classifiers: dict[str, Any], routes: list[Any],
           max_side: int, crops: str) -> int:
-    """One batch through decode, detect, crop and classify; the objects found. `crops`: "batched" cuts each crop
-    geometry once for every frame's objects together (engines/preprocess.py `cut_crops_many`), "per-frame" cuts
-    each classifier's crops frame by frame."""
+    """One batch through decode (`frames_of`), detect, crop and classify; the objects found. `crops`: "batched"
+    cuts each crop geometry once for every frame's objects together (engines/preprocess.py `cut_crops_many`),
+    "per-frame" cuts each classifier's crops frame by frame."""
     from engines.batching import concatenate
     from engines.device_image import fit_side_tensor
     from engines.preprocess import cut_crops
 
-    frames = decoder.decode_many(bodies)
+    frames = frames_of()
     fitted = [fit_side_tensor(f, max_side) for f in frames]
     found = detector.detect_batch([f for f, _ in fitted])
     found = [d.scaled((1 / s[0], 1 / s[1])) for d, (_, s) in zip(found, fitted)]
@@ -69,12 +75,43 @@ def _pass(decoder: Any, detector: Any, classifiers: dict[str, Any], routes: list
     return objects
 
 
+def clip_frames(path: Path, count: int) -> list[np.ndarray]:
+    """`count` frames spread evenly over a video (OpenCV on the host, BGR): a stream's frames, faces in motion."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    wanted = set(np.linspace(0, max(total - 1, 0), count).astype(int).tolist())
+    frames: list[np.ndarray] = []
+    for index in range(total):
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if index in wanted:
+            frames.append(frame)
+    capture.release()
+    if not frames:
+        raise SystemExit(f"{path}: no frame decodes")
+    return (frames * count)[:count]
+
+
+def _uploads(frames: list[np.ndarray], device: str) -> Callable[[], list[Any]]:
+    """A stream's decode, as the card sees it: decoded frames (host, pinned) copied to the device. NVDEC itself
+    is a fixed-function engine beside the SMs (bench/nvdec.py measures it): it adds no kernel time."""
+    import torch
+
+    hosts = [torch.from_numpy(f) for f in frames]
+    if device == "cuda":
+        hosts = [h.pin_memory() for h in hosts]
+    return lambda: [h.to(device, non_blocking=True) for h in hosts]
+
+
 def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_profile: int = 0,
-            host_threads: int = 0) -> dict[str, Any]:
+            host_threads: int = 0, clips: list[Path] | None = None) -> dict[str, Any]:
     import torch
 
     from deployments.models import build_classifier, build_detector
-    from engines.device_image import DeviceDecoder
+    from engines.device_image import DeviceDecoder, fit_side_tensor
     from serve_app.config import PipelineConfig
     from serve_app.graph import ClassifierRoute
 
@@ -91,10 +128,16 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
     cuda = device == "cuda"
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch,
                            "fp16": fp16, "nvjpeg": decoder.decodes_jpeg_on_device, "crops": crops, "images": {}}
-    for image, body in images().items():
-        bodies = [body] * batch
+    sources: dict[str, tuple[Callable[[], list[Any]], Callable[[], list[Any]]]] = {}
+    for image, body in ({} if clips else images()).items():
+        decode = (lambda bodies: lambda: decoder.decode_many(bodies))([body] * batch)
+        sources[key_of("face", image)] = (decode, decode)
+    for clip in clips or []:  # a stream's frames: uploaded, then scaled to the working size on the device
+        upload = _uploads(clip_frames(clip, batch), device)
+        sources[clip.stem] = (upload, (lambda up: lambda: [fit_side_tensor(f, max_side)[0] for f in up()])(upload))
+    for source, (frames_of, detector_input) in sources.items():
         def whole() -> int:
-            return _pass(decoder, detector, classifiers, routes, bodies, max_side, crops)
+            return _pass(frames_of, detector, classifiers, routes, max_side, crops)
 
         for _ in range(3):  # warm-up: capture graphs, choose kernels
             objects = whole()
@@ -118,11 +161,10 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
                                "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in sorted(
                                    by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
         if cuda:
-            row |= _kernel_times(whole,
-                                 lambda: detector.detect_batch(decoder.decode_many(bodies)), repeats, batch)
+            row |= _kernel_times(whole, lambda: detector.detect_batch(detector_input()), repeats, batch)
         if host_profile:
             row["host_ops"] = _host_ops(whole, host_profile)
-        out["images"][key_of("face", image)] = row
+        out["images"][source] = row
     return out
 
 
@@ -181,10 +223,12 @@ def main() -> None:
                         help="also list the N operations of one pass that take the most host time")
     parser.add_argument("--host-threads", type=int, default=0, metavar="N",
                         help="torch's CPU threads, set after the engines set theirs (0: as the engines leave it)")
+    parser.add_argument("--clips", type=Path, nargs="+",
+                        help="videos instead of the two images: a stream's frames, uploaded and scaled on the device")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     result = measure(opts.device, opts.fp16, opts.batch, opts.repeats, opts.crops, opts.host_profile,
-                     opts.host_threads)
+                     opts.host_threads, opts.clips)
     threads = next(iter(result["images"].values()))["torch_threads"]
     print(f"device: {result['device']}, batches of {opts.batch}, fp16 {opts.fp16}, nvJPEG {result['nvjpeg']}, "
           f"crops {opts.crops}, torch CPU threads {threads}")

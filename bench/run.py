@@ -507,14 +507,15 @@ def _against_ceiling(workload: dict[str, Any], ceiling: dict[str, Any] | None) -
     return lines
 
 
-def measure_ceiling(opts: argparse.Namespace) -> dict[str, Any] | None:
-    """bench/ceiling.py in a process of its own, on this run's device (the face workload's GPU-resident path)."""
+def measure_ceiling(opts: argparse.Namespace, batch: int, extra: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """bench/ceiling.py in a process of its own, on this run's device (the face workload's GPU-resident path);
+    `extra`: more of its arguments (bench/streams.py gives its clips)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "ceiling.json"
         cmd = [sys.executable, "-m", "bench.ceiling", "--device", "cuda" if opts.device != "cpu" else "cpu",
-               "--batch", str(opts.ceiling_batch), "--repeats", "10", "--out", str(out), *(["--fp16"] if opts.fp16 else [])]
+               "--batch", str(batch), "--repeats", "10", "--out", str(out), *(["--fp16"] if opts.fp16 else []), *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0 or not out.exists():
             sys.stderr.write("the ceiling failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
@@ -646,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["workloads"][key_of(workload, image)]["anchor"] = measured
     if opts.ceiling and "face" in opts.workloads:
         print("the GPU-bound ceiling ...", file=sys.stderr, flush=True)
-        result["ceiling"] = measure_ceiling(opts)
+        result["ceiling"] = measure_ceiling(opts, opts.ceiling_batch)
     inner = [a for a in (argv if argv is not None else sys.argv[1:])]
     runs = [(name, count) for name in opts.variants for count in opts.gpus]
     for i, (name, count) in enumerate(runs):

@@ -189,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the streams deployment's GPU share (default: 0.05 on CUDA, where NVDEC decodes)")
     parser.add_argument("--decoder", default="auto", choices=["auto", "ffmpeg", "nvdec"],
                         help="ingress.streams.decoder")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also the GPU-bound ceiling of the same pipeline on these clips (bench/ceiling.py --clips), "
+                        "and each size's largest sustained count against it")
+    parser.add_argument("--ceiling-batch", type=int, default=16, help="the ceiling's batch of frames")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
 
     import ray
     from ray import serve
 
-    from bench.run import workload_args
+    from bench.run import measure_ceiling, workload_args
     from serve_app.app import build_app
 
     media = Path(tempfile.mkdtemp(prefix="bench-streams-"))
@@ -207,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         clips = {name: make_clip(media / f"{name}.mp4", *SIZES[name], clip_seconds) for name in opts.sizes}
     result: dict[str, Any] = {"environment": environment(opts), "limits": LIMITS, "fps": FPS, "runs": []}
     result["environment"]["command"] = "python -m bench.streams " + " ".join(argv or sys.argv[1:])
+    if opts.ceiling:  # first, with the card to itself
+        print("the GPU-bound ceiling ...", file=sys.stderr, flush=True)
+        result["ceiling"] = measure_ceiling(opts, opts.ceiling_batch,
+                                            ("--clips", *(str(clips[n]) for n in opts.sizes)))
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8013})
     try:
@@ -290,7 +298,31 @@ def report(result: dict[str, Any]) -> str:
              HEADER, *(_row(r) for r in result["runs"]), "",
              "Largest count sustained (>= 29 fps each, <= 1 % dropped, p95 <= 150 ms): " +
              ", ".join(f"{k}: {v}" for k, v in result["largest_sustained"].items())]
-    return "\n".join(lines)
+    return "\n".join(lines + against_ceiling(result))
+
+
+def against_ceiling(result: dict[str, Any]) -> list[str]:
+    """Each size's largest sustained count against the GPU-bound ceiling of the same run: the ceiling's frames/s
+    over 30 is the streams the card's kernels allow; the issue's target is 0.8x of that."""
+    frames = (result.get("ceiling") or {}).get("images", {})
+    if not any("ceiling_images_per_s" in row for row in frames.values()):
+        return []
+    lines = ["", f"Against the GPU-bound ceiling of this run (kernel time per frame of upload, scale, detect, crop and "
+             f"classify, batches of {result['ceiling']['batch']}, one process; target >= 0.8x its streams):", "",
+             "| size | interval | ceiling frames/s | ceiling streams at 30 fps | largest sustained | / ceiling | "
+             "aggregate fps there |", "|---|---|---|---|---|---|---|"]
+    for key, sustained in result["largest_sustained"].items():
+        size, interval = key.split()[0], int(key.split()[2])
+        row = frames.get(size, {})
+        limit = row.get("ceiling_images_per_s")
+        if not limit:
+            continue
+        streams = limit / FPS
+        at = [r["aggregate_fps"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
+              and r["streams"] == sustained]
+        lines.append(f"| {size} | {interval} | {limit} | {streams:.1f} | {sustained} | {sustained / streams:.2f} | "
+                     f"{at[0] if at else '-'} |")
+    return lines
 
 
 if __name__ == "__main__":
