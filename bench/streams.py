@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 if opts.push_timeout_ms is not None:
                     muxer["batched_push_timeout_ms"] = opts.push_timeout_ms
                 gpu_share = opts.streams_gpu if opts.streams_gpu is not None else (0.05 if opts.device != "cpu" else 0)
+                if gpu_share:  # the models hold a card between them (a quarter each): the detector makes room
+                    detector = args["detector"].setdefault("deployment", {})
+                    detector["num_gpus"] = round(detector.get("num_gpus", 0.25) - gpu_share, 4)
                 args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": max(opts.counts),
                                               "allowed_hosts": ["127.0.0.1"], "muxer": muxer, "decoder": opts.decoder,
                                               "deployment": {"num_cpus": 0.25, "num_gpus": gpu_share}}
