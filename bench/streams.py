@@ -8,7 +8,7 @@ PyAV's libx264, so the GPU machine needs no GStreamer), deploys the face workloa
 its `media_dir` (file sources are played at their own rate, as a camera sends them), or, with `--rtsp`, serves
 them from GStreamer's gst-rtsp-server on 127.0.0.1 (the CPU machine). For each size, detector interval and stream
 count N it starts N streams, follows each one's events for `--seconds`, and records per stream: processed frames
-per second, dropped frames (the stream's own count, of the frames read), and latency from each frame's decode
+per second, dropped frames (the stream's own count, of the frames read in the same window), and latency from each frame's decode
 (`read_at`) to its events line (p50, p95); and over all: aggregate processed fps, the host's CPU per processed
 frame (every process, from /proc/stat, minus this one) and, on CUDA, the GPU's busy fraction (nvidia-smi,
 sampled). A count is sustained when every stream keeps >= 29 fps processed, <= 1 % dropped and p95 <= 150 ms
@@ -96,7 +96,9 @@ class GpuBusy:
 
 
 async def follow(client: Any, stream_id: str, seconds: float) -> dict[str, Any]:
-    """One stream's events for `seconds`: processed frames, fps and latencies; then the stream's own counts."""
+    """One stream's events for `seconds`: processed frames, fps and latencies; the stream's own counts of frames
+    read and dropped over the same window (not its start-up, which the window leaves out)."""
+    before = (await client.get(f"/v1/streams/{stream_id}")).json()
     latencies: list[float] = []
     detected = 0
     start = time.perf_counter()
@@ -115,10 +117,11 @@ async def follow(client: Any, stream_id: str, seconds: float) -> dict[str, Any]:
         pass
     wall = time.perf_counter() - start
     info = (await client.get(f"/v1/streams/{stream_id}")).json()
-    read = max(info.get("frames_read", 0), 1)
+    read = max(info.get("frames_read", 0) - before.get("frames_read", 0), 1)
+    dropped = info.get("dropped_frames", 0) - before.get("dropped_frames", 0)
     return {"processed": len(latencies), "fps": round(len(latencies) / wall, 2), "detected": detected,
-            "decoder": info.get("decoder"),
-            "dropped": round(info.get("dropped_frames", 0) / read, 4), "state": info.get("state"),
+            "decoder": info.get("decoder"), "read": read, "dropped_at_start": before.get("dropped_frames", 0),
+            "dropped": round(dropped / read, 4), "state": info.get("state"),
             "latency_p50_ms": round(pct(latencies, 50), 1) if latencies else None,
             "latency_p95_ms": round(pct(latencies, 95), 1) if latencies else None}
 
