@@ -26,9 +26,9 @@ case "${1:-}" in
   streams)
     [ -d "$site/ray" ] || { echo "run 'ray' first, on this warm machine"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    timeout 520 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p 1080p \
-      --counts 2 4 8 12 16 24 --intervals 0 2 --seconds 6 --ceiling --out "$O/streams-gpu.json" 2> "$O/streams.err" \
-      | tail -n 40
+    timeout 540 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p 1080p \
+      --counts 4 8 12 16 24 32 --intervals 0 2 --workers 4 0 --seconds 6 --ceiling --out "$O/streams-gpu.json" \
+      2> "$O/streams.err" | tail -n 50
     tail -n 5 "$O/streams.err"
     ;;
   video)

@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--layout", default="ingress", choices=["separate", "colocated", "ingress"])
     parser.add_argument("--ingress-replicas", type=int, default=None)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0],
+                        help="ingress.streams.workers.count values (0: the streams replica runs the streams, the "
+                        "models reached by handle; N: N worker processes, each with the models and its share)")
     parser.add_argument("--muxer-batch-sizes", type=int, nargs="+", default=[16],
                         help="ingress.streams.muxer.batch_size values (1: a handle call per frame)")
     parser.add_argument("--push-timeout-ms", type=float, default=None,
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": 8013})
     try:
         with sources(clips, opts.rtsp) as named, GpuBusy() if opts.device != "cpu" else _Nothing() as busy:
-            for interval, muxer_batch in [(i, b) for i in opts.intervals for b in opts.muxer_batch_sizes]:
+            plan = [(w, i, b) for w in opts.workers for i in opts.intervals for b in opts.muxer_batch_sizes]
+            for workers, interval, muxer_batch in plan:
                 args = workload_args("face", opts.device, opts.backend, opts.fp16, 112)
                 args["layout"] = opts.layout
                 args["detector"]["interval"] = interval
@@ -230,12 +234,19 @@ def main(argv: list[str] | None = None) -> int:
                 if opts.push_timeout_ms is not None:
                     muxer["batched_push_timeout_ms"] = opts.push_timeout_ms
                 gpu_share = opts.streams_gpu if opts.streams_gpu is not None else (0.05 if opts.device != "cpu" else 0)
-                if gpu_share:  # the models hold a card between them (a quarter each): the detector makes room
+                streams: dict[str, Any] = {"media_dir": str(media), "max_streams": max(opts.counts),
+                                           "allowed_hosts": ["127.0.0.1"], "muxer": muxer, "decoder": opts.decoder,
+                                           "deployment": {"num_cpus": 0.25, "num_gpus": gpu_share}}
+                if workers:  # the workers hold the models and decode; the ingress's copy only answers images here
+                    for stage in (args["detector"], *args["classifiers"]):
+                        stage.setdefault("deployment", {}).update(num_gpus=0.01 if gpu_share else 0, num_cpus=0.1)
+                    streams["deployment"]["num_gpus"] = 0
+                    streams["workers"] = {"count": workers, "num_cpus": 1 if gpu_share else 0.25,
+                                          "num_gpus": round(0.9 / workers, 4) if gpu_share else 0}
+                elif gpu_share:  # the models hold a card between them (a quarter each): the detector makes room
                     detector = args["detector"].setdefault("deployment", {})
                     detector["num_gpus"] = round(detector.get("num_gpus", 0.25) - gpu_share, 4)
-                args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": max(opts.counts),
-                                              "allowed_hosts": ["127.0.0.1"], "muxer": muxer, "decoder": opts.decoder,
-                                              "deployment": {"num_cpus": 0.25, "num_gpus": gpu_share}}
+                args["ingress"]["streams"] = streams
                 if opts.ingress_replicas:
                     args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
                 serve.run(build_app(args), name="streams-bench", route_prefix="/")
@@ -246,31 +257,40 @@ def main(argv: list[str] | None = None) -> int:
                         samples = len(busy.samples)
                         run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds))
                         run |= {"size": size, "interval": interval, "muxer_batch_size": muxer_batch,
-                                "gpu_busy": _mean(busy.samples[samples:]), "muxer": asyncio.run(_muxer(url))}
+                                "workers": workers, "gpu_busy": _mean(busy.samples[samples:]),
+                                "muxer": asyncio.run(_muxer(url))}
                         result["runs"].append(run)
                         print(_row(run), flush=True)
+                        _write(opts.out, result)  # so far: a run cut short still leaves its rows
                         if not run["sustained"] and not opts.all_counts:
                             break
                 serve.delete("streams-bench")
     finally:
         serve.shutdown()
         ray.shutdown()
-    result["largest_sustained"] = {f"{size} interval {interval} muxer {b}": max(
+    result["largest_sustained"] = {f"{size} interval {interval} muxer {b} workers {w}": max(
         (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
-         and r["muxer_batch_size"] == b and r["sustained"]), default=0)
-        for size in opts.sizes for interval in opts.intervals for b in opts.muxer_batch_sizes}
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(result, indent=2))
+         and r["muxer_batch_size"] == b and r["workers"] == w and r["sustained"]), default=0)
+        for w in opts.workers for size in opts.sizes for interval in opts.intervals for b in opts.muxer_batch_sizes}
+    _write(opts.out, result)
     print(report(result))
     return 0
 
 
+def _write(out: str, result: dict[str, Any]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+
+
 async def _muxer(url: str) -> dict[str, Any] | None:
-    """The streams muxer's counts so far (GET /v1/pipeline)."""
+    """The streams muxer's counts so far (GET /v1/pipeline): the streams replica's, or each worker's."""
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        return ((await client.get("/v1/pipeline")).json().get("streams") or {}).get("muxer")
+        streams = (await client.get("/v1/pipeline")).json().get("streams") or {}
+    if "workers" in streams:
+        return {w["name"]: w.get("muxer") for w in streams["workers"]}
+    return streams.get("muxer")
 
 
 class _Nothing:
@@ -287,12 +307,12 @@ def _mean(samples: list[float]) -> float | None:
     return round(sum(samples) / len(samples), 1) if samples else None
 
 
-HEADER = ("| size | interval | muxer batch | streams | aggregate fps | fps per stream (min, median) | dropped (max) | latency p50 / "
-          "p95 ms | host CPU ms/frame | GPU busy % | sustained | decoder |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| workers | size | interval | muxer batch | streams | aggregate fps | fps per stream (min, median) | dropped (max) | latency p50 / "
+          "p95 ms | host CPU ms/frame | GPU busy % | sustained | decoder |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(run: dict[str, Any]) -> str:
-    return (f"| {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
+    return (f"| {run.get('workers', 0)} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
             f"{run['host_cpu_ms_per_frame']} | {run['gpu_busy'] if run['gpu_busy'] is not None else '-'} | "
             f"{'yes' if run['sustained'] else 'no'} | {', '.join(run.get('decoders', []))} |")
@@ -315,19 +335,20 @@ def against_ceiling(result: dict[str, Any]) -> list[str]:
         return []
     lines = ["", f"Against the GPU-bound ceiling of this run (kernel time per frame of upload, scale, detect, crop and "
              f"classify, batches of {result['ceiling']['batch']}, one process; target >= 0.8x its streams):", "",
-             "| size | interval | ceiling frames/s | ceiling streams at 30 fps | largest sustained | / ceiling | "
-             "aggregate fps there |", "|---|---|---|---|---|---|---|"]
+             "| workers | size | interval | ceiling frames/s | ceiling streams at 30 fps | largest sustained | "
+             "/ ceiling | aggregate fps there |", "|---|---|---|---|---|---|---|---|"]
     for key, sustained in result["largest_sustained"].items():
-        size, interval = key.split()[0], int(key.split()[2])
+        words = key.split()  # "<size> interval <i> muxer <b> workers <w>"
+        size, interval, workers = words[0], int(words[2]), int(words[6]) if len(words) > 6 else 0
         row = frames.get(size, {})
         limit = row.get("ceiling_images_per_s")
         if not limit:
             continue
         streams = limit / FPS
         at = [r["aggregate_fps"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
-              and r["streams"] == sustained]
-        lines.append(f"| {size} | {interval} | {limit} | {streams:.1f} | {sustained} | {sustained / streams:.2f} | "
-                     f"{at[0] if at else '-'} |")
+              and r.get("workers", 0) == workers and r["streams"] == sustained]
+        lines.append(f"| {workers} | {size} | {interval} | {limit} | {streams:.1f} | {sustained} | "
+                     f"{sustained / streams:.2f} | {at[0] if at else '-'} |")
     return lines
 
 

@@ -14,7 +14,7 @@ from deployments.classifier_pool import ClassifierPool
 from deployments.detector import Detector
 from serve_app.config import DeploymentConfig, PipelineConfig
 from serve_app.ingress import Ingress
-from serve_app.placement import Placement, check_fits, combine, place, place_streams
+from serve_app.placement import Placement, check_fits, combine, place, place_stream_workers, place_streams
 from serve_app.stream_service import Streams
 
 logger = logging.getLogger("ray.serve")
@@ -65,7 +65,8 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
       sum of their fractions (its other settings are the first classifier's);
     - ingress: every model in the ingress replica, which asks for the sum of all fractions.
     Unless streams are off, a `streams` deployment (one replica, no model) holds the live streams; it reaches
-    the models through the same handles, or, in layout ingress, through the ingress.
+    the models through the same handles, or, in layout ingress, through the ingress; or, with
+    `ingress.streams.workers`, it starts stream workers that each hold the models (counted in the fit check).
     """
     resources = list(nodes) if nodes is not None else cluster_nodes()
     env = replica_environment(config)
@@ -75,15 +76,22 @@ def bind_pipeline(config: PipelineConfig, nodes: Sequence[Mapping[str, float]] |
     classifier_places = [place(c.name, c.deployment, c.engine, gpus) for c in config.classifiers]
     ingress_place = place("ingress", config.ingress.deployment, None, gpus)
     streams_on = config.ingress.streams.enabled
-    streams_place = place_streams(config.ingress.streams.deployment, config.ingress.streams.decoder, gpus)
+    worker_count = config.ingress.streams.workers.count
+    streams_place = place_streams(config.ingress.streams.deployment, config.ingress.streams.decoder, gpus, worker_count)
     extra = [streams_place] if streams_on else []
+    workers: dict[str, Any] | None = None
+    if streams_on and worker_count:  # the stream workers hold their own models: the handles are not theirs
+        workers_place, worker_devices = place_stream_workers(config, gpus)
+        extra.append(workers_place)
+        workers = {"devices": worker_devices, "gpu_share": workers_place.num_gpus, "environment": env}
 
     def streams(**handles: Any) -> Any:
         if not streams_on:
             return None
         with_listeners = config.ingress.streams.deployment.model_copy(update={"max_ongoing_requests": (
             config.ingress.streams.deployment.max_ongoing_requests + config.ingress.streams.max_listeners)})
-        return Streams.options(**_options("streams", with_listeners, streams_place, env)).bind(config, **handles)
+        bound = {"workers": workers} if workers is not None else handles
+        return Streams.options(**_options("streams", with_listeners, streams_place, env)).bind(config, **bound)
     devices = {p.name: p.device for p in (detector_place, *classifier_places)}
     logger.info(
         "pipeline: layout %s, GPU fractions %s, mode %s",

@@ -98,6 +98,19 @@ class MuxerConfig(StrictModel):
     )
 
 
+class StreamWorkersConfig(StrictModel):
+    """Stream workers: processes that each hold the models and run a share of the live streams, so that a frame
+    never leaves the process that decoded it and the streams' host work spreads over processes and nodes."""
+
+    count: int = Field(0, ge=0, le=64, description="worker processes (Ray actors); 0: the streams replica runs every "
+                       "stream itself and reaches the models by handle")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each worker holds")
+    num_gpus: float = Field(0.25, ge=0, le=1, description="the share of one GPU each worker holds, for its copy of "
+                            "the models and its NVDEC decoders (on a machine with none: 0, and the models run on CPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of each worker")
+    spread: bool = Field(True, description="place the workers on as many nodes as will take them (Ray's SPREAD)")
+
+
 class StreamsConfig(StrictModel):
     """POST /v1/streams: which sources may be opened, how many at once, and the deployment that holds them."""
 
@@ -112,6 +125,7 @@ class StreamsConfig(StrictModel):
         "addresses)")
     max_streams: int = Field(4, ge=1, le=256, description="streams running or opening at once; more get 429")
     muxer: MuxerConfig = Field(default_factory=MuxerConfig)
+    workers: StreamWorkersConfig = Field(default_factory=StreamWorkersConfig)
     decoder: Literal["auto", "ffmpeg", "nvdec"] = Field(
         "auto", description="where streams' H.264 and HEVC frames are decoded: `nvdec` on the GPU (PyNvVideoCodec, "
         "the `nvdec` extra; the streams deployment needs a GPU share, and starting it fails where NVDEC cannot be "
@@ -135,7 +149,8 @@ class StreamsConfig(StrictModel):
                                 "DELETE this long, then it is forgotten")
     deployment: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0, max_ongoing_requests=32),
-        description="the `streams` deployment: one replica, holding every stream. max_ongoing_requests counts its "
+        description="the `streams` deployment: one replica, holding every stream (with `workers`, it places them on "
+        "the workers and answers for all of them). max_ongoing_requests counts its "
         "other calls (start, list, stop, the frames' work); each events listener holds one more, and room for "
         "max_listeners is added on top")
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from serve_app.config import DeploymentConfig, EngineConfig
+from serve_app.config import DeploymentConfig, EngineConfig, PipelineConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,11 +74,12 @@ def place(
     return Placement(name, engine.device, deployment.num_cpus, deployment.num_gpus, replicas, custom)
 
 
-def place_streams(deployment: DeploymentConfig, decoder: str, cluster_gpus: float) -> Placement:
+def place_streams(deployment: DeploymentConfig, decoder: str, cluster_gpus: float, workers: int = 0) -> Placement:
     """The `streams` deployment's placement: no model, but a GPU share where it decodes on NVDEC
-    (`ingress.streams.decoder` auto or nvdec, and `deployment.num_gpus` above 0)."""
+    (`ingress.streams.decoder` auto or nvdec, and `deployment.num_gpus` above 0) and has no stream workers
+    (`workers`: their count; they decode instead)."""
     replicas, custom = _start_replicas(deployment), dict(deployment.resources)
-    if decoder == "ffmpeg" or deployment.num_gpus == 0:
+    if decoder == "ffmpeg" or deployment.num_gpus == 0 or workers:  # with workers, they decode
         return Placement("streams", "cpu", deployment.num_cpus, 0.0, replicas, custom)
     if cluster_gpus <= 0:
         if decoder == "nvdec":
@@ -86,6 +87,19 @@ def place_streams(deployment: DeploymentConfig, decoder: str, cluster_gpus: floa
         logger.warning("streams: no GPU in the Ray cluster; streams are decoded by FFmpeg on the CPU")
         return Placement("streams", "cpu", deployment.num_cpus, 0.0, replicas, custom)
     return Placement("streams", "cuda", deployment.num_cpus, deployment.num_gpus, replicas, custom)
+
+
+def place_stream_workers(config: PipelineConfig, cluster_gpus: float) -> tuple[Placement, dict[str, str]]:
+    """The stream workers' placement (`ingress.streams.workers`: each holds every model, on its GPU share) and
+    the device of each stage in them: the engines' own (`auto`, `cuda`), or `cpu` where a worker holds no GPU."""
+    cfg = config.ingress.streams.workers
+    share = DeploymentConfig(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources)
+    stages = [place(name, share, engine, cluster_gpus) for name, engine in
+              [("detector", config.detector.engine), *((c.name, c.engine) for c in config.classifiers)]]
+    gpus = cfg.num_gpus if any(p.num_gpus for p in stages) else 0.0
+    devices = {p.name: p.device for p in stages}
+    return Placement("stream_workers", "cuda" if gpus else "cpu", cfg.num_cpus, gpus, cfg.count,
+                     dict(cfg.resources)), devices
 
 
 def combine(name: str, parts: list[Placement]) -> Placement:

@@ -186,6 +186,8 @@ class StreamInfo(BaseModel):
     size_changes: int = Field(0, description="times the source changed its frame size")
     last_error: StreamError | None = Field(None, description="the last frame that failed, or what ended the stream")
     error: str | None = Field(None, description="why the stream failed")
+    worker: str | None = Field(None, description="the stream worker that runs it (ingress.streams.workers; none: the "
+                               "streams replica runs it)")
 
 
 class StreamList(BaseModel):

@@ -2,29 +2,31 @@
 
 Each stream's loop asks for one frame's detections at a time; here those requests wait (`Muxer`) until the batch
 holds a frame of every running stream, or its first frame has waited `batched_push_timeout_ms`, and go to the
-detector in one handle call (`detect_many`), which hands them to the engine's batcher together. Without it the
+detector in one call (`detect_many`: a handle call, or the detector held in the same process), which hands them to
+the engine's batcher together. Without it the
 streams' frames met at the detector only when their calls happened to overlap, one handle call each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from deployments.batcher import Muxer
 from deployments.results import DetectorResult
-from serve_app.clients import RemoteDetector
 from serve_app.config import MuxerConfig
 
 
 class MuxedDetector:
-    """A `DetectorClient` for the streams' graph: `detect` through the muxer."""
+    """A `DetectorClient` for the streams' graph: `detect` through the muxer. `detect_many`: a batch of frames to
+    the detector (a handle call, or the detector held in this process)."""
 
-    def __init__(self, detector: RemoteDetector, config: MuxerConfig, running: Callable[[], int]) -> None:
+    def __init__(self, detect_many: Callable[[list[Any]], Awaitable[Sequence[DetectorResult]]], config: MuxerConfig,
+                 running: Callable[[], int]) -> None:
         self._muxer: Muxer[np.ndarray | bytes, DetectorResult] = Muxer(
-            detector.detect_many, config.batch_size, config.batched_push_timeout_ms / 1e3, running)
+            detect_many, config.batch_size, config.batched_push_timeout_ms / 1e3, running)
 
     async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
         return await self._muxer.submit(image)

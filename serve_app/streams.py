@@ -149,9 +149,10 @@ class StreamRegistry:
     def __init__(self, config: StreamsConfig, new_session: Callable[[float], Any], max_side: int = 0,
                  on_frame: Callable[[LiveStream], None] = lambda stream: None,
                  on_end: Callable[[LiveStream], None] = lambda stream: None,
-                 policy: AddressPolicy | None = None) -> None:
+                 policy: AddressPolicy | None = None, gpu_share: float | None = None) -> None:
         """`new_session`: fps (0: unknown) -> an object with `async process_frame(index, frame)`, `track_count` and
-        `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side)."""
+        `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side);
+        `gpu_share`: this process's share of a GPU, for NVDEC (default: the streams deployment's)."""
         self._config = config
         self._new_session = new_session
         self._max_side = max_side
@@ -164,7 +165,8 @@ class StreamRegistry:
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
         self._nvdec_unavailable = nvdec_refusal(config.decoder, "ingress.streams.decoder",
-                                                lambda: nvdec_unavailable(config.deployment.num_gpus))
+                                                lambda: nvdec_unavailable(config.deployment.num_gpus
+                                                                          if gpu_share is None else gpu_share))
 
     @property
     def decoder(self) -> str:
@@ -178,6 +180,10 @@ class StreamRegistry:
     @property
     def opening(self) -> int:
         return self._opening
+
+    def held(self) -> list[str]:
+        """The streams not yet retired (running, or stopping): each holds its slot under max_streams."""
+        return list(self._streams)
 
     async def start(self, text: str) -> LiveStream:
         source = parse_source(text, self._config)

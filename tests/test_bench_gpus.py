@@ -109,10 +109,13 @@ def test_each_variants_best_saturated_level_is_set_against_the_runs_ceiling() ->
 def test_each_sizes_largest_sustained_stream_count_is_set_against_the_runs_ceiling() -> None:
     from bench.streams import against_ceiling
 
-    runs = [{"size": "720p", "interval": 0, "streams": n, "aggregate_fps": 30.0 * n} for n in (4, 8)]
+    runs = [{"size": "720p", "interval": 0, "streams": n, "workers": w, "aggregate_fps": 30.0 * n + w}
+            for n in (4, 8) for w in (0, 4)]
     result = {"ceiling": {"batch": 16, "images": {"720p": {"ceiling_images_per_s": 600.0}}},
-              "largest_sustained": {"720p interval 0 muxer 16": 8, "1080p interval 0 muxer 16": 4}, "runs": runs}
+              "largest_sustained": {"720p interval 0 muxer 16 workers 0": 4, "720p interval 0 muxer 16 workers 4": 8,
+                                    "1080p interval 0 muxer 16 workers 0": 4}, "runs": runs}
     lines = against_ceiling(result)
-    assert "| 720p | 0 | 600.0 | 20.0 | 8 | 0.40 | 240.0 |" in lines
-    assert not any(line.startswith("| 1080p") for line in lines)  # no ceiling for that size: no row
+    assert "| 0 | 720p | 0 | 600.0 | 20.0 | 4 | 0.20 | 120.0 |" in lines
+    assert "| 4 | 720p | 0 | 600.0 | 20.0 | 8 | 0.40 | 244.0 |" in lines
+    assert not any("1080p" in line for line in lines)  # no ceiling for that size: no row
     assert against_ceiling(result | {"ceiling": {"batch": 16, "images": {"720p": {"wall_ms_per_image": 3.0}}}}) == []

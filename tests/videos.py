@@ -34,12 +34,12 @@ def write(path: Path, frames: list[np.ndarray], fourcc: str = "mp4v") -> Path:
 
 def two_faces(path: Path, frames: int = 100, enters_at: int = 40, fourcc: str = "mp4v") -> Path:
     """A face that moves left to right across `frames` frames, and a second (mirrored) one that appears at
-    `enters_at` and stays to the end (800x300, 25 fps)."""
+    `enters_at` and stays to the end (800x300, 25 fps). Past frame 289 the first face turns back at the edge."""
     a, b = _sprite(200), _sprite(200, mirrored=True)
     out = []
     for i in range(frames):
         canvas = np.full((300, 800, 3), 90, np.uint8)
-        _put(canvas, a, 10 + 2 * i, 50)
+        _put(canvas, a, 10 + 2 * (289 - abs(289 - i % 578)), 50)
         if i >= enters_at:
             _put(canvas, b, 580, 60)
         out.append(canvas)

@@ -1,0 +1,264 @@
+"""Stream workers (`ingress.streams.workers`): processes that each hold the models and run a share of the live
+streams, as DeepStream runs a pipeline per process. A frame never leaves the process that decoded it (reader,
+muxer, detector, tracker and classifiers in one place), and the streams' host work spreads over as many
+processes, and nodes, as there are workers.
+
+- `StreamWorker`: one worker, a Ray actor (`ray.remote` in `spawn_workers`): a `StreamHost` whose graph holds
+  the models (serve_app/wiring.py `in_process`), each stage on this worker's device.
+- `WorkerRouter`: the streams deployment's side. It places a new stream on the worker with the fewest, counts
+  `max_streams` once for all of them, and answers every call for a stream from the worker that holds it, so any
+  ingress replica answers for any stream. The workers are its children: they stop with it. A worker that dies
+  ends only its own streams: they answer with state `lost` naming the worker, and their listeners get that
+  summary; the other workers' streams go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from serve_app.config import PipelineConfig
+from serve_app.stream_host import StreamHost
+from serve_app.streams import StreamRefusal
+from serve_app.wiring import in_process
+
+logger = logging.getLogger("ray.serve")
+
+_GONE = (RayActorError, ActorUnavailableError)
+_KEEP_OWNERS = 4096  # stream ids whose worker is remembered (running ones are never dropped)
+
+
+class StreamWorker:
+    """One worker process: its streams and its own copy of the models, on `devices` (by stage name)."""
+
+    def __init__(self, config: PipelineConfig, devices: Mapping[str, str], gpu_share: float) -> None:
+        self._host = StreamHost(config, lambda: in_process(config, devices), gpu_share)
+        self._host.prepare()  # the models load now: a worker that cannot hold them fails the deployment's start
+
+    async def ready(self) -> dict[str, Any]:
+        """Where this worker runs."""
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "pid": os.getpid()}
+
+    async def start(self, source: str) -> dict[str, Any] | StreamRefusal:
+        return await self._host.start(source)
+
+    async def running(self) -> list[str]:
+        return self._host.running()
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self._host.list()
+
+    async def get(self, stream_id: str) -> dict[str, Any] | StreamRefusal:
+        return await self._host.get(stream_id)
+
+    async def stop(self, stream_id: str) -> dict[str, Any] | StreamRefusal:
+        return await self._host.stop(stream_id)
+
+    async def events(self, stream_id: str) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        async for item in self._host.events(stream_id):
+            yield item
+
+    async def describe(self) -> dict[str, Any]:
+        return self._host.describe()
+
+    async def close(self) -> None:
+        await self._host.close()
+
+
+@dataclass
+class _Worker:
+    name: str
+    handle: Any
+    node_id: str = ""
+    streams: set[str] = field(default_factory=set)  # those holding a slot under max_streams, as last known
+    opening: int = 0
+    gone: str | None = None  # why it is lost
+
+    @property
+    def load(self) -> int:
+        return len(self.streams) + self.opening
+
+
+def spawn_workers(config: PipelineConfig, devices: Mapping[str, str], gpu_share: float, prefix: str,
+                  environment: Mapping[str, str]) -> list[_Worker]:
+    """Start `ingress.streams.workers.count` workers (named `<prefix>-<i>`, children of the calling process) and
+    wait until each holds its models; a worker that cannot start fails this call, saying why."""
+    cfg = config.ingress.streams.workers
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": gpu_share, "max_concurrency": 10_000,
+                               "max_restarts": 0}
+    if cfg.resources:
+        options["resources"] = dict(cfg.resources)
+    if cfg.spread:
+        options["scheduling_strategy"] = "SPREAD"
+    if environment:
+        options["runtime_env"] = {"env_vars": dict(environment)}
+    actor = ray.remote(StreamWorker)
+    workers = [_Worker(f"{prefix}-{i}", actor.options(name=f"{prefix}-{i}", **options).remote(config, devices, gpu_share))
+               for i in range(cfg.count)]
+    for worker, where in zip(workers, ray.get([w.handle.ready.remote() for w in workers])):
+        worker.node_id = where["node_id"]
+        logger.info("stream worker %s runs on node %s (pid %d)", worker.name, worker.node_id[:12], where["pid"])
+    return workers
+
+
+class WorkerRouter:
+    """The streams API over the workers (the same methods as `StreamHost`)."""
+
+    def __init__(self, config: PipelineConfig, workers: list[_Worker]) -> None:
+        self._max = config.ingress.streams.max_streams
+        self._workers = workers
+        self._owner: OrderedDict[str, _Worker] = OrderedDict()  # stream id -> its worker
+        self._started: dict[str, dict[str, Any]] = {}  # stream id -> its description at the start (for `lost`)
+
+    def _live(self) -> list[_Worker]:
+        return [w for w in self._workers if w.gone is None]
+
+    def _taken(self) -> int:
+        return sum(w.load for w in self._live())
+
+    def _lose(self, worker: _Worker, exc: BaseException) -> None:
+        if worker.gone is None:
+            worker.gone = f"stream worker {worker.name} stopped ({type(exc).__name__}); its streams ended"
+            logger.warning("%s: %s", worker.gone, str(exc).splitlines()[0][:200] if str(exc) else "")
+
+    def _lost(self, stream_id: str, worker: _Worker) -> dict[str, Any]:
+        return {**self._started.get(stream_id, {"id": stream_id}), "state": "lost", "error": worker.gone,
+                "worker": worker.name}
+
+    async def _refresh(self) -> None:
+        """Forget the streams that ended on their own (the workers free their slots without telling)."""
+        live = self._live()
+        answers = await asyncio.gather(*(w.handle.running.remote() for w in live), return_exceptions=True)
+        for worker, answer in zip(live, answers):
+            if isinstance(answer, BaseException):
+                self._lose(worker, answer)
+            else:
+                worker.streams &= set(answer)
+
+    async def start(self, source: str) -> dict[str, Any] | StreamRefusal:
+        if self._taken() >= self._max:
+            await self._refresh()
+        if self._taken() >= self._max:  # checked and taken with nothing awaited between: starts cannot pass it together
+            return StreamRefusal(429, "too_many_streams", f"{self._taken()} streams are running or starting; the limit "
+                                 f"is {self._max} (ingress.streams.max_streams)")
+        live = self._live()
+        if not live:
+            return StreamRefusal(503, "streams_unavailable", "every stream worker has stopped")
+        worker = min(live, key=lambda w: w.load)
+        worker.opening += 1
+        ref = worker.handle.start.remote(source)
+        answer_of = asyncio.wrap_future(ref.future())
+        try:
+            answer = await asyncio.shield(answer_of)
+        except asyncio.CancelledError:  # the client went away: abort the open; a stream that started anyway stops
+            ray.cancel(ref)
+            answer_of.add_done_callback(lambda done: self._abandoned(worker, done))
+            raise
+        except _GONE as exc:
+            self._lose(worker, exc)
+            return StreamRefusal(503, "streams_unavailable", worker.gone or "")
+        finally:
+            worker.opening -= 1
+        if isinstance(answer, dict):
+            self._own(answer["id"], worker, answer)
+            return {**answer, "worker": worker.name}
+        return answer
+
+    def _own(self, stream_id: str, worker: _Worker, described: dict[str, Any]) -> None:
+        worker.streams.add(stream_id)
+        self._owner[stream_id], self._started[stream_id] = worker, described
+        while len(self._owner) > _KEEP_OWNERS:  # forget the oldest ended stream
+            old = next((i for i, w in self._owner.items() if i not in w.streams), None)
+            if old is None:
+                break
+            self._owner.pop(old)
+            self._started.pop(old, None)
+
+    def _abandoned(self, worker: _Worker, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None or not isinstance(done.result(), dict):
+            return
+        stream_id = done.result()["id"]  # nobody knows its id: it must not run on, holding a slot
+        self._own(stream_id, worker, done.result())
+        worker.handle.stop.remote(stream_id)
+
+    async def _ask(self, stream_id: str, method: str) -> dict[str, Any] | StreamRefusal:
+        worker = self._owner.get(stream_id)
+        if worker is None:
+            return StreamRefusal(404, "unknown_stream", f"no stream {stream_id!r} here")
+        if worker.gone is None:
+            try:
+                answer = await getattr(worker.handle, method).remote(stream_id)
+            except _GONE as exc:
+                self._lose(worker, exc)
+            else:
+                return {**answer, "worker": worker.name} if isinstance(answer, dict) else answer
+        return self._lost(stream_id, worker)
+
+    async def get(self, stream_id: str) -> dict[str, Any] | StreamRefusal:
+        return await self._ask(stream_id, "get")
+
+    async def stop(self, stream_id: str) -> dict[str, Any] | StreamRefusal:
+        return await self._ask(stream_id, "stop")
+
+    async def list(self) -> list[dict[str, Any]]:
+        live = self._live()
+        answers = await asyncio.gather(*(w.handle.list.remote() for w in live), return_exceptions=True)
+        out: list[dict[str, Any]] = []
+        for worker, answer in zip(live, answers):
+            if isinstance(answer, BaseException):
+                self._lose(worker, answer)
+            else:
+                out += [{**d, "worker": worker.name} for d in answer]
+        return out + [self._lost(i, w) for i, w in self._owner.items() if w.gone is not None and i in w.streams]
+
+    async def events(self, stream_id: str) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        """The worker's own events call, relayed; if the worker goes away mid-way, a summary of state `lost`."""
+        worker = self._owner.get(stream_id)
+        if worker is None:
+            yield StreamRefusal(404, "unknown_stream", f"no stream {stream_id!r} here")
+            return
+        if worker.gone is not None:
+            yield self._lost(stream_id, worker)
+            yield {"summary": self._lost(stream_id, worker)}
+            return
+        generator = worker.handle.events.remote(stream_id)
+        try:
+            async for ref in generator:
+                yield await ref
+        except _GONE as exc:
+            self._lose(worker, exc)
+            yield {"summary": self._lost(stream_id, worker)}
+        finally:
+            ray.cancel(generator)  # a listener that left: the worker's generator ends, and its listener slot with it
+
+    async def describe(self) -> dict[str, Any]:
+        live = self._live()
+        answers = await asyncio.gather(*(w.handle.describe.remote() for w in live), return_exceptions=True)
+        rows: list[dict[str, Any]] = []
+        for worker, answer in zip(live, answers):
+            if isinstance(answer, BaseException):
+                self._lose(worker, answer)
+            else:
+                rows.append({"name": worker.name, "node_id": worker.node_id, "state": "running", **answer})
+        rows += [{"name": w.name, "node_id": w.node_id, "state": "lost", "error": w.gone}
+                 for w in self._workers if w.gone is not None]
+        running = [r for r in rows if r["state"] == "running"]
+        return {"streams": sum(r["streams"] for r in running), "max_streams": self._max,
+                "opening": sum(r["opening"] for r in running), "listeners": sum(r["listeners"] for r in running),
+                "workers": rows}
+
+    def running(self) -> list[str]:
+        return [i for w in self._live() for i in w.streams]
+
+    async def close(self) -> None:
+        """End every worker's streams (their listeners get the summary); the workers stop with this process."""
+        await asyncio.gather(*(w.handle.close.remote() for w in self._live()), return_exceptions=True)

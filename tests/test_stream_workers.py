@@ -1,0 +1,126 @@
+"""Stream workers (`ingress.streams.workers`): each holds the models and a share of the streams, the streams
+replica places and answers for them, `max_streams` counts once, and a worker that dies ends only its own
+streams. (Workers on two nodes: tests/two_node_check.py.)"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import demo_args, deployed, small
+from tests.videos import two_faces
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("media-workers")
+    two_faces(folder / "long.mp4", frames=500, enters_at=25)  # 20 s at 25 fps: outlives the module's checks
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workers_app(serve_url: str, media: Path) -> Iterator[str]:
+    args = small(demo_args())
+    args["layout"] = "ingress"  # the ingress holds the models too: its own stage counts show streams never use them
+    args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2,
+                                  "workers": {"count": 2, "num_cpus": 0.1, "num_gpus": 0}}
+    with deployed(serve_url, "workers", args) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(workers_app: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=workers_app, timeout=60) as c:
+        yield c
+
+
+def _until(check: Callable[[], Any], what: str, tries: int = 600) -> Any:
+    """Ask `check` until it answers something true (bounded: about a minute at most)."""
+    for _ in range(tries):
+        answer = check()
+        if answer:
+            return answer
+        time.sleep(0.1)
+    pytest.fail(f"never: {what}")
+
+
+def _classified_frame(client: httpx.Client, stream_id: str, limit: int = 400) -> dict[str, Any]:
+    """The first record of the stream whose faces carry every classifier's answer."""
+    with client.stream("GET", f"/v1/streams/{stream_id}/events") as response:
+        assert response.status_code == 200
+        for i, line in enumerate(response.iter_lines()):
+            record = json.loads(line)
+            assert "summary" not in record and "error" not in record, record
+            if any(set(o["attributes"]) == {"age", "gender", "emotion"} for o in record.get("objects", [])):
+                return record
+            assert i < limit, "no frame with classified faces"
+    pytest.fail("the events ended")
+
+
+def _stop_all(client: httpx.Client) -> None:
+    for stream in client.get("/v1/streams").json()["streams"]:
+        client.delete(f"/v1/streams/{stream['id']}")
+
+
+def test_streams_go_to_different_workers_run_there_and_the_limit_counts_once(client: httpx.Client) -> None:
+    try:
+        first = client.post("/v1/streams", json={"source": "long.mp4"})
+        second = client.post("/v1/streams", json={"source": "long.mp4"})
+        assert first.status_code == second.status_code == 201, (first.text, second.text)
+        a, b = first.json(), second.json()
+        assert a["worker"] and b["worker"] and a["worker"] != b["worker"]  # the one with fewer streams takes it
+        for stream in (a, b):
+            face = next(o for o in _classified_frame(client, stream["id"])["objects"] if o["attributes"])
+            assert face["label"] == "face" and face["track_id"] is not None
+        refused = client.post("/v1/streams", json={"source": "long.mp4"})  # two run, on two workers: the limit is 2
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams", refused.text
+
+        listed = {s["id"]: s for s in client.get("/v1/streams").json()["streams"]}
+        assert {listed[a["id"]]["worker"], listed[b["id"]]["worker"]} == {a["worker"], b["worker"]}
+        streams = client.get("/v1/pipeline").json()["streams"]
+        assert streams["streams"] == 2 and streams["max_streams"] == 2
+        workers = {w["name"]: w for w in streams["workers"]}
+        assert sorted(workers) == sorted([a["worker"], b["worker"]])
+        # each worker's own muxer fed its own detector: the frames were detected where they were decoded
+        assert all(w["state"] == "running" and w["streams"] == 1 and w["muxer"]["frames"] > 0 for w in workers.values())
+
+        stopped = client.delete(f"/v1/streams/{b['id']}")
+        assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+        third = client.post("/v1/streams", json={"source": "long.mp4"})  # the freed slot, on the freed worker
+        assert third.status_code == 201 and third.json()["worker"] == b["worker"], third.text
+    finally:
+        _stop_all(client)
+
+
+def test_a_dead_worker_ends_only_its_own_streams(client: httpx.Client) -> None:
+    import ray
+
+    a = client.post("/v1/streams", json={"source": "long.mp4"}).json()
+    b = client.post("/v1/streams", json={"source": "long.mp4"}).json()
+    assert a["worker"] != b["worker"]
+    lines = []
+    with client.stream("GET", f"/v1/streams/{a['id']}/events") as events:
+        for raw in events.iter_lines():
+            lines.append(json.loads(raw))
+            if len(lines) == 3:
+                (victim,) = [n for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == a["worker"]]
+                ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    last = lines[-1]["summary"]
+    assert last["state"] == "lost" and a["worker"] in last["error"], last
+    gone = client.get(f"/v1/streams/{a['id']}").json()
+    assert gone["state"] == "lost" and gone["worker"] == a["worker"], gone
+
+    before = client.get(f"/v1/streams/{b['id']}").json()["frames_processed"]
+    _until(lambda: client.get(f"/v1/streams/{b['id']}").json()["frames_processed"] > before,
+           "the other worker's stream goes on")
+    workers = {w["name"]: w for w in client.get("/v1/pipeline").json()["streams"]["workers"]}
+    assert workers[a["worker"]]["state"] == "lost" and workers[b["worker"]]["state"] == "running"
+    again = client.post("/v1/streams", json={"source": "long.mp4"})  # the lost worker's slot is free; the live one takes it
+    assert again.status_code == 201 and again.json()["worker"] == b["worker"], again.text
+    _stop_all(client)
