@@ -28,7 +28,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def workers_app(serve_url: str, media: Path) -> Iterator[str]:
     args = small(demo_args())
     args["layout"] = "ingress"  # the ingress holds the models too: its own stage counts show streams never use them
-    args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2,
+    args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2, "max_listeners_per_stream": 1,
                                   "workers": {"count": 2, "num_cpus": 0.1, "num_gpus": 0}}
     with deployed(serve_url, "workers", args) as url:
         yield url
@@ -94,6 +94,24 @@ def test_streams_go_to_different_workers_run_there_and_the_limit_counts_once(cli
         assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
         third = client.post("/v1/streams", json={"source": "long.mp4"})  # the freed slot, on the freed worker
         assert third.status_code == 201 and third.json()["worker"] == b["worker"], third.text
+    finally:
+        _stop_all(client)
+
+
+def test_a_listener_that_leaves_gives_back_its_place_on_the_worker(workers_app: str, client: httpx.Client) -> None:
+    """One listener a stream (max_listeners_per_stream: 1): a client that reads a line and goes away must free its
+    place on the worker while the stream runs, or every later listener gets 429 until the stream ends."""
+    stream_id = client.post("/v1/streams", json={"source": "long.mp4"}).json()["id"]
+    try:
+        def listen_once() -> bool:
+            with httpx.Client(base_url=workers_app, timeout=60) as own, own.stream(
+                    "GET", f"/v1/streams/{stream_id}/events") as events:
+                return events.status_code == 200 and "objects" in json.loads(next(events.iter_lines()))
+
+        assert listen_once()
+        for _ in range(3):  # each time, once the worker has let the last one go
+            _until(listen_once, "the worker frees a listener's place after it left", tries=100)
+        assert client.get(f"/v1/streams/{stream_id}").json()["state"] == "running"
     finally:
         _stop_all(client)
 
