@@ -4,6 +4,7 @@ valid until the next Decode); the demuxing, the packets, the scaling, rotation a
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from bench.streams import make_clip
 from serve_app.config import StreamsConfig
 from serve_app.egress import FILE_OPTIONS
-from serve_app.nvdec_reader import NvdecReader, nvdec_unavailable, reader_class
+from serve_app.nvdec_reader import NvdecFileReader, NvdecReader, nvdec_unavailable, reader_class
 from serve_app.stream_reader import Opened, StreamReader
 from serve_app.streams import StreamRegistry
 from tests import nvdec_standin
@@ -76,10 +77,14 @@ def test_codecs_nvdec_does_not_take_are_decoded_by_ffmpeg(standin: None, tmp_pat
     assert reader.decoder == "ffmpeg" and reader.frames == 30
 
 
-def test_the_reader_is_chosen_by_the_setting_and_what_the_replica_has() -> None:
+def test_the_reader_is_chosen_by_the_setting_and_what_the_replica_has(monkeypatch: pytest.MonkeyPatch) -> None:
     assert reader_class("ffmpeg", None, True) is StreamReader
     assert reader_class("auto", "no GPU here", False) is StreamReader
-    assert reader_class("auto", None, False) is NvdecReader  # PyAV demuxes, with the guard; NVDEC decodes
+    if importlib.util.find_spec("av") is not None:  # the GPU machine's trimmed environment has no PyAV
+        assert reader_class("auto", None, False) is NvdecReader  # PyAV demuxes, with the guard; NVDEC decodes
+    monkeypatch.setitem(sys.modules, "av", None)  # where PyAV is missing: NVDEC's own demuxer, for files only
+    assert reader_class("auto", None, True) is NvdecFileReader
+    assert reader_class("auto", None, False) is StreamReader
     assert nvdec_unavailable(0.0) == "the streams deployment holds no GPU (ingress.streams.deployment.num_gpus is 0)"
     assert StreamRegistry(StreamsConfig(), lambda fps: None).decoder == "ffmpeg"
 
