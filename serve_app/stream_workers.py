@@ -134,15 +134,22 @@ class WorkerRouter:
         return {**self._started.get(stream_id, {"id": stream_id}), "state": "lost", "error": worker.gone,
                 "worker": worker.name}
 
-    async def _refresh(self) -> None:
-        """Forget the streams that ended on their own (the workers free their slots without telling)."""
+    async def _ask_live(self, method: str) -> list[tuple[_Worker, Any]]:
+        """`method` of every live worker at once, with its answer; a worker that is gone is marked lost, left out."""
         live = self._live()
-        answers = await asyncio.gather(*(w.handle.running.remote() for w in live), return_exceptions=True)
+        answers = await asyncio.gather(*(getattr(w.handle, method).remote() for w in live), return_exceptions=True)
+        out: list[tuple[_Worker, Any]] = []
         for worker, answer in zip(live, answers):
             if isinstance(answer, BaseException):
                 self._lose(worker, answer)
             else:
-                worker.streams &= set(answer)
+                out.append((worker, answer))
+        return out
+
+    async def _refresh(self) -> None:
+        """Forget the streams that ended on their own (the workers free their slots without telling)."""
+        for worker, running in await self._ask_live("running"):
+            worker.streams &= set(running)
 
     async def start(self, source: str) -> dict[str, Any] | StreamRefusal:
         if self._taken() >= self._max:
@@ -210,14 +217,7 @@ class WorkerRouter:
         return await self._ask(stream_id, "stop")
 
     async def list(self) -> list[dict[str, Any]]:
-        live = self._live()
-        answers = await asyncio.gather(*(w.handle.list.remote() for w in live), return_exceptions=True)
-        out: list[dict[str, Any]] = []
-        for worker, answer in zip(live, answers):
-            if isinstance(answer, BaseException):
-                self._lose(worker, answer)
-            else:
-                out += [{**d, "worker": worker.name} for d in answer]
+        out = [{**d, "worker": worker.name} for worker, listed in await self._ask_live("list") for d in listed]
         return out + [self._lost(i, w) for i, w in self._owner.items() if w.gone is not None and i in w.streams]
 
     async def events(self, stream_id: str) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
@@ -238,17 +238,11 @@ class WorkerRouter:
             self._lose(worker, exc)
             yield {"summary": self._lost(stream_id, worker)}
         finally:
-            ray.cancel(generator)  # a listener that left: the worker's generator ends, and its listener slot with it
+            ray.cancel(generator)  # a listener that left: the worker's generator ends now, and its listener slot with it
 
     async def describe(self) -> dict[str, Any]:
-        live = self._live()
-        answers = await asyncio.gather(*(w.handle.describe.remote() for w in live), return_exceptions=True)
-        rows: list[dict[str, Any]] = []
-        for worker, answer in zip(live, answers):
-            if isinstance(answer, BaseException):
-                self._lose(worker, answer)
-            else:
-                rows.append({"name": worker.name, "node_id": worker.node_id, "state": "running", **answer})
+        rows = [{"name": worker.name, "node_id": worker.node_id, "state": "running", **answer}
+                for worker, answer in await self._ask_live("describe")]
         rows += [{"name": w.name, "node_id": w.node_id, "state": "lost", "error": w.gone}
                  for w in self._workers if w.gone is not None]
         running = [r for r in rows if r["state"] == "running"]
