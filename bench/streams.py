@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0],
                         help="ingress.streams.workers.count values (0: the streams replica runs the streams, the "
                         "models reached by handle; N: N worker processes, each with the models and its share)")
+    parser.add_argument("--frames-on-device", nargs="+", default=["auto"], choices=["auto", "false"],
+                        help="ingress.frames_on_device values: with stream workers on CUDA, `auto` keeps each frame on "
+                        "the device from NVDEC to the classifiers, `false` takes it through the host (to compare)")
     parser.add_argument("--muxer-batch-sizes", type=int, nargs="+", default=[16],
                         help="ingress.streams.muxer.batch_size values (1: a handle call per frame)")
     parser.add_argument("--push-timeout-ms", type=float, default=None,
@@ -225,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": 8013})
     try:
         with sources(clips, opts.rtsp) as named, GpuBusy() if opts.device != "cpu" else _Nothing() as busy:
-            plan = [(w, i, b) for w in opts.workers for i in opts.intervals for b in opts.muxer_batch_sizes]
-            for workers, interval, muxer_batch in plan:
+            plan = [(w, f, i, b) for w in opts.workers for f in opts.frames_on_device for i in opts.intervals
+                    for b in opts.muxer_batch_sizes]
+            for workers, on_device, interval, muxer_batch in plan:
                 args = workload_args("face", opts.device, opts.backend, opts.fp16, 112)
                 args["layout"] = opts.layout
+                args["ingress"]["frames_on_device"] = on_device if on_device == "auto" else False
                 args["detector"]["interval"] = interval
                 muxer: dict[str, Any] = {"batch_size": muxer_batch}
                 if opts.push_timeout_ms is not None:
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                         samples = len(busy.samples)
                         run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds))
                         run |= {"size": size, "interval": interval, "muxer_batch_size": muxer_batch,
-                                "workers": workers, "gpu_busy": _mean(busy.samples[samples:]),
+                                "workers": workers, "frames_on_device": on_device,
+                                "gpu_busy": _mean(busy.samples[samples:]),
                                 "muxer": asyncio.run(_muxer(url))}
                         result["runs"].append(run)
                         print(_row(run), flush=True)
@@ -268,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result["largest_sustained"] = {f"{size} interval {interval} muxer {b} workers {w}": max(
-        (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
-         and r["muxer_batch_size"] == b and r["workers"] == w and r["sustained"]), default=0)
-        for w in opts.workers for size in opts.sizes for interval in opts.intervals for b in opts.muxer_batch_sizes}
+    result["largest_sustained"] = {
+        f"{size} interval {interval} muxer {b} workers {w}" + ("" if f == "auto" else " frames host"): max(
+            (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
+             and r["muxer_batch_size"] == b and r["workers"] == w and r["frames_on_device"] == f and r["sustained"]),
+            default=0)
+        for w in opts.workers for f in opts.frames_on_device for size in opts.sizes for interval in opts.intervals
+        for b in opts.muxer_batch_sizes}
     _write(opts.out, result)
     print(report(result))
     return 0
@@ -289,7 +298,7 @@ async def _muxer(url: str) -> dict[str, Any] | None:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         streams = (await client.get("/v1/pipeline")).json().get("streams") or {}
     if "workers" in streams:
-        return {w["name"]: w.get("muxer") for w in streams["workers"]}
+        return {w["name"]: {**(w.get("muxer") or {}), "frames": w.get("frames")} for w in streams["workers"]}
     return streams.get("muxer")
 
 
@@ -312,7 +321,8 @@ HEADER = ("| workers | size | interval | muxer batch | streams | aggregate fps |
 
 
 def _row(run: dict[str, Any]) -> str:
-    return (f"| {run.get('workers', 0)} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
+    workers = f"{run.get('workers', 0)}{', frames via host' if run.get('frames_on_device') == 'false' else ''}"
+    return (f"| {workers} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
             f"{run['host_cpu_ms_per_frame']} | {run['gpu_busy'] if run['gpu_busy'] is not None else '-'} | "
             f"{'yes' if run['sustained'] else 'no'} | {', '.join(run.get('decoders', []))} |")
@@ -340,14 +350,16 @@ def against_ceiling(result: dict[str, Any]) -> list[str]:
     for key, sustained in result["largest_sustained"].items():
         words = key.split()  # "<size> interval <i> muxer <b> workers <w>"
         size, interval, workers = words[0], int(words[2]), int(words[6]) if len(words) > 6 else 0
+        mode = "false" if key.endswith("frames host") else "auto"
         row = frames.get(size, {})
         limit = row.get("ceiling_images_per_s")
         if not limit:
             continue
         streams = limit / FPS
         at = [r["aggregate_fps"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
-              and r.get("workers", 0) == workers and r["streams"] == sustained]
-        lines.append(f"| {workers} | {size} | {interval} | {limit} | {streams:.1f} | {sustained} | "
+              and r.get("workers", 0) == workers and r.get("frames_on_device", "auto") == mode
+              and r["streams"] == sustained]
+        lines.append(f"| {workers}{', frames via host' if mode == 'false' else ''} | {size} | {interval} | {limit} | {streams:.1f} | {sustained} | "
                      f"{sustained / streams:.2f} | {at[0] if at else '-'} |")
     return lines
 

@@ -10,6 +10,7 @@ meanwhile (up to `ingress.device_batch_size` frames), so a lone request waits fo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +18,37 @@ import numpy as np
 
 from deployments.batcher import GreedyBatcher
 from deployments.execution import ComputeExecutor
+from deployments.stages import ClassifierStage, DetectorStage
 from engines import completed
+from serve_app.config import PipelineConfig
 from serve_app.graph import ClassifierRoute, cut_each_spec_once_many
 
 if TYPE_CHECKING:
     from engines.device_image import DeviceDecoder
 
+logger = logging.getLogger("ray.serve")
+
 _Cut = tuple[Any, np.ndarray, list[tuple[ClassifierRoute, np.ndarray]]]  # frame, boxes, (route, object indices)
+
+
+def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | None:
+    """The decoder that puts images on the detector's device, where every stage held here can take them there
+    (`ingress.frames_on_device`); None: frames stay on the host."""
+    wanted = config.ingress.frames_on_device
+    detector, classifiers = wiring.detector, list(wiring.classifiers.values())
+    if wanted is False or not isinstance(detector, DetectorStage):
+        return None
+    able = detector.takes_device_frames and all(
+        isinstance(c, ClassifierStage) and c.takes_device_crops and c.device == detector.device for c in classifiers)
+    if not able or (wanted == "auto" and not str(detector.device).startswith("cuda")):
+        if wanted is True:
+            logger.warning("ingress.frames_on_device: the detector or a classifier cannot take frames on %s; frames "
+                           "stay on the host", detector.device)
+        return None
+    from engines.device_image import DeviceDecoder
+
+    logger.info("images are decoded, detected, cropped and classified on %s", detector.device)
+    return DeviceDecoder(str(detector.device))
 
 
 class DeviceBatches:

@@ -18,7 +18,7 @@ from deployments.startup import freeze_startup_heap
 from serve_app.admission import ApiGate
 from serve_app.auth import BearerAuth
 from serve_app.config import PipelineConfig
-from serve_app.device_frames import DeviceBatches
+from serve_app.device_frames import DeviceBatches, frames_on_device
 from serve_app.http_api import api
 from serve_app.offload import CpuWork
 from serve_app.routes.common import Services
@@ -33,26 +33,6 @@ if TYPE_CHECKING:
     from engines.device_image import DeviceDecoder
 
 logger = logging.getLogger("ray.serve")
-
-
-def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | None:
-    """The decoder that puts images on the detector's device, where every stage held here can take them there
-    (`ingress.frames_on_device`); None: frames stay on the host."""
-    wanted = config.ingress.frames_on_device
-    detector, classifiers = wiring.detector, list(wiring.classifiers.values())
-    if wanted is False or not isinstance(detector, DetectorStage):
-        return None
-    able = detector.takes_device_frames and all(
-        isinstance(c, ClassifierStage) and c.takes_device_crops and c.device == detector.device for c in classifiers)
-    if not able or (wanted == "auto" and not str(detector.device).startswith("cuda")):
-        if wanted is True:
-            logger.warning("ingress.frames_on_device: the detector or a classifier cannot take frames on %s; frames "
-                           "stay on the host", detector.device)
-        return None
-    from engines.device_image import DeviceDecoder
-
-    logger.info("images are decoded, detected, cropped and classified on %s", detector.device)
-    return DeviceDecoder(str(detector.device))
 
 
 def videos_on_nvdec(config: PipelineConfig, decoder: DeviceDecoder | None) -> bool:

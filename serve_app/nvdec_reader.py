@@ -68,16 +68,24 @@ def nvdec_refusal(setting: str, key: str, unavailable: Callable[[], str | None])
     return why
 
 
-def to_working_bgr(rgb: Any, target: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 RGB on the device -> (target height, target width, 3) BGR uint8 on the host (area averaging
-    on the device where it shrinks: only the scaled frame crosses to the host)."""
+def working_bgr(rgb: Any, target: tuple[int, int]) -> Any:
+    """(H, W, 3) uint8 RGB on the device -> (target height, target width, 3) BGR uint8 on the device (area
+    averaging where it shrinks); a copy, so NVDEC may reuse its surface."""
     import torch
 
     if (int(rgb.shape[1]), int(rgb.shape[0])) != target:
         planes = rgb.permute(2, 0, 1)[None].float()
         scaled = torch.nn.functional.interpolate(planes, size=(target[1], target[0]), mode="area")
         rgb = scaled[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-    return np.ascontiguousarray(rgb.flip(2).cpu().numpy())
+    bgr = rgb.flip(2).contiguous()  # a copy, in (H, W, 3) order whatever the scaled view's strides
+    if bgr.is_cuda:  # the copy is done before NVDEC may overwrite the surface at the next Decode
+        torch.cuda.current_stream(bgr.device).synchronize()
+    return bgr
+
+
+def to_working_bgr(rgb: Any, target: tuple[int, int]) -> np.ndarray:
+    """`working_bgr` on the host: only the scaled frame crosses."""
+    return np.ascontiguousarray(working_bgr(rgb, target).cpu().numpy())
 
 
 def _packet(nvc: Any, data: np.ndarray | None, pts: int | None) -> Any:
@@ -143,7 +151,8 @@ class NvdecReader(StreamReader):
 
         for frame in decoder.Decode(packet):
             rgb = torch.from_dlpack(frame)
-            self._keep_image((int(rgb.shape[1]), int(rgb.shape[0])), lambda target, rgb=rgb: to_working_bgr(rgb, target),
+            render = working_bgr if self._device is not None else to_working_bgr  # on the device: the models are here
+            self._keep_image((int(rgb.shape[1]), int(rgb.shape[0])), lambda target, rgb=rgb: render(rgb, target),
                              rotation, None)
 
 

@@ -19,6 +19,7 @@ from deployments.results import DetectorResult
 from engines.tracking import tracker_unavailable
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError
+from serve_app.device_frames import frames_on_device
 from serve_app.graph import InferenceGraph
 from serve_app.offload import CpuWork
 from serve_app.stream_muxer import MuxedDetector
@@ -66,9 +67,13 @@ class StreamHost:
             logger.warning("live streams are unavailable: %s", self.unavailable)
 
     def prepare(self) -> InferenceGraph:
-        """The streams' graph: the frames of all streams go to the detector in batches (serve_app/stream_muxer.py)."""
+        """The streams' graph: the frames of all streams go to the detector in batches (serve_app/stream_muxer.py).
+        Where the models are in this process and take frames on their device (`ingress.frames_on_device`), the
+        frames are kept there from the decode on, and the crops are cut there."""
         if self._graph is None:
             wiring = self._wiring_of()
+            decoder = frames_on_device(self._config, wiring)
+            self._registry.frames_device = str(decoder.device) if decoder is not None else None
             self._muxer = MuxedDetector(batched(wiring.detector), self._config.ingress.streams.muxer,
                                         self._registry.running)
             self._wiring = replace(wiring, detector=self._muxer)
@@ -132,7 +137,8 @@ class StreamHost:
     def describe(self) -> dict[str, Any]:
         return {"streams": self._registry.running(), "max_streams": self._config.ingress.streams.max_streams,
                 "opening": self._registry.opening, "listeners": self._registry.listening,
-                "decoder": self._registry.decoder, "muxer": self._muxer.stats() if self._muxer else None}
+                "decoder": self._registry.decoder, "frames": self._registry.frames_device or "host",
+                "muxer": self._muxer.stats() if self._muxer else None}
 
     async def close(self) -> None:
         """End the streams (their listeners get the summary), then release what the graph holds here."""

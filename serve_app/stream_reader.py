@@ -56,7 +56,7 @@ class Opened:
 @dataclass(frozen=True)
 class ReadFrame:
     index: int  # frames decoded before this one
-    image: np.ndarray  # BGR, scaled to the working size
+    image: Any  # BGR (H, W, 3) uint8, scaled to the working size: numpy, or a torch tensor on the reader's `device`
     size: tuple[int, int]  # the source frame's (width, height)
     scale: Scale  # pixels of `image` per pixel of the source frame, (x, y)
     read_at: float  # time.time() when it was decoded
@@ -67,10 +67,20 @@ class ReadFrame:
 _UPRIGHT = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
 
 
-def upright(image: np.ndarray, rotation: float) -> np.ndarray:
-    """`image` turned as its stream's display matrix says (a phone video stored on its side)."""
-    turn = _UPRIGHT.get(round(rotation) % 360)
-    return image if turn is None else np.ascontiguousarray(cv2.rotate(image, turn))
+_QUARTER_TURNS = {90: 1, 180: 2, 270: 3}  # the same turns as counter-clockwise quarter turns (torch.rot90)
+
+
+def upright(image: Any, rotation: float) -> Any:
+    """`image` turned as its stream's display matrix says (a phone video stored on its side): a numpy frame by
+    OpenCV, a torch one where it is (on its device)."""
+    degrees = round(rotation) % 360
+    if degrees not in _UPRIGHT:
+        return image
+    if isinstance(image, np.ndarray):
+        return np.ascontiguousarray(cv2.rotate(image, _UPRIGHT[degrees]))
+    import torch
+
+    return torch.rot90(image, _QUARTER_TURNS[degrees], dims=(0, 1)).contiguous()
 
 
 def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -98,13 +108,15 @@ class StreamReader:
     def __init__(self, url: str, options: dict[str, str], shown: str, *, open_timeout_s: float,
                  read_timeout_s: float, max_frame_pixels: int, max_side: int, pace: bool,
                  on_opened: Callable[[Opened | InputError], None],
-                 explain: Callable[[], InputError | None] = lambda: None) -> None:
+                 explain: Callable[[], InputError | None] = lambda: None, device: str | None = None) -> None:
         """`shown`: the source as messages name it; `pace`: play at the source's own rate (a file); `explain`: why
-        the open failed, when something else knows better than FFmpeg (the egress guard's refusal)."""
+        the open failed, when something else knows better than FFmpeg (the egress guard's refusal); `device`: keep
+        each frame there as a torch tensor (the models of this process take frames on it), None: on the host."""
         self._url, self._options, self._shown = url, options, shown
         self._open_timeout, self._read_timeout = open_timeout_s, read_timeout_s
         self._max_pixels, self._max_side, self._pace = max_frame_pixels, max_side, pace
         self._on_opened, self._explain = on_opened, explain
+        self._device = device
         self._lock = threading.Lock()
         self._latest: ReadFrame | None = None
         self._stop = threading.Event()
@@ -194,7 +206,7 @@ class StreamReader:
         except av.error.ExitError:
             if not self._stop.is_set():
                 self.error = InputError(504, "source_silent", f"no frame from {self._shown} for "
-                                        f"{self._read_timeout:g} s (ingress.streams.read_timeout_s)")
+                                        f"{self._read_timeout:g} s (ingress.streams.read_timeout_s: {self._read_timeout:g})")
         except Exception as exc:  # noqa: BLE001 - a source that breaks ends its stream with the reason
             if not self._stop.is_set():
                 self.error = self._explain() or InputError(502, "source_failed",
@@ -233,6 +245,17 @@ class StreamReader:
         self._keep_image((frame.width, frame.height), lambda target: frame.to_ndarray(
             format="bgr24", width=target[0], height=target[1], interpolation="AREA"), frame.rotation, frame.time)
 
+    def _placed(self, image: Any) -> Any:
+        """A rendered frame where the models take it: copied once to `device` if it was rendered on the host."""
+        if self._device is None or not isinstance(image, np.ndarray):
+            return image
+        import torch
+
+        host = torch.from_numpy(image)
+        if self._device.startswith("cuda"):
+            host = host.pin_memory()
+        return host.to(self._device, non_blocking=True)
+
     def _keep_image(self, stored: tuple[int, int], render: Callable[[tuple[int, int]], np.ndarray], rotation: float,
                     at: float | None) -> None:
         """Keep a decoded frame of `stored` (width, height): `render(target)` gives it as BGR at the working size
@@ -242,7 +265,7 @@ class StreamReader:
             raise InputError(413, "frames_too_large", f"{self._shown} sent a {stored[0]}x{stored[1]} frame; the limit "
                              f"is {self._max_pixels} pixels (ingress.streams.max_frame_pixels)")
         target = working_size(*stored, self._max_side)
-        image = upright(render(target), rotation)
+        image = upright(self._placed(render(target)), rotation)
         size, scale = stored, (target[0] / stored[0], target[1] / stored[1])
         if round(rotation) % 180:  # shown on its side: the displayed frame is the stored one turned
             size, scale = (stored[1], stored[0]), (scale[1], scale[0])

@@ -149,10 +149,12 @@ class StreamRegistry:
     def __init__(self, config: StreamsConfig, new_session: Callable[[float], Any], max_side: int = 0,
                  on_frame: Callable[[LiveStream], None] = lambda stream: None,
                  on_end: Callable[[LiveStream], None] = lambda stream: None,
-                 policy: AddressPolicy | None = None, gpu_share: float | None = None) -> None:
+                 policy: AddressPolicy | None = None, gpu_share: float | None = None,
+                 frames_device: str | None = None) -> None:
         """`new_session`: fps (0: unknown) -> an object with `async process_frame(index, frame)`, `track_count` and
         `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side);
-        `gpu_share`: this process's share of a GPU, for NVDEC (default: the streams deployment's)."""
+        `gpu_share`: this process's share of a GPU, for NVDEC (default: the streams deployment's); `frames_device`:
+        where the frames are kept as they are decoded (the device of the models in this process), None: the host."""
         self._config = config
         self._new_session = new_session
         self._max_side = max_side
@@ -164,6 +166,7 @@ class StreamRegistry:
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # id -> (when, description)
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
+        self.frames_device = frames_device
         self._nvdec_unavailable = nvdec_refusal(config.decoder, "ingress.streams.decoder",
                                                 lambda: nvdec_unavailable(config.deployment.num_gpus
                                                                           if gpu_share is None else gpu_share))
@@ -234,7 +237,8 @@ class StreamRegistry:
                 guard.reader_url() if guard else source.target, guard.reader_options() if guard else dict(FILE_OPTIONS),
                 source.shown, open_timeout_s=self._config.open_timeout_s, read_timeout_s=self._config.read_timeout_s,
                 max_frame_pixels=self._config.max_frame_pixels, max_side=self._max_side, pace=source.is_file,
-                on_opened=on_opened, explain=lambda: guard.refusals[-1] if guard and guard.refusals else None)
+                on_opened=on_opened, explain=lambda: guard.refusals[-1] if guard and guard.refusals else None,
+                device=self.frames_device)
             result = await answered
             if isinstance(result, InputError):
                 raise result

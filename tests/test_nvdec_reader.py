@@ -34,10 +34,11 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip(tmp_path_factory.mktemp("nvdec") / "clip.mp4", 640, 360, 2.0)
 
 
-def _read(kind: type[StreamReader], path: Path, max_side: int = 320) -> tuple[StreamReader, Opened]:
+def _read(kind: type[StreamReader], path: Path, max_side: int = 320,
+          device: str | None = None) -> tuple[StreamReader, Opened]:
     opened: list[object] = []
     reader = kind(str(path), dict(FILE_OPTIONS), path.name, open_timeout_s=10, read_timeout_s=10,
-                  max_frame_pixels=3840 * 2160, max_side=max_side, pace=False, on_opened=opened.append)
+                  max_frame_pixels=3840 * 2160, max_side=max_side, pace=False, on_opened=opened.append, device=device)
     assert reader.ended.wait(60), "the reader did not finish the clip"
     assert reader.error is None, reader.error
     assert isinstance(opened[0], Opened), opened
@@ -67,6 +68,21 @@ def test_a_phone_video_decoded_on_nvdec_is_turned_upright_as_ffmpeg_turns_it(sta
     ours, theirs = nvdec.take(), ffmpeg.take()
     assert ours is not None and theirs is not None and ours.image.shape == theirs.image.shape == (320, 180, 3)
     assert np.abs(ours.image.astype(int) - theirs.image.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("kind", [NvdecReader, StreamReader])
+def test_frames_kept_on_the_models_device_are_the_host_frames_there_turned_upright_too(
+        standin: None, clip: Path, tmp_path: Path, kind: type[StreamReader]) -> None:
+    """A stream worker whose models take frames on their device gets each frame there (a torch tensor: NVDEC's
+    without a trip to the host, FFmpeg's copied once), the same pixels as the host frame, a phone video's turned."""
+    phone = turned_display(clip, tmp_path / "phone.mp4")
+    for path in (clip, phone):
+        kept, _ = _read(kind, path, device="cpu")
+        host, _ = _read(kind, path)
+        ours, theirs = kept.take(), host.take()
+        assert ours is not None and theirs is not None and not isinstance(ours.image, np.ndarray)
+        assert str(ours.image.device) == "cpu" and ours.image.is_contiguous()
+        assert np.array_equal(ours.image.numpy(), theirs.image) and ours.scale == theirs.scale
 
 
 def test_codecs_nvdec_does_not_take_are_decoded_by_ffmpeg(standin: None, tmp_path: Path) -> None:
@@ -123,6 +139,10 @@ def test_the_real_nvdec_decodes_a_file_frame_for_frame_like_opencv() -> None:
     ours = reader.take()
     assert ours is not None and last is not None and ours.image.shape == last.shape
     assert np.abs(ours.image.astype(int) - last.astype(int)).mean() < 3  # BGR, the same picture
+    # kept on the device (a stream worker's models there): the same frame, never through the host
+    on_device, _ = _read(NvdecFileReader, CLIP, max_side=0, device="cuda")
+    kept = on_device.take()
+    assert kept is not None and kept.image.is_cuda and np.array_equal(kept.image.cpu().numpy(), ours.image)
 
 
 def test_a_file_demuxed_by_pynvvideocodec_itself_streams_like_ffmpeg(standin: None, clip: Path) -> None:

@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import demo_args, deployed, small
 from tests.videos import two_faces
 
+pytest.importorskip("onnx2torch")
+
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -27,7 +29,15 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def workers_app(serve_url: str, media: Path) -> Iterator[str]:
     args = small(demo_args())
-    args["layout"] = "ingress"  # the ingress holds the models too: its own stage counts show streams never use them
+    args["layout"] = "ingress"
+    # the workers keep frames on the models' device from the decode on (the torch backend on the CPU device here;
+    # CUDA on a GPU): tensors, not numpy frames, go through their muxer, detector, crops and classifiers
+    args["ingress"]["frames_on_device"] = True
+    args["ingress"]["detector_timeout_s"] = 60.0
+    args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
+    args["detector"]["mtcnn"]["implementation"] = "torch"
+    for classifier in args["classifiers"]:
+        classifier["engine"] = {"backend": "torch", "device": "cpu"}
     args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2, "max_listeners_per_stream": 1,
                                   "workers": {"count": 2, "num_cpus": 0.1, "num_gpus": 0}}
     with deployed(serve_url, "workers", args) as url:
@@ -87,8 +97,10 @@ def test_streams_go_to_different_workers_run_there_and_the_limit_counts_once(cli
         assert streams["streams"] == 2 and streams["max_streams"] == 2
         workers = {w["name"]: w for w in streams["workers"]}
         assert sorted(workers) == sorted([a["worker"], b["worker"]])
-        # each worker's own muxer fed its own detector: the frames were detected where they were decoded
-        assert all(w["state"] == "running" and w["streams"] == 1 and w["muxer"]["frames"] > 0 for w in workers.values())
+        # each worker's own muxer fed its own detector: the frames were detected where they were decoded, and kept
+        # on the models' device from the decode on
+        assert all(w["state"] == "running" and w["streams"] == 1 and w["muxer"]["frames"] > 0 and w["frames"] == "cpu"
+                   for w in workers.values()), workers
 
         stopped = client.delete(f"/v1/streams/{b['id']}")
         assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
