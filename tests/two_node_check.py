@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from serve_app.app import build_app
-from tests.conftest import demo_args, small
+from tests.conftest import demo_args
 from tests.images import ASTRONAUT
 from tests.videos import two_faces
 
@@ -36,10 +36,14 @@ def main() -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        media = Path(tempfile.mkdtemp(prefix="two-node-media-"))
+        two_faces(media / "long.mp4", frames=500, enters_at=25)
         args = demo_args()
         for c in args["classifiers"]:
             c["deployment"] = {"num_cpus": 0.25, "num_gpus": 0, "resources": {"classifier_node": 0.1}}
         args["detector"]["deployment"] = {"num_cpus": 0.5, "num_gpus": 0, "resources": {"head": 0.1}}
+        args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2,
+                                      "workers": {"count": 2, "num_cpus": 0.5, "num_gpus": 0, "spread": True}}
         serve.run(build_app(args), name="faces", route_prefix="/")
         response = httpx.post(f"http://127.0.0.1:{port}/v1/infer", content=ASTRONAUT.read_bytes(),
                               headers={"Content-Type": "image/png"}, timeout=60)
@@ -54,7 +58,6 @@ def main() -> int:
                 nodes[name.split(":")[-1]] = actor.node_id
         assert {nodes["age"], nodes["gender"], nodes["emotion"]} == {worker.node_id}, nodes
         assert nodes["detector"] != worker.node_id, nodes
-        serve.delete("faces")
         stream_nodes = _streams_on_two_workers(f"http://127.0.0.1:{port}")
         print(json.dumps({"ok": True, "replica_nodes": nodes, "worker": worker.node_id, "stream_nodes": stream_nodes}))
         return 0
@@ -65,13 +68,8 @@ def main() -> int:
 
 
 def _streams_on_two_workers(url: str) -> list[str]:
-    """Two streams on two stream workers placed with SPREAD: the nodes of the workers whose streams processed frames."""
-    media = Path(tempfile.mkdtemp(prefix="two-node-media-"))
-    two_faces(media / "long.mp4", frames=500, enters_at=25)
-    args = small(demo_args())
-    args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2,
-                                  "workers": {"count": 2, "num_cpus": 0.5, "num_gpus": 0, "spread": True}}
-    serve.run(build_app(args), name="streams", route_prefix="/")
+    """Two streams on the app's two stream workers, placed with SPREAD: the nodes of the workers whose streams
+    processed frames."""
     with httpx.Client(base_url=url, timeout=60) as client:
         for _ in range(2):
             started = client.post("/v1/streams", json={"source": "long.mp4"})
