@@ -9,7 +9,8 @@
 #   of the clips' frames (bench/nvdec.py's probe is left out: docs/results/nvdec-h100-probe.txt has it).
 # Call 2, carry [".devsite/video.tar.xz", ".gpuclips"]: bash bench/gpu_streams.sh streams
 #   adds the tracker's pack and runs bench.streams on NVDEC (file sources, played at their own rate), with the
-#   ceiling of the same clips in the same run.
+#   ceiling of the same clips in the same run: two stream workers, frames kept on the device against through the
+#   host (docs/benchmarks.md, "Live streams per GPU", has the earlier runs: workers 0, 2, 3, 4; intervals 0, 2).
 # Call 3, carry [".gpuclips"]: bash bench/gpu_streams.sh video   (the packs stay unpacked on the warm machine)
 set -uo pipefail
 site=.devsite/site
@@ -27,7 +28,8 @@ case "${1:-}" in
     [ -d "$site/ray" ] || { echo "run 'ray' first, on this warm machine"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
     timeout 540 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p 1080p \
-      --counts 4 8 12 16 24 32 --intervals 0 2 --workers 4 0 --seconds 6 --ceiling --out "$O/streams-gpu.json" \
+      --counts 8 12 16 --all-counts --intervals 0 --workers 2 --frames-on-device auto false --seconds 6 --ceiling \
+      --out "$O/streams-gpu.json" \
       2> "$O/streams.err" | tail -n 50
     tail -n 5 "$O/streams.err"
     ;;
