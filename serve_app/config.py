@@ -109,6 +109,8 @@ class StreamWorkersConfig(StrictModel):
                             "the models and its NVDEC decoders (on a machine with none: 0, and the models run on CPU)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources of each worker")
     spread: bool = Field(True, description="place the workers on as many nodes as will take them (Ray's SPREAD)")
+    videos: bool = Field(True, description="POST /v1/video runs on the workers too (each upload on the least loaded), "
+                         "not in the ingress; /v1/video/annotate stays in the ingress")
 
 
 class StreamsConfig(StrictModel):

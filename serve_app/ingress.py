@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -20,6 +20,7 @@ from serve_app.auth import BearerAuth
 from serve_app.config import PipelineConfig
 from serve_app.device_frames import DeviceBatches, frames_on_device
 from serve_app.http_api import api
+from serve_app.nvdec_reader import videos_on_nvdec
 from serve_app.offload import CpuWork
 from serve_app.routes.common import Services
 from serve_app.routes.images import ImageService
@@ -29,20 +30,7 @@ from serve_app.routes.video import VideoService
 from serve_app.telemetry import IngressMetrics
 from serve_app.wiring import in_process, remote
 
-if TYPE_CHECKING:
-    from engines.device_image import DeviceDecoder
-
 logger = logging.getLogger("ray.serve")
-
-
-def videos_on_nvdec(config: PipelineConfig, decoder: DeviceDecoder | None) -> bool:
-    """Whether /v1/video decodes on NVDEC here (`ingress.video.decoder`): where frames stay on a CUDA device and
-    PyNvVideoCodec loads; `nvdec` where that cannot be fails the start, saying why."""
-    from serve_app.nvdec_reader import nvdec_refusal, nvdec_unavailable
-
-    on_cuda = decoder is not None and str(decoder.device).startswith("cuda")
-    return nvdec_refusal(config.ingress.video.decoder, "ingress.video.decoder", lambda: nvdec_unavailable(1.0) if on_cuda
-                         else "the ingress keeps no frames on a CUDA device (layout ingress, models on cuda)") is None
 
 
 @serve.deployment(name="ingress")
@@ -82,7 +70,9 @@ class Ingress:
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
             images=ImageService(graph, config, metrics, send_encoded, self._cpu, self._batches),
-            video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder)),
+            video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder),
+                               workers=streams if streams is not None and config.ingress.streams.workers.count
+                               and config.ingress.streams.workers.videos else None),
             streams=StreamsProxy(streams, gate),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
             pipeline=PipelineService(config, describers, self._wiring.health,

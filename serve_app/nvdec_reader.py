@@ -213,3 +213,11 @@ def reader_class(decoder: str, device_reason: str | None, is_file: bool) -> type
     except ImportError:
         return NvdecFileReader if is_file else StreamReader  # the CPU reader then says PyAV is needed
     return NvdecReader
+
+
+def videos_on_nvdec(config: PipelineConfig, decoder: Any) -> bool:
+    """Whether /v1/video decodes on NVDEC here (`ingress.video.decoder`): where frames stay on a CUDA device and
+    PyNvVideoCodec loads; `nvdec` where that cannot be fails the start, saying why."""
+    on_cuda = decoder is not None and str(decoder.device).startswith("cuda")
+    return nvdec_refusal(config.ingress.video.decoder, "ingress.video.decoder", lambda: nvdec_unavailable(1.0) if on_cuda
+                         else "the ingress keeps no frames on a CUDA device (layout ingress, models on cuda)") is None

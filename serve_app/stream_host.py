@@ -59,6 +59,11 @@ class StreamHost:
                                         self._on_frame, self._on_end, gpu_share=gpu_share)
         self._muxer: MuxedDetector | None = None
         self._graph: InferenceGraph | None = None
+        self._detector: Any = None  # the graph's own detector client, before the muxer
+        self._decoder: Any = None  # where the models here take frames (serve_app/device_frames.py), if they do
+        self._videos: Any = None  # /v1/video here (serve_app/routes/video.py VideoService), made when first asked
+        self.videos = 0  # videos being processed
+        self.videos_done = 0  # videos processed to their end
         # The tracker's library is imported now: imported at a stream's first frame it held this replica's event
         # loop for 1-7 s (a loaded 2-core box), so the 201 came after most of a short clip had gone unwatched.
         # Where it is missing (a trimmed environment), the process still starts, and every start says why not.
@@ -72,7 +77,8 @@ class StreamHost:
         frames are kept there from the decode on, and the crops are cut there."""
         if self._graph is None:
             wiring = self._wiring_of()
-            decoder = frames_on_device(self._config, wiring)
+            self._detector = wiring.detector
+            self._decoder = decoder = frames_on_device(self._config, wiring)
             self._registry.frames_device = str(decoder.device) if decoder is not None else None
             self._muxer = MuxedDetector(batched(wiring.detector), self._config.ingress.streams.muxer,
                                         self._registry.running)
@@ -134,8 +140,40 @@ class StreamHost:
         finally:
             listener.close()
 
+    async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        """/v1/video on this process's graph: first the opened video's size and rate (or why it is refused: the
+        ingress's 4xx), then the same records and summary as the ingress gives."""
+        if self._videos is None:
+            from serve_app.nvdec_reader import videos_on_nvdec
+            from serve_app.routes.video import VideoService
+            from serve_app.telemetry import IngressMetrics
+
+            self.prepare()
+            self._videos = VideoService(self._graph_for_videos(), self._config, IngressMetrics(), self._cpu,
+                                        on_nvdec=videos_on_nvdec(self._config, self._decoder))
+        try:
+            video = await self._videos.open_data(data)
+        except InputError as exc:
+            yield StreamRefusal.of(exc)
+            return
+        self.videos += 1
+        try:
+            info = video.info
+            yield {"video": {"width": info.width, "height": info.height, "fps": info.fps, "frames": info.frames}}
+            async for record, _ in self._videos.records(video, every):
+                yield record
+            self.videos_done += 1
+        finally:
+            self.videos -= 1
+            video.close()
+
+    def _graph_for_videos(self) -> InferenceGraph:
+        """The models of this process without the streams' muxer: a video's frames batch through its lookahead."""
+        assert self._wiring is not None
+        return replace(self._wiring, detector=self._detector).graph(self._config, self._cpu)
+
     def describe(self) -> dict[str, Any]:
-        return {"streams": self._registry.running(), "max_streams": self._config.ingress.streams.max_streams,
+        return {"streams": self._registry.running(), "videos": self.videos, "videos_done": self.videos_done, "max_streams": self._config.ingress.streams.max_streams,
                 "opening": self._registry.opening, "listeners": self._registry.listening,
                 "decoder": self._registry.decoder, "frames": self._registry.frames_device or "host",
                 "muxer": self._muxer.stats() if self._muxer else None}
@@ -146,3 +184,4 @@ class StreamHost:
         self._cpu.close()
         if self._wiring is not None:
             self._wiring.close()
+

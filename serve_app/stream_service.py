@@ -74,6 +74,15 @@ class Streams:
         async for item in self._service.events(stream_id):
             yield item
 
+    async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        """/v1/video on a stream worker (ingress.streams.workers.videos), for a streaming handle call: first the
+        opened video (or why not), then its records."""
+        if not isinstance(self._service, WorkerRouter):
+            yield StreamRefusal(503, "streams_unavailable", "this application has no stream workers")
+            return
+        async for item in self._service.video(data, every):
+            yield item
+
     async def describe(self) -> dict[str, Any]:
         if isinstance(self._service, WorkerRouter):
             return await self._service.describe()

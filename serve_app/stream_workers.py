@@ -67,6 +67,10 @@ class StreamWorker:
         async for item in self._host.events(stream_id):
             yield item
 
+    async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        async for item in self._host.video(data, every):
+            yield item
+
     async def describe(self) -> dict[str, Any]:
         return self._host.describe()
 
@@ -81,11 +85,12 @@ class _Worker:
     node_id: str = ""
     streams: set[str] = field(default_factory=set)  # those holding a slot under max_streams, as last known
     opening: int = 0
+    videos: int = 0  # /v1/video uploads it is processing
     gone: str | None = None  # why it is lost
 
     @property
     def load(self) -> int:
-        return len(self.streams) + self.opening
+        return len(self.streams) + self.opening + self.videos
 
 
 def spawn_workers(config: PipelineConfig, devices: Mapping[str, str], gpu_share: float, prefix: str,
@@ -239,6 +244,25 @@ class WorkerRouter:
             yield {"summary": self._lost(stream_id, worker)}
         finally:
             ray.cancel(generator)  # a listener that left: the worker's generator ends now, and its listener slot with it
+
+    async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        """/v1/video on the least-loaded worker, its records relayed; if it goes away mid-way, an error line."""
+        live = self._live()
+        if not live:
+            yield StreamRefusal(503, "streams_unavailable", "every stream worker has stopped")
+            return
+        worker = min(live, key=lambda w: w.load)
+        worker.videos += 1
+        generator = worker.handle.video.remote(data, every)
+        try:
+            async for ref in generator:
+                yield await ref
+        except _GONE as exc:
+            self._lose(worker, exc)
+            yield {"error": {"code": "worker_lost", "message": worker.gone}}
+        finally:
+            worker.videos -= 1
+            ray.cancel(generator)  # a client that left: the worker stops reading the video
 
     async def describe(self) -> dict[str, Any]:
         rows = [{"name": worker.name, "node_id": worker.node_id, "state": "running", **answer}

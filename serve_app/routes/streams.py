@@ -43,6 +43,34 @@ router = APIRouter(dependencies=[Depends(bearer), Depends(served_by)])
 _LOST = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
 
 
+async def _first(generator: Any, silent: str) -> Any:
+    """A streaming call's first item, checked before any response starts: a refusal raises its HTTP error; no
+    answer, a 503 that says `silent`."""
+    try:
+        first = await generator.__anext__()
+    except _LOST as exc:
+        raise InputError(503, "streams_unavailable", f"{silent} ({type(exc).__name__})") from exc
+    if isinstance(first, StreamRefusal):
+        raise first.error()
+    return first
+
+
+async def relay_first(generator: Any, who: str) -> AsyncIterator[dict[str, Any]]:
+    """A video's records from a stream worker (relayed by the streams deployment): its first item (the opened
+    video, or why not) is checked now; the rest follow, ending with an error line if `who` goes away."""
+    await _first(generator, f"{who}: no answer")
+
+    async def rest() -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for record in generator:
+                yield record
+        except _LOST as exc:
+            yield {"error": {"code": "worker_lost", "message": f"{who} stopped answering ({type(exc).__name__}); "
+                             "the video ended"}}
+
+    return rest()
+
+
 class StreamsProxy:
     """The ingress's side of the streams deployment (None as the handle: streams are off)."""
 
@@ -72,12 +100,7 @@ class StreamsProxy:
         starts, so an unknown stream is a 404. If the streams replica goes away mid-stream, the records end with a
         summary of state `lost` naming the reason."""
         generator = self._checked().options(stream=True).events.remote(stream_id)
-        try:
-            first = await generator.__anext__()
-        except _LOST as exc:
-            raise InputError(503, "streams_unavailable", f"the streams deployment is not answering ({type(exc).__name__})")
-        if isinstance(first, StreamRefusal):
-            raise first.error()
+        first = await _first(generator, "the streams deployment is not answering")
         return self._relay(generator, first)
 
     async def _relay(self, generator: Any, described: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

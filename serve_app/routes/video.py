@@ -32,8 +32,11 @@ def ndjson(record: dict[str, Any]) -> bytes:
 
 class VideoService:
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
-                 cpu: CpuWork = INLINE, gate: ApiGate | None = None, on_nvdec: bool = False) -> None:
-        """`on_nvdec`: H.264 and HEVC videos are decoded on the GPU (serve_app/video.py `NvdecVideoFile`)."""
+                 cpu: CpuWork = INLINE, gate: ApiGate | None = None, on_nvdec: bool = False,
+                 workers: Any = None) -> None:
+        """`on_nvdec`: H.264 and HEVC videos are decoded on the GPU (serve_app/video.py `NvdecVideoFile`);
+        `workers`: the streams deployment's handle, where /v1/video runs on its stream workers
+        (ingress.streams.workers.videos)."""
         self._file = NvdecVideoFile if on_nvdec else VideoFile
         self._cpu = cpu
         self._gate = gate or ApiGate(1024)
@@ -41,9 +44,12 @@ class VideoService:
         self._config = config
         self._limits = config.ingress.video
         self._metrics = metrics
+        self._workers = workers
 
     async def open(self, request: Request) -> VideoFile:
-        data = await video_bytes(request, self._limits.max_bytes)
+        return await self.open_data(await video_bytes(request, self._limits.max_bytes))
+
+    async def open_data(self, data: bytes) -> VideoFile:
         return await self._cpu.run(self._file, data, self._limits)  # a temporary file written, then opened
 
     def _count(self, session: VideoSession) -> None:
@@ -72,6 +78,8 @@ class VideoService:
             video.close()
 
     async def ndjson(self, request: Request, every: int) -> StreamingResponse:
+        if self._workers is not None:
+            return await self._on_a_worker(request, every)
         video = await self.open(request)  # 4xx before the stream starts: limits, undecodable input
 
         async def lines() -> AsyncIterator[bytes]:
@@ -81,6 +89,22 @@ class VideoService:
 
         # the response owns the temporary file: closed after it is sent, or when the client left before
         return StreamingResponse(lines(), media_type="application/x-ndjson", background=BackgroundTask(video.close))
+
+    async def _on_a_worker(self, request: Request, every: int) -> StreamingResponse:
+        """The video on the least-loaded stream worker (its own models and decoders): the bytes go there, its
+        records come back. The worker opens it first, so a refused video is still a 4xx before the stream."""
+        from serve_app.routes.streams import relay_first
+
+        data = await video_bytes(request, self._limits.max_bytes)
+        generator = self._workers.options(stream=True).video.remote(data, every)
+        records = await relay_first(generator, "the stream workers")
+
+        async def lines() -> AsyncIterator[bytes]:
+            async with self._gate.admit():  # the frames are API work for as long as they stream
+                async for record in records:
+                    yield ndjson(record)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     async def mp4(self, request: Request, every: int) -> Response:
         video = await self.open(request)
