@@ -35,8 +35,10 @@ case "${1:-}" in
     ;;
   video)
     [ -d "$site/supervision" ] || { echo "run 'ray' and 'streams' first, on this warm machine"; exit 1; }
-    timeout 300 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress --clip .gpuclips/720p.mp4 \
-      --videos 1 8 --out "$O/video-gpu-nvdec.json" 2> "$O/video.err" | tail -n 12
+    for w in 2 0; do  # /v1/video on two stream workers, then in the ingress alone
+      timeout 280 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress --clip .gpuclips/720p.mp4 \
+        --videos 1 8 --workers $w --out "$O/video-gpu-nvdec-workers$w.json" 2> "$O/video$w.err" | tail -n 8
+    done
     ;;
   *) echo "usage: $0 ray|streams|video"; exit 2 ;;
 esac

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=Path, help="this video instead of the built one (an H.264 clip: NVDEC decodes it "
                         "where the ingress keeps frames on CUDA, `--layout ingress`)")
     parser.add_argument("--layout", default=None, choices=["separate", "colocated", "ingress"])
+    parser.add_argument("--workers", type=int, default=0,
+                        help="ingress.streams.workers.count: the videos run on that many stream workers, each with its "
+                        "own models (0: in the ingress)")
     parser.add_argument("--out", default="bench/out/video.json")
     opts = parser.parse_args(argv)
 
@@ -141,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         args["ingress"]["deployment"]["num_replicas"] = opts.ingress_replicas
     if opts.layout:
         args["layout"] = opts.layout
+    if opts.workers:  # the workers hold the models for the videos; the ingress's copy answers /v1/infer only
+        on_gpu = opts.device != "cpu"
+        for stage in (args["detector"], *args["classifiers"]):
+            stage.setdefault("deployment", {}).update(num_gpus=0.01 if on_gpu else 0, num_cpus=0.1)
+        args["ingress"]["streams"] = {"deployment": {"num_cpus": 0.25, "num_gpus": 0}, "workers": {
+            "count": opts.workers, "num_cpus": 1 if on_gpu else 0.25,
+            "num_gpus": round(0.9 / opts.workers, 4) if on_gpu else 0}}
     video = opts.clip or two_faces(Path(tempfile.mkdtemp()) / "two.mp4", frames=opts.frames, enters_at=opts.frames // 2)
     frames = read_frames(video)
     bodies = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in frames]
