@@ -23,7 +23,7 @@ from ray import serve
 
 from serve_app.config import PipelineConfig
 from serve_app.stream_host import StreamHost
-from serve_app.stream_workers import WorkerRouter, spawn_workers
+from serve_app.stream_workers import WorkerRouter, WorkerSpawner
 from serve_app.streams import StreamRefusal
 from serve_app.wiring import Wiring, remote, through_ingress
 
@@ -39,9 +39,9 @@ class Streams:
         self._service: StreamHost | WorkerRouter
         if workers is not None:
             app = serve.get_replica_context().app_name
-            spawned = spawn_workers(config, workers["devices"], workers["gpu_share"], f"{app}-stream-worker",
+            spawner = WorkerSpawner(config, workers["devices"], workers["gpu_share"], f"{app}-stream-worker",
                                     workers["environment"])
-            self._service = WorkerRouter(config, spawned)
+            self._service = WorkerRouter(config, spawner)
             return
         gpu_share = config.ingress.streams.deployment.num_gpus
 

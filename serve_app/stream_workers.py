@@ -9,7 +9,7 @@ processes, and nodes, as there are workers.
   `max_streams` once for all of them, and answers every call for a stream from the worker that holds it, so any
   ingress replica answers for any stream. The workers are its children: they stop with it. A worker that dies
   ends only its own streams: they answer with state `lost` naming the worker, and their listeners get that
-  summary; the other workers' streams go on.
+  summary; the other workers' streams go on, and a new worker takes the lost one's place.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class StreamWorker:
 class _Worker:
     name: str
     handle: Any
+    index: int = 0  # its place among the workers (a replacement takes the place of the one it replaces)
     node_id: str = ""
     streams: set[str] = field(default_factory=set)  # those holding a slot under max_streams, as last known
     opening: int = 0
@@ -93,36 +94,58 @@ class _Worker:
         return len(self.streams) + self.opening + self.videos
 
 
-def spawn_workers(config: PipelineConfig, devices: Mapping[str, str], gpu_share: float, prefix: str,
-                  environment: Mapping[str, str]) -> list[_Worker]:
-    """Start `ingress.streams.workers.count` workers (named `<prefix>-<i>`, children of the calling process) and
-    wait until each holds its models; a worker that cannot start fails this call, saying why."""
-    cfg = config.ingress.streams.workers
-    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": gpu_share, "max_concurrency": 10_000,
-                               "max_restarts": 0}
-    if cfg.resources:
-        options["resources"] = dict(cfg.resources)
-    if cfg.spread:
-        options["scheduling_strategy"] = "SPREAD"
-    if environment:
-        options["runtime_env"] = {"env_vars": dict(environment)}
-    actor = ray.remote(StreamWorker)
-    workers = [_Worker(f"{prefix}-{i}", actor.options(name=f"{prefix}-{i}", **options).remote(config, devices, gpu_share))
-               for i in range(cfg.count)]
-    for worker, where in zip(workers, ray.get([w.handle.ready.remote() for w in workers])):
-        worker.node_id = where["node_id"]
-        logger.info("stream worker %s runs on node %s (pid %d)", worker.name, worker.node_id[:12], where["pid"])
-    return workers
+class WorkerSpawner:
+    """Starts stream workers (named `<prefix>-<i>`, a replacement `<prefix>-<i>.<n>`; children of the calling
+    process, so they stop with it), each on its share of a GPU and with the application's environment."""
+
+    def __init__(self, config: PipelineConfig, devices: Mapping[str, str], gpu_share: float, prefix: str,
+                 environment: Mapping[str, str]) -> None:
+        cfg = config.ingress.streams.workers
+        self.count = cfg.count
+        self._args = (config, dict(devices), gpu_share)
+        self._prefix = prefix
+        self._starts = 0
+        self._options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": gpu_share, "max_concurrency": 10_000,
+                                         "max_restarts": 0}
+        if cfg.resources:
+            self._options["resources"] = dict(cfg.resources)
+        if cfg.spread:
+            self._options["scheduling_strategy"] = "SPREAD"
+        if environment:
+            self._options["runtime_env"] = {"env_vars": dict(environment)}
+        self._actor = ray.remote(StreamWorker)
+
+    def start(self, index: int) -> _Worker:
+        """A worker for place `index`, starting (not yet waited for)."""
+        name = f"{self._prefix}-{index}" + (f".{self._starts}" if self._starts >= self.count else "")
+        self._starts += 1
+        return _Worker(name, self._actor.options(name=name, **self._options).remote(*self._args), index)
+
+    def start_all(self) -> list[_Worker]:
+        """Every worker, waited for until each holds its models; one that cannot start fails this, saying why."""
+        workers = [self.start(i) for i in range(self.count)]
+        for worker, where in zip(workers, ray.get([w.handle.ready.remote() for w in workers])):
+            _placed(worker, where)
+        return workers
+
+
+def _placed(worker: _Worker, where: dict[str, Any]) -> None:
+    worker.node_id = where["node_id"]
+    logger.info("stream worker %s runs on node %s (pid %d)", worker.name, worker.node_id[:12], where["pid"])
 
 
 class WorkerRouter:
     """The streams API over the workers (the same methods as `StreamHost`)."""
 
-    def __init__(self, config: PipelineConfig, workers: list[_Worker]) -> None:
+    def __init__(self, config: PipelineConfig, spawner: WorkerSpawner) -> None:
         self._max = config.ingress.streams.max_streams
-        self._workers = workers
+        self._spawner = spawner
+        self._workers = spawner.start_all()  # one a place; a lost one is replaced in its place
+        self._gone: list[_Worker] = []  # the workers lost, latest last (the last 16 are described)
         self._owner: OrderedDict[str, _Worker] = OrderedDict()  # stream id -> its worker
         self._started: dict[str, dict[str, Any]] = {}  # stream id -> its description at the start (for `lost`)
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def _live(self) -> list[_Worker]:
         return [w for w in self._workers if w.gone is None]
@@ -134,6 +157,23 @@ class WorkerRouter:
         if worker.gone is None:
             worker.gone = f"stream worker {worker.name} stopped ({type(exc).__name__}); its streams ended"
             logger.warning("%s: %s", worker.gone, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self._gone = [*self._gone, worker][-16:]
+            if not self._closing:  # a new worker takes its place (Serve restarts a replica the same way)
+                task = asyncio.ensure_future(self._replace(worker))
+                self._replacing.add(task)
+                task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, lost: _Worker) -> None:
+        new = self._spawner.start(lost.index)
+        try:
+            _placed(new, await new.handle.ready.remote())
+        except Exception as exc:  # noqa: BLE001 - the place stays empty; the other workers take the streams
+            logger.warning("stream worker %s could not replace %s: %s", new.name, lost.name,
+                           str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            return
+        if not self._closing and self._workers[lost.index] is lost:
+            self._workers[lost.index] = new
+            logger.info("stream worker %s took the place of %s", new.name, lost.name)
 
     def _lost(self, stream_id: str, worker: _Worker) -> dict[str, Any]:
         return {**self._started.get(stream_id, {"id": stream_id}), "state": "lost", "error": worker.gone,
@@ -267,8 +307,7 @@ class WorkerRouter:
     async def describe(self) -> dict[str, Any]:
         rows = [{"name": worker.name, "node_id": worker.node_id, "state": "running", **answer}
                 for worker, answer in await self._ask_live("describe")]
-        rows += [{"name": w.name, "node_id": w.node_id, "state": "lost", "error": w.gone}
-                 for w in self._workers if w.gone is not None]
+        rows += [{"name": w.name, "node_id": w.node_id, "state": "lost", "error": w.gone} for w in self._gone]
         running = [r for r in rows if r["state"] == "running"]
         return {"streams": sum(r["streams"] for r in running), "max_streams": self._max,
                 "opening": sum(r["opening"] for r in running), "listeners": sum(r["listeners"] for r in running),
@@ -279,4 +318,7 @@ class WorkerRouter:
 
     async def close(self) -> None:
         """End every worker's streams (their listeners get the summary); the workers stop with this process."""
+        self._closing = True
+        for task in list(self._replacing):
+            task.cancel()
         await asyncio.gather(*(w.handle.close.remote() for w in self._live()), return_exceptions=True)

@@ -1,6 +1,6 @@
 """Stream workers (`ingress.streams.workers`): each holds the models and a share of the streams, the streams
 replica places and answers for them, `max_streams` counts once, and a worker that dies ends only its own
-streams. (Workers on two nodes: tests/two_node_check.py.)"""
+streams, whose place a new worker takes. (Workers on two nodes: tests/two_node_check.py.)"""
 
 from __future__ import annotations
 
@@ -170,8 +170,15 @@ def test_a_dead_worker_ends_only_its_own_streams(client: httpx.Client) -> None:
     before = client.get(f"/v1/streams/{b['id']}").json()["frames_processed"]
     _until(lambda: client.get(f"/v1/streams/{b['id']}").json()["frames_processed"] > before,
            "the other worker's stream goes on")
-    workers = {w["name"]: w for w in client.get("/v1/pipeline").json()["streams"]["workers"]}
-    assert workers[a["worker"]]["state"] == "lost" and workers[b["worker"]]["state"] == "running"
-    again = client.post("/v1/streams", json={"source": "long.mp4"})  # the lost worker's slot is free; the live one takes it
-    assert again.status_code == 201 and again.json()["worker"] == b["worker"], again.text
+
+    def replaced() -> dict[str, Any] | None:  # a new worker in the lost one's place, holding its models
+        rows = client.get("/v1/pipeline").json()["streams"]["workers"]
+        assert {r["name"]: r["state"] for r in rows}[a["worker"]] == "lost"
+        return next((r for r in rows if r["name"].startswith(a["worker"] + ".") and r["state"] == "running"), None)
+
+    new = _until(replaced, "a new worker takes the lost one's place")
+    again = client.post("/v1/streams", json={"source": "long.mp4"})  # the lost slot is free: the new worker, idle, takes it
+    assert again.status_code == 201 and again.json()["worker"] == new["name"], again.text
+    _classified_frame(client, again.json()["id"])  # and runs it through its own models
+    assert client.get(f"/v1/streams/{a['id']}").json()["state"] == "lost"  # the lost stream stays lost
     _stop_all(client)
