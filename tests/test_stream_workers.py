@@ -132,13 +132,13 @@ def test_an_uploaded_video_runs_on_a_worker_and_a_bad_one_is_refused_before_the_
         client: httpx.Client, tmp_path: Path) -> None:
     """/v1/video goes to a stream worker (its own models; the ingress's stay idle): the same lines as the ingress
     gives, tracked and classified, and a body that is not a video is still a 400 before any line."""
-    video = two_faces(tmp_path / "short.mp4", frames=40, enters_at=10).read_bytes()
+    video = two_faces(tmp_path / "short.mp4", frames=30, enters_at=8).read_bytes()
     mp4 = {"Content-Type": "video/mp4"}
     with client.stream("POST", "/v1/video", content=video, headers=mp4) as response:
         assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
         lines = [json.loads(line) for line in response.iter_lines() if line]
     *frames, last = lines
-    assert [f["frame"] for f in frames] == list(range(40)) and last["summary"]["frames"] == 40
+    assert [f["frame"] for f in frames] == list(range(30)) and last["summary"]["frames"] == 30
     assert last["summary"]["tracks"] >= 2
     faces = [o for f in frames for o in f["objects"]]
     assert any(o["attributes"].get("gender", {}).get("label") == "female" for o in faces)

@@ -96,7 +96,8 @@ class VideoService:
         from serve_app.routes.streams import relay_first
 
         data = await video_bytes(request, self._limits.max_bytes)
-        generator = self._workers.options(stream=True).video.remote(data, every)
+        # megabytes: through Ray's object store, not pickled over the streams replica's gRPC server
+        generator = self._workers.options(stream=True, _by_reference=True).video.remote(data, every)
         records = await relay_first(generator, "the stream workers")
 
         async def lines() -> AsyncIterator[bytes]:
