@@ -173,8 +173,8 @@ class StreamHost:
         return replace(self._wiring, detector=self._detector).graph(self._config, self._cpu)
 
     def describe(self) -> dict[str, Any]:
-        return {"streams": self._registry.running(), "videos": self.videos, "videos_done": self.videos_done, "max_streams": self._config.ingress.streams.max_streams,
-                "opening": self._registry.opening, "listeners": self._registry.listening,
+        return {"streams": self._registry.running(), "videos": self.videos, "videos_done": self.videos_done,
+                "max_streams": self._config.ingress.streams.max_streams, "opening": self._registry.opening, "listeners": self._registry.listening,
                 "decoder": self._registry.decoder, "frames": self._registry.frames_device or "host",
                 "muxer": self._muxer.stats() if self._muxer else None}
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from serve_app.wiring import in_process
 logger = logging.getLogger("ray.serve")
 
 _GONE = (RayActorError, ActorUnavailableError)
+_NO_WORKER = StreamRefusal(503, "streams_unavailable", "every stream worker has stopped")
 _KEEP_OWNERS = 4096  # stream ids whose worker is remembered (running ones are never dropped)
 
 
@@ -202,10 +203,9 @@ class WorkerRouter:
         if self._taken() >= self._max:  # checked and taken with nothing awaited between: starts cannot pass it together
             return StreamRefusal(429, "too_many_streams", f"{self._taken()} streams are running or starting; the limit "
                                  f"is {self._max} (ingress.streams.max_streams)")
-        live = self._live()
-        if not live:
-            return StreamRefusal(503, "streams_unavailable", "every stream worker has stopped")
-        worker = min(live, key=lambda w: w.load)
+        worker = self._least_loaded()
+        if worker is None:
+            return _NO_WORKER
         worker.opening += 1
         ref = worker.handle.start.remote(source)
         answer_of = asyncio.wrap_future(ref.future())
@@ -275,34 +275,39 @@ class WorkerRouter:
             yield self._lost(stream_id, worker)
             yield {"summary": self._lost(stream_id, worker)}
             return
-        generator = worker.handle.events.remote(stream_id)
-        try:
-            async for ref in generator:
-                yield await ref
-        except _GONE as exc:
-            self._lose(worker, exc)
-            yield {"summary": self._lost(stream_id, worker)}
-        finally:
-            ray.cancel(generator)  # a listener that left: the worker's generator ends now, and its listener slot with it
+        async for item in self._relayed(worker, worker.handle.events.remote(stream_id),
+                                        lambda: {"summary": self._lost(stream_id, worker)}):
+            yield item
 
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         """/v1/video on the least-loaded worker, its records relayed; if it goes away mid-way, an error line."""
-        live = self._live()
-        if not live:
-            yield StreamRefusal(503, "streams_unavailable", "every stream worker has stopped")
+        worker = self._least_loaded()
+        if worker is None:
+            yield _NO_WORKER
             return
-        worker = min(live, key=lambda w: w.load)
         worker.videos += 1
-        generator = worker.handle.video.remote(data, every)
+        try:
+            async for item in self._relayed(worker, worker.handle.video.remote(data, every),
+                                            lambda: {"error": {"code": "worker_lost", "message": worker.gone}}):
+                yield item
+        finally:
+            worker.videos -= 1
+
+    def _least_loaded(self) -> _Worker | None:
+        return min(self._live(), key=lambda w: w.load, default=None)
+
+    async def _relayed(self, worker: _Worker, generator: Any,
+                       lost: Callable[[], dict[str, Any]]) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
+        """A worker's streaming call, item by item; if the worker goes away mid-way, it is marked lost and `lost()`
+        is the last item. A caller that leaves cancels the worker's side (a listener's slot, a video's reading)."""
         try:
             async for ref in generator:
                 yield await ref
         except _GONE as exc:
             self._lose(worker, exc)
-            yield {"error": {"code": "worker_lost", "message": worker.gone}}
+            yield lost()
         finally:
-            worker.videos -= 1
-            ray.cancel(generator)  # a client that left: the worker stops reading the video
+            ray.cancel(generator)
 
     async def describe(self) -> dict[str, Any]:
         rows = [{"name": worker.name, "node_id": worker.node_id, "state": "running", **answer}
