@@ -110,6 +110,14 @@ def in_source_pixels(record: dict[str, Any], frame: ReadFrame) -> dict[str, Any]
     return {**record, "image": {"width": frame.size[0], "height": frame.size[1]}, "read_at": round(frame.read_at, 3)}
 
 
+@dataclass
+class _Begun:
+    """A frame taken from its reader, and its detection in flight (None: a frame the detector skips)."""
+
+    frame: ReadFrame
+    detecting: Any
+
+
 class Listener:
     """One follower of a stream: its bounded queue, counted by the registry until `close()`."""
 
@@ -151,8 +159,9 @@ class StreamRegistry:
                  on_end: Callable[[LiveStream], None] = lambda stream: None,
                  policy: AddressPolicy | None = None, gpu_share: float | None = None,
                  frames_device: str | None = None) -> None:
-        """`new_session`: fps (0: unknown) -> an object with `async process_frame(index, frame)`, `track_count` and
-        `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side);
+        """`new_session`: fps (0: unknown) -> a session (serve_app/video_session.py `VideoSession`): `begin(frame)`
+        (a frame's detection started, frames in order), `async complete(index, frame, begun)` (its record),
+        `track_count` and `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side);
         `gpu_share`: this process's share of a GPU, for NVDEC (default: the streams deployment's); `frames_device`:
         where the frames are kept as they are decoded (the device of the models in this process), None: the host."""
         self._config = config
@@ -257,30 +266,31 @@ class StreamRegistry:
             self._opening -= 1
 
     async def _run(self, stream: LiveStream) -> None:
+        """Each frame the intake began (`_intake`: its detection in flight), in order: tracked, classified and
+        published; until the intake's end (the source ended or went silent, the stream stopped) or a failure."""
         session = None
+        begun: asyncio.Queue[_Begun | Callable[[], None]] = asyncio.Queue()
+        intake: asyncio.Task[None] | None = None
         started = time.perf_counter()
         succeeded_at = time.monotonic()  # the last frame that went through (or the start)
         cfg = self._config
         try:
             session = self._new_session(stream.opened.fps)
+            slots = asyncio.Semaphore(cfg.detect_ahead + 1)  # frames begun and not yet published
+            intake = asyncio.ensure_future(self._intake(stream, session, begun, slots))
             while stream.state == "running":
-                frame = stream.reader.take()
-                if frame is None:
-                    if stream.reader.ended.is_set():
-                        self._ended_reading(stream)
-                        break
-                    silent = time.monotonic() - max(stream.reader.last_frame_at, stream.started_at)
-                    if silent > cfg.read_timeout_s:
-                        stream.fail("source_silent", f"no frame from {stream.source.shown} for {silent:.1f} s "
-                                    f"(ingress.streams.read_timeout_s: {cfg.read_timeout_s:g})")
-                        break
-                    await asyncio.sleep(0.005)
-                    continue
+                item = await begun.get()
+                if not isinstance(item, _Begun):
+                    item()  # how the stream ends, once the frames before it are through
+                    break
+                frame = item.frame
                 try:
-                    record = await session.process_frame(frame.index, frame.image)
+                    record = await session.complete(frame.index, frame.image, item.detecting)
                 except Exception as exc:  # noqa: BLE001 - a frame that fails is counted; failing ones end the stream
                     record = {"error": _error("frame_failed", f"{type(exc).__name__}: {redact_text(str(exc))}",
                                               frame.index)}
+                finally:
+                    slots.release()
                 if "error" in record:
                     stream.failed += 1
                     stream.last_error = record["error"]
@@ -300,6 +310,11 @@ class StreamRegistry:
             stream.fail("stream_failed", f"{type(exc).__name__}: {redact_text(str(exc))}")
             logger.warning("stream %s failed: %s", stream.id, stream.error)
         finally:
+            if intake is not None:
+                intake.cancel()
+            while not begun.empty():  # begun, never to be completed: their detections are not waited for
+                if isinstance(item := begun.get_nowait(), _Begun) and item.detecting is not None:
+                    item.detecting.cancel()
             await self._release(stream)
             if stream.state == "failed":
                 stream.publish({"error": stream.last_error}, cfg.listener_buffer)
@@ -307,6 +322,40 @@ class StreamRegistry:
             stream.publish({"summary": {**stream.describe(), **summary}}, cfg.listener_buffer)
             stream.publish(_END, cfg.listener_buffer + 2)
             self._retire(stream)
+
+    async def _intake(self, stream: LiveStream, session: Any, begun: asyncio.Queue[_Begun | Callable[[], None]],
+                      slots: asyncio.Semaphore) -> None:
+        """The stream's frames into the pipeline: the newest frame read, its detection begun at once
+        (`session.begin`), up to `detect_ahead` frames ahead of the one being tracked and classified (DeepStream's
+        elements run concurrently too), so that a stream's frames meet other streams' at the detector while its
+        earlier frame is classified. Last, what ends the stream: the source ended or went silent, or it stopped."""
+        try:
+            await self._take_frames(stream, session, begun, slots)
+        except Exception as exc:  # noqa: BLE001 - the stream ends saying why; its listeners are not left waiting
+            message = f"{type(exc).__name__}: {redact_text(str(exc))}"
+            begun.put_nowait(lambda: stream.fail("stream_failed", message))
+
+    async def _take_frames(self, stream: LiveStream, session: Any, begun: asyncio.Queue[_Begun | Callable[[], None]],
+                           slots: asyncio.Semaphore) -> None:
+        cfg = self._config
+        while stream.state == "running":
+            await slots.acquire()
+            while (frame := stream.reader.take()) is None:
+                if stream.state != "running":
+                    begun.put_nowait(lambda: None)
+                    return
+                if stream.reader.ended.is_set():
+                    begun.put_nowait(lambda: self._ended_reading(stream))
+                    return
+                silent = time.monotonic() - max(stream.reader.last_frame_at, stream.started_at)
+                if silent > cfg.read_timeout_s:
+                    begun.put_nowait(lambda: stream.fail(
+                        "source_silent", f"no frame from {stream.source.shown} for {silent:.1f} s "
+                        f"(ingress.streams.read_timeout_s: {cfg.read_timeout_s:g})"))
+                    return
+                await asyncio.sleep(0.005)
+            begun.put_nowait(_Begun(frame, session.begin(frame.image)))
+        begun.put_nowait(lambda: None)
 
     def _ended_reading(self, stream: LiveStream) -> None:
         """The reader stopped on its own: the stream ends, or fails saying why."""

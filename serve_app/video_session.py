@@ -110,13 +110,18 @@ class VideoSession:
         self._skipped = 0 if due else self._skipped + 1
         return due
 
-    async def process_frame(self, index: int, frame: np.ndarray) -> dict[str, Any]:
-        """Detect, then `process` (live streams: one frame at a time, the newest); or `carry`, on the frames the
-        detector skips."""
-        if not self._detects_next():
+    def begin(self, frame: Any) -> asyncio.Future[GraphResult] | None:
+        """The frame's detection, started now (frames are begun in order), or None on a frame the detector skips.
+        Its record comes from `complete`, in the same order: detection runs ahead of tracking and classification."""
+        return asyncio.ensure_future(self._graph.detect(frame)) if self._detects_next() else None
+
+    async def complete(self, index: int, frame: Any, detecting: asyncio.Future[GraphResult] | None) -> dict[str, Any]:
+        """The record of a frame `begin` started: its detections tracked and classified (`process`), or carried
+        (`carry`); an error record if the detector did not answer."""
+        if detecting is None:
             return self.carry(index, frame)
         try:
-            detected = await self._graph.detect(frame)
+            detected = await detecting
         except DetectorUnavailable as exc:
             return {"error": {"code": "detector_unavailable", "message": str(exc), "frame": index}}
         return await self.process(index, frame, detected.detections)
@@ -209,8 +214,7 @@ class VideoSession:
             while True:
                 while len(pending) < lookahead and (item := await self._cpu.run(next, frames, None)) is not None:
                     index, frame = item
-                    detecting = asyncio.ensure_future(self._graph.detect(frame)) if self._detects_next() else None
-                    pending.append((index, frame, detecting))
+                    pending.append((index, frame, self.begin(frame)))
                 if not pending:
                     return
                 index, frame, detecting = pending.popleft()

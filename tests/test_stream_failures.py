@@ -48,7 +48,10 @@ class Session:
     def __init__(self, frame: Callable[[int], Awaitable[dict[str, Any]]]) -> None:
         self._frame, self.track_count, self.frames = frame, 0, 0
 
-    async def process_frame(self, index: int, image: np.ndarray) -> dict[str, Any]:
+    def begin(self, image: np.ndarray) -> None:
+        return None
+
+    async def complete(self, index: int, image: np.ndarray, begun: None) -> dict[str, Any]:
         self.frames += 1
         return await self._frame(index)
 

@@ -200,7 +200,10 @@ class _Session:
     def __init__(self, outage: set[int]) -> None:
         self.outage, self.track_count = outage, 0
 
-    async def process_frame(self, index: int, frame: np.ndarray) -> dict[str, Any]:
+    def begin(self, frame: np.ndarray) -> None:
+        return None
+
+    async def complete(self, index: int, frame: np.ndarray, begun: None) -> dict[str, Any]:
         if index in self.outage:
             return {"error": {"code": "detector_unavailable", "message": "no answer", "frame": index}}
         return {"frame": index, "objects": []}
