@@ -74,6 +74,11 @@ class Streams:
         async for item in self._service.events(stream_id):
             yield item
 
+    async def holder(self, stream_id: str) -> Any | None:
+        """The stream worker holding the stream (an actor handle), for an ingress to follow its events from it;
+        None where the streams run here or the stream is unknown or lost (then `events` answers)."""
+        return self._service.holder(stream_id) if isinstance(self._service, WorkerRouter) else None
+
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         """/v1/video on a stream worker (ingress.streams.workers.videos), for a streaming handle call: first the
         opened video (or why not), then its records."""

@@ -143,6 +143,7 @@ class WorkerRouter:
         self._spawner = spawner
         self._workers = spawner.start_all()  # one a place; a lost one is replaced in its place
         self._gone: list[_Worker] = []  # the workers lost, latest last (the last 16 are described)
+        self.relayed = 0  # records relayed from workers here (/v1/video's; a listener follows its worker itself)
         self._owner: OrderedDict[str, _Worker] = OrderedDict()  # stream id -> its worker
         self._started: dict[str, dict[str, Any]] = {}  # stream id -> its description at the start (for `lost`)
         self._replacing: set[asyncio.Task[None]] = set()
@@ -279,6 +280,12 @@ class WorkerRouter:
                                         lambda: {"summary": self._lost(stream_id, worker)}):
             yield item
 
+    def holder(self, stream_id: str) -> Any | None:
+        """The actor handle of the live worker that holds the stream, so that its listener's ingress follows the
+        records from the worker itself (one hop fewer); None: unknown here, or its worker is lost."""
+        worker = self._owner.get(stream_id)
+        return worker.handle if worker is not None and worker.gone is None else None
+
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         """/v1/video on the least-loaded worker, its records relayed; if it goes away mid-way, an error line."""
         worker = self._least_loaded()
@@ -302,7 +309,9 @@ class WorkerRouter:
         is the last item. A caller that leaves cancels the worker's side (a listener's slot, a video's reading)."""
         try:
             async for ref in generator:
-                yield await ref
+                item = await ref
+                self.relayed += 1
+                yield item
         except _GONE as exc:
             self._lose(worker, exc)
             yield lost()
@@ -316,6 +325,7 @@ class WorkerRouter:
         running = [r for r in rows if r["state"] == "running"]
         return {"streams": sum(r["streams"] for r in running), "max_streams": self._max,
                 "opening": sum(r["opening"] for r in running), "listeners": sum(r["listeners"] for r in running),
+                "relayed": self.relayed,
                 "workers": rows}
 
     def running(self) -> list[str]:

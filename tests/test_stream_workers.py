@@ -85,9 +85,12 @@ def test_streams_go_to_different_workers_run_there_and_the_limit_counts_once(cli
         assert first.status_code == second.status_code == 201, (first.text, second.text)
         a, b = first.json(), second.json()
         assert a["worker"] and b["worker"] and a["worker"] != b["worker"]  # the one with fewer streams takes it
+        relayed = client.get("/v1/pipeline").json()["streams"]["relayed"]
         for stream in (a, b):
             face = next(o for o in _classified_frame(client, stream["id"])["objects"] if o["attributes"])
             assert face["label"] == "face" and face["track_id"] is not None
+        # the ingress followed each stream from its worker: no record went through the streams replica
+        assert client.get("/v1/pipeline").json()["streams"]["relayed"] == relayed
         refused = client.post("/v1/streams", json={"source": "long.mp4"})  # two run, on two workers: the limit is 2
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams", refused.text
 
@@ -164,6 +167,7 @@ def test_a_dead_worker_ends_only_its_own_streams(client: httpx.Client) -> None:
                 ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     last = lines[-1]["summary"]
     assert last["state"] == "lost" and a["worker"] in last["error"], last
+    assert all("frame" in line for line in lines[:-1])  # records, then the summary: no description in between
     gone = client.get(f"/v1/streams/{a['id']}").json()
     assert gone["state"] == "lost" and gone["worker"] == a["worker"], gone
 
