@@ -74,6 +74,13 @@ class EngineConfig(StrictModel):
         "start-up and replay it (one enqueue per call, as TensorRT does); auto: on CUDA, falling back to eager "
         "with a warning for a model that will not capture; true: such a model fails the start-up; false: eager",
     )
+    cuda_sync: Literal["auto", "spin", "yield", "block"] = Field(
+        "block",
+        description="torch and tensorrt backends on CUDA: how a host thread waits for the GPU (the process's "
+        "primary context, engines/cuda_sync.py): block (sleep until the GPU signals: no core held spinning while "
+        "the GPU works), spin, yield, or auto (CUDA's default, which spins on any machine with more cores than "
+        "contexts); stages sharing a process share it (the last loaded sets it)",
+    )
     intra_op_threads: int = Field(1, ge=1)
     inter_op_threads: int = Field(1, ge=1)
     execution: Literal["auto", "thread", "inline", "async"] = Field(

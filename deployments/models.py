@@ -16,7 +16,7 @@ from deployments.config import ClassifierConfig, DetectorConfig, EngineConfig
 
 def _engine(cfg: EngineConfig, device: str, path: Path) -> Engine:
     return create_engine(cfg.backend, path, device, cfg.intra_op_threads, cfg.inter_op_threads, cfg.fp16,
-                         cfg.cuda_graphs)
+                         cfg.cuda_graphs, cfg.cuda_sync)
 
 
 def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | TorchMtcnn | Yolo:

@@ -17,13 +17,14 @@ def create_engine(
     inter_op_threads: int = 1,
     fp16: bool = False,
     cuda_graphs: bool | str = "auto",
+    cuda_sync: str = "block",
 ) -> Engine:
     """Load `path` with `backend` on `device` ("auto", "cpu" or "cuda").
 
     onnxruntime and torch take ONNX files; tensorrt takes a serialized engine (see
     `python -m engines.tensorrt_build`). Threads apply to onnxruntime (intra and inter op) and to torch
     on CPU (intra op); fp16 and cuda_graphs ("auto", True, False) to torch (TensorRT precision is chosen when
-    the engine is built).
+    the engine is built); cuda_sync to torch and tensorrt on CUDA (engines/cuda_sync.py).
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -36,7 +37,7 @@ def create_engine(
     if backend == "torch":
         from engines.torch_engine import TorchEngine
 
-        return TorchEngine(path, device, fp16, intra_op_threads, cuda_graphs)
+        return TorchEngine(path, device, fp16, intra_op_threads, cuda_graphs, cuda_sync)
     from engines.tensorrt_engine import TensorRTEngine
 
-    return TensorRTEngine(path, device)
+    return TensorRTEngine(path, device, cuda_sync=cuda_sync)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Completed, Engine, EngineError, Pending, PendingRun, RunTiming, TensorSpec
+from engines.cuda_sync import set_sync
 from engines.tensorrt_plan import BindingPlan
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def trt_logger(trt: Any) -> Any:
 class TensorRTEngine(Engine):
     backend = "tensorrt"
 
-    def __init__(self, path: Path, device: str = "cuda", device_index: int = 0) -> None:
+    def __init__(self, path: Path, device: str = "cuda", device_index: int = 0, cuda_sync: str = "block") -> None:
         if device == "cpu":
             raise EngineError("the tensorrt backend runs on CUDA only; use backend onnxruntime for CPU")
         trt, cuda = _import_tensorrt()
@@ -59,6 +60,7 @@ class TensorRTEngine(Engine):
         if cuda.Device.count() == 0:
             raise EngineError("the tensorrt backend needs a CUDA GPU, and none is visible")
         self._cuda = cuda
+        set_sync(cuda_sync, device_index)  # type: ignore[arg-type]
         self._cuda_context = cuda.Device(device_index).retain_primary_context()
         self._cuda_context.push()
         self._context: Any = None

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Completed, Engine, EngineError, Pending, PendingRun, RunTiming, TensorSpec
+from engines.cuda_sync import CudaSync, set_sync
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +154,10 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, path: Path, device: str = "auto", fp16: bool = False, intra_op_threads: int = 1,
-                 cuda_graphs: bool | str = "auto") -> None:
+                 cuda_graphs: bool | str = "auto", cuda_sync: CudaSync = "block") -> None:
         """`cuda_graphs`: "auto" (capture on CUDA; a model that will not capture runs eager, with a warning),
-        True (the same, but a model that will not capture fails the load), False (always eager)."""
+        True (the same, but a model that will not capture fails the load), False (always eager). `cuda_sync`: how
+        this process's host threads wait for the GPU (engines/cuda_sync.py)."""
         try:
             import onnx
             import torch
@@ -166,6 +168,7 @@ class TorchEngine(Engine):
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device 'cuda' asked for the torch backend, but torch sees no CUDA GPU")
         self.device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+        self.cuda_sync = set_sync(cuda_sync, torch.cuda.current_device()) if self.device == "cuda" else None
         # torch's CPU thread pool is per process and defaults to every core: hold it to the replica's share
         # (stages that share a process, as in layout "ingress", share one pool; the last setting wins). On CUDA
         # too: the host's own torch ops there are small, and a pool of every core spun between them.
