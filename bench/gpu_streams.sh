@@ -5,13 +5,15 @@
 #   python -c "from bench.streams import make_clip, SIZES; from pathlib import Path; [make_clip(Path('.gpuclips') /
 #              f'{n}.mp4', *SIZES[n], 20.0) for n in ('720p', '1080p')]"
 # Call 1, carry [".devsite/site.tar.xz", ".gpuclips"]:  bash bench/gpu_streams.sh ray
-#   unpacks Ray into .devsite/site (kept on the warm machine), then the real NVDEC library's test and the ceiling
-#   of the clips' frames (bench/nvdec.py's probe is left out: docs/results/nvdec-h100-probe.txt has it).
+#   unpacks Ray into .devsite/site (kept on the warm machine), then the real NVDEC library's test and what a Ray
+#   streaming hop costs a record there (bench/stream_hops.py).
 # Call 2, carry [".devsite/video.tar.xz", ".gpuclips"]: bash bench/gpu_streams.sh streams
-#   adds the tracker's pack and runs bench.streams on NVDEC (file sources, played at their own rate), with the
-#   ceiling of the same clips in the same run: two stream workers, frames kept on the device against through the
-#   host (docs/benchmarks.md, "Live streams per GPU", has the earlier runs: workers 0, 2, 3, 4; intervals 0, 2).
-# Call 3, carry [".gpuclips"]: bash bench/gpu_streams.sh video   (the packs stay unpacked on the warm machine)
+#   adds the tracker's pack; one worker's process alone, profiled (bench/host_profile.py: 8 streams with and
+#   without detection ahead, 12 and 16), then bench.streams on NVDEC (file sources, played at their own rate),
+#   720p on two stream workers, with the ceiling of the same clip in the same run (docs/benchmarks.md, "Live
+#   streams per GPU", has the earlier runs: workers 0, 2, 3, 4; intervals 0, 2).
+# Call 3, carry [".gpuclips"]: bash bench/gpu_streams.sh video   (the packs stay unpacked on the warm machine):
+#   1080p on two workers, then /v1/video on two stream workers against the ingress alone.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -20,25 +22,44 @@ nvidia-smi -L
 case "${1:-}" in
   ray)
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_nvdec_reader.py -k "real or chosen or cannot_run or only_where" 2>&1 | tail -n 25
-    timeout 150 python3 -m bench.ceiling --device cuda --fp16 --batch 16 --clips .gpuclips/720p.mp4 \
-      .gpuclips/1080p.mp4 --out "$O/ceiling-clips.json" | tail -n 6
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_sync.py tests/test_nvdec_reader.py \
+      -k "cuda_engine or real or chosen or cannot_run or only_where" 2>&1 | tail -n 5
+    timeout 60 python3 -m bench.gil_probe --clip .gpuclips/720p.mp4 --readers 1 8 2>&1 | tail -n 3
+    timeout 60 python3 -m bench.stream_hops --seconds 4 2>&1 | grep -v WARN | tail -n 4  # a Ray streaming hop's CPU
+    ;;
+  variants)  # after 'ray': detection ahead and the CUDA sync mode, each on and off, two workers, 720p
+    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
+    for v in "1 block" "0 block" "1 spin" "0 spin"; do set -- $v
+      timeout 130 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
+        --counts 8 12 --all-counts --intervals 0 --workers 2 --seconds 6 --detect-ahead $1 --cuda-sync $2 \
+        --out "$O/streams-720p-ahead$1-$2.json" 2> "$O/streams-ahead$1-$2.err" | grep "^| 2"
+    done
     ;;
   streams)
     [ -d "$site/ray" ] || { echo "run 'ray' first, on this warm machine"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    timeout 540 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p 1080p \
-      --counts 8 12 16 --all-counts --intervals 0 --workers 2 --frames-on-device auto false --seconds 6 --ceiling \
-      --out "$O/streams-gpu.json" \
-      2> "$O/streams.err" | tail -n 50
-    tail -n 5 "$O/streams.err"
+    # one worker's process alone (no Ray): the host's share of each part, with and without detection ahead, with
+    # host threads spinning (CUDA's default) or blocking while they wait for the GPU
+    for v in "0 block" "1 spin" "1 block"; do set -- $v
+      timeout 100 python3 -m bench.host_profile --device cuda --backend torch --fp16 --clip .gpuclips/720p.mp4 \
+        --streams 8 --detect-ahead $1 --cuda-sync $2 --top 25 --out "$O/host-profile-ahead$1-$2.json" \
+        2>> "$O/host-profile.err" | head -n 3
+    done
+    timeout 100 python3 -m bench.host_profile --device cuda --backend torch --fp16 --clip .gpuclips/720p.mp4 \
+      --streams 12 16 --top 25 --out "$O/host-profile-12-16.json" 2>> "$O/host-profile.err" | grep -A2 "^1[26] streams"
+    timeout 360 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
+      --counts 8 12 16 20 24 --intervals 0 --workers 2 --seconds 6 --ceiling --out "$O/streams-720p.json" \
+      2> "$O/streams.err" | tail -n 30
+    tail -n 3 "$O/streams.err"
     ;;
   video)
     [ -d "$site/supervision" ] || { echo "run 'ray' and 'streams' first, on this warm machine"; exit 1; }
+    timeout 200 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 1080p \
+      --counts 4 8 12 16 --intervals 0 --workers 2 --seconds 6 --out "$O/streams-1080p.json" 2> "$O/streams1080.err" | tail -n 12
     for w in 2 0; do  # /v1/video on two stream workers, then in the ingress alone
-      timeout 280 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress --clip .gpuclips/720p.mp4 \
+      timeout 170 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress --clip .gpuclips/720p.mp4 \
         --videos 1 8 --workers $w --out "$O/video-gpu-nvdec-workers$w.json" 2> "$O/video$w.err" | tail -n 8
     done
     ;;
-  *) echo "usage: $0 ray|streams|video"; exit 2 ;;
+  *) echo "usage: $0 ray|streams|variants|video"; exit 2 ;;
 esac

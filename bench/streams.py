@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the GPU-bound ceiling of the same pipeline on these clips (bench/ceiling.py --clips), "
                         "and each size's largest sustained count against it")
     parser.add_argument("--ceiling-batch", type=int, default=16, help="the ceiling's batch of frames")
+    parser.add_argument("--detect-ahead", type=int, default=None, help="ingress.streams.detect_ahead (default: the config's)")
+    parser.add_argument("--cuda-sync", default=None, choices=["auto", "spin", "yield", "block"],
+                        help="every engine's cuda_sync (default: the config's)")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
 
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 args["layout"] = opts.layout
                 args["ingress"]["frames_on_device"] = on_device if on_device == "auto" else False
                 args["detector"]["interval"] = interval
+                if opts.cuda_sync is not None:
+                    for stage in (args["detector"], *args["classifiers"]):
+                        stage["engine"]["cuda_sync"] = opts.cuda_sync
                 muxer: dict[str, Any] = {"batch_size": muxer_batch}
                 if opts.push_timeout_ms is not None:
                     muxer["batched_push_timeout_ms"] = opts.push_timeout_ms
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 streams: dict[str, Any] = {"media_dir": str(media), "max_streams": max(opts.counts),
                                            "allowed_hosts": ["127.0.0.1"], "muxer": muxer, "decoder": opts.decoder,
                                            "deployment": {"num_cpus": 0.25, "num_gpus": gpu_share}}
+                if opts.detect_ahead is not None:
+                    streams["detect_ahead"] = opts.detect_ahead
                 if workers:  # the workers hold the models and decode; the ingress's copy only answers images here
                     for stage in (args["detector"], *args["classifiers"]):
                         stage.setdefault("deployment", {}).update(num_gpus=0.01 if gpu_share else 0, num_cpus=0.1)
@@ -263,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds))
                         run |= {"size": size, "interval": interval, "muxer_batch_size": muxer_batch,
                                 "workers": workers, "frames_on_device": on_device,
+                                "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
                                 "gpu_busy": _mean(busy.samples[samples:]),
                                 "muxer": asyncio.run(_muxer(url))}
                         result["runs"].append(run)
@@ -322,6 +331,8 @@ HEADER = ("| workers | size | interval | muxer batch | streams | aggregate fps |
 
 def _row(run: dict[str, Any]) -> str:
     workers = f"{run.get('workers', 0)}{', frames via host' if run.get('frames_on_device') == 'false' else ''}"
+    workers += "".join(f", {key.replace('_', ' ')} {run[key]}" for key in ("detect_ahead", "cuda_sync")
+                       if run.get(key) is not None)
     return (f"| {workers} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
             f"{run['host_cpu_ms_per_frame']} | {run['gpu_busy'] if run['gpu_busy'] is not None else '-'} | "
