@@ -27,30 +27,13 @@ case "${1:-}" in
     timeout 60 python3 -m bench.gil_probe --clip .gpuclips/720p.mp4 --readers 1 8 2>&1 | tail -n 3
     timeout 60 python3 -m bench.stream_hops --seconds 4 2>&1 | grep -v WARN | tail -n 4  # a Ray streaming hop's CPU
     ;;
-  variants)  # after 'ray': detection ahead and the CUDA sync mode, each on and off, two workers, 720p
+  variants)  # after 'ray': detection ahead, the CUDA sync mode and HAProxy, each against the others, 2 workers, 720p
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    for v in "1 block" "0 block" "1 spin" "0 spin"; do set -- $v
+    for v in "1 block --haproxy" "0 spin --haproxy" "1 spin --haproxy" "1 block"; do set -- $v
       timeout 130 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-        --counts 8 12 --all-counts --intervals 0 --workers 2 --seconds 6 --detect-ahead $1 --cuda-sync $2 \
-        --out "$O/streams-720p-ahead$1-$2.json" 2> "$O/streams-ahead$1-$2.err" | grep "^| 2"
+        --counts 8 12 --all-counts --intervals 0 --workers 2 --seconds 6 --detect-ahead $1 --cuda-sync $2 ${3:-} \
+        --out "$O/streams-720p-ahead$1-$2${3:-}.json" 2> "$O/streams-ahead$1-$2${3:-}.err" | grep "^| 2"
     done
-    ;;
-  streams)
-    [ -d "$site/ray" ] || { echo "run 'ray' first, on this warm machine"; exit 1; }
-    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    # one worker's process alone (no Ray): the host's share of each part, with and without detection ahead, with
-    # host threads spinning (CUDA's default) or blocking while they wait for the GPU
-    for v in "0 block" "1 spin" "1 block"; do set -- $v
-      timeout 100 python3 -m bench.host_profile --device cuda --backend torch --fp16 --clip .gpuclips/720p.mp4 \
-        --streams 8 --detect-ahead $1 --cuda-sync $2 --top 25 --out "$O/host-profile-ahead$1-$2.json" \
-        2>> "$O/host-profile.err" | head -n 3
-    done
-    timeout 100 python3 -m bench.host_profile --device cuda --backend torch --fp16 --clip .gpuclips/720p.mp4 \
-      --streams 12 16 --top 25 --out "$O/host-profile-12-16.json" 2>> "$O/host-profile.err" | grep -A2 "^1[26] streams"
-    timeout 360 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-      --counts 8 12 16 20 24 --intervals 0 --workers 2 --seconds 6 --ceiling --out "$O/streams-720p.json" \
-      2> "$O/streams.err" | tail -n 30
-    tail -n 3 "$O/streams.err"
     ;;
   video)
     [ -d "$site/supervision" ] || { echo "run 'ray' and 'streams' first, on this warm machine"; exit 1; }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -205,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detect-ahead", type=int, default=None, help="ingress.streams.detect_ahead (default: the config's)")
     parser.add_argument("--cuda-sync", default=None, choices=["auto", "spin", "yield", "block"],
                         help="every engine's cuda_sync (default: the config's)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, as the README advises): events "
+                        "lines go from the ingress replica to HAProxy, not through Serve's Python proxy")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
+    if opts.haproxy:  # read when Serve is imported: HTTP through HAProxy straight to the ingress replica
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
     import ray
     from ray import serve
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         clips = {name: make_clip(media / f"{name}.mp4", *SIZES[name], clip_seconds) for name in opts.sizes}
     result: dict[str, Any] = {"environment": environment(opts), "limits": LIMITS, "fps": FPS, "runs": []}
     result["environment"]["command"] = "python -m bench.streams " + " ".join(argv or sys.argv[1:])
+    result["environment"]["haproxy"] = opts.haproxy
     if opts.ceiling:  # first, with the card to itself
         print("the GPU-bound ceiling ...", file=sys.stderr, flush=True)
         result["ceiling"] = measure_ceiling(opts, opts.ceiling_batch,
