@@ -5,6 +5,8 @@ without it a stream's rate is one over the sum of detect, track and classify, wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class Pipelined:
     """A session that records, as each frame is begun, how many frames are begun and not yet completed, and
-    (`wait_for_next`) holds each completion until a later frame has been begun, for at most 30 s."""
+    (`wait_for_next`) holds each completion until a later frame has been begun or the source has ended (at most
+    30 s)."""
 
     def __init__(self, wait_for_next: bool) -> None:
         self.track_count = 0
@@ -37,6 +40,7 @@ class Pipelined:
         self.in_flight: list[int] = []  # begun and not completed, as each frame is begun
         self.overlapped: list[bool] = []  # a later frame was begun while this one was being completed
         self._changed = asyncio.Event()
+        self.source_ended: Callable[[], bool] = lambda: False
 
     def begin(self, image: np.ndarray) -> int:
         self.begun.append(len(self.begun))
@@ -55,9 +59,10 @@ class Pipelined:
         return {"frame": index, "objects": []}
 
     async def _later_than(self, begun: int) -> None:
-        while len(self.begun) <= begun + 1:
+        while len(self.begun) <= begun + 1 and not self.source_ended():
             self._changed.clear()
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):  # the reader's end is a thread's event: looked at every 50 ms
+                await asyncio.wait_for(self._changed.wait(), 0.05)
 
     def summary(self) -> dict[str, Any]:
         return {"summary": {"frames": len(self.completed)}}
@@ -68,6 +73,7 @@ def _play(media: Path, session: Pipelined, detect_ahead: int) -> dict[str, Any]:
 
     async def play() -> dict[str, Any]:
         stream = await registry.start("short.mp4")
+        session.source_ended = stream.reader.ended.is_set
         await asyncio.wait([stream.task], timeout=120)
         final = registry.describe(stream.id)
         await registry.close()
