@@ -22,14 +22,17 @@ nvidia-smi -L
 case "${1:-}" in
   ray)
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    timeout 60 python3 -m bench.gil_probe --clip .gpuclips/720p.mp4 --readers 1 8 2>&1 | tail -n 3
+    [ -n "${QUICK:-}" ] && exit 0  # QUICK=1: the packs and the GIL probe only
     timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_sync.py tests/test_nvdec_reader.py \
       -k "cuda_engine or real or chosen or cannot_run or only_where" 2>&1 | tail -n 5
-    timeout 60 python3 -m bench.gil_probe --clip .gpuclips/720p.mp4 --readers 1 8 2>&1 | tail -n 3
     timeout 60 python3 -m bench.stream_hops --seconds 4 2>&1 | grep -v WARN | tail -n 4  # a Ray streaming hop's CPU
     ;;
-  variants)  # after 'ray': detection ahead, the CUDA sync mode and HAProxy, each against the others, 2 workers, 720p
+  variants)  # after 'ray': detection ahead with blocking sync against neither, and HAProxy; 2 workers, 720p
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    for v in "1 block --haproxy" "0 spin --haproxy" "1 spin --haproxy" "1 block"; do set -- $v
+    # the defaults now (detect ahead 1, blocking sync), the behaviour before (0, CUDA's spinning), each through
+    # HAProxy, and the latter through Serve's proxy as runs 1-5 were
+    for v in "1 block --haproxy" "0 spin --haproxy" "0 spin"; do set -- $v
       timeout 130 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
         --counts 8 12 --all-counts --intervals 0 --workers 2 --seconds 6 --detect-ahead $1 --cuda-sync $2 ${3:-} \
         --out "$O/streams-720p-ahead$1-$2${3:-}.json" 2> "$O/streams-ahead$1-$2${3:-}.err" | grep "^| 2"
