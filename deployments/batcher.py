@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -40,6 +40,7 @@ class _Pending(Generic[T, R]):
     size: int
     future: asyncio.Future[Batched[R]]
     enqueued: float
+    source: Hashable | None = None  # whose item it is (the muxer's stream); None: its own
 
 
 def _settle(batch: list[_Pending[T, R]], results: Sequence[R], started: float, compute_ms: float, size: int,
@@ -124,10 +125,12 @@ class GreedyBatcher(Generic[T, R]):
 
 class Muxer(Generic[T, R]):
     """nvstreammux's rule for work that is itself awaited (a handle call carrying a batch of frames): a batch goes
-    when it holds `full()` items (the sources that are live, say; at most `max_batch_size`) or when its oldest
-    item has waited `push_timeout_s` (nvstreammux's batched-push-timeout; 0: at once, with whatever queued while
-    the previous batch was out). One batch is out at a time. `run_batch(items)` returns one result per item, in
-    order; a failure fails every item of its batch, and the muxer lives on."""
+    when it holds items of `full()` sources (the streams that are live, say; at most `max_batch_size` items; an
+    item submitted without a source counts as one of its own) or when its oldest item has waited `push_timeout_s`
+    (nvstreammux's batched-push-timeout; 0: at once, with whatever queued while the previous batch was out). Two
+    frames of one stream (detected ahead) count once, so they do not fill a batch that waits for the others. One
+    batch is out at a time. `run_batch(items)` returns one result per item, in order; a failure fails every item
+    of its batch, and the muxer lives on."""
 
     def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[R]]], max_batch_size: int,
                  push_timeout_s: float, full: Callable[[], int] | None = None) -> None:
@@ -144,9 +147,9 @@ class Muxer(Generic[T, R]):
         self.items = 0
         self.largest = 0
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, source: Hashable | None = None) -> R:
         loop = asyncio.get_running_loop()
-        entry: _Pending[T, R] = _Pending(item, 1, loop.create_future(), time.perf_counter())
+        entry: _Pending[T, R] = _Pending(item, 1, loop.create_future(), time.perf_counter(), source)
         self._pending.append(entry)
         self._arrived.set()
         if self._worker is None or self._worker.done():
@@ -156,10 +159,17 @@ class Muxer(Generic[T, R]):
     def _target(self) -> int:
         return max(1, min(self._full(), self._max))
 
+    def _ready(self) -> bool:
+        """Full: items of `_target()` sources, or `max_batch_size` items."""
+        if len(self._pending) >= self._max:
+            return True
+        sources = {id(e) if e.source is None else e.source for e in self._pending}
+        return len(sources) >= self._target()
+
     async def _drain(self) -> None:
         while self._pending:
             deadline = self._pending[0].enqueued + self._timeout
-            while len(self._pending) < self._target() and (left := deadline - time.perf_counter()) > 0:
+            while not self._ready() and (left := deadline - time.perf_counter()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,10 +167,11 @@ class InferenceGraph:
     def routes(self) -> list[ClassifierRoute]:
         return list(self._routes)
 
-    async def detect(self, image: np.ndarray | bytes) -> GraphResult:
-        """The detector alone (video: each frame, before the tracker decides what to classify)."""
+    async def detect(self, image: np.ndarray | bytes, source: Hashable | None = None) -> GraphResult:
+        """The detector alone (video: each frame, before the tracker decides what to classify). `source`: the
+        live stream the frame is of, for the streams' muxer (serve_app/stream_muxer.py)."""
         out = GraphResult(Detections.empty())
-        await self._detect(image, out)
+        await self._detect(image, out, source)
         return out
 
     async def classify_rows(self, frame: np.ndarray, detections: Detections,
@@ -184,11 +185,12 @@ class InferenceGraph:
         await asyncio.gather(*(self._classify(route, c, out, i) for (route, i), c in zip(wanted, crops)))
         return out
 
-    async def _detect(self, image: np.ndarray | bytes, out: GraphResult) -> None:
+    async def _detect(self, image: np.ndarray | bytes, out: GraphResult, source: Hashable | None = None) -> None:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self._detector_timeout_s):
-                result = await self._detector.detect(image)
+                result = await (self._detector.detect(image) if source is None
+                                else self._detector.detect(image, source))
         except TimeoutError as exc:
             raise DetectorUnavailable(f"the detector did not answer within {self._detector_timeout_s:g} s") from exc
         except Exception as exc:

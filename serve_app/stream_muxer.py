@@ -9,7 +9,7 @@ streams' frames met at the detector only when their calls happened to overlap, o
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,10 @@ class MuxedDetector:
         self._muxer: Muxer[np.ndarray | bytes, DetectorResult] = Muxer(
             detect_many, config.batch_size, config.batched_push_timeout_ms / 1e3, running)
 
-    async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
-        return await self._muxer.submit(image)
+    async def detect(self, image: np.ndarray | bytes, source: Hashable | None = None) -> DetectorResult:
+        """`source`: the stream the frame is of; a batch is full with a frame of every running stream, however
+        many frames one stream has in it (detected ahead)."""
+        return await self._muxer.submit(image, source)
 
     def stats(self) -> dict[str, Any]:
         """Batches sent, frames in them, the largest."""

@@ -159,8 +159,8 @@ class StreamRegistry:
                  on_end: Callable[[LiveStream], None] = lambda stream: None,
                  policy: AddressPolicy | None = None, gpu_share: float | None = None,
                  frames_device: str | None = None) -> None:
-        """`new_session`: fps (0: unknown) -> a session (serve_app/video_session.py `VideoSession`): `begin(frame)`
-        (a frame's detection started, frames in order), `async complete(index, frame, begun)` (its record),
+        """`new_session`: fps (0: unknown) -> a session (serve_app/video_session.py `VideoSession`): `begin(frame,
+        stream_id)` (a frame's detection started, frames in order), `async complete(index, frame, begun)` (its record),
         `track_count` and `summary()`; `max_side`: frames are scaled to it as they are decoded (the detector's working side);
         `gpu_share`: this process's share of a GPU, for NVDEC (default: the streams deployment's); `frames_device`:
         where the frames are kept as they are decoded (the device of the models in this process), None: the host."""
@@ -354,7 +354,7 @@ class StreamRegistry:
                         f"(ingress.streams.read_timeout_s: {cfg.read_timeout_s:g})"))
                     return
                 await asyncio.sleep(0.005)
-            begun.put_nowait(_Begun(frame, session.begin(frame.image)))
+            begun.put_nowait(_Begun(frame, session.begin(frame.image, stream.id)))
         begun.put_nowait(lambda: None)
 
     def _ended_reading(self, stream: LiveStream) -> None:

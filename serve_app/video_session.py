@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,10 +110,11 @@ class VideoSession:
         self._skipped = 0 if due else self._skipped + 1
         return due
 
-    def begin(self, frame: Any) -> asyncio.Future[GraphResult] | None:
+    def begin(self, frame: Any, source: Hashable | None = None) -> asyncio.Future[GraphResult] | None:
         """The frame's detection, started now (frames are begun in order), or None on a frame the detector skips.
-        Its record comes from `complete`, in the same order: detection runs ahead of tracking and classification."""
-        return asyncio.ensure_future(self._graph.detect(frame)) if self._detects_next() else None
+        Its record comes from `complete`, in the same order: detection runs ahead of tracking and classification.
+        `source`: the live stream it is of (the streams' muxer counts streams, not frames)."""
+        return asyncio.ensure_future(self._graph.detect(frame, source)) if self._detects_next() else None
 
     async def complete(self, index: int, frame: Any, detecting: asyncio.Future[GraphResult] | None) -> dict[str, Any]:
         """The record of a frame `begin` started: its detections tracked and classified (`process`), or carried

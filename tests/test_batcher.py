@@ -125,8 +125,10 @@ def test_a_caller_that_gave_up_is_dropped_from_the_next_batch() -> None:
     asyncio.run(scenario())
 
 
-def _muxer_run(full: int, timeout_s: float, arrivals: list[float]) -> tuple[list[list[int]], list[int]]:
-    """Items submitted at `arrivals` (seconds after the start); the batches the muxer sent and each item's result."""
+def _muxer_run(full: int, timeout_s: float, arrivals: list[float],
+               sources: list[str] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Items submitted at `arrivals` (seconds after the start), of `sources` (None: each its own); the batches the
+    muxer sent and each item's result."""
     from deployments.batcher import Muxer
 
     batches: list[list[int]] = []
@@ -141,7 +143,7 @@ def _muxer_run(full: int, timeout_s: float, arrivals: list[float]) -> tuple[list
 
         async def one(i: int, at: float) -> int:
             await asyncio.sleep(at)
-            return await muxer.submit(i)
+            return await muxer.submit(i, sources[i] if sources else None)
 
         return list(await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals))))
 
@@ -151,6 +153,13 @@ def _muxer_run(full: int, timeout_s: float, arrivals: list[float]) -> tuple[list
 def test_the_muxer_waits_for_a_frame_of_every_stream() -> None:
     """Three streams, their frames arriving 0.05 s apart, a push timeout far longer: one batch of all three."""
     batches, results = _muxer_run(full=3, timeout_s=30.0, arrivals=[0.0, 0.05, 0.1])
+    assert batches == [[0, 1, 2]] and results == [0, 10, 20]
+
+
+def test_two_frames_of_one_stream_do_not_fill_a_batch_that_waits_for_another_stream() -> None:
+    """Detection ahead: stream a's next frame comes before stream b's first; the batch of two streams waits for
+    b, then goes with all three frames."""
+    batches, results = _muxer_run(full=2, timeout_s=30.0, arrivals=[0.0, 0.02, 0.1], sources=["a", "a", "b"])
     assert batches == [[0, 1, 2]] and results == [0, 10, 20]
 
 

@@ -42,7 +42,7 @@ class Pipelined:
         self._changed = asyncio.Event()
         self.source_ended: Callable[[], bool] = lambda: False
 
-    def begin(self, image: np.ndarray) -> int:
+    def begin(self, image: np.ndarray, source: str) -> int:
         self.begun.append(len(self.begun))
         self.in_flight.append(len(self.begun) - len(self.completed))
         self._changed.set()

@@ -48,7 +48,7 @@ class Session:
     def __init__(self, frame: Callable[[int], Awaitable[dict[str, Any]]]) -> None:
         self._frame, self.track_count, self.frames = frame, 0, 0
 
-    def begin(self, image: np.ndarray) -> None:
+    def begin(self, image: np.ndarray, source: str) -> None:
         return None
 
     async def complete(self, index: int, image: np.ndarray, begun: None) -> dict[str, Any]:

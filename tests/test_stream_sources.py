@@ -200,7 +200,7 @@ class _Session:
     def __init__(self, outage: set[int]) -> None:
         self.outage, self.track_count = outage, 0
 
-    def begin(self, frame: np.ndarray) -> None:
+    def begin(self, frame: np.ndarray, source: str) -> None:
         return None
 
     async def complete(self, index: int, frame: np.ndarray, begun: None) -> dict[str, Any]:
