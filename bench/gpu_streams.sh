@@ -28,11 +28,12 @@ case "${1:-}" in
       -k "cuda_engine or real or chosen or cannot_run or only_where" 2>&1 | tail -n 5
     timeout 60 python3 -m bench.stream_hops --seconds 4 2>&1 | grep -v WARN | tail -n 4  # a Ray streaming hop's CPU
     ;;
-  variants)  # after 'ray': detection ahead with blocking sync against neither, and HAProxy; 2 workers, 720p
+  variants)  # after 'ray': the defaults now against the behaviour before, then through HAProxy; 2 workers, 720p
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    # the defaults now (detect ahead 1, blocking sync), the behaviour before (0, CUDA's spinning), each through
-    # HAProxy, and the latter through Serve's proxy as runs 1-5 were
-    for v in "1 block --haproxy" "0 spin --haproxy" "0 spin"; do set -- $v
+    # detect ahead 1 with blocking sync (the defaults now) against 0 with CUDA's spinning (before), through Serve's
+    # proxy as runs 1-5 were; then the defaults through HAProxy. `variants N` runs the first N.
+    n=0; last=${2:-3}
+    for v in "1 block" "0 spin" "1 block --haproxy"; do set -- $v; n=$((n + 1)); [ $n -gt $last ] && break
       timeout 130 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
         --counts 8 12 --all-counts --intervals 0 --workers 2 --seconds 6 --detect-ahead $1 --cuda-sync $2 ${3:-} \
         --out "$O/streams-720p-ahead$1-$2${3:-}.json" 2> "$O/streams-ahead$1-$2${3:-}.err" | grep "^| 2"
