@@ -30,8 +30,8 @@ case "${1:-}" in
     ;;
   variants)  # after 'ray': the defaults now against the behaviour before, then through HAProxy; 2 workers, 720p
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    # detect ahead 1 with blocking sync (the defaults now) against 0 with CUDA's spinning (before), through Serve's
-    # proxy as runs 1-5 were; then the defaults through HAProxy. `variants N` runs the first N.
+    # detect ahead 1 with blocking sync against 0 with CUDA's spinning (before this evening), through Serve's proxy
+    # as runs 1-5 were; then the first through HAProxy. `variants N` runs the first N.
     n=0; last=${2:-3}
     for v in "1 block" "0 spin" "1 block --haproxy"; do set -- $v; n=$((n + 1)); [ $n -gt $last ] && break
       timeout 130 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \

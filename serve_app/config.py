@@ -127,8 +127,10 @@ class StreamsConfig(StrictModel):
         "addresses)")
     max_streams: int = Field(4, ge=1, le=256, description="streams running or opening at once; more get 429")
     muxer: MuxerConfig = Field(default_factory=MuxerConfig)
-    detect_ahead: int = Field(1, ge=0, le=8, description="frames of a stream whose detection starts while an earlier "
-                              "frame of it is tracked and classified (0: one frame at a time)")
+    detect_ahead: int = Field(0, ge=0, le=8, description="frames of a stream whose detection starts while an earlier "
+                              "frame of it is tracked and classified (0: one frame at a time); for a GPU whose "
+                              "stages would otherwise wait on each other: where the host's cores are the limit it "
+                              "adds latency and no frames (2-core CPU: p50 99 -> 180 ms, docs/benchmarks.md)")
     workers: StreamWorkersConfig = Field(default_factory=StreamWorkersConfig)
     decoder: Literal["auto", "ffmpeg", "nvdec"] = Field(
         "auto", description="where streams' H.264 and HEVC frames are decoded: `nvdec` on the GPU (PyNvVideoCodec, "

@@ -38,8 +38,9 @@ def workers_app(serve_url: str, media: Path) -> Iterator[str]:
     args["detector"]["mtcnn"]["implementation"] = "torch"
     for classifier in args["classifiers"]:
         classifier["engine"] = {"backend": "torch", "device": "cpu"}
+    # detect_ahead: the workers' streams run with a frame detected ahead, through the real graph and muxer
     args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2, "max_listeners_per_stream": 1,
-                                  "workers": {"count": 2, "num_cpus": 0.1, "num_gpus": 0}}
+                                  "detect_ahead": 1, "workers": {"count": 2, "num_cpus": 0.1, "num_gpus": 0}}
     with deployed(serve_url, "workers", args) as url:
         yield url
 

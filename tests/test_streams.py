@@ -26,9 +26,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def streams_app(serve_url: str, media: Path) -> Iterator[str]:
     args = small(demo_args())
     # the muxer waits (up to 5 s) for a frame of every running stream: two streams' frames go in one detector call
-    # (one frame of a stream at a time: with detection ahead a stream's next frame may ride in the same batch, so
-    # batches of three would say nothing about two streams; tests/test_detect_ahead.py and every other stream test
-    # run with it, tests/test_batcher.py has the muxer counting streams, not frames)
+    # (one frame of a stream at a time, the default, said here: with detection ahead a stream's next frame may
+    # ride in the same batch, so a batch of three would say nothing about two streams; tests/test_detect_ahead.py
+    # and tests/test_stream_workers.py run with it, tests/test_batcher.py has the muxer counting streams)
     args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2, "detect_ahead": 0,
                                   "muxer": {"batched_push_timeout_ms": 5000}}
     with deployed(serve_url, "streams", args) as url:
