@@ -3,7 +3,7 @@
     python -m bench.gil_probe --clip 720p.mp4 --readers 8
 
 A pure-Python counting thread runs alone for `--seconds`, then beside N NVDEC readers (serve_app/nvdec_reader.py,
-frames kept on the GPU, unpaced: decoding as fast as they can) for as long: the counter's rate beside them over its
+frames kept on the GPU, each playing the clip at its own rate, as a camera sends it) for as long: the counter's rate beside them over its
 rate alone is the share of the GIL the readers leave (1 / (N + 1) or so if they wait on the device without it,
 much less if they hold it while they decode). The decoded frames per second of the readers are printed beside.
 """
@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(n):
             cls = reader_class("nvdec", None, True)
             readers.append(cls(str(opts.clip), {}, opts.clip.name, open_timeout_s=10, read_timeout_s=10,
-                               max_frame_pixels=3840 * 2160, max_side=1280, pace=False,
+                               max_frame_pixels=3840 * 2160, max_side=1280, pace=True,
                                on_opened=lambda result: None, device="cuda"))
-        time.sleep(1.0)  # opened and decoding
+        began = time.monotonic()  # every reader opened and decoding (the first opens load NVDEC: seconds)
+        while not all(r.frames for r in readers) and time.monotonic() - began < 30:
+            time.sleep(0.05)
         before = sum(r.frames for r in readers)
         beside = count_for(opts.seconds)
         decoded = (sum(r.frames for r in readers) - before) / opts.seconds
