@@ -126,7 +126,10 @@ class StreamsProxy:
         boundary fewer than through the streams replica (a Ray streaming hop costs about 1.5 ms of CPU a record on
         2 cores: bench/stream_hops.py). None where the streams replica does not name a live worker, or the worker does
         not answer before the first item: the streams replica answers then (a 404, a lost stream's summary)."""
-        holder = await self.call("holder", stream_id)
+        try:  # not through the API's gate: listeners are counted apart from API requests, and do not wait on them
+            holder = await awaited(self._checked().holder.remote(stream_id))
+        except _LOST:
+            return None  # the streams replica's own answer follows (a 503)
         if holder is None:
             return None
         items = _items(holder.events.options(num_returns="streaming").remote(stream_id))
