@@ -28,16 +28,14 @@ case "${1:-}" in
       -k "cuda_engine or real or chosen or cannot_run or only_where" 2>&1 | tail -n 5
     timeout 60 python3 -m bench.stream_hops --seconds 4 2>&1 | grep -v WARN | tail -n 4  # a Ray streaming hop's CPU
     ;;
-  variants)  # after 'ray': the defaults now against the behaviour before, then through HAProxy; 2 workers, 720p
+  variants)  # after 'ray': the defaults with frames on the device and through the host, then detection ahead; 720p
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    # detect ahead 1 with blocking sync against 0 with CUDA's spinning (before this evening), through Serve's proxy
-    # as runs 1-5 were; then the first through HAProxy. `variants N` runs the first N.
-    n=0; last=${2:-3}
-    for v in "1 block" "0 spin" "1 block --haproxy"; do set -- $v; n=$((n + 1)); [ $n -gt $last ] && break
-      timeout 130 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-        --counts 8 12 --all-counts --intervals 0 --workers 2 --seconds 6 --detect-ahead $1 --cuda-sync $2 ${3:-} \
-        --out "$O/streams-720p-ahead$1-$2${3:-}.json" 2> "$O/streams-ahead$1-$2${3:-}.err" | grep "^| 2"
-    done
+    common="--device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p --counts 8 12 --all-counts --intervals 0
+            --workers 2 --seconds 6"
+    timeout 300 python3 -m bench.streams $common --frames-on-device auto false --out "$O/streams-720p-defaults.json" \
+      2> "$O/streams-defaults.err" | grep -E "^\| 2|by process"
+    [ "${2:-}" = ahead ] && timeout 150 python3 -m bench.streams $common --detect-ahead 1 \
+      --out "$O/streams-720p-ahead1.json" 2> "$O/streams-ahead1.err" | grep -E "^\| 2|by process"
     ;;
   video)
     [ -d "$site/supervision" ] || { echo "run 'ray' and 'streams' first, on this warm machine"; exit 1; }
@@ -48,5 +46,5 @@ case "${1:-}" in
         --videos 1 8 --workers $w --out "$O/video-gpu-nvdec-workers$w.json" 2> "$O/video$w.err" | tail -n 8
     done
     ;;
-  *) echo "usage: $0 ray|streams|variants|video"; exit 2 ;;
+  *) echo "usage: $0 ray|streams|variants [ahead]|video"; exit 2 ;;
 esac

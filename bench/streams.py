@@ -10,7 +10,7 @@ them from GStreamer's gst-rtsp-server on 127.0.0.1 (the CPU machine). For each s
 count N it starts N streams, follows each one's events for `--seconds`, and records per stream: processed frames
 per second, dropped frames (the stream's own count, of the frames read in the same window), and latency from each frame's decode
 (`read_at`) to its events line (p50, p95); and over all: aggregate processed fps, the host's CPU per processed
-frame (every process, from /proc/stat, minus this one) and, on CUDA, the GPU's busy fraction (nvidia-smi,
+frame (every process, from /proc/stat, minus this one; and split by kind of process, bench/proc_cpu.py) and, on CUDA, the GPU's busy fraction (nvidia-smi,
 sampled). A count is sustained when every stream keeps >= 29 fps processed, <= 1 % dropped and p95 <= 150 ms
 (the issue's limits); the counts go up until one is not.
 """
@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from bench import proc_cpu
 from bench.run import busy_cpu_seconds, environment, own_cpu_seconds, pct
 
 SIZES = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
@@ -138,11 +139,12 @@ async def streams_at_once(url: str, source: str, count: int, seconds: float) -> 
                 raise RuntimeError(f"a stream did not start: {response.status_code} {response.text[:300]}")
             ids.append(response.json()["id"])
         await asyncio.sleep(1.0)  # past each stream's first frames (the tracker's start, the first detections)
-        cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+        cpu0, own0, procs0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot()
         try:
             per_stream = await asyncio.gather(*(follow(client, i, seconds) for i in ids))
         finally:
             cpu = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)
+            roles = proc_cpu.by_role(procs0, proc_cpu.snapshot(), leave_out=os.getpid())
             await asyncio.gather(*(client.delete(f"/v1/streams/{i}") for i in ids))
     processed = sum(s["processed"] for s in per_stream)
     fps = [s["fps"] for s in per_stream]
@@ -154,6 +156,9 @@ async def streams_at_once(url: str, source: str, count: int, seconds: float) -> 
             "median_fps": round(float(np.median(fps)), 2), "max_dropped": max(dropped), "max_p95_ms": max(p95),
             "median_p50_ms": round(float(np.median([s["latency_p50_ms"] or float("inf") for s in per_stream])), 1),
             "host_cpu_ms_per_frame": round(cpu * 1e3 / processed, 1) if processed else None,
+            # where it went: each kind of process's CPU per processed frame (the largest ten; ms)
+            "host_cpu_ms_per_frame_by_process": {role: round(s * 1e3 / processed, 2) for role, s in
+                                                 list(roles.items())[:10]} if processed else None,
             "decoders": sorted({str(s["decoder"]) for s in per_stream}), "sustained": sustained, "per_stream": per_stream}
 
 
@@ -283,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "muxer": asyncio.run(_muxer(url))}
                         result["runs"].append(run)
                         print(_row(run), flush=True)
+                        print("  host CPU ms/frame by process: " + ", ".join(
+                            f"{k} {v}" for k, v in (run["host_cpu_ms_per_frame_by_process"] or {}).items()), flush=True)
                         _write(opts.out, result)  # so far: a run cut short still leaves its rows
                         if not run["sustained"] and not opts.all_counts:
                             break

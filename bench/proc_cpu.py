@@ -1,0 +1,76 @@
+"""Whose CPU it is: every process's CPU time over a window, grouped by what the process is (Ray sets its workers'
+titles: `ray::ServeReplica:app:Ingress`, `ray::StreamWorker`; its daemons are `raylet`, `gcs_server`, ...).
+
+`/proc/stat` says how much the host spent; this says where, so a figure such as "13.8 ms of host CPU a frame" can
+be split into the stream workers' own work, the ingress, Serve's proxy and Ray's daemons.
+
+    before = snapshot()
+    ...
+    shares = by_role(before, snapshot())   # {"ray::StreamWorker": 12.3, "raylet": 0.4, ...} in CPU seconds
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: str) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def _role(pid: str) -> str:
+    """What a process is, in a few words: Ray's title for its workers (replica and actor class, without the
+    replica's id), the program's name otherwise."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    words = [w for w in raw.decode(errors="replace").split("\0") if w]
+    if not words:
+        return "?"
+    head = words[0].split()[0] if words[0].split() else words[0]
+    if head.startswith("ray::"):  # ray::ServeReplica:app:Ingress / ray::StreamWorker.method: the class is enough
+        return re.sub(r"\.[A-Za-z_]+$", "", head)
+    name = Path(head).name
+    if name.startswith("python") and len(words) > 1:  # a Python program: the module or script it runs
+        rest = [w for w in words[1:] if not w.startswith("-") or w in ("-m", "-c")]  # past -u, -X ...
+        if rest[:1] == ["-c"]:
+            return "python -c"
+        target = rest[1] if rest[:1] == ["-m"] and len(rest) > 1 else (rest[0] if rest else "")
+        return f"python {Path(target).name}".rstrip()
+    return name
+
+
+def snapshot() -> dict[str, tuple[str, float]]:
+    """Every live process's role and CPU seconds so far, by pid."""
+    shot: dict[str, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            seconds = _cpu_seconds(entry)
+            if seconds is not None:
+                shot[entry] = (_role(entry), seconds)
+    return shot
+
+
+def by_role(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
+            leave_out: int | None = None) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, per role, largest first; a process born in between counts from 0,
+    one that ended in between is not seen (its time is in /proc/stat's total only). `leave_out`: a pid not to count
+    (the measuring process)."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        if leave_out is not None and pid == str(leave_out):
+            continue
+        delta = seconds - before.get(pid, (role, 0.0))[1]
+        if delta > 0:
+            spent[role] = spent.get(role, 0.0) + delta
+    return dict(sorted(spent.items(), key=lambda item: -item[1]))
