@@ -107,7 +107,10 @@ def _uploads(frames: list[np.ndarray], device: str) -> Callable[[], list[Any]]:
 
 
 def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_profile: int = 0,
-            host_threads: int = 0, clips: list[Path] | None = None) -> dict[str, Any]:
+            host_threads: int = 0, clips: list[Path] | None = None, fixed_shapes: str = "auto",
+            with_images: bool | None = None) -> dict[str, Any]:
+    """The ceiling's rows: per image (and per clip of `clips`), kernel and host time per frame of the whole pass.
+    `with_images`: the two images too (default: only without clips)."""
     import torch
 
     from deployments.models import build_classifier, build_detector
@@ -117,6 +120,7 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
 
     args = workload_args("face", device, "torch", fp16, 224)
     args["detector"]["mtcnn"]["implementation"] = "torch"  # the GPU-resident cascade (auto picks it on CUDA)
+    args["detector"]["mtcnn"]["fixed_shapes"] = fixed_shapes if fixed_shapes == "auto" else fixed_shapes == "true"
     config = PipelineConfig.model_validate(args)
     detector = build_detector(config.detector, device)
     classifiers = {c.name: build_classifier(c, device) for c in config.classifiers}
@@ -127,9 +131,10 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
     max_side = config.detector.max_detect_side
     cuda = device == "cuda"
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch,
-                           "fp16": fp16, "nvjpeg": decoder.decodes_jpeg_on_device, "crops": crops, "images": {}}
+                           "fp16": fp16, "fixed_shapes": getattr(detector, "static", None),
+                           "nvjpeg": decoder.decodes_jpeg_on_device, "crops": crops, "images": {}}
     sources: dict[str, tuple[Callable[[], list[Any]], Callable[[], list[Any]]]] = {}
-    for image, body in ({} if clips else images()).items():
+    for image, body in (images() if (not clips if with_images is None else with_images) else {}).items():
         decode = (lambda bodies: lambda: decoder.decode_many(bodies))([body] * batch)
         sources[key_of("face", image)] = (decode, decode)
     for clip in clips or []:  # a stream's frames: uploaded, then scaled to the working size on the device
@@ -158,6 +163,8 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
         row: dict[str, Any] = {"objects_per_image": objects / batch, "wall_ms_per_image": round(wall_ms, 3),
                                "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3),
                                "torch_threads": torch.get_num_threads(),
+                               "detector_frames": {"fixed_shapes": getattr(detector, "frames_static", None),
+                                                   "data_following": getattr(detector, "frames_followed", None)},
                                "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in sorted(
                                    by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
         if cuda:
@@ -225,10 +232,12 @@ def main() -> None:
                         help="torch's CPU threads, set after the engines set theirs (0: as the engines leave it)")
     parser.add_argument("--clips", type=Path, nargs="+",
                         help="videos instead of the two images: a stream's frames, uploaded and scaled on the device")
+    parser.add_argument("--fixed-shapes", default="auto", choices=["auto", "true", "false"],
+                        help="detector.mtcnn.fixed_shapes: the cascade as one graph replay a batch, or data-following")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     result = measure(opts.device, opts.fp16, opts.batch, opts.repeats, opts.crops, opts.host_profile,
-                     opts.host_threads, opts.clips)
+                     opts.host_threads, opts.clips, opts.fixed_shapes)
     threads = next(iter(result["images"].values()))["torch_threads"]
     print(f"device: {result['device']}, batches of {opts.batch}, fp16 {opts.fp16}, nvJPEG {result['nvjpeg']}, "
           f"crops {opts.crops}, torch CPU threads {threads}")

@@ -117,6 +117,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     args["detector"]["interval"] = opts.interval
     for stage in (args["detector"], *args["classifiers"]):
         stage["engine"]["cuda_sync"] = opts.cuda_sync
+    if opts.fixed_shapes != "auto":
+        args["detector"]["mtcnn"]["fixed_shapes"] = opts.fixed_shapes == "true"
     args["ingress"]["frames_on_device"] = "auto" if opts.frames_on_device else False
     args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": opts.streams, "decoder": opts.decoder,
                                   "detect_ahead": opts.detect_ahead,
@@ -160,6 +162,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     wall = wall1 - wall0
     return {
         "streams": opts.streams, "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
+        "fixed_shapes": opts.fixed_shapes,
         "seconds": wall, "frames": frames, "fps": frames / wall,
         "cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / max(frames, 1), "cpu_cores": (cpu1 - cpu0) / wall,
         "threads_cpu_s": dict(per_thread.most_common(15)),
@@ -173,7 +176,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [f"{result['streams']} streams (detect_ahead {result['detect_ahead']}, cuda_sync {result['cuda_sync']}), {result['frames']} frames in {result['seconds']:.1f} s "
+    lines = [f"{result['streams']} streams (detect_ahead {result['detect_ahead']}, cuda_sync {result['cuda_sync']}, "
+             f"fixed shapes {result.get('fixed_shapes', 'auto')}), {result['frames']} frames in {result['seconds']:.1f} s "
              f"({result['fps']:.0f} fps), host CPU {result['cpu_ms_per_frame']:.2f} ms/frame "
              f"({result['cpu_cores']:.2f} cores); decoder {result['decoder']}, frames on {result['frames_at']}; "
              f"muxer {result['muxer']}", "thread CPU s: " + ", ".join(
@@ -202,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detect-ahead", type=int, default=1, help="ingress.streams.detect_ahead")
     parser.add_argument("--cuda-sync", default="block", choices=["auto", "spin", "yield", "block"],
                         help="every engine's cuda_sync")
+    parser.add_argument("--fixed-shapes", default="auto", choices=["auto", "true", "false"],
+                        help="detector.mtcnn.fixed_shapes")
     parser.add_argument("--interval-ms", type=float, default=5.0, help="the sampler's period")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", default="bench/out/host_profile.json")

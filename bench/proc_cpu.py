@@ -62,15 +62,23 @@ def snapshot() -> dict[str, tuple[str, float]]:
 
 
 def by_role(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
-            leave_out: int | None = None) -> dict[str, float]:
+            leave_out: tuple[int | None, ...] = ()) -> dict[str, float]:
     """CPU seconds spent between two snapshots, per role, largest first; a process born in between counts from 0,
-    one that ended in between is not seen (its time is in /proc/stat's total only). `leave_out`: a pid not to count
-    (the measuring process)."""
+    one that ended in between is not seen (its time is in /proc/stat's total only). `leave_out`: pids not to count
+    (the measuring processes)."""
     spent: dict[str, float] = {}
+    skipped = {str(pid) for pid in leave_out if pid is not None}
     for pid, (role, seconds) in after.items():
-        if leave_out is not None and pid == str(leave_out):
+        if pid in skipped:
             continue
         delta = seconds - before.get(pid, (role, 0.0))[1]
         if delta > 0:
             spent[role] = spent.get(role, 0.0) + delta
     return dict(sorted(spent.items(), key=lambda item: -item[1]))
+
+
+def spent(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], pid: int | None) -> float:
+    """One process's CPU seconds between two snapshots (0 for None or a process not seen)."""
+    if pid is None or str(pid) not in after:
+        return 0.0
+    return after[str(pid)][1] - before.get(str(pid), ("", 0.0))[1]

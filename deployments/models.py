@@ -42,7 +42,9 @@ def build_detector(cfg: DetectorConfig, device: str) -> Mtcnn | TorchMtcnn | Yol
     on_device = m.implementation == "torch" or (
         m.implementation == "auto" and engines[0].backend == "torch" and engines[0].device == "cuda")
     if on_device:
-        detector: Mtcnn | TorchMtcnn = TorchMtcnn(*engines, params, pad_batches=_pads(cfg.engine, engines[0]))
+        fixed = None if m.fixed_shapes == "auto" else m.fixed_shapes
+        detector: Mtcnn | TorchMtcnn = TorchMtcnn(*engines, params, pad_batches=_pads(cfg.engine, engines[0]),
+                                                  fixed_shapes=fixed)
     else:
         detector = Mtcnn(*engines, params, pad_batches=_pads(cfg.engine, engines[0]))
     detector.warm_up()

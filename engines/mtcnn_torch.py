@@ -14,6 +14,10 @@ level); R-Net and O-Net take the candidates of all frames in one batch each. On 
 of a frame size seen before are CUDA-graph replays: the second time a size comes, its whole
 P-Net stage is captured for that number of frames (frames go through in chunks of powers of two, each one
 replay; an LRU of `_PNET_GRAPHS` pairs of size and chunk); other sizes run eager.
+
+Where the nets replay CUDA graphs, a chunk of frames goes instead through the same cascade in fixed shapes
+(engines/mtcnn_static.py): the whole of it, P-Net to O-Net, one graph replay, and one copy back for the batch.
+The data-following cascade here answers a size's first sight and any frame the fixed shapes' slots did not hold.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from engines import mtcnn_static as static
 from engines.batching import bucket_samples
 from engines.detections import Detections
 from engines.mtcnn import (
@@ -49,6 +54,7 @@ logger = logging.getLogger(__name__)
 _PYRAMID_CACHE = 16  # frame sizes whose level geometry is kept
 _PNET_GRAPHS = 24  # (frame size, chunk of frames) pairs whose P-Net stage is kept as a CUDA graph
 _PNET_MAX_CHUNK = 16  # frames of one P-Net replay
+_STATIC_GRAPHS = 24  # (frame size, chunk of frames) pairs whose whole fixed-shape cascade is kept as a CUDA graph
 _SEEN, _FAILED = "seen", "failed"
 
 
@@ -80,7 +86,8 @@ class TorchMtcnn:
     takes_device_frames = True  # (H, W, 3) uint8 BGR tensors on its device, as engines/device_image.py decodes them
 
     def __init__(self, pnet: TorchEngine, rnet: TorchEngine, onet: TorchEngine, params: MtcnnParams | None = None,
-                 pad_batches: bool = True) -> None:
+                 pad_batches: bool = True, fixed_shapes: bool | None = None,
+                 fixed_shape_limits: static.Limits | None = None) -> None:
         import torch
 
         if len({pnet.device, rnet.device, onet.device}) != 1:
@@ -97,6 +104,13 @@ class TorchMtcnn:
         self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
         self._pool: Any = None
         self.pnet_capture_s = 0.0
+        # the fixed-shape cascade (engines/mtcnn_static.py): by default where it captures as one graph (CUDA)
+        self.static = fixed_shapes if fixed_shapes is not None else bool(pnet.cuda_graphs)
+        self._static_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
+        self._first_limits = fixed_shape_limits or static.Limits()
+        self._limits: dict[tuple[int, int, int], static.Limits] = {}  # per (height, width, frames), once grown
+        self.static_capture_s = 0.0
+        self.frames_static = self.frames_followed = 0  # frames each cascade answered
 
     def warm_up(self) -> None:
         """Capture R-Net and O-Net per batch bucket (CUDA), so a stage of n candidates is one replay of the
@@ -129,9 +143,96 @@ class TorchMtcnn:
     # -- the cascade -------------------------------------------------------------------------------------
 
     def _detect(self, frames_bgr: Sequence[np.ndarray]) -> list[Detections]:
+        groups = self._upload(frames_bgr)  # [(frame indices, (B, 3, H, W) float32 RGB)]
+        rows: list[np.ndarray] = []
+        if self.static:
+            groups, rows = self._detect_static(groups)
+        if groups:
+            rows.append(self._follow(groups))
+        return self._detections(np.concatenate(rows) if rows else np.zeros((0, 16), np.float32), frames_bgr)
+
+    def _detect_static(self, groups: list[tuple[list[int], Any]]) -> tuple[list[tuple[list[int], Any]], list[np.ndarray]]:
+        """The frames of each group through the fixed-shape cascade (engines/mtcnn_static.py) in chunks of powers
+        of two, on CUDA each chunk one graph replay (captured the second time its size and chunk come), every
+        chunk's answer brought back in one copy. Returns the frames left to the data-following cascade (a chunk
+        seen for the first time, or one whose answer a limit made inexact: that limit grows for the next
+        capture) and the face rows of the others (frame index in the last column)."""
+        torch = self._torch
+        left: list[tuple[list[int], Any]] = []
+        launched: list[tuple[list[int], Any, Any, tuple[int, int, int], static.Limits]] = []
+        for indices, rgb in groups:
+            pyramid = self._pyramid(rgb.shape[2], rgb.shape[3])
+            start = 0
+            for size in _power_chunks(len(indices), _PNET_MAX_CHUNK):
+                chunk, chunk_indices = rgb[start : start + size], indices[start : start + size]
+                start += size
+                key = (int(rgb.shape[2]), int(rgb.shape[3]), size)
+                limits = self._limits.get(key, self._first_limits)
+                flat = self._static_run(key, chunk, pyramid, limits) if pyramid.levels else None
+                if flat is None:
+                    left.append((chunk_indices, chunk))
+                else:
+                    launched.append((chunk_indices, chunk, flat, key, limits))
+        if not launched:
+            return left, []
+        host = torch.cat([flat for _, _, flat, _, _ in launched]).cpu().numpy()  # the one wait for the device
+        rows, offset = [], 0
+        for indices, chunk, flat, key, limits in launched:
+            outcome = static.read(host[offset : offset + len(flat)], len(indices), limits)
+            offset += len(flat)
+            if outcome.short:
+                self._grow(key, limits, outcome.short)
+                left.append((indices, chunk))
+                continue
+            self.frames_static += len(indices)
+            for index, faces in zip(indices, outcome.faces):
+                rows.append(np.column_stack([faces, np.full(len(faces), index, np.float32)]))
+        return left, rows
+
+    def _static_run(self, key: tuple[int, int, int], chunk: Any, pyramid: _Pyramid, limits: static.Limits) -> Any:
+        """The fixed-shape cascade's flat answer for a chunk, on the device: a graph replay on CUDA (None while
+        the key has no graph yet: first sight, or its capture failed), the cascade itself elsewhere."""
+        if not self.pnet.cuda_graphs:
+            return static.cascade(self, chunk, pyramid, limits)
+        graph = _second_sight(self._static_graphs, key, _STATIC_GRAPHS,
+                              lambda: self._capture_static(chunk, pyramid, limits))
+        if not isinstance(graph, CapturedGraph):  # first sight: the data-following cascade answers
+            return None
+        return replay(graph, [chunk])[0].clone()  # the graphs share a memory pool: the next replay may overwrite
+
+    def _capture_static(self, chunk: Any, pyramid: _Pyramid, limits: static.Limits) -> CapturedGraph | str:
+        start = time.perf_counter()
+        try:
+            graph = capture_graph(lambda x: [static.cascade(self, x[0], pyramid, limits)], [chunk], self._stream,
+                                  self._pool, warmups=1)
+        except Exception as exc:  # the data-following cascade keeps working; say why once
+            logger.warning("the fixed-shape cascade for %d frames of %dx%d will not capture (%s); they take the "
+                           "data-following cascade", chunk.shape[0], chunk.shape[2], chunk.shape[3],
+                           str(exc).splitlines()[0][:200])
+            return _FAILED
+        self._pool = graph.graph.pool()
+        self.static_capture_s += time.perf_counter() - start
+        return graph
+
+    def _grow(self, key: tuple[int, int, int], limits: static.Limits, short: list[str]) -> None:
+        """A chunk's answer was inexact: the short limits double (up to static.MOST) and its graph is captured
+        again at its next sight; at the most, its frames take the data-following cascade for good."""
+        grown = limits.grown(short, static.MOST)
+        if grown == limits:
+            logger.warning("frames of %dx%d need more than the fixed-shape cascade's largest %s; they take the "
+                           "data-following cascade", key[0], key[1], ", ".join(short))
+            self._static_graphs[key] = _FAILED
+            return
+        logger.info("fixed-shape cascade for %s: %s grown to %s", key, short, grown)
+        self._limits[key] = grown
+        if self.pnet.cuda_graphs:
+            self._static_graphs[key] = _SEEN  # captured again, with the new limits, at its next sight
+
+    def _follow(self, groups: list[tuple[list[int], Any]]) -> np.ndarray:
+        """The data-following cascade over groups of same-size frames: (n, 16) face rows, frame index last."""
         torch = self._torch
         _, t2, t3 = self.params.thresholds
-        groups = self._upload(frames_bgr)  # [(frame indices, (B, 3, H, W) float32 RGB)]
+        self.frames_followed += sum(len(indices) for indices, _ in groups)
         tables = [integral_image(rgb) for _, rgb in groups]  # for the R-Net and O-Net patches
 
         found = [self._stage1(indices, rgb) for indices, rgb in groups]
@@ -151,8 +252,7 @@ class TorchMtcnn:
         landmarks = landmarks_of(boxes, out["landmarks"], torch)
         boxes = regress(boxes, out["regression"], torch)
         keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7, overlap="min")
-        host = torch.cat([boxes[keep, :5], landmarks[keep].reshape(-1, 10), frame_of[keep, None].float()], 1).cpu()
-        return self._detections(host.numpy(), frames_bgr)
+        return torch.cat([boxes[keep, :5], landmarks[keep].reshape(-1, 10), frame_of[keep, None].float()], 1).cpu().numpy()
 
     def _upload(self, frames_bgr: Sequence[Any]) -> list[tuple[list[int], Any]]:
         """Frames grouped by size, each group one (B, 3, H, W) float32 RGB tensor on the device (one copy; a frame
@@ -260,16 +360,7 @@ class TorchMtcnn:
     def _pnet_graph(self, key: tuple[int, int, int], chunk: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         """The captured P-Net stage for (height, width, frames), captured on its second sight; _SEEN or _FAILED
         (run eager) otherwise. The least recently used are dropped beyond `_PNET_GRAPHS`."""
-        graphs = self._pnet_graphs
-        if key not in graphs:
-            graphs[key] = _SEEN
-            while len(graphs) > _PNET_GRAPHS:
-                graphs.popitem(last=False)
-            return _SEEN
-        graphs.move_to_end(key)
-        if graphs[key] == _SEEN:
-            graphs[key] = self._capture_pnet(chunk, pyramid)
-        return graphs[key]
+        return _second_sight(self._pnet_graphs, key, _PNET_GRAPHS, lambda: self._capture_pnet(chunk, pyramid))
 
     def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         start = time.perf_counter()
@@ -348,6 +439,22 @@ class TorchMtcnn:
                 mine[:, 5:15].reshape(-1, 5, 2).astype(np.float32),
             ).clip(w, h))
         return out
+
+
+def _second_sight(graphs: OrderedDict[Any, CapturedGraph | str], key: Any, most: int,
+                  capture: Any) -> CapturedGraph | str:
+    """The graph of `key`, captured (`capture()`) the second time the key comes, so that a burst of new shapes
+    does not capture under load (100-200 ms each) and a shape seen once costs nothing: _SEEN at the first sight,
+    _FAILED where the capture failed. The least recently used keys beyond `most` are dropped."""
+    if key not in graphs:
+        graphs[key] = _SEEN
+        while len(graphs) > most:
+            graphs.popitem(last=False)
+        return _SEEN
+    graphs.move_to_end(key)
+    if graphs[key] == _SEEN:
+        graphs[key] = capture()
+    return graphs[key]
 
 
 def _power_chunks(count: int, largest: int) -> list[int]:

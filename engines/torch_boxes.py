@@ -38,7 +38,7 @@ def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: 
     if n > _MAX_MATRIX_BOXES:
         return order[_host_nms(boxes[order], scores[order], groups[order], threshold, overlap)]
     b, g = boxes[order], groups[order]
-    suppresses = _overlaps(b, overlap) > threshold
+    suppresses = overlaps(b, overlap) > threshold
     suppresses &= g[:, None] == g[None, :]
     suppresses &= torch.ones(n, n, dtype=torch.bool, device=b.device).tril(-1)  # only earlier boxes suppress
     keep = torch.ones(n, dtype=torch.bool, device=b.device)
@@ -53,22 +53,22 @@ def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: 
     return order[keep]
 
 
-def _overlaps(boxes: Any, overlap: str) -> Any:
-    """(K, K) overlap of every pair of x1 y1 x2 y2 boxes."""
+def overlaps(boxes: Any, overlap: str) -> Any:
+    """(..., K, K) overlap of every pair of x1 y1 x2 y2 boxes of (..., K, 4+)."""
     import torch
 
     if overlap not in ("iou", "min"):
         raise ValueError(f"overlap must be 'iou' or 'min', got {overlap!r}")
-    b = boxes[:, :4].double() if overlap == "iou" else boxes[:, :4].float()
+    b = boxes[..., :4].double() if overlap == "iou" else boxes[..., :4].float()
     one = 0 if overlap == "iou" else 1  # "min" counts pixels inclusively
-    corner_lo = torch.maximum(b[:, None, :2], b[None, :, :2])
-    corner_hi = torch.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = (corner_hi - corner_lo + one).clamp(min=0).prod(2)
-    area = (b[:, 2:] - b[:, :2] + one).prod(1)
+    corner_lo = torch.maximum(b[..., :, None, :2], b[..., None, :, :2])
+    corner_hi = torch.minimum(b[..., :, None, 2:], b[..., None, :, 2:])
+    inter = (corner_hi - corner_lo + one).clamp(min=0).prod(-1)
+    area = (b[..., 2:] - b[..., :2] + one).prod(-1)
     if overlap == "min":
-        return inter / torch.minimum(area[:, None], area[None, :])
+        return inter / torch.minimum(area[..., :, None], area[..., None, :])
     # OpenCV: two empty rectangles overlap fully (jaccard distance 0): 0 / 0 here
-    return torch.nan_to_num(inter / (area[:, None] + area[None, :] - inter), nan=1.0)
+    return torch.nan_to_num(inter / (area[..., :, None] + area[..., None, :] - inter), nan=1.0)
 
 
 def _host_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: str) -> Any:
@@ -175,7 +175,8 @@ def crop_resize(images: Any, frame_of: Any, boxes: Any, size: int, table: Any | 
     start = torch.where(up - start <= AREA_EPSILON, up, start) + lo[..., None]
     end = torch.where(end - down <= AREA_EPSILON, down, end) + lo[..., None]
     corners = torch.cat([start, end], 2)  # (N, 2, 2 * size): the rectangles' top/left, then bottom/right edges
-    last = torch.tensor([height - 1, width - 1], device=images.device)[None, :, None]  # (1, 2, 1): y, x
+    # (1, 2, 1): y, x; made on the device by a kernel, not copied from the host, so a CUDA graph can hold it
+    last = torch.where(torch.arange(2, device=images.device) == 0, height - 1, width - 1)[None, :, None]
     base = torch.floor(corners).clamp(max=last)
     frac = (corners - base)[..., None]
     two = torch.arange(2, device=images.device)

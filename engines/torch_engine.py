@@ -380,6 +380,13 @@ class TorchEngine(Engine):
                 graph.graph.replay()
                 return [o[:rows].clone() for o in graph.outputs]
 
+    def forward_tensors(self, tensors: Sequence[Any]) -> list[Any]:
+        """Device tensors in, device tensors out, always eager on the caller's current stream: for a caller that
+        captures a larger graph around this model (engines/mtcnn_static.py), where replaying the model's own graph
+        would not be captured."""
+        with self._context(own_stream=False):
+            return self._forward(tensors)
+
     def _graph_for(self, tensors: Sequence[Any]) -> tuple[CapturedGraph | None, int]:
         """The graph for these inputs (exact shape, or the smallest larger batch of one input), and the rows."""
         if not self._graphs:

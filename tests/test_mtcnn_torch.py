@@ -18,7 +18,9 @@ if os.environ.get("CI") == "true":  # the test extra installs torch: in CI a fai
 else:
     torch = pytest.importorskip("torch", reason="the GPU-resident cascade needs torch: pip install '.[torch]'")
 
+from engines.mtcnn_static import Limits, _compact, _nms  # noqa: E402
 from engines.mtcnn_torch import TorchMtcnn, _power_chunks  # noqa: E402
+from engines.torch_boxes import greedy_nms  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 PHOTOS = {
@@ -46,6 +48,12 @@ def on_cpu() -> TorchMtcnn:
     return detector
 
 
+@pytest.fixture(scope="module")
+def fixed() -> TorchMtcnn:
+    """The fixed-shape cascade (engines/mtcnn_static.py), run eagerly on the CPU device: on CUDA it is one graph."""
+    return TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True)
+
+
 def _same_faces(got, expected, atol: float) -> None:
     assert len(got) == len(expected)
     if len(expected):
@@ -64,12 +72,97 @@ def test_the_torch_cascade_on_cpu_finds_the_numpy_cascades_faces(photo: str, ref
     _same_faces(on_cpu.detect(image), expected, atol=1.0)
 
 
-def test_a_batch_of_mixed_sizes_gives_each_frame_its_own_faces(reference: Mtcnn, on_cpu: TorchMtcnn) -> None:
+@pytest.mark.parametrize("cascade", ["data-following", "fixed shapes"])
+def test_a_batch_of_mixed_sizes_gives_each_frame_its_own_faces(cascade: str, reference: Mtcnn, on_cpu: TorchMtcnn,
+                                                               fixed: TorchMtcnn) -> None:
     """Same-size frames share each P-Net run; different sizes go their own way; R-Net and O-Net take every
-    frame's candidates together. Each frame still gets exactly its faces."""
+    frame's candidates together (fixed shapes: a chunk of same-size frames at a time, and a chunk its slots do
+    not hold goes the data-following way). Each frame still gets exactly its faces."""
+    detector = on_cpu if cascade == "data-following" else fixed
     frames = [PHOTOS[p]() for p in ("astronaut", "collage", "no_face", "camera", "astronaut")]
-    for got, frame in zip(on_cpu.detect_batch(frames), frames):
+    for got, frame in zip(detector.detect_batch(frames), frames):
         _same_faces(got, reference.detect(frame), atol=1.0)
+
+
+@pytest.mark.parametrize("photo", sorted(PHOTOS))
+def test_the_fixed_shape_cascade_finds_the_numpy_cascades_faces(photo: str, reference: Mtcnn,
+                                                                fixed: TorchMtcnn) -> None:
+    """Slots and masks instead of the data's own shapes, the same faces in the same order. A frame with more
+    candidates than the slots (the astronaut: 293 P-Net cells pass, 256 slots) is answered the data-following way
+    once, and the slots grow, so its second answer comes from the fixed shapes too."""
+    image = PHOTOS[photo]()
+    expected = reference.detect(image)
+    for _ in range(2):
+        before = fixed.frames_static
+        got = fixed.detect(image)
+        _same_faces(got, expected, atol=1.0)
+    assert fixed.frames_static == before + 1
+
+
+def test_limits_too_small_for_a_frame_still_give_its_faces_and_grow_until_they_hold_it(reference: Mtcnn) -> None:
+    """Every limit far too small: each answer is still exact (the fixed shapes say which limit was short, and
+    the data-following cascade answers), each short limit doubles, and after a few frames the slots and
+    passes hold the frame."""
+    small = Limits(k1=64, k2=16, k3=2, passes_level=1, passes_frame=1, passes_rnet=1, passes_onet=1)
+    detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True, fixed_shape_limits=small)
+    image = read(ASTRONAUT)
+    expected = reference.detect(image)
+    for answers in range(1, 8):
+        _same_faces(detector.detect(image), expected, atol=1.0)
+        if detector.frames_static:
+            break
+    assert detector.frames_static == 1 and detector.frames_followed == answers - 1 >= 3
+    grown = detector._limits[(*image.shape[:2], 1)]
+    assert grown.k1 >= 2 * small.k1 and grown.k2 >= 2 * small.k2 and grown.k3 >= 2 * small.k3
+    assert grown.passes_level > 1  # the level NMS of this photo needs 4 passes to settle
+
+
+def _boxes(count: int, frames: int, seed: int) -> tuple:
+    """Random clustered boxes (so that suppression chains form), scores with ties, pyramid levels, a validity
+    mask: (frames, count, 4), (frames, count), (frames, count), (frames, count)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(frames, count, 2, generator=g) * 60
+    sides = 8 + torch.rand(frames, count, 1, generator=g) * 20
+    boxes = torch.cat([centres - sides / 2, centres + sides / 2], 2)
+    scores = (torch.rand(frames, count, generator=g) * 10).round() / 10  # ties
+    levels = torch.randint(0, 3, (frames, count), generator=g)
+    valid = torch.rand(frames, count, generator=g) > 0.2
+    return boxes, scores, levels, valid
+
+
+@pytest.mark.parametrize("overlap", ["iou", "min"])
+@pytest.mark.parametrize("per_level", [True, False])
+def test_slot_nms_keeps_what_greedy_nms_keeps_in_its_order(overlap: str, per_level: bool) -> None:
+    for seed in range(5):
+        boxes, scores, levels, valid = _boxes(60, 3, seed)
+        ordered, keep, settled = _nms(boxes, scores, levels if per_level else None, valid, 0.3, overlap, 64)
+        assert bool(settled)
+        for frame in range(3):
+            mine = valid[frame].nonzero().reshape(-1)  # the boxes there, in slot order (the eager cascade's rows)
+            groups = levels[frame, mine] if per_level else torch.zeros(len(mine), dtype=torch.int64)
+            expected = boxes[frame, mine][greedy_nms(boxes[frame, mine], scores[frame, mine], groups, 0.3, overlap)]
+            torch.testing.assert_close(ordered[frame][keep[frame]], expected, atol=0, rtol=0)
+
+
+def test_slot_nms_says_when_its_passes_did_not_settle() -> None:
+    """A chain: each box overlaps the next, scores falling, so greedy keeps every other box, an answer one
+    matrix pass cannot reach."""
+    boxes = torch.tensor([[[float(x), 0.0, x + 10.0, 10.0] for x in range(0, 20, 2)]])
+    scores = torch.linspace(1, 0.1, 10)[None]
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    _, keep, settled = _nms(boxes, scores, None, valid, 0.5, "iou", 1)
+    assert not bool(settled)
+    _, keep, settled = _nms(boxes, scores, None, valid, 0.5, "iou", 16)
+    assert bool(settled) and keep[0].tolist() == [True, False] * 5
+
+
+def test_compaction_moves_each_frames_boxes_to_the_front_in_order_and_says_when_they_do_not_fit() -> None:
+    boxes = torch.arange(2 * 6 * 1, dtype=torch.float32).reshape(2, 6, 1)
+    valid = torch.tensor([[False, True, False, True, True, False], [True] * 6])
+    out, kept, short = _compact(boxes, valid, 4)
+    assert out[0, :3, 0].tolist() == [1, 3, 4] and kept[0].tolist() == [True, True, True, False]
+    assert out[1, :, 0].tolist() == [6, 7, 8, 9] and bool(short)
+    assert not bool(_compact(boxes[:1], valid[:1], 3)[2])
 
 
 def test_the_detector_config_picks_the_torch_cascade_where_asked() -> None:
@@ -105,7 +198,20 @@ def test_the_cascade_on_cuda_finds_the_numpy_cascades_faces(fp16: bool, referenc
             if len(got):
                 print(f"{photo} fp16={fp16} attempt {attempt}: max box deviation "
                       f"{np.abs(np.sort(got.xyxy, 0) - np.sort(expected.xyxy, 0)).max():.2f} px")
+    # the first sight of a size went the data-following way, then one graph replay per detection
+    assert detector._static_graphs and all(not isinstance(g, str) for g in detector._static_graphs.values())
+    assert detector.frames_static >= len(PHOTOS)  # at least every third answer (the collage outgrew its slots once)
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
+def test_the_data_following_cascade_on_cuda_replays_its_pnet_stage(reference: Mtcnn) -> None:
+    detector = TorchMtcnn(*_nets("torch", "cuda"), fixed_shapes=False)
+    detector.warm_up()
+    image = PHOTOS["collage"]()
+    for _ in range(3):
+        _same_faces(detector.detect(image), reference.detect(image), atol=4.0)
     assert detector._pnet_graphs and all(not isinstance(g, str) for g in detector._pnet_graphs.values())
+    assert detector.frames_static == 0
 
 
 @pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
@@ -153,3 +259,44 @@ def test_the_pnet_stage_it_captures_makes_no_tensor_from_host_data(on_cpu: Torch
     with spy.mode, torch.inference_mode():
         on_cpu._pnet_maps(rgb, pyramid)
     assert spy.calls and "aten.lift_fresh.default" not in spy.calls
+
+
+_WAITS = {"aten.nonzero.default", "aten.item.default", "aten.is_nonzero.default", "aten._local_scalar_dense.default",
+          "aten.equal.default", "aten.masked_select.default",
+          "aten.lift_fresh.default"}  # a wait for the device (sizes, values read back) or a tensor made from host data
+
+
+def _host_round_trips(work) -> list[str]:  # noqa: ANN001
+    """The aten ops of `work` that, on CUDA, wait for the device or copy from the host (a graph capture refuses
+    both), boolean-mask indexing included (its sizes come from the data)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = str(func)
+            index = args[1] if name.startswith("aten.index") and len(args) > 1 else None
+            masks = isinstance(index, (list, tuple)) and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                             for i in index)
+            if name in _WAITS or masks:
+                found.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Spy(), torch.inference_mode():
+        work()
+    return found
+
+
+def test_the_fixed_shape_cascade_never_waits_for_the_device_so_a_batch_is_one_graph(fixed: TorchMtcnn,
+                                                                                    on_cpu: TorchMtcnn) -> None:
+    """From the frames to the face rows, nothing reads a size or a value back and nothing is made from host data:
+    what CUDA-graph capture needs of the whole cascade. The data-following cascade does both (it would not
+    capture)."""
+    from engines import mtcnn_static
+
+    image = read(ASTRONAUT)
+    (indices, rgb), = fixed._upload([image])
+    pyramid = fixed._pyramid(*image.shape[:2])
+    assert _host_round_trips(lambda: mtcnn_static.cascade(fixed, rgb, pyramid, Limits())) == []
+    assert "aten.nonzero.default" in _host_round_trips(lambda: on_cpu._follow([(indices, rgb)]))

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The fixed-shape MTCNN (engines/mtcnn_static.py) on the GPU, in two device calls made one right after the other (the
+# machine stays warm 30 s; Ray's pack and the tracker's do not fit in one call):
+# Call 1, carry [".devsite/site.tar.xz", ".gpuclips"]:  bash bench/gpu_fixed.sh ab
+#   the CUDA tests of the cascade, then the detector's host cost per frame with and without fixed shapes, batches of
+#   1, 4 and 16, the two images and a 720p stream's frames (bench/fixed_shapes_ab.py).
+# Call 2, carry [".devsite/video.tar.xz", ".gpuclips"]: bash bench/gpu_fixed.sh streams
+#   one stream worker's process alone (bench/host_profile.py) at 16 and 24 streams, detection ahead 0 and 1, then the
+#   service (bench.streams, one and two stream workers, 720p, 12-24 streams, detection ahead $AHEAD, default 1).
+set -uo pipefail
+site=.devsite/site
+O=${OUT:-bench/out/gpu}; mkdir -p "$O"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/$site:$PWD" PATH="$PWD/$site/bin:$PATH"
+nvidia-smi -L
+case "${1:-}" in
+  ab)
+    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    [ -n "${NOTEST:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_mtcnn_torch.py tests/test_device_crops.py \
+      2>&1 | tail -n 6
+    timeout 360 python3 -m bench.fixed_shapes_ab --clips .gpuclips/720p.mp4 --batches ${BATCHES:-1 4 16} \
+      --out "$O/fixed-shapes-ab.json" 2> "$O/fixed-ab.err"
+    tail -n 3 "$O/fixed-ab.err"
+    ;;
+  streams)
+    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
+    for a in 0 1; do  # one worker's process alone: detection ahead off and on, fixed shapes (the default on CUDA)
+      timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams 16 24 --device cuda --backend torch \
+        --fp16 --detect-ahead $a --top 12 --out "$O/host-profile-ahead$a.json" 2> "$O/hp-$a.err" \
+        | grep -E "^[0-9]+ streams|thread CPU"
+    done
+    timeout 300 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
+      --counts 12 16 20 24 --all-counts --intervals 0 --workers 1 2 --detect-ahead ${AHEAD:-1} --seconds 6 \
+      --out "$O/streams-720p-fixed-ahead.json" 2> "$O/streams-fixed.err" | grep -E "^\| [12]|by process"
+    ;;
+  *) echo "usage: $0 ab|streams"; exit 2 ;;
+esac

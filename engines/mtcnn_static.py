@@ -1,0 +1,192 @@
+"""The MTCNN cascade in fixed shapes, so that a whole batch of frames, P-Net to O-Net, is one CUDA graph replay.
+
+engines/mtcnn_torch.py's cascade follows the data: `nonzero` picks P-Net's candidates, each NMS loops until it
+settles, R-Net and O-Net take exactly the boxes that passed. Every one of those waits for the device, and the
+Python between them launches about 600 operations a batch: the host, not the card, bounds the detector (measured
+on an H100: 4.95 ms of host CPU a frame in batches of 4, 17 synchronisations and 598 launches a batch).
+
+Here every stage has a fixed number of slots per frame and a mask saying which hold a box:
+
+- P-Net's candidates: the first `k1` cells (in cell order) whose face probability passes the threshold;
+- each NMS: the exact greedy answer by a fixed number of matrix passes (torch_boxes.greedy_nms's fixed point),
+  the last pass checked against the one before on the device;
+- R-Net takes `k2` boxes a frame, O-Net `k3`, moved to the front of their slots in order (a prefix sum).
+
+So the work and the launches do not depend on the frame, nothing waits for the device, and the cascade captures
+as one graph per frame size and batch. It gives the data-following cascade's faces exactly, in the same order,
+as long as no stage had more boxes than its slots and every NMS settled within its passes; the replay says so
+(`Outcome`), and the caller runs the data-following cascade for the frames of a replay that did not, and grows
+the slots or passes that were short (`Limits.grown`) before capturing again. Slots are per frame, so a frame's
+crowd costs its own slots, not its neighbours'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from engines.mtcnn import PIXEL_OFFSET, PIXEL_SCALE, candidates, cell_boxes, landmarks_of, regress, square
+from engines.torch_boxes import crop_resize, integral_image, overlaps
+
+ROW = 16  # a face's row: x1 y1 x2 y2 score, the 5 landmarks' x, y pairs (10), and 1 where the slot holds a face
+_LIMITS_FIELDS = ("k1", "k2", "k3", "passes_level", "passes_frame", "passes_rnet", "passes_onet")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Slots per frame at each stage and NMS passes. Every slot costs kernel time whether it holds a box or not
+    (R-Net's and O-Net's patches most), so the defaults are about what a 720p camera frame with two faces needs
+    (P-Net passes 176-184 of its cells, 87-89 boxes go to R-Net, 13-15 to O-Net; photos: 85-648, 47-324, 8-26;
+    every NMS settled within 6 passes): a frame that needs more is answered by the data-following cascade once,
+    and the limit doubles for its size and batch (H100, batches of 16 720p frames: twice these slots cost 1.80
+    against 1.27 ms of kernels a frame for the data-following cascade)."""
+
+    k1: int = 256  # P-Net cells past the first threshold
+    k2: int = 128  # boxes into R-Net
+    k3: int = 32  # boxes into O-Net
+    passes_level: int = 8  # NMS of P-Net's boxes within each pyramid level
+    passes_frame: int = 4  # NMS of P-Net's boxes across the levels of a frame
+    passes_rnet: int = 4
+    passes_onet: int = 4
+
+    def grown(self, short: list[str], most: Limits) -> Limits:
+        """Each limit named in `short` doubled, up to `most`'s."""
+        return replace(self, **{name: min(getattr(self, name) * 2, getattr(most, name)) for name in short})
+
+
+MOST = Limits(k1=8192, k2=2048, k3=512, passes_level=256, passes_frame=256, passes_rnet=256, passes_onet=256)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one run of `cascade` gave, read on the host: each frame's face rows, and the limits that were short
+    (empty: the answer is exact)."""
+
+    faces: list[Any]  # per frame, (n, 15) float32 numpy rows: box, score, landmarks
+    short: list[str]
+
+
+def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
+    """The cascade over (B, 3, H, W) float32 RGB frames of one size, in fixed shapes: one flat float32 tensor,
+    (B, k3, ROW) face rows then one flag per limit (1: it was short). `detector`: the TorchMtcnn whose nets,
+    parameters and P-Net maps this uses. Launches only; nothing here waits for the device."""
+    import torch
+
+    t1, t2, t3 = detector.params.thresholds
+    frames = int(rgb.shape[0])
+    table = integral_image(rgb)
+    prob, reg = detector._pnet_maps(rgb, pyramid)  # (B, M), (B, 4, M)
+
+    # Stage 1: the first k1 passing cells of each frame, in cell order (nonzero's order), then NMS per level.
+    cells = int(prob.shape[1])
+    k1 = min(limits.k1, cells)
+    passing = prob >= t1
+    order = torch.arange(cells, device=rgb.device)
+    key = torch.where(passing, order, order + cells)
+    cell = torch.topk(key, k1, dim=1, largest=False, sorted=True).indices  # (B, k1)
+    valid = passing.gather(1, cell)
+    short_k1 = passing.sum(1).max() > k1
+    x1, y1, x2, y2 = cell_boxes(pyramid.xs[cell], pyramid.ys[cell], pyramid.scales[cell], torch)
+    boxes = torch.cat([torch.stack([x1, y1, x2, y2, prob.gather(1, cell)], 2),
+                       reg.gather(2, cell[:, None, :].expand(-1, 4, -1)).permute(0, 2, 1)], 2)  # (B, k1, 9)
+    boxes, valid, settled_level = _nms(boxes, boxes[..., 4], pyramid.level_of[cell], valid, 0.5, "iou",
+                                       limits.passes_level)
+    # across the levels of the frame: by score, ties in the order the levels left them
+    boxes, valid, settled_frame = _nms(boxes, boxes[..., 4], None, valid, 0.7, "iou", limits.passes_frame)
+    boxes = _rows(boxes, lambda b: square(candidates(b, torch), torch))  # (B, k1, 5)
+
+    # Stage 2: R-Net refines and rejects.
+    boxes, valid, short_k2 = _compact(boxes, valid, limits.k2)
+    score, out, passed = _refine(detector.rnet, rgb, table, boxes, valid, 24, t2)
+    boxes = torch.cat([boxes[..., :4], score[..., None], out["regression"]], 2)
+    boxes, valid, settled_rnet = _nms(boxes, score, None, passed, 0.7, "iou", limits.passes_rnet)
+    boxes = _rows(boxes, lambda b: square(regress(b[:, :5], b[:, 5:9], torch), torch))
+
+    # Stage 3: O-Net gives final boxes, scores and landmarks.
+    boxes, valid, short_k3 = _compact(boxes, valid, limits.k3)
+    score, out, passed = _refine(detector.onet, rgb, table, boxes, valid, 48, t3)
+    boxes = torch.cat([boxes[..., :4], score[..., None]], 2)
+    points = _rows(torch.cat([boxes, out["landmarks"]], 2),
+                   lambda b: landmarks_of(b[:, :5], b[:, 5:], torch).reshape(-1, 10))
+    boxes = _rows(torch.cat([boxes, out["regression"]], 2), lambda b: regress(b[:, :5], b[:, 5:], torch))
+    rows = torch.cat([boxes, points], 2)  # (B, k3, 15)
+    rows, valid, settled_onet = _nms(rows, rows[..., 4], None, passed, 0.7, "min", limits.passes_onet)
+
+    flags = torch.stack([short_k1, short_k2, short_k3, ~settled_level, ~settled_frame, ~settled_rnet,
+                         ~settled_onet]).float()
+    faces = torch.cat([rows, valid[..., None].float()], 2).reshape(frames, -1)
+    return torch.cat([faces.reshape(-1), flags])
+
+
+def read(flat: Any, frames: int, limits: Limits) -> Outcome:
+    """`cascade`'s output, on the host (numpy), as each frame's faces and the limits that were short."""
+    flags = flat[-len(_LIMITS_FIELDS):]
+    rows = flat[: -len(_LIMITS_FIELDS)].reshape(frames, limits.k3, ROW)
+    faces = [frame[frame[:, ROW - 1] > 0.5, : ROW - 1] for frame in rows]
+    return Outcome(faces, [name for name, flag in zip(_LIMITS_FIELDS, flags) if flag > 0.5])
+
+
+def _rows(boxes: Any, fn: Any) -> Any:
+    """`fn` of (N, C) rows applied to (B, K, C) slots."""
+    frames, slots = boxes.shape[:2]
+    out = fn(boxes.reshape(frames * slots, -1))
+    return out.reshape(frames, slots, -1)
+
+
+def _nms(boxes: Any, scores: Any, groups: Any | None, valid: Any, threshold: float, overlap: str,
+         passes: int) -> tuple[Any, Any, Any]:
+    """Greedy NMS within each frame (and within `groups` of it, when given) over slots: the boxes reordered as
+    greedy NMS orders them (group, then score descending, ties in slot order; empty slots last), which of them
+    it keeps, and whether `passes` matrix passes reached the greedy answer (the last pass changed nothing)."""
+    import torch
+
+    frames, slots = scores.shape
+    ranked = torch.where(valid, scores, torch.full_like(scores, -float("inf")))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    if groups is not None:
+        last = torch.iinfo(torch.int64).max
+        grouped = torch.where(valid, groups, torch.full_like(groups, last)).gather(1, order)
+        order = order.gather(1, torch.sort(grouped, dim=1, stable=True).indices)
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, boxes.shape[2]))
+    valid = valid.gather(1, order)
+    suppresses = overlaps(boxes, overlap) > threshold
+    if groups is not None:
+        mine = groups.gather(1, order)
+        suppresses &= mine[:, :, None] == mine[:, None, :]
+    # only an earlier box in the order suppresses, and only a box that is there
+    suppresses &= torch.ones(slots, slots, dtype=torch.bool, device=scores.device).tril(-1)
+    suppresses &= valid[:, None, :]
+    keep = previous = valid
+    for _ in range(max(passes, 1)):
+        previous, keep = keep, valid & ~(suppresses & keep[:, None, :]).any(2)
+    return boxes, keep, (previous == keep).all()
+
+
+def _compact(boxes: Any, valid: Any, slots: int) -> tuple[Any, Any, Any]:
+    """The boxes of `valid` slots moved to the front, in order, into `slots` slots per frame (the rest zero), their
+    mask, and whether some frame had more than `slots`."""
+    import torch
+
+    frames, _, columns = boxes.shape
+    rank = valid.long().cumsum(1) - 1
+    target = torch.where(valid & (rank < slots), rank, torch.full_like(rank, slots))  # the rest: one spare slot
+    out = boxes.new_zeros((frames, slots + 1, columns))
+    out.scatter_(1, target[..., None].expand(-1, -1, columns), boxes)
+    count = valid.sum(1)
+    kept = torch.arange(slots, device=boxes.device)[None, :] < count[:, None]
+    return out[:, :slots], kept, count.max() > slots
+
+
+def _refine(engine: Any, rgb: Any, table: Any, boxes: Any, valid: Any, size: int,
+            threshold: float) -> tuple[Any, dict[str, Any], Any]:
+    """A refinement net over the patch of every slot: (B, K) scores, its (B, K, ...) outputs, and which slots
+    hold a box whose region is not empty and that it scores above `threshold`."""
+    import torch
+
+    frames, slots = valid.shape
+    frame_of = torch.arange(frames, device=rgb.device).repeat_interleave(slots)
+    patches, kept = crop_resize(rgb, frame_of, boxes.reshape(frames * slots, -1), size, table)
+    outputs = engine.forward_tensors([(patches - PIXEL_OFFSET) * PIXEL_SCALE])
+    out = {spec.name: value.reshape(frames, slots, -1) for spec, value in zip(engine.outputs, outputs)}
+    score = out["probability"][..., 1]
+    return score, out, valid & kept.reshape(frames, slots) & (score > threshold)
