@@ -16,7 +16,7 @@ case "${1:-}" in
   ab)
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
     [ -n "${NOTEST:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_mtcnn_torch.py tests/test_device_crops.py \
-      2>&1 | tail -n 6
+      2>&1 | grep -E "^E |^FAILED|passed|failed" | head -n 30
     timeout 360 python3 -m bench.fixed_shapes_ab --clips .gpuclips/720p.mp4 --batches ${BATCHES:-1 4 16} \
       --out "$O/fixed-shapes-ab.json" 2> "$O/fixed-ab.err"
     tail -n 3 "$O/fixed-ab.err"

@@ -10,7 +10,8 @@ Here every stage has a fixed number of slots per frame and a mask saying which h
 - P-Net's candidates: the first `k1` cells (in cell order) whose face probability passes the threshold;
 - each NMS: the exact greedy answer by a fixed number of matrix passes (torch_boxes.greedy_nms's fixed point),
   the last pass checked against the one before on the device;
-- R-Net takes `k2` boxes a frame, O-Net `k3`, moved to the front of their slots in order (a prefix sum).
+- R-Net takes `k2` boxes a frame, O-Net `k3`, pooled over the frames of the batch (a crowded frame uses its
+  neighbours' spare slots), moved to the front of their slots in order (a prefix sum).
 
 So the work and the launches do not depend on the frame, nothing waits for the device, and the cascade captures
 as one graph per frame size and batch. It gives the data-following cascade's faces exactly, in the same order,
@@ -28,7 +29,7 @@ from typing import Any
 from engines.mtcnn import PIXEL_OFFSET, PIXEL_SCALE, candidates, cell_boxes, landmarks_of, regress, square
 from engines.torch_boxes import crop_resize, integral_image, overlaps
 
-ROW = 16  # a face's row: x1 y1 x2 y2 score, the 5 landmarks' x, y pairs (10), and 1 where the slot holds a face
+ROW = 17  # a face's row: x1 y1 x2 y2 score, the 5 landmarks' x, y pairs (10), its frame, 1 where the slot holds one
 _LIMITS_FIELDS = ("k1", "k2", "k3", "passes_level", "passes_frame", "passes_rnet", "passes_onet")
 
 
@@ -42,8 +43,8 @@ class Limits:
     against 1.27 ms of kernels a frame for the data-following cascade)."""
 
     k1: int = 256  # P-Net cells past the first threshold
-    k2: int = 128  # boxes into R-Net
-    k3: int = 32  # boxes into O-Net
+    k2: int = 128  # boxes into R-Net, per frame of the batch (one pool of k2 * frames slots)
+    k3: int = 24  # boxes into O-Net, likewise
     passes_level: int = 8  # NMS of P-Net's boxes within each pyramid level
     passes_frame: int = 4  # NMS of P-Net's boxes across the levels of a frame
     passes_rnet: int = 4
@@ -68,7 +69,7 @@ class Outcome:
 
 def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     """The cascade over (B, 3, H, W) float32 RGB frames of one size, in fixed shapes: one flat float32 tensor,
-    (B, k3, ROW) face rows then one flag per limit (1: it was short). `detector`: the TorchMtcnn whose nets,
+    (k3 * B, ROW) face rows then one flag per limit (1: it was short). `detector`: the TorchMtcnn whose nets,
     parameters and P-Net maps this uses. Launches only; nothing here waits for the device."""
     import torch
 
@@ -95,34 +96,43 @@ def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     boxes, valid, settled_frame = _nms(boxes, boxes[..., 4], None, valid, 0.7, "iou", limits.passes_frame)
     boxes = _rows(boxes, lambda b: square(candidates(b, torch), torch))  # (B, k1, 5)
 
+    # R-Net and O-Net take the boxes of every frame of the batch in one pool of slots (as the data-following
+    # cascade takes them in one batch), each box with its frame: a frame with many faces uses its neighbours'
+    # spare slots. Their NMS is per frame (the frame is the group).
+    frame_of = torch.arange(frames, device=rgb.device, dtype=boxes.dtype)[:, None, None].expand(-1, boxes.shape[1], 1)
+    boxes = torch.cat([boxes, frame_of], 2).reshape(1, -1, 6)  # (1, B * k1, 6): frame-major, each frame in order
+    valid = valid.reshape(1, -1)
+
     # Stage 2: R-Net refines and rejects.
-    boxes, valid, short_k2 = _compact(boxes, valid, limits.k2)
-    score, out, passed = _refine(detector.rnet, rgb, table, boxes, valid, 24, t2)
-    boxes = torch.cat([boxes[..., :4], score[..., None], out["regression"]], 2)
-    boxes, valid, settled_rnet = _nms(boxes, score, None, passed, 0.7, "iou", limits.passes_rnet)
-    boxes = _rows(boxes, lambda b: square(regress(b[:, :5], b[:, 5:9], torch), torch))
+    boxes, valid, short_k2 = _compact(boxes, valid, limits.k2 * frames)
+    frame_of = boxes[..., 5].long()
+    score, out, passed = _refine(detector.rnet, rgb, table, boxes, valid, frame_of, 24, t2)
+    boxes = torch.cat([boxes[..., :4], score[..., None], out["regression"], boxes[..., 5:6]], 2)
+    boxes, valid, settled_rnet = _nms(boxes, score, frame_of, passed, 0.7, "iou", limits.passes_rnet)
+    boxes = torch.cat([_rows(boxes, lambda b: square(regress(b[:, :5], b[:, 5:9], torch), torch)), boxes[..., 9:]], 2)
 
     # Stage 3: O-Net gives final boxes, scores and landmarks.
-    boxes, valid, short_k3 = _compact(boxes, valid, limits.k3)
-    score, out, passed = _refine(detector.onet, rgb, table, boxes, valid, 48, t3)
+    boxes, valid, short_k3 = _compact(boxes, valid, limits.k3 * frames)
+    frame_of = boxes[..., 5].long()
+    score, out, passed = _refine(detector.onet, rgb, table, boxes, valid, frame_of, 48, t3)
     boxes = torch.cat([boxes[..., :4], score[..., None]], 2)
     points = _rows(torch.cat([boxes, out["landmarks"]], 2),
                    lambda b: landmarks_of(b[:, :5], b[:, 5:], torch).reshape(-1, 10))
     boxes = _rows(torch.cat([boxes, out["regression"]], 2), lambda b: regress(b[:, :5], b[:, 5:], torch))
-    rows = torch.cat([boxes, points], 2)  # (B, k3, 15)
-    rows, valid, settled_onet = _nms(rows, rows[..., 4], None, passed, 0.7, "min", limits.passes_onet)
+    rows = torch.cat([boxes, points, frame_of[..., None].to(boxes.dtype)], 2)  # (1, k3 * B, 16)
+    rows, valid, settled_onet = _nms(rows, rows[..., 4], frame_of, passed, 0.7, "min", limits.passes_onet)
 
     flags = torch.stack([short_k1, short_k2, short_k3, ~settled_level, ~settled_frame, ~settled_rnet,
                          ~settled_onet]).float()
-    faces = torch.cat([rows, valid[..., None].float()], 2).reshape(frames, -1)
-    return torch.cat([faces.reshape(-1), flags])
+    return torch.cat([torch.cat([rows, valid[..., None].to(rows.dtype)], 2).reshape(-1), flags])
 
 
 def read(flat: Any, frames: int, limits: Limits) -> Outcome:
     """`cascade`'s output, on the host (numpy), as each frame's faces and the limits that were short."""
     flags = flat[-len(_LIMITS_FIELDS):]
-    rows = flat[: -len(_LIMITS_FIELDS)].reshape(frames, limits.k3, ROW)
-    faces = [frame[frame[:, ROW - 1] > 0.5, : ROW - 1] for frame in rows]
+    rows = flat[: -len(_LIMITS_FIELDS)].reshape(-1, ROW)
+    rows = rows[rows[:, ROW - 1] > 0.5]  # in greedy NMS's order: by frame, then score
+    faces = [rows[rows[:, ROW - 2] == frame, : ROW - 2] for frame in range(frames)]
     return Outcome(faces, [name for name, flag in zip(_LIMITS_FIELDS, flags) if flag > 0.5])
 
 
@@ -177,16 +187,13 @@ def _compact(boxes: Any, valid: Any, slots: int) -> tuple[Any, Any, Any]:
     return out[:, :slots], kept, count.max() > slots
 
 
-def _refine(engine: Any, rgb: Any, table: Any, boxes: Any, valid: Any, size: int,
+def _refine(engine: Any, rgb: Any, table: Any, boxes: Any, valid: Any, frame_of: Any, size: int,
             threshold: float) -> tuple[Any, dict[str, Any], Any]:
-    """A refinement net over the patch of every slot: (B, K) scores, its (B, K, ...) outputs, and which slots
-    hold a box whose region is not empty and that it scores above `threshold`."""
-    import torch
-
-    frames, slots = valid.shape
-    frame_of = torch.arange(frames, device=rgb.device).repeat_interleave(slots)
-    patches, kept = crop_resize(rgb, frame_of, boxes.reshape(frames * slots, -1), size, table)
+    """A refinement net over the patch of every slot ((1, N, 4+) boxes on frames `frame_of`): (1, N) scores, its
+    (1, N, ...) outputs, and which slots hold a box whose region is not empty and that it scores above
+    `threshold`."""
+    patches, kept = crop_resize(rgb, frame_of.reshape(-1), boxes.reshape(-1, boxes.shape[2]), size, table)
     outputs = engine.forward_tensors([(patches - PIXEL_OFFSET) * PIXEL_SCALE])
-    out = {spec.name: value.reshape(frames, slots, -1) for spec, value in zip(engine.outputs, outputs)}
+    out = {spec.name: value.reshape(1, len(patches), -1) for spec, value in zip(engine.outputs, outputs)}
     score = out["probability"][..., 1]
-    return score, out, valid & kept.reshape(frames, slots) & (score > threshold)
+    return score, out, valid & kept.reshape(valid.shape) & (score > threshold)

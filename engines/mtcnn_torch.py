@@ -103,6 +103,10 @@ class TorchMtcnn:
         # per (height, width, frames): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
         self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
         self._pool: Any = None
+        # the first graph captured into the shared pool, kept for the detector's life: torch frees a pool when its
+        # last graph goes, and a capture into a freed pool's id fails an internal assert (seen on an H100 when a
+        # graph was dropped to be captured again with grown limits)
+        self._pool_owner: CapturedGraph | None = None
         self.pnet_capture_s = 0.0
         # the fixed-shape cascade (engines/mtcnn_static.py): by default where it captures as one graph (CUDA)
         self.static = fixed_shapes if fixed_shapes is not None else bool(pnet.cuda_graphs)
@@ -121,6 +125,9 @@ class TorchMtcnn:
                                               self._stage_batch[id(engine)]))
 
     def close(self) -> None:
+        self._static_graphs.clear()
+        self._pnet_graphs.clear()
+        self._pool_owner = self._pool = None
         for engine in (self.pnet, self.rnet, self.onet):
             engine.close()
 
@@ -210,9 +217,13 @@ class TorchMtcnn:
                            "data-following cascade", chunk.shape[0], chunk.shape[2], chunk.shape[3],
                            str(exc).splitlines()[0][:200])
             return _FAILED
-        self._pool = graph.graph.pool()
+        self._own_pool(graph)
         self.static_capture_s += time.perf_counter() - start
         return graph
+
+    def _own_pool(self, graph: CapturedGraph) -> None:
+        if self._pool_owner is None:
+            self._pool, self._pool_owner = graph.graph.pool(), graph
 
     def _grow(self, key: tuple[int, int, int], limits: static.Limits, short: list[str]) -> None:
         """A chunk's answer was inexact: the short limits double (up to static.MOST) and its graph is captured
@@ -370,7 +381,7 @@ class TorchMtcnn:
             logger.warning("P-Net stage for frames of %dx%d will not capture (%s); it runs eager",
                            rgb.shape[2], rgb.shape[3], str(exc).splitlines()[0][:200])
             return _FAILED
-        self._pool = graph.graph.pool()
+        self._own_pool(graph)
         self.pnet_capture_s += time.perf_counter() - start
         return graph
 

@@ -88,15 +88,19 @@ def test_a_batch_of_mixed_sizes_gives_each_frame_its_own_faces(cascade: str, ref
 def test_the_fixed_shape_cascade_finds_the_numpy_cascades_faces(photo: str, reference: Mtcnn,
                                                                 fixed: TorchMtcnn) -> None:
     """Slots and masks instead of the data's own shapes, the same faces in the same order. A frame with more
-    candidates than the slots (the astronaut: 293 P-Net cells pass, 256 slots) is answered the data-following way
-    once, and the slots grow, so its second answer comes from the fixed shapes too."""
+    candidates than the slots (the collage: 648 P-Net cells pass, 256 slots) is answered the data-following way,
+    and its slots double until they hold it: then the answers come from the fixed shapes."""
     image = PHOTOS[photo]()
     expected = reference.detect(image)
-    for _ in range(2):
+    for _ in range(4):
         before = fixed.frames_static
-        got = fixed.detect(image)
-        _same_faces(got, expected, atol=1.0)
-    assert fixed.frames_static == before + 1
+        _same_faces(fixed.detect(image), expected, atol=1.0)
+        if fixed.frames_static == before + 1:
+            break
+    else:
+        pytest.fail(f"the fixed shapes never answered the {photo} ({fixed._limits})")
+    _same_faces(fixed.detect(image), expected, atol=1.0)
+    assert fixed.frames_static == before + 2
 
 
 def test_limits_too_small_for_a_frame_still_give_its_faces_and_grow_until_they_hold_it(reference: Mtcnn) -> None:
