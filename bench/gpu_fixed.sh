@@ -24,12 +24,12 @@ case "${1:-}" in
   streams)
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
     for a in 0 1; do  # one worker's process alone: detection ahead off and on, fixed shapes (the default on CUDA)
-      timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams 16 24 --device cuda --backend torch \
+      timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
         --fp16 --detect-ahead $a --top 12 --out "$O/host-profile-ahead$a.json" 2> "$O/hp-$a.err" \
         | grep -E "^[0-9]+ streams|thread CPU"
     done
     timeout 300 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-      --counts 12 16 20 24 --all-counts --intervals 0 --workers 1 2 --detect-ahead ${AHEAD:-1} --seconds 6 \
+      --counts ${COUNTS:-12 16 20 24} --all-counts --intervals 0 --workers 1 2 --detect-ahead ${AHEAD:-1} --seconds 6 \
       --out "$O/streams-720p-fixed-ahead.json" 2> "$O/streams-fixed.err" | grep -E "^\| [12]|by process"
     ;;
   *) echo "usage: $0 ab|streams"; exit 2 ;;
