@@ -129,6 +129,9 @@ class DetectorStage:
             "execution": self._executor.mode,
             "max_batch_size": self._config.batching.max_batch_size,
         }
+        counts = getattr(self._model, "cascade_counts", None)  # the torch MTCNN: fixed shapes or data-following
+        if counts is not None:
+            description["cascade"] = counts()
         if isinstance(self._model, Yolo):
             description["layout"] = self._model.layout
             description["model"] = self._config.yolo.model.name if self._config.yolo else None

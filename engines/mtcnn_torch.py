@@ -124,6 +124,13 @@ class TorchMtcnn:
                 engine.prepare(bucket_samples(engine.inputs[0].name, (3, size, size), np.dtype(np.float32),
                                               self._stage_batch[id(engine)]))
 
+    def cascade_counts(self) -> dict[str, object]:
+        """Which cascade answered how many frames, and the fixed shapes' limits grown per (height, width,
+        frames): for the pipeline's description (GET /v1/pipeline)."""
+        return {"fixed_shapes": self.static, "frames_fixed_shapes": self.frames_static,
+                "frames_data_following": self.frames_followed,
+                "grown_limits": {"x".join(map(str, key)): vars(limits) for key, limits in self._limits.items()}}
+
     def close(self) -> None:
         self._static_graphs.clear()
         self._pnet_graphs.clear()

@@ -355,4 +355,7 @@ def test_a_size_is_captured_on_its_second_sight_and_again_when_its_limits_grow(m
     assert answers == [0, 0, 0, 0, 1, 1] and captures.count("_capture_static") == 4
     assert captures.count("_capture_pnet") == 1  # the data-following answers replay P-Net from their second
     assert detector._limits[(*image.shape[:2], 1)].k1 == 1024
+    counts = detector.cascade_counts()  # what GET /v1/pipeline shows of the detector
+    assert counts["frames_fixed_shapes"] == 2 and counts["frames_data_following"] == 4
+    assert counts["grown_limits"]["512x1536x1"]["k1"] == 1024
     assert detector._pool_owner is not None and detector._pool_owner is not detector._static_graphs[(*image.shape[:2], 1)]
