@@ -50,12 +50,22 @@ class Limits:
     passes_rnet: int = 4
     passes_onet: int = 4
 
-    def grown(self, short: list[str], most: Limits) -> Limits:
-        """Each limit named in `short` doubled, up to `most`'s."""
-        return replace(self, **{name: min(getattr(self, name) * 2, getattr(most, name)) for name in short})
+    def grown(self, short: list[str], most: Limits, frames: int) -> Limits:
+        """Each limit named in `short` doubled, up to `most`'s (k2 and k3 there are per batch of `frames`: their
+        slots are pooled, and what they cost is the pool's size)."""
+        def top(name: str) -> int:
+            return getattr(most, name) // frames if name in ("k2", "k3") else getattr(most, name)
+
+        return replace(self, **{name: max(getattr(self, name), min(getattr(self, name) * 2, top(name)))
+                                for name in short})
 
 
-MOST = Limits(k1=8192, k2=2048, k3=512, passes_level=256, passes_frame=256, passes_rnet=256, passes_onet=256)
+# The largest limits: what a slot costs in memory grows with them (P-Net's NMS holds (frames, k1, k1) float64
+# overlaps, R-Net's and O-Net's patches gather 221 and 884 KB of float64 a box: about 1 GB each at these), and a
+# graph keeps its memory. k1 is per frame; k2 and k3 are per batch (one frame may have them all). A batch that
+# needs more (a crowd, or noise that passes P-Net everywhere) stays with the data-following cascade, which takes
+# any count (its NMS moves to the host past 2048 boxes).
+MOST = Limits(k1=1024, k2=4096, k3=1024, passes_level=64, passes_frame=64, passes_rnet=64, passes_onet=64)
 
 
 @dataclass(frozen=True)

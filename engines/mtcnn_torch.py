@@ -235,7 +235,7 @@ class TorchMtcnn:
     def _grow(self, key: tuple[int, int, int], limits: static.Limits, short: list[str]) -> None:
         """A chunk's answer was inexact: the short limits double (up to static.MOST) and its graph is captured
         again at its next sight; at the most, its frames take the data-following cascade for good."""
-        grown = limits.grown(short, static.MOST)
+        grown = limits.grown(short, static.MOST, key[2])
         if grown == limits:
             logger.warning("frames of %dx%d need more than the fixed-shape cascade's largest %s; they take the "
                            "data-following cascade", key[0], key[1], ", ".join(short))

@@ -325,26 +325,33 @@ class _Recorded:
         return "pool"
 
 
-def test_a_size_is_captured_on_its_second_sight_and_again_when_its_limits_grow(monkeypatch: pytest.MonkeyPatch,
+@pytest.fixture()
+def captures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """CUDA graph capture and replay stood in for on the CPU: a capture records which stage it was and keeps the
+    function, a replay calls it again (the policy around them is what is tested, not CUDA)."""
+    import engines.mtcnn_torch as module
+    from engines.torch_engine import CapturedGraph
+
+    recorded: list = []
+
+    def capture(fn, example, stream, pool, warmups=2):  # noqa: ANN001, ANN202
+        return CapturedGraph(_Recorded(fn, example, recorded), list(example), [])
+
+    monkeypatch.setattr(module, "capture_graph", capture)
+    monkeypatch.setattr(module, "replay", lambda graph, tensors: graph.graph.fn(tensors))
+    return recorded
+
+
+def test_a_size_is_captured_on_its_second_sight_and_again_when_its_limits_grow(captures: list,
                                                                                reference: Mtcnn) -> None:
     """The graph policy of the fixed shapes, on the CPU (CUDA graphs recorded as functions to call again): the
     first frame of a size goes the data-following way and captures nothing, the second captures; a frame the
     slots do not hold is answered the data-following way, its limits grow and the next frame of that size captures
     again with them; the first graph stays held (its memory pool must outlive any graph dropped)."""
-    import engines.mtcnn_torch as module
-    from engines.torch_engine import CapturedGraph
-
-    captures: list = []
-
-    def capture(fn, example, stream, pool, warmups=2):  # noqa: ANN001, ANN202
-        return CapturedGraph(_Recorded(fn, example, captures), list(example), [])
-
-    monkeypatch.setattr(module, "capture_graph", capture)
-    monkeypatch.setattr(module, "replay", lambda graph, tensors: graph.graph.fn(tensors))
-    small = Limits(k1=128, k2=512, k3=64)  # the collage: 648 P-Net candidates (128 -> 256 -> 512 -> 1024), 324, 26
+    small = Limits(k1=40, k2=256, k3=64)  # the astronaut: 293 P-Net candidates (40 -> 80 -> 160 -> 320), 142, 8
     detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True, fixed_shape_limits=small)
     detector.pnet.cuda_graphs = True  # as on CUDA: the fixed shapes only through a captured graph
-    image = collage()
+    image = read(ASTRONAUT)
     expected = reference.detect(image)
     answers = []
     for _ in range(6):
@@ -354,8 +361,27 @@ def test_a_size_is_captured_on_its_second_sight_and_again_when_its_limits_grow(m
     # first sight: data-following; then captured with 128, 256, 512 slots (short each time), 1024 holds it
     assert answers == [0, 0, 0, 0, 1, 1] and captures.count("_capture_static") == 4
     assert captures.count("_capture_pnet") == 1  # the data-following answers replay P-Net from their second
-    assert detector._limits[(*image.shape[:2], 1)].k1 == 1024
+    assert detector._limits[(*image.shape[:2], 1)].k1 == 320
     counts = detector.cascade_counts()  # what GET /v1/pipeline shows of the detector
     assert counts["frames_fixed_shapes"] == 2 and counts["frames_data_following"] == 4
-    assert counts["grown_limits"]["512x1536x1"]["k1"] == 1024
+    assert counts["grown_limits"]["512x512x1"]["k1"] == 320
     assert detector._pool_owner is not None and detector._pool_owner is not detector._static_graphs[(*image.shape[:2], 1)]
+
+
+def test_a_frame_beyond_the_largest_limits_stays_with_the_data_following_cascade(
+        captures: list, reference: Mtcnn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame that needs more slots than the largest limits (a crowd, or noise that passes P-Net everywhere) is
+    still answered exactly, by the data-following cascade, and its size is not captured again: each capture would
+    hold more memory for nothing."""
+    from engines import mtcnn_static
+
+    monkeypatch.setattr(mtcnn_static, "MOST", Limits(k1=160, k2=256, k3=64))  # the astronaut needs 293 candidates
+    detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True, fixed_shape_limits=Limits(k1=80, k2=256, k3=64))
+    detector.pnet.cuda_graphs = True
+    image = read(ASTRONAUT)
+    expected = reference.detect(image)
+    for _ in range(5):
+        _same_faces(detector.detect(image), expected, atol=1.0)
+    assert detector.frames_static == 0 and detector.frames_followed == 5
+    assert captures.count("_capture_static") == 2  # with 80 slots, then 160: the most; then never again
+    assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
