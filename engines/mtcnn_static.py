@@ -23,14 +23,13 @@ crowd costs its own slots, not its neighbours'.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from engines.mtcnn import PIXEL_OFFSET, PIXEL_SCALE, candidates, cell_boxes, landmarks_of, regress, square
 from engines.torch_boxes import crop_resize, integral_image, overlaps
 
 ROW = 17  # a face's row: x1 y1 x2 y2 score, the 5 landmarks' x, y pairs (10), its frame, 1 where the slot holds one
-_LIMITS_FIELDS = ("k1", "k2", "k3", "passes_level", "passes_frame", "passes_rnet", "passes_onet")
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,15 @@ class Limits:
 # needs more (a crowd, or noise that passes P-Net everywhere) stays with the data-following cascade, which takes
 # any count (its NMS moves to the host past 2048 boxes).
 MOST = Limits(k1=1024, k2=4096, k3=1024, passes_level=64, passes_frame=64, passes_rnet=64, passes_onet=64)
+_LIMITS_FIELDS = tuple(f.name for f in fields(Limits))  # `cascade`'s flags come in this order
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one run of `cascade` gave, read on the host: each frame's face rows, and the limits that were short
-    (empty: the answer is exact)."""
+    """What one run of `cascade` gave, read on the host: the face rows, and the limits that were short (empty:
+    the answer is exact)."""
 
-    faces: list[Any]  # per frame, (n, 15) float32 numpy rows: box, score, landmarks
+    rows: Any  # (n, 16) float32 numpy: box, score, landmarks, the frame's index in the batch; by frame, then score
     short: list[str]
 
 
@@ -137,13 +137,12 @@ def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     return torch.cat([torch.cat([rows, valid[..., None].to(rows.dtype)], 2).reshape(-1), flags])
 
 
-def read(flat: Any, frames: int, limits: Limits) -> Outcome:
-    """`cascade`'s output, on the host (numpy), as each frame's faces and the limits that were short."""
+def read(flat: Any) -> Outcome:
+    """`cascade`'s output, on the host (numpy), as the faces it holds and the limits that were short."""
     flags = flat[-len(_LIMITS_FIELDS):]
     rows = flat[: -len(_LIMITS_FIELDS)].reshape(-1, ROW)
-    rows = rows[rows[:, ROW - 1] > 0.5]  # in greedy NMS's order: by frame, then score
-    faces = [rows[rows[:, ROW - 2] == frame, : ROW - 2] for frame in range(frames)]
-    return Outcome(faces, [name for name, flag in zip(_LIMITS_FIELDS, flags) if flag > 0.5])
+    return Outcome(rows[rows[:, ROW - 1] > 0.5, : ROW - 1],
+                   [name for name, flag in zip(_LIMITS_FIELDS, flags) if flag > 0.5])
 
 
 def _rows(boxes: Any, fn: Any) -> Any:

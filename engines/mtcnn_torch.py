@@ -107,13 +107,12 @@ class TorchMtcnn:
         # last graph goes, and a capture into a freed pool's id fails an internal assert (seen on an H100 when a
         # graph was dropped to be captured again with grown limits)
         self._pool_owner: CapturedGraph | None = None
-        self.pnet_capture_s = 0.0
+        self.capture_s = 0.0  # seconds spent capturing graphs (P-Net stages and fixed-shape cascades)
         # the fixed-shape cascade (engines/mtcnn_static.py): by default where it captures as one graph (CUDA)
         self.static = fixed_shapes if fixed_shapes is not None else bool(pnet.cuda_graphs)
         self._static_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
         self._first_limits = fixed_shape_limits or static.Limits()
         self._limits: dict[tuple[int, int, int], static.Limits] = {}  # per (height, width, frames), once grown
-        self.static_capture_s = 0.0
         self.frames_static = self.frames_followed = 0  # frames each cascade answered
 
     def warm_up(self) -> None:
@@ -173,7 +172,7 @@ class TorchMtcnn:
         capture) and the face rows of the others (frame index in the last column)."""
         torch = self._torch
         left: list[tuple[list[int], Any]] = []
-        launched: list[tuple[list[int], Any, Any, tuple[int, int, int], static.Limits]] = []
+        launched: list[tuple[list[int], Any, Any, tuple[int, int, int], static.Limits]] = []  # chunk: its answer
         for indices, rgb in groups:
             pyramid = self._pyramid(rgb.shape[2], rgb.shape[3])
             start = 0
@@ -192,20 +191,23 @@ class TorchMtcnn:
         host = torch.cat([flat for _, _, flat, _, _ in launched]).cpu().numpy()  # the one wait for the device
         rows, offset = [], 0
         for indices, chunk, flat, key, limits in launched:
-            outcome = static.read(host[offset : offset + len(flat)], len(indices), limits)
+            outcome = static.read(host[offset : offset + len(flat)])
             offset += len(flat)
             if outcome.short:
                 self._grow(key, limits, outcome.short)
                 left.append((indices, chunk))
                 continue
             self.frames_static += len(indices)
-            for index, faces in zip(indices, outcome.faces):
-                rows.append(np.column_stack([faces, np.full(len(faces), index, np.float32)]))
+            found = outcome.rows
+            found[:, 15] = np.asarray(indices, np.float32)[found[:, 15].astype(np.int64)]  # the chunk's -> the call's
+            rows.append(found)
         return left, rows
 
     def _static_run(self, key: tuple[int, int, int], chunk: Any, pyramid: _Pyramid, limits: static.Limits) -> Any:
         """The fixed-shape cascade's flat answer for a chunk, on the device: a graph replay on CUDA (None while
         the key has no graph yet: first sight, or its capture failed), the cascade itself elsewhere."""
+        if self._static_graphs.get(key) == _FAILED:  # beyond the largest limits, or would not capture
+            return None
         if not self.pnet.cuda_graphs:
             return static.cascade(self, chunk, pyramid, limits)
         graph = _second_sight(self._static_graphs, key, _STATIC_GRAPHS,
@@ -215,22 +217,24 @@ class TorchMtcnn:
         return replay(graph, [chunk])[0].clone()  # the graphs share a memory pool: the next replay may overwrite
 
     def _capture_static(self, chunk: Any, pyramid: _Pyramid, limits: static.Limits) -> CapturedGraph | str:
-        start = time.perf_counter()
-        try:
-            graph = capture_graph(lambda x: [static.cascade(self, x[0], pyramid, limits)], [chunk], self._stream,
-                                  self._pool, warmups=1)
-        except Exception as exc:  # the data-following cascade keeps working; say why once
-            logger.warning("the fixed-shape cascade for %d frames of %dx%d will not capture (%s); they take the "
-                           "data-following cascade", chunk.shape[0], chunk.shape[2], chunk.shape[3],
-                           str(exc).splitlines()[0][:200])
-            return _FAILED
-        self._own_pool(graph)
-        self.static_capture_s += time.perf_counter() - start
-        return graph
+        return self._capture(lambda x: [static.cascade(self, x[0], pyramid, limits)], chunk,
+                             "the fixed-shape cascade", "the data-following cascade answers")
 
-    def _own_pool(self, graph: CapturedGraph) -> None:
+    def _capture(self, fn: Any, frames: Any, what: str, instead: str) -> CapturedGraph | str:
+        """`fn` over (B, 3, H, W) frames captured as one graph into the detector's shared pool; _FAILED (and why,
+        once) where it will not capture: `instead` keeps answering. The first graph captured is kept for the
+        detector's life (`_pool_owner`)."""
+        start = time.perf_counter()
+        try:  # one warm-up: the eager run of the first sight already chose this size's kernels
+            graph = capture_graph(fn, [frames], self._stream, self._pool, warmups=1)
+        except Exception as exc:
+            logger.warning("%s for %d frames of %dx%d will not capture (%s); %s", what, frames.shape[0],
+                           frames.shape[2], frames.shape[3], str(exc).splitlines()[0][:200], instead)
+            return _FAILED
         if self._pool_owner is None:
             self._pool, self._pool_owner = graph.graph.pool(), graph
+        self.capture_s += time.perf_counter() - start
+        return graph
 
     def _grow(self, key: tuple[int, int, int], limits: static.Limits, short: list[str]) -> None:
         """A chunk's answer was inexact: the short limits double (up to static.MOST) and its graph is captured
@@ -381,16 +385,7 @@ class TorchMtcnn:
         return _second_sight(self._pnet_graphs, key, _PNET_GRAPHS, lambda: self._capture_pnet(chunk, pyramid))
 
     def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
-        start = time.perf_counter()
-        try:  # one warm-up: the eager run of the first sight already chose this size's kernels
-            graph = capture_graph(lambda x: self._pnet_maps(x[0], pyramid), [rgb], self._stream, self._pool, warmups=1)
-        except Exception as exc:  # eager keeps working; say why once
-            logger.warning("P-Net stage for frames of %dx%d will not capture (%s); it runs eager",
-                           rgb.shape[2], rgb.shape[3], str(exc).splitlines()[0][:200])
-            return _FAILED
-        self._own_pool(graph)
-        self.pnet_capture_s += time.perf_counter() - start
-        return graph
+        return self._capture(lambda x: self._pnet_maps(x[0], pyramid), rgb, "P-Net stage", "it runs eager")
 
     def _refine(self, engine: TorchEngine, groups: list[tuple[list[int], Any]], tables: list[Any], boxes: Any,
                 frame_of: Any, size: int, threshold: float) -> tuple[Any, Any, dict[str, Any]]:
