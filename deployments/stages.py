@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -70,12 +70,13 @@ class DetectorStage:
     def _detect_batch(self, frames: list[np.ndarray]) -> Pending[list[Detections]]:
         return completed(self._model.detect_batch, frames)
 
-    async def detect(self, image: Any) -> DetectorResult:
+    async def detect(self, image: Any, source: Hashable | None = None) -> DetectorResult:
         """`image`: a BGR frame, or the compressed bytes (a few KB instead of a megabyte over the hop), decoded
         here with the same decoder as the ingress's, their size checked from the header first. Frames larger
         than `max_detect_side` are detected scaled down, the boxes mapped back. Bytes that will not decode are
         answered (`refused`), not raised: the ingress's own decode says why to the client, and a client's bad
-        upload is no error of this replica."""
+        upload is no error of this replica. `source` (a stream's) is not used: this stage batches frames as they
+        come."""
         start = time.perf_counter()
         cfg = self._config
         if isinstance(image, bytes):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -62,7 +62,9 @@ class Routed:
 
 
 class DetectorClient(Protocol):
-    async def detect(self, image: np.ndarray | bytes) -> DetectorResult: ...
+    async def detect(self, image: np.ndarray | bytes, source: Hashable | None = None) -> DetectorResult:
+        """`source`: the live stream the frame is of, for a detector that batches by stream (the streams'
+        muxer); the others take frames as they come and leave it."""
 
 
 class ClassifierClient(Protocol):
@@ -86,7 +88,7 @@ class RemoteDetector:
         self._handle = handle
         self._method = method
 
-    async def detect(self, image: np.ndarray | bytes) -> DetectorResult:
+    async def detect(self, image: np.ndarray | bytes, source: Hashable | None = None) -> DetectorResult:
         return await awaited(self._handle.call(self._method, image))
 
     async def detect_many(self, images: list[np.ndarray | bytes]) -> list[DetectorResult]:

@@ -189,8 +189,7 @@ class InferenceGraph:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self._detector_timeout_s):
-                result = await (self._detector.detect(image) if source is None
-                                else self._detector.detect(image, source))
+                result = await self._detector.detect(image, source)
         except TimeoutError as exc:
             raise DetectorUnavailable(f"the detector did not answer within {self._detector_timeout_s:g} s") from exc
         except Exception as exc:
