@@ -7,6 +7,10 @@
 # Call 2, carry [".devsite/video.tar.xz", ".gpuclips"]: bash bench/gpu_fixed.sh streams
 #   one stream worker's process alone (bench/host_profile.py) at 16 and 24 streams, detection ahead 0 and 1, then the
 #   service (bench.streams, one and two stream workers, 720p, 12-24 streams, detection ahead $AHEAD, default 1).
+# Or call 2, carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh mps
+#   one worker's process at 16 and 24 streams with detection ahead (its captures must all hold), the service's two
+#   stream workers without MPS, then two and three with the CUDA MPS daemon up: one shared context instead of
+#   time-sliced ones (two workers without it split their streams into a fast and a slow half).
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -15,8 +19,9 @@ nvidia-smi -L
 case "${1:-}" in
   ab)
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
-    [ -n "${NOTEST:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_mtcnn_torch.py tests/test_device_crops.py \
-      2>&1 | grep -E "^E |^FAILED|passed|failed" | head -n 30
+    [ -n "${NOTEST:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_mtcnn_torch.py tests/test_device_crops.py \
+      tests/test_torch_backend.py 2>&1 | grep -E "^E |^FAILED|passed|failed" | head -n 30
+    [ -n "${BATCHES-x}" ] || exit 0  # BATCHES= (empty): the tests only
     timeout 360 python3 -m bench.fixed_shapes_ab --clips .gpuclips/720p.mp4 --batches ${BATCHES:-1 4 16} \
       --out "$O/fixed-shapes-ab.json" 2> "$O/fixed-ab.err"
     tail -n 3 "$O/fixed-ab.err"
@@ -32,5 +37,21 @@ case "${1:-}" in
       --counts ${COUNTS:-12 16 20 24} --all-counts --intervals 0 --workers 1 2 --detect-ahead ${AHEAD:-1} --seconds 6 \
       --out "$O/streams-720p-fixed-ahead.json" 2> "$O/streams-fixed.err" | grep -E "^\| [12]|by process"
     ;;
-  *) echo "usage: $0 ab|streams"; exit 2 ;;
+  mps)
+    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
+    timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams 16 24 --device cuda --backend torch \
+      --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
+    grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
+    streams() {  # $1: workers, $2: counts, $3: name
+      timeout ${4:-200} python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
+        --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 \
+        --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]"
+    }
+    streams 2 "16 20" no-mps 120
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
+    streams "2 3" "${COUNTS:-16 20 24}" mps 260
+    echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+    ;;
+  *) echo "usage: $0 ab|streams|mps"; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,9 @@ _PNET_GRAPHS = 24  # (frame size, chunk of frames) pairs whose P-Net stage is ke
 _PNET_MAX_CHUNK = 16  # frames of one P-Net replay
 _STATIC_GRAPHS = 24  # (frame size, chunk of frames) pairs whose whole fixed-shape cascade is kept as a CUDA graph
 _SEEN, _FAILED = "seen", "failed"
+# A capture can fail for a reason of the moment (on an H100, another thread's CUDA work invalidated one): a key
+# is captured again at later sights, up to this many tries in all, before it stays uncaptured.
+_CAPTURE_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class TorchMtcnn:
         self._stage_batch = {id(e): e.batch_limit(STAGE_BATCH) for e in (rnet, onet)}
         # per (height, width, frames): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
         self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
+        self._capture_failures: dict[tuple[str, int, int, int], int] = {}  # per (stage, height, width, frames)
         self._pool: Any = None
         # the first graph captured into the shared pool, kept for the detector's life: torch frees a pool when its
         # last graph goes, and a capture into a freed pool's id fails an internal assert (seen on an H100 when a
@@ -211,7 +215,7 @@ class TorchMtcnn:
         if not self.pnet.cuda_graphs:
             return static.cascade(self, chunk, pyramid, limits)
         graph = _second_sight(self._static_graphs, key, _STATIC_GRAPHS,
-                              lambda: self._capture_static(chunk, pyramid, limits))
+                              lambda: self._capture_static(chunk, pyramid, limits), self._tried("static", key))
         if not isinstance(graph, CapturedGraph):  # first sight: the data-following cascade answers
             return None
         return replay(graph, [chunk])[0].clone()  # the graphs share a memory pool: the next replay may overwrite
@@ -382,7 +386,15 @@ class TorchMtcnn:
     def _pnet_graph(self, key: tuple[int, int, int], chunk: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         """The captured P-Net stage for (height, width, frames), captured on its second sight; _SEEN or _FAILED
         (run eager) otherwise. The least recently used are dropped beyond `_PNET_GRAPHS`."""
-        return _second_sight(self._pnet_graphs, key, _PNET_GRAPHS, lambda: self._capture_pnet(chunk, pyramid))
+        return _second_sight(self._pnet_graphs, key, _PNET_GRAPHS, lambda: self._capture_pnet(chunk, pyramid),
+                             self._tried("pnet", key))
+
+    def _tried(self, stage: str, key: tuple[int, int, int]) -> Callable[[], bool]:
+        """Counts a failed capture of `stage` for `key`; True while it may be tried again."""
+        def failed() -> bool:
+            count = self._capture_failures[(stage, *key)] = self._capture_failures.get((stage, *key), 0) + 1
+            return count < _CAPTURE_TRIES
+        return failed
 
     def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         return self._capture(lambda x: self._pnet_maps(x[0], pyramid), rgb, "P-Net stage", "it runs eager")
@@ -455,10 +467,11 @@ class TorchMtcnn:
 
 
 def _second_sight(graphs: OrderedDict[Any, CapturedGraph | str], key: Any, most: int,
-                  capture: Any) -> CapturedGraph | str:
+                  capture: Callable[[], CapturedGraph | str], failed: Callable[[], bool]) -> CapturedGraph | str:
     """The graph of `key`, captured (`capture()`) the second time the key comes, so that a burst of new shapes
     does not capture under load (100-200 ms each) and a shape seen once costs nothing: _SEEN at the first sight,
-    _FAILED where the capture failed. The least recently used keys beyond `most` are dropped."""
+    _FAILED where the capture failed, unless `failed()` says to try again at the key's next sight. The least
+    recently used keys beyond `most` are dropped."""
     if key not in graphs:
         graphs[key] = _SEEN
         while len(graphs) > most:
@@ -467,6 +480,9 @@ def _second_sight(graphs: OrderedDict[Any, CapturedGraph | str], key: Any, most:
     graphs.move_to_end(key)
     if graphs[key] == _SEEN:
         graphs[key] = capture()
+        if graphs[key] == _FAILED and failed():
+            graphs[key] = _SEEN
+            return _FAILED
     return graphs[key]
 
 

@@ -80,12 +80,22 @@ def capture_graph(fn: Callable[[list[Any]], list[Any]], example: Sequence[Any], 
         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             outputs = fn(static)
+            graph.capture_end()
         except BaseException:
-            with suppress(Exception):  # ends the invalidated capture; the first error is the one to report
-                graph.capture_end()
+            _abandon_capture(torch, graph)
             raise
-        graph.capture_end()
     return CapturedGraph(graph, static, list(outputs))
+
+
+def _abandon_capture(torch: Any, graph: Any) -> None:
+    """End a capture that failed, and the memory pool's recording with it. torch's capture_end raises on an
+    invalidated capture before it tells the caching allocator that the pool stopped recording, so every later
+    capture into that pool failed ("beginAllocateToPool: already recording to mempool_id"; seen on an H100 when
+    another thread's CUDA work invalidated one capture and no graph of the detector captured after it)."""
+    with suppress(Exception):  # the first error is the one to report
+        graph.capture_end()
+    with suppress(Exception):  # raises where capture_end got as far as ending the recording itself
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), graph.pool())
 
 
 def replay(graph: CapturedGraph, tensors: Sequence[Any]) -> list[Any]:
@@ -255,7 +265,7 @@ class TorchEngine(Engine):
                 raise EngineError(f"{self.name}: cannot capture the forward as a CUDA graph: {exc}") from exc
             logger.warning("%s: cannot capture shape %s as a CUDA graph (%s); it runs eager", self.name,
                            [list(t.shape) for t in example], str(exc).splitlines()[0][:200])
-            torch.cuda.synchronize()
+            self._stream.synchronize()  # not the device: another thread's capture would fail on that
             return False
         self._pool = captured.graph.pool()
         self._graphs[key] = captured

@@ -325,6 +325,24 @@ class _Recorded:
         return "pool"
 
 
+def _graphed(limits: Limits) -> TorchMtcnn:
+    """A CPU detector with the fixed shapes, whose policy acts as on CUDA (the fixed shapes only through a graph)."""
+    detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True, fixed_shape_limits=limits)
+    detector.pnet.cuda_graphs = True
+    return detector
+
+
+def _fixed_shape_answers(detector: TorchMtcnn, image: np.ndarray, reference: Mtcnn, times: int) -> list[int]:
+    """Detects `image` `times` times, each answer the numpy cascade's; per call, 1 where the fixed shapes answered."""
+    expected = reference.detect(image)
+    answers = []
+    for _ in range(times):
+        before = detector.frames_static
+        _same_faces(detector.detect(image), expected, atol=1.0)
+        answers.append(detector.frames_static - before)
+    return answers
+
+
 @pytest.fixture()
 def captures(monkeypatch: pytest.MonkeyPatch) -> list:
     """CUDA graph capture and replay stood in for on the CPU: a capture records which stage it was and keeps the
@@ -349,15 +367,8 @@ def test_a_size_is_captured_on_its_second_sight_and_again_when_its_limits_grow(c
     slots do not hold is answered the data-following way, its limits grow and the next frame of that size captures
     again with them; the first graph stays held (its memory pool must outlive any graph dropped)."""
     small = Limits(k1=40, k2=256, k3=64)  # the astronaut: 293 P-Net candidates (40 -> 80 -> 160 -> 320), 142, 8
-    detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True, fixed_shape_limits=small)
-    detector.pnet.cuda_graphs = True  # as on CUDA: the fixed shapes only through a captured graph
-    image = read(ASTRONAUT)
-    expected = reference.detect(image)
-    answers = []
-    for _ in range(6):
-        before = detector.frames_static
-        _same_faces(detector.detect(image), expected, atol=1.0)
-        answers.append(detector.frames_static - before)
+    detector, image = _graphed(small), read(ASTRONAUT)
+    answers = _fixed_shape_answers(detector, image, reference, 6)
     # first sight: data-following; then captured with 128, 256, 512 slots (short each time), 1024 holds it
     assert answers == [0, 0, 0, 0, 1, 1] and captures.count("_capture_static") == 4
     assert captures.count("_capture_pnet") == 1  # the data-following answers replay P-Net from their second
@@ -376,12 +387,36 @@ def test_a_frame_beyond_the_largest_limits_stays_with_the_data_following_cascade
     from engines import mtcnn_static
 
     monkeypatch.setattr(mtcnn_static, "MOST", Limits(k1=160, k2=256, k3=64))  # the astronaut needs 293 candidates
-    detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True, fixed_shape_limits=Limits(k1=80, k2=256, k3=64))
-    detector.pnet.cuda_graphs = True
-    image = read(ASTRONAUT)
-    expected = reference.detect(image)
-    for _ in range(5):
-        _same_faces(detector.detect(image), expected, atol=1.0)
+    detector, image = _graphed(Limits(k1=80, k2=256, k3=64)), read(ASTRONAUT)
+    assert _fixed_shape_answers(detector, image, reference, 5) == [0] * 5
     assert detector.frames_static == 0 and detector.frames_followed == 5
     assert captures.count("_capture_static") == 2  # with 80 slots, then 160: the most; then never again
     assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
+
+
+@pytest.mark.parametrize("failures", [2, 5], ids=["fails-twice", "never-captures"])
+def test_a_failed_capture_is_tried_again_at_later_sights_a_bounded_number_of_times(
+        captures: list, reference: Mtcnn, monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    """Another thread's CUDA work can invalidate a capture (seen on an H100 with detection ahead on): the size is
+    captured again at its next sights, up to three tries, and answered exactly the data-following way meanwhile;
+    one that never captures stops being tried."""
+    import engines.mtcnn_torch as module
+
+    real = module.capture_graph
+    tries: list = []
+
+    def flaky(fn, example, stream, pool, warmups=2):  # noqa: ANN001, ANN202 - the fixed shapes' captures fail
+        if "_capture_static" in fn.__qualname__:
+            tries.append(fn)
+            if len(tries) <= failures:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return real(fn, example, stream, pool, warmups)
+
+    monkeypatch.setattr(module, "capture_graph", flaky)
+    detector, image = _graphed(Limits(k1=512, k2=256, k3=64)), read(ASTRONAUT)
+    answers = _fixed_shape_answers(detector, image, reference, 6)
+    if failures == 2:  # first sight, two failed tries, then captured and replayed
+        assert answers == [0, 0, 0, 1, 1, 1] and len(tries) == 3
+    else:  # three tries, then never again
+        assert answers == [0] * 6 and len(tries) == 3
+        assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"

@@ -221,6 +221,34 @@ def test_three_engines_launched_before_any_wait_give_their_own_answers() -> None
                 np.testing.assert_array_equal(value, expected[name][output])
 
 
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
+def test_a_failed_capture_leaves_its_memory_pool_fit_for_the_next_capture() -> None:
+    """A capture invalidated mid-way (here by a device-wide synchronize inside it, which CUDA refuses while a
+    stream captures) must not leave the memory pool it recorded into refusing every later capture: torch raises
+    before it ends the pool's recording (an H100 run lost every graph of its detector that way)."""
+    import torch
+
+    from engines.torch_engine import capture_graph, replay
+
+    stream = torch.cuda.Stream()
+    x = torch.arange(8.0, device="cuda")
+    first = capture_graph(lambda t: [t[0] * 2], [x], stream)
+
+    def invalidating(t: list) -> list:
+        y = t[0] + 1
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return [y]
+
+    with pytest.raises(Exception):
+        capture_graph(invalidating, [x], stream, first.graph.pool())
+    second = capture_graph(lambda t: [t[0] + 3], [x], stream, first.graph.pool())
+    with torch.cuda.stream(stream):
+        out = [o.clone() for o in replay(second, [x])] + [o.clone() for o in replay(first, [x])]
+    stream.synchronize()
+    assert out[0].tolist() == (x + 3).tolist() and out[1].tolist() == (x * 2).tolist()
+
+
 class _TensorFactorySpy:
     """Records every aten op run inside it: a tensor made from Python data (aten.lift_fresh) inside a forward is
     a host-to-device copy on CUDA, which a CUDA-graph capture refuses."""
