@@ -39,7 +39,7 @@ case "${1:-}" in
     ;;
   mps)
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams 16 24 --device cuda --backend torch \
+    timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
       --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
     grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
     streams() {  # $1: workers, $2: counts, $3: name
@@ -47,7 +47,7 @@ case "${1:-}" in
         --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 \
         --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]"
     }
-    streams 2 "16 20" no-mps 120
+    streams 2 "${BASE:-16 20}" no-mps 120
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
     streams "2 3" "${COUNTS:-16 20 24}" mps 260
