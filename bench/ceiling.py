@@ -144,10 +144,10 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
         def whole() -> int:
             return _pass(frames_of, detector, classifiers, routes, max_side, crops)
 
-        for _ in range(3):  # warm-up: capture graphs, choose kernels
-            objects = whole()
+        warm_up_passes, objects = _warm_up(whole, detector)
         if cuda:
             torch.cuda.synchronize()
+        counted = _cascade_frames(detector)
         start, cpu_start, threads_start = time.perf_counter(), time.process_time(), _thread_cpu()
         for _ in range(repeats):
             whole()
@@ -163,8 +163,8 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
         row: dict[str, Any] = {"objects_per_image": objects / batch, "wall_ms_per_image": round(wall_ms, 3),
                                "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3),
                                "torch_threads": torch.get_num_threads(),
-                               "detector_frames": {"fixed_shapes": getattr(detector, "frames_static", None),
-                                                   "data_following": getattr(detector, "frames_followed", None)},
+                               "warm_up_passes": warm_up_passes,  # then measured: the frames each cascade answered
+                               "detector_frames": {k: v - counted[k] for k, v in _cascade_frames(detector).items()},
                                "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in sorted(
                                    by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
         if cuda:
@@ -173,6 +173,27 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
             row["host_ops"] = _host_ops(whole, host_profile)
         out["images"][source] = row
     return out
+
+
+def _cascade_frames(detector: Any) -> dict[str, int]:
+    """The frames the torch MTCNN's two cascades answered so far (zeros for another detector)."""
+    return {"fixed_shapes": getattr(detector, "frames_static", 0),
+            "data_following": getattr(detector, "frames_followed", 0)}
+
+
+def _warm_up(whole: Callable[[], int], detector: Any, least: int = 3, most: int = 16) -> tuple[int, int]:
+    """Passes until graphs are captured and kernels chosen: at least `least`, and until two passes in a row split
+    their frames between the cascades alike (with the fixed shapes, every chunk size captured and the limits grown
+    to what the frames need, each growth two passes; or their size left to the data-following cascade for good),
+    or `most`. Returns the passes made and the last one's objects."""
+    split: list[int] = []
+    for passes in range(1, most + 1):
+        before = _cascade_frames(detector)
+        objects = whole()
+        previous, split = split, [v - before[k] for k, v in _cascade_frames(detector).items()]
+        if passes >= least and split == previous:
+            break
+    return passes, objects
 
 
 def _thread_cpu() -> dict[int, tuple[str, float]]:
