@@ -8,9 +8,9 @@
 #   one stream worker's process alone (bench/host_profile.py) at 16 and 24 streams, detection ahead 0 and 1, then the
 #   service (bench.streams, one and two stream workers, 720p, 12-24 streams, detection ahead $AHEAD, default 1).
 # Or call 2, carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh mps
-#   one worker's process at 16 and 24 streams with detection ahead (its captures must all hold), the service's two
-#   stream workers without MPS, then two and three with the CUDA MPS daemon up: one shared context instead of
-#   time-sliced ones (two workers without it split their streams into a fast and a slow half).
+#   one worker's process at 16 and 24 streams with detection ahead (its captures must all hold), the service (through
+#   HAProxy) on two stream workers without MPS, then two and three with the CUDA MPS daemon up: one shared context
+#   instead of time-sliced ones (two workers without it split their streams into a fast and a slow half).
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -44,9 +44,9 @@ case "${1:-}" in
     grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
     streams() {  # $1: workers, $2: counts, $3: name
       timeout ${4:-200} python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-        --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 \
-        --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]"
-    }
+        --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 --haproxy \
+        --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]|by process"
+    }  # through HAProxy, as the README runs the service: no Serve proxy hop for the events' lines
     streams 2 "${BASE:-16 20}" no-mps 120
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
