@@ -47,10 +47,10 @@ case "${1:-}" in
         --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 --haproxy \
         --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]|by process"
     }  # through HAProxy, as the README runs the service: no Serve proxy hop for the events' lines
-    streams 2 "${BASE:-16 20}" no-mps 120
+    [ -z "${BASE-16 20}" ] || streams 2 "${BASE-16 20}" no-mps 120  # BASE= (empty): no baseline without MPS
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
-    streams "2 3" "${COUNTS:-16 20 24}" mps 260
+    streams "${MPS_WORKERS:-2 3}" "${COUNTS:-16 20 24}" mps 260
     echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
     ;;
   *) echo "usage: $0 ab|streams|mps"; exit 2 ;;
