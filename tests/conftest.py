@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +28,12 @@ def _free_port() -> int:
 
 
 # HAProxy's stats and metrics ports are fixed (8404, 9101) unless set: free ones, so nothing else on the machine
-# can make the suite fail, and the suite takes nothing a running service of the machine holds.
-os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+# can make the suite fail, and the suite takes nothing a running service of the machine holds. Each pytest-xdist
+# worker runs a Ray (and an HAProxy) of its own: it takes ports of its own, not those it inherited from the
+# process that started it.
+for _port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+    if "PYTEST_XDIST_WORKER" in os.environ or _port not in os.environ:
+        os.environ[_port] = str(_free_port())
 # Behind HAProxy a deleted app's ingress stays reachable 30 s so load balancers can deregister it; nothing
 # balances the tests' loopback traffic, so each serve.delete would only wait. (The service keeps Serve's default.)
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
@@ -58,6 +62,20 @@ def without_streams(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def routed(url: str, tries: int = 600) -> str:
+    """`url` once HTTP reaches the app there: serve.run returns when the app's replicas run, while HAProxy may
+    still be reloading its routes (a 404 then; seen with another app's deletion reloading it at the same moment).
+    Bounded: about a minute."""
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=10).status_code != 404:
+                return url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered: its route did not reach HTTP")
+
+
 @contextmanager
 def deployed(serve_url: str, name: str, args: dict[str, Any]) -> Iterator[str]:
     """The application built from `args`, running at /<name> for the duration of the block."""
@@ -67,7 +85,7 @@ def deployed(serve_url: str, name: str, args: dict[str, Any]) -> Iterator[str]:
 
     serve.run(build_app(args), name=name, route_prefix=f"/{name}")
     try:
-        yield f"{serve_url}/{name}"
+        yield routed(f"{serve_url}/{name}")
     finally:
         # not waited for: its replicas stop (Serve's 2 s drain loop) while the next module deploys its own app;
         # every app has a name of its own, so nothing waits on a name still going away
@@ -112,7 +130,7 @@ def demo_app(serve_url: str) -> str:
     from serve_app.app import build_app
 
     serve.run(build_app(demo_args()), name="faces", route_prefix="/")
-    return serve_url
+    return routed(serve_url)
 
 
 @pytest.fixture()
