@@ -14,5 +14,5 @@ ln -sfn ../models .baseline/models  # the config's model paths are relative to t
 timeout 75 $C --crops per-frame --out "$O/ceiling-after-per-frame-crops.json" 2> "$O/after-per-frame.err"
 echo "after (crops per frame) rc $?"
 timeout 75 $C --host-profile 25 --out "$O/ceiling-after.json" 2> "$O/after.err"; echo "after rc $?"
-timeout 100 python3 -m pytest -o addopts=-ra -q -p no:cacheprovider tests/test_mtcnn_torch.py tests/test_device_crops.py 2>&1 | tail -n 6
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mtcnn_torch.py tests/test_device_crops.py 2>&1 | tail -n 6
 tail -n 2 "$O"/*.err

@@ -19,7 +19,7 @@ nvidia-smi -L
 case "${1:-}" in
   ab)
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
-    [ -n "${NOTEST:-}" ] || timeout 200 python3 -m pytest -o addopts=-ra -q -p no:cacheprovider -rs ${TESTS:-tests/test_mtcnn_torch.py \
+    [ -n "${NOTEST:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/test_mtcnn_torch.py \
       tests/test_device_crops.py tests/test_torch_backend.py} 2>&1 | grep -E "^E |^FAILED|passed|failed" | head -n 30
     [ -n "${BATCHES-x}" ] || exit 0  # BATCHES= (empty): the tests only
     timeout 360 python3 -m bench.fixed_shapes_ab --clips .gpuclips/720p.mp4 --batches ${BATCHES:-1 4 16} \

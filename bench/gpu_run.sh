@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 if [ "${PARITY:-1}" = 1 ]; then
-  python3 -m pytest -o addopts=-ra -q -s -p no:cacheprovider tests/test_torch_backend.py tests/test_mtcnn_torch.py \
+  python3 -m pytest -q -s -p no:cacheprovider tests/test_torch_backend.py tests/test_mtcnn_torch.py \
     tests/test_torch_boxes.py tests/test_preprocess.py tests/test_execution.py > "$OUT/tests.txt" 2>&1
   grep -E "deviation|passed|failed|Error" "$OUT/tests.txt" | tail -n 30
 fi

@@ -24,7 +24,7 @@ case "${1:-}" in
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
     timeout 60 python3 -m bench.gil_probe --clip .gpuclips/720p.mp4 --readers 1 8 2>&1 | tail -n 3
     [ -n "${QUICK:-}" ] && exit 0  # QUICK=1: the packs and the GIL probe only
-    timeout 90 python3 -m pytest -o addopts=-ra -q -p no:cacheprovider -rs tests/test_cuda_sync.py tests/test_nvdec_reader.py \
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_sync.py tests/test_nvdec_reader.py \
       -k "cuda_engine or real or chosen or cannot_run or only_where" 2>&1 | tail -n 5
     timeout 60 python3 -m bench.stream_hops --seconds 4 2>&1 | grep -v WARN | tail -n 4  # a Ray streaming hop's CPU
     ;;

@@ -28,12 +28,9 @@ def _free_port() -> int:
 
 
 # HAProxy's stats and metrics ports are fixed (8404, 9101) unless set: free ones, so nothing else on the machine
-# can make the suite fail, and the suite takes nothing a running service of the machine holds. Each pytest-xdist
-# worker runs a Ray (and an HAProxy) of its own: it takes ports of its own, not those it inherited from the
-# process that started it.
-for _port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-    if "PYTEST_XDIST_WORKER" in os.environ or _port not in os.environ:
-        os.environ[_port] = str(_free_port())
+# can make the suite fail, and the suite takes nothing a running service of the machine holds.
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
 # Behind HAProxy a deleted app's ingress stays reachable 30 s so load balancers can deregister it; nothing
 # balances the tests' loopback traffic, so each serve.delete would only wait. (The service keeps Serve's default.)
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
