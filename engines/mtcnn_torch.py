@@ -226,7 +226,7 @@ class TorchMtcnn:
 
     def _capture(self, fn: Any, frames: Any, what: str, instead: str) -> CapturedGraph | str:
         """`fn` over (B, 3, H, W) frames captured as one graph into the detector's shared pool; _FAILED (and why,
-        once) where it will not capture: `instead` keeps answering. The first graph captured is kept for the
+        at each try) where it will not capture: `instead` keeps answering. The first graph captured is kept for the
         detector's life (`_pool_owner`)."""
         start = time.perf_counter()
         try:  # one warm-up: the eager run of the first sight already chose this size's kernels
