@@ -105,7 +105,8 @@ class TorchMtcnn:
         self._stage_batch = {id(e): e.batch_limit(STAGE_BATCH) for e in (rnet, onet)}
         # per (height, width, frames): the captured P-Net stage, or _SEEN (once, eager), or _FAILED (eager for good)
         self._pnet_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
-        self._capture_failures: dict[tuple[str, int, int, int], int] = {}  # per (stage, height, width, frames)
+        self._pnet_failures: dict[tuple[int, int, int], int] = {}  # failed captures per key, P-Net's and the
+        self._static_failures: dict[tuple[int, int, int], int] = {}  # fixed shapes' (tried again: _CAPTURE_TRIES)
         self._pool: Any = None
         # the first graph captured into the shared pool, kept for the detector's life: torch frees a pool when its
         # last graph goes, and a capture into a freed pool's id fails an internal assert (seen on an H100 when a
@@ -215,7 +216,7 @@ class TorchMtcnn:
         if not self.pnet.cuda_graphs:
             return static.cascade(self, chunk, pyramid, limits)
         graph = _second_sight(self._static_graphs, key, _STATIC_GRAPHS,
-                              lambda: self._capture_static(chunk, pyramid, limits), self._tried("static", key))
+                              lambda: self._capture_static(chunk, pyramid, limits), self._static_failures)
         if not isinstance(graph, CapturedGraph):  # first sight: the data-following cascade answers
             return None
         return replay(graph, [chunk])[0].clone()  # the graphs share a memory pool: the next replay may overwrite
@@ -387,14 +388,7 @@ class TorchMtcnn:
         """The captured P-Net stage for (height, width, frames), captured on its second sight; _SEEN or _FAILED
         (run eager) otherwise. The least recently used are dropped beyond `_PNET_GRAPHS`."""
         return _second_sight(self._pnet_graphs, key, _PNET_GRAPHS, lambda: self._capture_pnet(chunk, pyramid),
-                             self._tried("pnet", key))
-
-    def _tried(self, stage: str, key: tuple[int, int, int]) -> Callable[[], bool]:
-        """Counts a failed capture of `stage` for `key`; True while it may be tried again."""
-        def failed() -> bool:
-            count = self._capture_failures[(stage, *key)] = self._capture_failures.get((stage, *key), 0) + 1
-            return count < _CAPTURE_TRIES
-        return failed
+                             self._pnet_failures)
 
     def _capture_pnet(self, rgb: Any, pyramid: _Pyramid) -> CapturedGraph | str:
         return self._capture(lambda x: self._pnet_maps(x[0], pyramid), rgb, "P-Net stage", "it runs eager")
@@ -467,11 +461,11 @@ class TorchMtcnn:
 
 
 def _second_sight(graphs: OrderedDict[Any, CapturedGraph | str], key: Any, most: int,
-                  capture: Callable[[], CapturedGraph | str], failed: Callable[[], bool]) -> CapturedGraph | str:
+                  capture: Callable[[], CapturedGraph | str], failures: dict[Any, int]) -> CapturedGraph | str:
     """The graph of `key`, captured (`capture()`) the second time the key comes, so that a burst of new shapes
     does not capture under load (100-200 ms each) and a shape seen once costs nothing: _SEEN at the first sight,
-    _FAILED where the capture failed, unless `failed()` says to try again at the key's next sight. The least
-    recently used keys beyond `most` are dropped."""
+    _FAILED where the capture failed (tried again at the key's next sights until `failures` counts
+    _CAPTURE_TRIES for it). The least recently used keys beyond `most` are dropped."""
     if key not in graphs:
         graphs[key] = _SEEN
         while len(graphs) > most:
@@ -480,9 +474,11 @@ def _second_sight(graphs: OrderedDict[Any, CapturedGraph | str], key: Any, most:
     graphs.move_to_end(key)
     if graphs[key] == _SEEN:
         graphs[key] = capture()
-        if graphs[key] == _FAILED and failed():
-            graphs[key] = _SEEN
-            return _FAILED
+        if graphs[key] == _FAILED:
+            failures[key] = failures.get(key, 0) + 1
+            if failures[key] < _CAPTURE_TRIES:
+                graphs[key] = _SEEN
+                return _FAILED
     return graphs[key]
 
 

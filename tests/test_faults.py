@@ -25,9 +25,9 @@ def fault_app(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     calls are still in flight when one of its replicas is killed."""
     args = demo_args()
     args["ingress"]["deployment"] = {**SMALL, "env_vars": {"PIPELINE_API_TOKEN": "s3cret-token"}}
-    # a burst of 28 queues at the one detector replica while `slow` takes the cores: on a 2-core box running two
-    # test files at once, the last waited past the default 10 s and got a 503 (the detector's time limit, not the
-    # killed replica this module is about)
+    # a burst of 28 queues at the one detector replica while `slow` takes the cores: on a more loaded 2-core box
+    # (two test files at once, tried once) the last waited past the default 10 s and got a 503 (the detector's
+    # time limit, not the killed replica this module is about)
     args["ingress"]["detector_timeout_s"] = 60.0
     args["detector"]["deployment"] = SMALL
     gender = next(c for c in args["classifiers"] if c["name"] == "gender")
