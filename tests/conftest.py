@@ -84,9 +84,7 @@ def deployed(serve_url: str, name: str, args: dict[str, Any]) -> Iterator[str]:
     try:
         yield routed(f"{serve_url}/{name}")
     finally:
-        # not waited for: its replicas stop (Serve's 2 s drain loop) while the next module deploys its own app;
-        # every app has a name of its own, so nothing waits on a name still going away
-        serve.delete(name, _blocking=False)
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")
