@@ -10,7 +10,9 @@
 # Or call 2, carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh mps
 #   one worker's process at 16 and 24 streams with detection ahead (its captures must all hold), the service (through
 #   HAProxy) on two stream workers without MPS, then two and three with the CUDA MPS daemon up: one shared context
-#   instead of time-sliced ones (two workers without it split their streams into a fast and a slow half).
+#   instead of time-sliced ones (two workers without it split their streams into a fast and a slow half). The
+#   baseline's counts run twice: every stream's events on one listener (GET /v1/streams/events), and a listener
+#   per stream.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -42,12 +44,13 @@ case "${1:-}" in
     timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
       --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
     grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
-    streams() {  # $1: workers, $2: counts, $3: name
+    streams() {  # $1: workers, $2: counts, $3: name, $4: time limit, $5: listeners (feed: one for all streams)
       timeout ${4:-200} python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
         --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 --haproxy \
-        --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]|by process"
+        --listen ${5:-feed} --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]|by process"
     }  # through HAProxy, as the README runs the service: no Serve proxy hop for the events' lines
-    [ -z "${BASE-16 20}" ] || streams 2 "${BASE-16 20}" no-mps 120  # BASE= (empty): no baseline without MPS
+    # BASE= (empty): no baseline without MPS; it runs each count with one listener for all streams and one each
+    [ -z "${BASE-16 20}" ] || streams 2 "${BASE-16 20}" no-mps 150 "feed each"
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
     streams "${MPS_WORKERS:-2 3}" "${COUNTS:-16 20 24}" mps 260

@@ -129,7 +129,13 @@ async def follow(client: Any, stream_id: str, seconds: float) -> dict[str, Any]:
     except TimeoutError:
         pass
     wall = time.perf_counter() - start
-    info = (await client.get(f"/v1/streams/{stream_id}")).json()
+    return _followed(before, (await client.get(f"/v1/streams/{stream_id}")).json(), latencies, detected, wall)
+
+
+def _followed(before: dict[str, Any], info: dict[str, Any], latencies: list[float], detected: int,
+              wall: float) -> dict[str, Any]:
+    """One stream's row: its records' rate and latencies, and its own counts over the window (`before`, `info`:
+    its descriptions at the window's start and end)."""
     read = max(info.get("frames_read", 0) - before.get("frames_read", 0), 1)
     dropped = info.get("dropped_frames", 0) - before.get("dropped_frames", 0)
     return {"processed": len(latencies), "fps": round(len(latencies) / wall, 2), "detected": detected,
@@ -139,10 +145,35 @@ async def follow(client: Any, stream_id: str, seconds: float) -> dict[str, Any]:
             "latency_p95_ms": round(pct(latencies, 95), 1) if latencies else None}
 
 
+async def follow_all(client: Any, ids: list[str], seconds: float) -> list[dict[str, Any]]:
+    """Every stream's events on one listener (GET /v1/streams/events) for `seconds`, then per stream what
+    `follow` gives for its own listener."""
+    before = {i: (await client.get(f"/v1/streams/{i}")).json() for i in ids}
+    latencies: dict[str, list[float]] = {i: [] for i in ids}
+    detected = dict.fromkeys(ids, 0)
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(seconds):
+            async with client.stream("GET", "/v1/streams/events") as response:
+                async for line in response.aiter_lines():
+                    record = json.loads(line) if line else {}
+                    own = latencies.get(record.get("stream", ""))
+                    if own is None or "read_at" not in record:
+                        continue
+                    own.append((time.time() - record["read_at"]) * 1e3)
+                    detected[record["stream"]] += record.get("detected", True)
+    except TimeoutError:
+        pass
+    wall = time.perf_counter() - start
+    return [_followed(before[i], (await client.get(f"/v1/streams/{i}")).json(), latencies[i], detected[i], wall)
+            for i in ids]
+
+
 async def streams_at_once(url: str, source: str, count: int, seconds: float,
-                          sampler: int | None = None) -> dict[str, Any]:
-    """`count` streams of `source` followed for `seconds`. `sampler`: the GPU sampler's pid, whose CPU is left
-    out of the host's (as this process's is)."""
+                          sampler: int | None = None, listen: str = "feed") -> dict[str, Any]:
+    """`count` streams of `source` followed for `seconds`, on one listener of every stream (`listen`: feed) or
+    a listener each (each). `sampler`: the GPU sampler's pid, whose CPU is left out of the host's (as this
+    process's is)."""
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -155,7 +186,10 @@ async def streams_at_once(url: str, source: str, count: int, seconds: float,
         await asyncio.sleep(1.0)  # past each stream's first frames (the tracker's start, the first detections)
         cpu0, own0, procs0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot()
         try:
-            per_stream = await asyncio.gather(*(follow(client, i, seconds) for i in ids))
+            if listen == "feed":
+                per_stream = await follow_all(client, ids, seconds)
+            else:
+                per_stream = await asyncio.gather(*(follow(client, i, seconds) for i in ids))
         finally:
             procs1 = proc_cpu.snapshot()
             cpu = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0) - proc_cpu.spent(procs0, procs1, sampler)
@@ -231,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--haproxy", action="store_true",
                         help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, as the README advises): events "
                         "lines go from the ingress replica to HAProxy, not through Serve's Python proxy")
+    parser.add_argument("--listen", nargs="+", default=["feed"], choices=["feed", "each"],
+                        help="values, each count run with each: feed: every stream's events on one listener (GET /v1/streams/events, as DeepStream's "
+                        "message broker); each: a listener per stream (GET /v1/streams/{id}/events)")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
     if opts.haproxy:  # read when Serve is imported: HTTP through HAProxy straight to the ingress replica
@@ -297,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                 url = "http://127.0.0.1:8013"
                 for size in opts.sizes:
                     asyncio.run(streams_at_once(url, named[size], 1, 2.0))  # warm-up
-                    for count in sorted(opts.counts):
+                    for count, listen in ((c, m) for c in sorted(opts.counts) for m in opts.listen):
                         samples = len(busy.samples)
                         run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds,
-                                                          getattr(busy, "pid", None)))
-                        run |= {"size": size, "interval": interval, "muxer_batch_size": muxer_batch,
+                                                          getattr(busy, "pid", None), listen))
+                        run |= {"size": size, "listen": listen, "interval": interval, "muxer_batch_size": muxer_batch,
                                 "workers": workers, "frames_on_device": on_device,
                                 "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
                                 "fixed_shapes": None if opts.fixed_shapes == "auto" else opts.fixed_shapes,
@@ -319,12 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     result["largest_sustained"] = {
-        f"{size} interval {interval} muxer {b} workers {w}" + ("" if f == "auto" else " frames host"): max(
+        f"{size} interval {interval} muxer {b} workers {w}" + ("" if m == "feed" else f" listen {m}")
+        + ("" if f == "auto" else " frames host"): max(
             (r["streams"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
-             and r["muxer_batch_size"] == b and r["workers"] == w and r["frames_on_device"] == f and r["sustained"]),
+             and r["muxer_batch_size"] == b and r["workers"] == w and r["frames_on_device"] == f
+             and r["listen"] == m and r["sustained"]),
             default=0)
         for w in opts.workers for f in opts.frames_on_device for size in opts.sizes for interval in opts.intervals
-        for b in opts.muxer_batch_sizes}
+        for b in opts.muxer_batch_sizes for m in opts.listen}
     _write(opts.out, result)
     print(report(result))
     return 0
@@ -366,7 +405,8 @@ HEADER = ("| workers | size | interval | muxer batch | streams | aggregate fps |
 
 def _row(run: dict[str, Any]) -> str:
     workers = f"{run.get('workers', 0)}{', frames via host' if run.get('frames_on_device') == 'false' else ''}"
-    workers += "".join(f", {key.replace('_', ' ')} {run[key]}" for key in ("detect_ahead", "cuda_sync", "fixed_shapes")
+    workers += "".join(f", {key.replace('_', ' ')} {run[key]}" for key in ("listen", "detect_ahead", "cuda_sync",
+                                                                            "fixed_shapes")
                        if run.get(key) is not None)
     return (f"| {workers} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
@@ -397,6 +437,7 @@ def against_ceiling(result: dict[str, Any]) -> list[str]:
         words = key.split()  # "<size> interval <i> muxer <b> workers <w>"
         size, interval, workers = words[0], int(words[2]), int(words[6]) if len(words) > 6 else 0
         mode = "false" if key.endswith("frames host") else "auto"
+        listen = "each" if " listen each" in key else "feed"
         row = frames.get(size, {})
         limit = row.get("ceiling_images_per_s")
         if not limit:
@@ -404,6 +445,7 @@ def against_ceiling(result: dict[str, Any]) -> list[str]:
         streams = limit / FPS
         at = [r["aggregate_fps"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
               and r.get("workers", 0) == workers and r.get("frames_on_device", "auto") == mode
+              and r.get("listen", "each") == listen
               and r["streams"] == sustained]
         lines.append(f"| {workers}{', frames via host' if mode == 'false' else ''} | {size} | {interval} | {limit} | {streams:.1f} | {sustained} | "
                      f"{sustained / streams:.2f} | {at[0] if at else '-'} |")

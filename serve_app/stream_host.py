@@ -140,6 +140,22 @@ class StreamHost:
         finally:
             listener.close()
 
+    async def feed(self) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]] | StreamRefusal]:
+        """Every stream's records on one listener (serve_app/stream_feed.py): first the running streams
+        (`{"streams": [...]}`, or why not: too many listeners), then lists of records, each tagged with its
+        stream's id. The listener counts until this generator ends, however it ends."""
+        try:
+            feed = self._registry.feed()
+        except InputError as exc:
+            yield StreamRefusal.of(exc)
+            return
+        try:
+            yield {"streams": [s for s in self._registry.list() if s["state"] == "running"]}
+            async for batch in feed.batches():
+                yield batch
+        finally:
+            feed.close()
+
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         """/v1/video on this process's graph: first the opened video's size and rate (or why it is refused: the
         ingress's 4xx), then the same records and summary as the ingress gives."""

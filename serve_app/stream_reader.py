@@ -129,8 +129,17 @@ class StreamReader:
         self.ended = threading.Event()
         self.last_frame_at = time.monotonic()
         self._fps = 0.0
-        self._thread = threading.Thread(target=self._run, name="stream-reader", daemon=True)
+        # called on the reader's thread after each frame and once reading has ended: the stream's loop waits on
+        # it instead of polling (serve_app/streams.py `_take_frames`)
+        self.arrived: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._main, name="stream-reader", daemon=True)
         self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.arrived()
 
     def take(self) -> ReadFrame | None:
         with self._lock:
@@ -285,3 +294,4 @@ class StreamReader:
             self._latest = kept
             self.frames += 1
             self.last_frame_at = time.monotonic()
+        self.arrived()

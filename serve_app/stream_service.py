@@ -79,6 +79,21 @@ class Streams:
         None where the streams run here or the stream is unknown or lost (then `events` answers)."""
         return self._service.holder(stream_id) if isinstance(self._service, WorkerRouter) else None
 
+    async def feed(self) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]] | StreamRefusal]:
+        """Every stream's records (GET /v1/streams/events) where the streams run here, for a streaming handle call:
+        first the running streams (or why not), then lists of records. With stream workers the ingress follows
+        each worker's own feed (`holders`)."""
+        if isinstance(self._service, WorkerRouter):
+            yield StreamRefusal(503, "streams_unavailable", "the streams run in stream workers: follow their feeds")
+            return
+        async for item in self._service.feed():
+            yield item
+
+    async def holders(self) -> list[tuple[str, Any]] | None:
+        """The live stream workers (name, actor handle), for a listener of every stream to follow each one's feed;
+        None where the streams run here (then `feed` answers)."""
+        return self._service.holders() if isinstance(self._service, WorkerRouter) else None
+
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         """/v1/video on a stream worker (ingress.streams.workers.videos), for a streaming handle call: first the
         opened video (or why not), then its records."""

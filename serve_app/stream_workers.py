@@ -68,6 +68,10 @@ class StreamWorker:
         async for item in self._host.events(stream_id):
             yield item
 
+    async def feed(self) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]] | StreamRefusal]:
+        async for item in self._host.feed():
+            yield item
+
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         async for item in self._host.video(data, every):
             yield item
@@ -285,6 +289,11 @@ class WorkerRouter:
         records from the worker itself (one hop fewer); None: unknown here, or its worker is lost."""
         worker = self._owner.get(stream_id)
         return worker.handle if worker is not None and worker.gone is None else None
+
+    def holders(self) -> list[tuple[str, Any]]:
+        """Every live worker's name and actor handle, for a listener of all streams (GET /v1/streams/events) to
+        follow each worker's feed itself."""
+        return [(w.name, w.handle) for w in self._live()]
 
     async def video(self, data: bytes, every: int) -> AsyncIterator[dict[str, Any] | StreamRefusal]:
         """/v1/video on the least-loaded worker, its records relayed; if it goes away mid-way, an error line."""

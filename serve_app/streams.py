@@ -20,6 +20,7 @@ open. Sources are contained: see serve_app/stream_sources.py and serve_app/egres
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
 from serve_app.egress import FILE_OPTIONS, EgressLoop, Guard, guard_for
 from serve_app.nvdec_reader import nvdec_refusal, nvdec_unavailable, reader_class
+from serve_app.stream_feed import Feed
 from serve_app.stream_reader import Opened, ReadFrame, StreamReader, redact_text
 from serve_app.stream_sources import AddressPolicy, Source, parse_source
 
@@ -76,6 +78,7 @@ class LiveStream:
     tracks: int = 0
     started_at: float = field(default_factory=time.monotonic)
     listeners: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
+    feeds: set[Feed] = field(default_factory=set)  # the process's listeners of every stream (the registry's set)
     task: asyncio.Task[None] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -97,6 +100,9 @@ class LiveStream:
             if queue.qsize() >= capacity:  # a slow listener loses its oldest record, not the stream
                 queue.get_nowait()
             queue.put_nowait(record)
+        if record is not _END:
+            for feed in self.feeds:
+                feed.put(self.id, record)
 
 
 def in_source_pixels(record: dict[str, Any], frame: ReadFrame) -> dict[str, Any]:
@@ -175,6 +181,7 @@ class StreamRegistry:
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # id -> (when, description)
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
+        self._feeds: set[Feed] = set()  # listeners of every stream (GET /v1/streams/events)
         self.frames_device = frames_device
         self._nvdec_unavailable = nvdec_refusal(config.decoder, "ingress.streams.decoder",
                                                 lambda: nvdec_unavailable(config.deployment.num_gpus
@@ -253,7 +260,7 @@ class StreamRegistry:
                 raise result
             if opening.abandoned:
                 raise asyncio.CancelledError
-            stream = LiveStream(uuid.uuid4().hex[:12], source, opening.reader, guard, result)
+            stream = LiveStream(uuid.uuid4().hex[:12], source, opening.reader, guard, result, feeds=self._feeds)
             self._streams[stream.id] = stream
             stream.task = asyncio.ensure_future(self._run(stream))
             logger.info("stream %s started from %s (%dx%d %s, %.3g fps)", stream.id, source.shown, result.width,
@@ -338,9 +345,20 @@ class StreamRegistry:
     async def _take_frames(self, stream: LiveStream, session: Any, begun: asyncio.Queue[_Begun | Callable[[], None]],
                            slots: asyncio.Semaphore) -> None:
         cfg = self._config
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()  # the reader's signal: a frame, or the end (no polling: it cost a wake-up per 5 ms)
+
+        def wake() -> None:  # on the reader's thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed (the process is stopping)
+                loop.call_soon_threadsafe(arrived.set)
+
+        stream.reader.arrived = wake
         while stream.state == "running":
             await slots.acquire()
-            while (frame := stream.reader.take()) is None:
+            while True:
+                arrived.clear()  # before the take: a frame kept after it sets it again
+                if (frame := stream.reader.take()) is not None:
+                    break
                 if stream.state != "running":
                     begun.put_nowait(lambda: None)
                     return
@@ -353,7 +371,9 @@ class StreamRegistry:
                         "source_silent", f"no frame from {stream.source.shown} for {silent:.1f} s "
                         f"(ingress.streams.read_timeout_s: {cfg.read_timeout_s:g})"))
                     return
-                await asyncio.sleep(0.005)
+                with contextlib.suppress(TimeoutError):  # a stop, or the source's silence, is seen within 0.1 s
+                    async with asyncio.timeout(0.1):
+                        await arrived.wait()
             begun.put_nowait(_Begun(frame, session.begin(frame.image, stream.id)))
         begun.put_nowait(lambda: None)
 
@@ -440,6 +460,22 @@ class StreamRegistry:
         self._listening += 1
         return Listener(self, stream, [])
 
+    def feed(self) -> Feed:
+        """A listener of every stream's records from now on (serve_app/stream_feed.py), counted under
+        `max_listeners` like any listener; a 429 beyond it. The caller closes it."""
+        cfg = self._config
+        if self._listening >= cfg.max_listeners:
+            raise InputError(429, "too_many_listeners", f"{self._listening} listeners are following streams; the "
+                             f"limit is {cfg.max_listeners} (ingress.streams.max_listeners)")
+        self._listening += 1
+        feed = Feed(cfg.listener_buffer * cfg.max_streams, on_close=lambda: self._unfeed(feed))
+        self._feeds.add(feed)
+        return feed
+
+    def _unfeed(self, feed: Feed) -> None:
+        self._feeds.discard(feed)
+        self._unlisten()
+
     def _unlisten(self) -> None:
         self._listening -= 1
 
@@ -450,5 +486,7 @@ class StreamRegistry:
     async def close(self) -> None:
         for stream_id in list(self._streams):
             await self.stop(stream_id)
+        for feed in list(self._feeds):  # after the streams' summaries
+            feed.end()
         if self._egress is not None:
             self._egress.close()

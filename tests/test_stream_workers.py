@@ -159,16 +159,26 @@ def test_a_dead_worker_ends_only_its_own_streams(client: httpx.Client) -> None:
     a = client.post("/v1/streams", json={"source": "long.mp4"}).json()
     b = client.post("/v1/streams", json={"source": "long.mp4"}).json()
     assert a["worker"] != b["worker"]
-    lines = []
-    with client.stream("GET", f"/v1/streams/{a['id']}/events") as events:
-        for raw in events.iter_lines():
-            lines.append(json.loads(raw))
-            if len(lines) == 3:
-                (victim,) = [n for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == a["worker"]]
-                ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    with client.stream("GET", "/v1/streams/events") as feed:  # one listener of both workers' streams
+        fed = feed.iter_lines()
+        assert sorted(s["id"] for s in json.loads(next(fed))["streams"]) == sorted([a["id"], b["id"]])
+        before_kill: list[dict[str, Any]] = []
+        while {r["stream"] for r in before_kill if "objects" in r} != {a["id"], b["id"]}:
+            before_kill.append(json.loads(next(fed)))
+        lines = []
+        with client.stream("GET", f"/v1/streams/{a['id']}/events") as events:
+            for raw in events.iter_lines():
+                lines.append(json.loads(raw))
+                if len(lines) == 3:
+                    (victim,) = [n for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == a["worker"]]
+                    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        after_kill = [json.loads(raw) for raw in fed]  # ends by itself: the lost stream's summary, then why
     last = lines[-1]["summary"]
     assert last["state"] == "lost" and a["worker"] in last["error"], last
     assert all("frame" in line for line in lines[:-1])  # records, then the summary: no description in between
+    *_, summary, error = after_kill
+    assert summary["stream"] == a["id"] and summary["summary"]["state"] == "lost", summary
+    assert error["error"]["code"] == "worker_lost" and a["worker"] in error["error"]["message"], error
     gone = client.get(f"/v1/streams/{a['id']}").json()
     assert gone["state"] == "lost" and gone["worker"] == a["worker"], gone
 

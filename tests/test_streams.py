@@ -130,3 +130,40 @@ def test_the_frames_of_two_streams_reach_the_detector_in_one_call(client: httpx.
         for stream_id in ids:
             client.delete(f"/v1/streams/{stream_id}")
     assert muxer["largest_batch"] == 2 and muxer["frames"] >= 8, muxer
+
+
+def test_one_listener_follows_every_stream_and_sees_each_end(client: httpx.Client) -> None:
+    """GET /v1/streams/events: the running streams, then every stream's records tagged with its id, in frame order
+    per stream, and each stream's summary when it stops; the listener's place is given back when it leaves."""
+    ids = [client.post("/v1/streams", json={"source": "two.mp4"}).json()["id"] for _ in range(2)]
+    lines: list[dict[str, Any]] = []
+    try:
+        with client.stream("GET", "/v1/streams/events") as response:
+            assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
+            fed = response.iter_lines()
+            for raw in fed:
+                lines.append(json.loads(raw))
+                seen = {r["stream"] for r in lines[1:] if "objects" in r}
+                if seen == set(ids) and sum("objects" in r for r in lines) >= 6:
+                    break
+            for stream_id in ids:
+                client.delete(f"/v1/streams/{stream_id}")
+            for raw in fed:  # after the stops: the rest of the records, then both summaries
+                lines.append(json.loads(raw))
+                if {r["stream"] for r in lines[1:] if "summary" in r} == set(ids):
+                    break
+    finally:
+        for stream_id in ids:
+            client.delete(f"/v1/streams/{stream_id}")
+    assert sorted(s["id"] for s in lines[0]["streams"]) == sorted(ids)
+    for stream_id in ids:
+        own = [r for r in lines[1:] if r.get("stream") == stream_id]
+        frames = [r["frame"] for r in own if "objects" in r]
+        assert frames == sorted(frames) and own[-1]["summary"]["state"] == "stopped", own[-3:]
+        assert all("read_at" in r for r in own if "objects" in r)
+    assert all(o["label"] == "face" for r in lines[1:] for o in r.get("objects", []))
+    # the connection closed: its place among the listeners is free again (max_listeners counts it)
+    deadline = time.monotonic() + 30
+    while client.get("/v1/pipeline").json()["streams"]["listeners"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/v1/pipeline").json()["streams"]["listeners"] == 0

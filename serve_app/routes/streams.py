@@ -3,8 +3,10 @@ that any ingress replica answers for any stream; /events is relayed from a strea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -83,6 +85,16 @@ async def _items(generator: Any) -> AsyncIterator[Any]:
         ray.cancel(generator)
 
 
+_FEED_DONE = object()  # a worker's feed ended (the worker is closing)
+_FEED_AHEAD = 16  # batches of records in flight between a worker's feed and its reader
+
+
+@dataclass(frozen=True)
+class _WorkerLost:
+    name: str
+    why: str
+
+
 class StreamsProxy:
     """The ingress's side of the streams deployment (None as the handle: streams are off). `workers`: the streams
     run in stream workers, and a listener follows its stream's records from the worker that holds it."""
@@ -158,6 +170,89 @@ class StreamsProxy:
         async for record in self._relay(generator, described, skip_first=True):
             yield record
 
+    async def feed(self) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
+        """Every stream's records on one listener: first `{"streams": [...]}` (the running streams), then lists of
+        records tagged with their stream's id. Checked before the response starts (a 429 beyond the listener
+        limits). With stream workers, each worker's feed is followed from the worker itself; if one goes away,
+        its streams' summaries (state `lost`) and an error line end the feed: the others' streams go on, and a
+        new listener follows them."""
+        holders = None
+        if self._workers:
+            try:
+                holders = await awaited(self._checked().holders.remote())
+            except _LOST as exc:
+                raise InputError(503, "streams_unavailable", "the streams deployment is not answering "
+                                 f"({type(exc).__name__}); retry shortly") from exc
+        if holders is None:
+            generator = self._checked().options(stream=True).feed.remote()
+            first = await _first(generator, "the streams deployment is not answering")
+            return self._relay_feed(generator, first)
+        # each worker runs at most _FEED_AHEAD batches ahead of this reader; beyond, its feed drops the oldest
+        followed = [(name, _items(handle.feed.options(num_returns="streaming",
+                                                      _generator_backpressure_num_objects=_FEED_AHEAD).remote()))
+                    for name, handle in holders]
+        running: list[dict[str, Any]] = []
+        try:
+            for name, items in followed:
+                running += (await _first(items, f"stream worker {name} is not answering"))["streams"]
+        except BaseException:
+            await asyncio.gather(*(items.aclose() for _, items in followed), return_exceptions=True)
+            raise
+        return self._merged(followed, {"streams": running})
+
+    async def _merged(self, followed: list[tuple[str, AsyncIterator[Any]]],
+                      first: dict[str, Any]) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
+        yield first
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_FEED_AHEAD)  # a slow reader holds the workers back
+
+        async def pump(name: str, items: AsyncIterator[Any]) -> None:
+            try:
+                async for batch in items:
+                    await queue.put(batch)
+                await queue.put(_FEED_DONE)
+            except _LOST as exc:
+                await queue.put(_WorkerLost(name, type(exc).__name__))
+
+        pumps = [asyncio.ensure_future(pump(name, items)) for name, items in followed]
+        try:
+            done = 0
+            while done < len(pumps):
+                item = await queue.get()
+                if item is _FEED_DONE:
+                    done += 1
+                elif isinstance(item, _WorkerLost):
+                    for line in await self._lost_lines(item):
+                        yield line
+                    return
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*(items.aclose() for _, items in followed), return_exceptions=True)
+
+    async def _lost_lines(self, lost: _WorkerLost) -> list[Any]:
+        """The summaries of a lost worker's streams (the streams replica's account), then the feed's error line."""
+        try:
+            listed = await awaited(self._checked().list.remote())
+        except _LOST:
+            listed = []
+        summaries = [{"stream": s["id"], "summary": s} for s in listed
+                     if s.get("state") == "lost" and s.get("worker") == lost.name]
+        error = {"error": {"code": "worker_lost", "message": f"stream worker {lost.name} stopped answering "
+                           f"({lost.why}); its streams ended. The other workers' streams go on: listen again"}}
+        return [summaries, error] if summaries else [error]
+
+    async def _relay_feed(self, generator: Any,
+                          first: dict[str, Any]) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
+        yield first
+        try:
+            async for item in generator:
+                yield item
+        except _LOST as exc:
+            yield {"error": {"code": "streams_unavailable", "message": f"the streams deployment stopped "
+                             f"({type(exc).__name__}); its streams ended"}}
+
     async def _relay(self, generator: Any, described: dict[str, Any],
                      skip_first: bool = False) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -184,6 +279,25 @@ async def start_stream(request: Request, body: StreamRequest) -> StreamInfo:
 async def list_streams(request: Request) -> StreamList:
     """Every stream of the application (running, and those ended in the last `keep_ended_s`)."""
     return StreamList(streams=[StreamInfo(**s) for s in await services(request).streams.call("list")])
+
+
+@router.get("/v1/streams/events", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-ndjson": {}}}, **errors(401, 404, 429, 503)})
+async def all_stream_events(request: Request) -> StreamingResponse:
+    """Every stream's per-frame records on one connection, as DeepStream's message broker gives one consumer all
+    its sources' metadata: first `{"streams": [...]}` (those running now), then each record as /v1/streams/{id}/events
+    gives it, with `stream` (the stream's id), and each stream's summary as it ends. The records that are ready
+    together come in one chunk: far less work a record than a listener per stream. A reader that falls behind
+    loses the oldest lines (a `{"lost": n}` line says how many), never a stream."""
+    items = await services(request).streams.feed()
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for item in items:
+            yield b"".join(map(ndjson, item)) if isinstance(item, list) else ndjson(item)
+
+    replica = _replica()
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             headers={"x-served-by": replica} if replica else None)
 
 
 @router.get("/v1/streams/{stream_id}", response_model=StreamInfo, responses=errors(401, 404, 503))
