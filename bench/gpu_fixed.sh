@@ -11,8 +11,12 @@
 #   one worker's process at 16 and 24 streams with detection ahead (its captures must all hold), the service (through
 #   HAProxy) on two stream workers without MPS, then two and three with the CUDA MPS daemon up: one shared context
 #   instead of time-sliced ones (two workers without it split their streams into a fast and a slow half). The
-#   baseline's counts run twice: every stream's events on one listener (GET /v1/streams/events), and a listener
+#   baseline's counts run twice: every stream's events on one listener (GET /v1/events), and a listener
 #   per stream.
+# Or call 2, carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh feed
+#   one worker's process at 16 and 24 streams with detection ahead, then the service (HAProxy, every stream's
+#   events on one listener): two workers at 16-24 streams, detector interval 0 and 2; detection two frames ahead;
+#   one worker.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -56,5 +60,23 @@ case "${1:-}" in
     streams "${MPS_WORKERS:-2 3}" "${COUNTS:-16 20 24}" mps 260
     echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
     ;;
-  *) echo "usage: $0 ab|streams|mps"; exit 2 ;;
+  feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
+    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
+    timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
+      --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
+    grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
+    run() {  # $1: name, $2: time limit, the rest: bench.streams options
+      local name=$1 limit=$2; shift 2
+      timeout $limit python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
+        --all-counts --seconds 6 --haproxy --out "$O/streams-720p-$name.json" "$@" 2> "$O/streams-$name.err" \
+        | grep -E "^\| [1-9]|by process"
+    }
+    run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
+    run ahead2 100 --workers 2 --detect-ahead 2 --counts 16 20 --intervals 0
+    run one-worker 100 --workers 1 --detect-ahead 1 --counts 12 16 --intervals 0
+    # the workers' own logs (their captures at run time) stay in Ray's session folders
+    grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
+      /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
+    ;;
+  *) echo "usage: $0 ab|streams|mps|feed"; exit 2 ;;
 esac

@@ -146,7 +146,7 @@ def _followed(before: dict[str, Any], info: dict[str, Any], latencies: list[floa
 
 
 async def follow_all(client: Any, ids: list[str], seconds: float) -> list[dict[str, Any]]:
-    """Every stream's events on one listener (GET /v1/streams/events) for `seconds`, then per stream what
+    """Every stream's events on one listener (GET /v1/events) for `seconds`, then per stream what
     `follow` gives for its own listener."""
     before = {i: (await client.get(f"/v1/streams/{i}")).json() for i in ids}
     latencies: dict[str, list[float]] = {i: [] for i in ids}
@@ -154,7 +154,7 @@ async def follow_all(client: Any, ids: list[str], seconds: float) -> list[dict[s
     start = time.perf_counter()
     try:
         async with asyncio.timeout(seconds):
-            async with client.stream("GET", "/v1/streams/events") as response:
+            async with client.stream("GET", "/v1/events") as response:
                 async for line in response.aiter_lines():
                     record = json.loads(line) if line else {}
                     own = latencies.get(record.get("stream", ""))
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, as the README advises): events "
                         "lines go from the ingress replica to HAProxy, not through Serve's Python proxy")
     parser.add_argument("--listen", nargs="+", default=["feed"], choices=["feed", "each"],
-                        help="values, each count run with each: feed: every stream's events on one listener (GET /v1/streams/events, as DeepStream's "
+                        help="values, each count run with each: feed: every stream's events on one listener (GET /v1/events, as DeepStream's "
                         "message broker); each: a listener per stream (GET /v1/streams/{id}/events)")
     parser.add_argument("--out", default="bench/out/streams.json")
     opts = parser.parse_args(argv)
@@ -445,7 +445,7 @@ def against_ceiling(result: dict[str, Any]) -> list[str]:
         streams = limit / FPS
         at = [r["aggregate_fps"] for r in result["runs"] if r["size"] == size and r["interval"] == interval
               and r.get("workers", 0) == workers and r.get("frames_on_device", "auto") == mode
-              and r.get("listen", "each") == listen
+              and r.get("listen", "feed") == listen
               and r["streams"] == sustained]
         lines.append(f"| {workers}{', frames via host' if mode == 'false' else ''} | {size} | {interval} | {limit} | {streams:.1f} | {sustained} | "
                      f"{sustained / streams:.2f} | {at[0] if at else '-'} |")

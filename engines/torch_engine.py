@@ -76,26 +76,28 @@ def capture_graph(fn: Callable[[list[Any]], list[Any]], example: Sequence[Any], 
             fn(static)
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()  # known here, should the capture fail
     with torch.cuda.stream(stream):
         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             outputs = fn(static)
             graph.capture_end()
         except BaseException:
-            _abandon_capture(torch, graph)
+            _abandon_capture(torch, graph, stream.device, pool)
             raise
     return CapturedGraph(graph, static, list(outputs))
 
 
-def _abandon_capture(torch: Any, graph: Any) -> None:
+def _abandon_capture(torch: Any, graph: Any, device: Any, pool: Any) -> None:
     """End a capture that failed, and the memory pool's recording with it. torch's capture_end raises on an
     invalidated capture before it tells the caching allocator that the pool stopped recording, so every later
     capture into that pool failed ("beginAllocateToPool: already recording to mempool_id"; seen on an H100 when
-    another thread's CUDA work invalidated one capture and no graph of the detector captured after it)."""
+    another thread's CUDA work invalidated one capture and no graph of the detector captured after it). The pool
+    is the one passed to capture_begin: a graph names its pool only after a capture that succeeded."""
     with suppress(Exception):  # the first error is the one to report
         graph.capture_end()
     with suppress(Exception):  # raises where capture_end got as far as ending the recording itself
-        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), graph.pool())
+        torch._C._cuda_endAllocateToPool(torch.device(device).index, pool)
 
 
 def replay(graph: CapturedGraph, tensors: Sequence[Any]) -> list[Any]:

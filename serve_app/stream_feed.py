@@ -1,4 +1,4 @@
-"""One listener for every stream of a process (`GET /v1/streams/events`), as DeepStream's message broker gives
+"""One listener for every stream of a process (`GET /v1/events`), as DeepStream's message broker gives
 one consumer the metadata of all its sources.
 
 A per-stream listener costs a Ray object, an await and an HTTP chunk for every frame (about 1 ms of CPU a hop on

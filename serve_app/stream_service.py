@@ -80,7 +80,7 @@ class Streams:
         return self._service.holder(stream_id) if isinstance(self._service, WorkerRouter) else None
 
     async def feed(self) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]] | StreamRefusal]:
-        """Every stream's records (GET /v1/streams/events) where the streams run here, for a streaming handle call:
+        """Every stream's records (GET /v1/events) where the streams run here, for a streaming handle call:
         first the running streams (or why not), then lists of records. With stream workers the ingress follows
         each worker's own feed (`holders`)."""
         if isinstance(self._service, WorkerRouter):

@@ -291,7 +291,7 @@ class WorkerRouter:
         return worker.handle if worker is not None and worker.gone is None else None
 
     def holders(self) -> list[tuple[str, Any]]:
-        """Every live worker's name and actor handle, for a listener of all streams (GET /v1/streams/events) to
+        """Every live worker's name and actor handle, for a listener of all streams (GET /v1/events) to
         follow each worker's feed itself."""
         return [(w.name, w.handle) for w in self._live()]
 

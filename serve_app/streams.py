@@ -181,7 +181,7 @@ class StreamRegistry:
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # id -> (when, description)
         self._opening = 0  # slots held by opens that have not returned
         self._listening = 0
-        self._feeds: set[Feed] = set()  # listeners of every stream (GET /v1/streams/events)
+        self._feeds: set[Feed] = set()  # listeners of every stream (GET /v1/events)
         self.frames_device = frames_device
         self._nvdec_unavailable = nvdec_refusal(config.decoder, "ingress.streams.decoder",
                                                 lambda: nvdec_unavailable(config.deployment.num_gpus

@@ -159,7 +159,7 @@ def test_a_dead_worker_ends_only_its_own_streams(client: httpx.Client) -> None:
     a = client.post("/v1/streams", json={"source": "long.mp4"}).json()
     b = client.post("/v1/streams", json={"source": "long.mp4"}).json()
     assert a["worker"] != b["worker"]
-    with client.stream("GET", "/v1/streams/events") as feed:  # one listener of both workers' streams
+    with client.stream("GET", "/v1/events") as feed:  # one listener of both workers' streams
         fed = feed.iter_lines()
         assert sorted(s["id"] for s in json.loads(next(fed))["streams"]) == sorted([a["id"], b["id"]])
         before_kill: list[dict[str, Any]] = []

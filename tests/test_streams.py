@@ -133,12 +133,12 @@ def test_the_frames_of_two_streams_reach_the_detector_in_one_call(client: httpx.
 
 
 def test_one_listener_follows_every_stream_and_sees_each_end(client: httpx.Client) -> None:
-    """GET /v1/streams/events: the running streams, then every stream's records tagged with its id, in frame order
+    """GET /v1/events: the running streams, then every stream's records tagged with its id, in frame order
     per stream, and each stream's summary when it stops; the listener's place is given back when it leaves."""
     ids = [client.post("/v1/streams", json={"source": "two.mp4"}).json()["id"] for _ in range(2)]
     lines: list[dict[str, Any]] = []
     try:
-        with client.stream("GET", "/v1/streams/events") as response:
+        with client.stream("GET", "/v1/events") as response:
             assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
             fed = response.iter_lines()
             for raw in fed:

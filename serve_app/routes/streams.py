@@ -281,7 +281,7 @@ async def list_streams(request: Request) -> StreamList:
     return StreamList(streams=[StreamInfo(**s) for s in await services(request).streams.call("list")])
 
 
-@router.get("/v1/streams/events", response_class=StreamingResponse,
+@router.get("/v1/events", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}}}, **errors(401, 404, 429, 503)})
 async def all_stream_events(request: Request) -> StreamingResponse:
     """Every stream's per-frame records on one connection, as DeepStream's message broker gives one consumer all
