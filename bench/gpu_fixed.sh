@@ -72,8 +72,8 @@ case "${1:-}" in
         | grep -E "^\| [1-9]|by process"
     }
     run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
-    run ahead2 100 --workers 2 --detect-ahead 2 --counts 16 20 --intervals 0
-    run one-worker 100 --workers 1 --detect-ahead 1 --counts 12 16 --intervals 0
+    [ -z "${AHEAD2-16 20}" ] || run ahead2 100 --workers 2 --detect-ahead 2 --counts ${AHEAD2-16 20} --intervals 0
+    [ -z "${ONE-12 16}" ] || run one-worker 100 --workers 1 --detect-ahead 1 --counts ${ONE-12 16} --intervals 0
     # the workers' own logs (their captures at run time) stay in Ray's session folders
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
