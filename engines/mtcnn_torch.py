@@ -235,6 +235,10 @@ class TorchMtcnn:
         except Exception as exc:
             logger.warning("%s for %d frames of %dx%d will not capture (%s); %s", what, frames.shape[0],
                            frames.shape[2], frames.shape[3], str(exc).splitlines()[0][:200], instead)
+            # the next capture goes into a new pool: a failed one may leave its pool recording, and torch 2.11
+            # then refuses every capture into it ("already recording to mempool_id", seen on two H100s); the
+            # graphs captured so far keep the old one alive
+            self._pool = self._pool_owner = None
             return _FAILED
         if self._pool_owner is None:
             self._pool, self._pool_owner = graph.graph.pool(), graph

@@ -93,7 +93,9 @@ def _abandon_capture(torch: Any, graph: Any, device: Any, pool: Any) -> None:
     invalidated capture before it tells the caching allocator that the pool stopped recording, so every later
     capture into that pool failed ("beginAllocateToPool: already recording to mempool_id"; seen on an H100 when
     another thread's CUDA work invalidated one capture and no graph of the detector captured after it). The pool
-    is the one passed to capture_begin: a graph names its pool only after a capture that succeeded."""
+    is the one passed to capture_begin: a graph names its pool only after a capture that succeeded. Where torch
+    still leaves the pool recording (2.11 did on an H100, with this), the engines capture into a new pool after a
+    failure."""
     with suppress(Exception):  # the first error is the one to report
         graph.capture_end()
     with suppress(Exception):  # raises where capture_end got as far as ending the recording itself
@@ -268,6 +270,7 @@ class TorchEngine(Engine):
             logger.warning("%s: cannot capture shape %s as a CUDA graph (%s); it runs eager", self.name,
                            [list(t.shape) for t in example], str(exc).splitlines()[0][:200])
             self._stream.synchronize()  # not the device: another thread's capture would fail on that
+            self._pool = None  # the next capture goes into a new pool (a failed one may leave its pool recording)
             return False
         self._pool = captured.graph.pool()
         self._graphs[key] = captured

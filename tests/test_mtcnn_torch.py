@@ -420,3 +420,31 @@ def test_a_failed_capture_is_tried_again_at_later_sights_a_bounded_number_of_tim
     else:  # three tries, then never again
         assert answers == [0] * 6 and len(tries) == 3
         assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
+
+
+def test_after_a_failed_capture_the_next_one_goes_into_a_new_memory_pool(captures: list, reference: Mtcnn,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed capture may leave its memory pool recording, and torch then refuses every capture into that pool
+    (torch 2.11 on two H100s: "beginAllocateToPool: already recording to mempool_id"), so the detector's next
+    capture must go into a new pool, not the shared one the failure spoiled."""
+    import cv2
+
+    import engines.mtcnn_torch as module
+
+    real = module.capture_graph
+    pools: list = []
+
+    def failing_once(fn, example, stream, pool, warmups=2):  # noqa: ANN001, ANN202 - the second capture fails
+        pools.append(pool)
+        if len(pools) == 2:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return real(fn, example, stream, pool, warmups)
+
+    monkeypatch.setattr(module, "capture_graph", failing_once)
+    detector, image = _graphed(Limits(k1=512, k2=256, k3=64)), read(ASTRONAUT)
+    smaller = cv2.resize(image, (384, 384))
+    assert _fixed_shape_answers(detector, image, reference, 2) == [0, 1]  # captured on its second sight
+    assert _fixed_shape_answers(detector, smaller, reference, 3) == [0, 0, 1]  # a failed try, then captured
+    # the shared pool, until a capture into it failed; then a new one, shared by the captures after it
+    assert pools[:3] == [None, "pool", None] and set(pools[3:]) <= {"pool"}, pools
+    assert detector._pool == "pool" and detector._pool_owner is not None  # the new pool is held from then on
