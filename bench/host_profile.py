@@ -4,7 +4,8 @@
 
 Runs what a stream worker runs (serve_app/stream_host.py `StreamHost` over the models held in this process,
 serve_app/wiring.py `in_process`) on N file streams of one clip played at their own rate, each followed by a
-listener that JSON-encodes its records (as a worker's relay does), and for `--seconds` after a warm-up reports:
+listener that JSON-encodes its records (as a worker's relay does; `--listen feed`, the default: one listener of
+every stream, its batches encoded at once), and for `--seconds` after a warm-up reports:
 frames processed, the process's CPU time per processed frame, each thread's CPU time (/proc/self/task), and a
 sampling profile of every thread (`sys._current_frames` every `--interval-ms`): the lines where samples end
 (self) and the functions they pass through (inclusive), waits left out. The issue's target is <= 3 ms of host CPU
@@ -136,13 +137,20 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             json.dumps(record, default=str)
             records[stream_id] += 1
 
-    listeners = []
+    async def follow_all() -> None:  # GET /v1/events: every stream's records in batches, encoded a batch at once
+        async for item in host.feed():
+            if isinstance(item, list):
+                json.dumps(item, default=str)
+                records.update(r.get("stream", "") for r in item)
+
+    listeners = [asyncio.create_task(follow_all())] if opts.listen == "feed" else []
     ids = []
     for _ in range(opts.streams):
         info = await host.start("clip.mp4")
         assert isinstance(info, dict), info
         ids.append(info["id"])
-        listeners.append(asyncio.create_task(listen(info["id"])))
+        if opts.listen == "each":
+            listeners.append(asyncio.create_task(listen(info["id"])))
     await asyncio.sleep(opts.warmup)
     before = {i: (await host.get(i))["frames_processed"] for i in ids}
     cpu0, wall0, threads0 = time.process_time(), time.perf_counter(), thread_cpu()
@@ -161,7 +169,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     per_thread = Counter({names.get(tid, f"tid {tid}"): threads1[tid] - threads0.get(tid, 0.0) for tid in threads1})
     wall = wall1 - wall0
     return {
-        "streams": opts.streams, "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
+        "streams": opts.streams, "listen": opts.listen, "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
         "fixed_shapes": opts.fixed_shapes,
         "seconds": wall, "frames": frames, "fps": frames / wall,
         "cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / max(frames, 1), "cpu_cores": (cpu1 - cpu0) / wall,
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="every engine's cuda_sync")
     parser.add_argument("--fixed-shapes", default="auto", choices=["auto", "true", "false"],
                         help="detector.mtcnn.fixed_shapes")
+    parser.add_argument("--listen", default="feed", choices=["feed", "each"],
+                        help="feed: one listener of every stream (GET /v1/events); each: a listener per stream")
     parser.add_argument("--interval-ms", type=float, default=5.0, help="the sampler's period")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", default="bench/out/host_profile.json")
