@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from serve_app.stream_feed import Feed
 
 
@@ -60,3 +62,23 @@ def test_an_ended_feed_gives_what_was_queued_then_stops_and_closing_releases_it_
 
     assert asyncio.run(scenario()) == [[{"stream": "a", "summary": {"state": "stopped"}}]]
     assert released == [1]
+
+
+def test_a_listener_of_every_stream_counts_under_max_listeners_and_gives_its_place_back() -> None:
+    from serve_app.config import StreamsConfig
+    from serve_app.decoding import InputError
+    from serve_app.streams import StreamRegistry
+
+    async def scenario() -> None:
+        registry = StreamRegistry(StreamsConfig(max_listeners=1), new_session=lambda fps: None)
+        first = registry.feed()
+        with pytest.raises(InputError) as refused:
+            registry.feed()
+        assert refused.value.status == 429 and refused.value.code == "too_many_listeners"
+        assert registry.listening == 1
+        first.close()
+        assert registry.listening == 0
+        registry.feed().close()  # the place is free again
+        await registry.close()
+
+    asyncio.run(scenario())
