@@ -13,6 +13,9 @@
 #   instead of time-sliced ones (two workers without it split their streams into a fast and a slow half). The
 #   baseline's counts run twice: every stream's events on one listener (GET /v1/events), and a listener
 #   per stream.
+# One call, carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh stress
+#   the CUDA tests of the engines' captures, then bench/capture_stress.py: which work in other threads (NVDEC
+#   readers, default-stream syncs, side streams, empty_cache, device syncs) makes a capture fail.
 # Or call 2, carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh feed
 #   one worker's process at 16 and 24 streams with detection ahead, then the service (HAProxy, every stream's
 #   events on one listener): two workers at 16-24 streams, detector interval 0 and 2; detection two frames ahead;
@@ -78,5 +81,11 @@ case "${1:-}" in
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
     ;;
-  *) echo "usage: $0 ab|streams|mps|feed"; exit 2 ;;
+  stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures
+    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/test_torch_backend.py tests/test_mtcnn_torch.py} \
+      2>&1 | grep -E "^E |^FAILED|passed|failed" | head -n 30
+    timeout 300 python3 -m bench.capture_stress --clip .gpuclips/720p.mp4 --out "$O/capture-stress.json"
+    ;;
+  *) echo "usage: $0 ab|streams|mps|feed|stress"; exit 2 ;;
 esac
