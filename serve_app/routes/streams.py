@@ -86,7 +86,7 @@ async def _items(generator: Any) -> AsyncIterator[Any]:
 
 
 _FEED_DONE = object()  # a worker's feed ended (the worker is closing)
-_FEED_AHEAD = 16  # batches of records in flight between a worker's feed and its reader
+_FEED_AHEAD = 16  # items in flight between a worker's streaming call (records, or the feed's batches) and its reader
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,10 @@ class StreamsProxy:
             return None  # the streams replica's own answer follows (a 503)
         if holder is None:
             return None
-        items = _items(holder.events.options(num_returns="streaming").remote(stream_id))
+        # at most _FEED_AHEAD records in flight: a listener that reads slowly loses the oldest at the worker (its
+        # bounded queue), instead of this replica holding every record Ray streamed ahead
+        items = _items(holder.events.options(num_returns="streaming",
+                                             _generator_backpressure_num_objects=_FEED_AHEAD).remote(stream_id))
         try:
             first = await _first(items, "the stream worker is not answering")
         except InputError as exc:
