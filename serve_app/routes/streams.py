@@ -190,6 +190,8 @@ class StreamsProxy:
             generator = self._checked().options(stream=True).feed.remote()
             first = await _first(generator, "the streams deployment is not answering")
             return self._relay_feed(generator, first)
+        if not holders:  # every worker lost, none replaced yet: nothing to follow, as a start would be told
+            raise InputError(503, "streams_unavailable", "every stream worker has stopped; retry shortly")
         # each worker runs at most _FEED_AHEAD batches ahead of this reader; beyond, its feed drops the oldest
         followed = [(name, _items(handle.feed.options(num_returns="streaming",
                                                       _generator_backpressure_num_objects=_FEED_AHEAD).remote()))
