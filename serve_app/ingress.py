@@ -25,7 +25,7 @@ from serve_app.offload import CpuWork
 from serve_app.routes.common import Services
 from serve_app.routes.images import ImageService
 from serve_app.routes.pipeline import PipelineService
-from serve_app.routes.streams import StreamsProxy
+from serve_app.stream_relay import StreamsProxy
 from serve_app.routes.video import VideoService
 from serve_app.telemetry import IngressMetrics
 from serve_app.wiring import in_process, remote

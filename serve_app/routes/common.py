@@ -20,7 +20,7 @@ from serve_app.schema import ErrorResponse
 if TYPE_CHECKING:  # the services' own modules import this one
     from serve_app.routes.images import ImageService
     from serve_app.routes.pipeline import PipelineService
-    from serve_app.routes.streams import StreamsProxy
+    from serve_app.stream_relay import StreamsProxy
     from serve_app.routes.video import VideoService
     from serve_app.telemetry import IngressMetrics
 

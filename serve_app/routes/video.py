@@ -93,7 +93,7 @@ class VideoService:
     async def _on_a_worker(self, request: Request, every: int) -> StreamingResponse:
         """The video on the least-loaded stream worker (its own models and decoders): the bytes go there, its
         records come back. The worker opens it first, so a refused video is still a 4xx before the stream."""
-        from serve_app.routes.streams import relay_first
+        from serve_app.stream_relay import relay_first
 
         data = await video_bytes(request, self._limits.max_bytes)
         # megabytes: through Ray's object store, not pickled over the streams replica's gRPC server
