@@ -7,8 +7,8 @@ one muxer batch finish together, and hands them over as one list: one object, on
 waits for company: a feed never lingers, it hands over what is there whenever its reader asks.
 
 Nothing queues without bound: a feed holds at most `capacity` records and, like a per-stream listener, a reader
-that falls behind loses the oldest, never a stream; it counts what it lost (`lost`, in the next batch's first
-line's place: a `{"lost": n}` line).
+that falls behind loses the oldest, never a stream; the next batch starts with a `{"lost": n}` line saying how
+many.
 """
 
 from __future__ import annotations
@@ -30,16 +30,14 @@ class Feed:
         self._ended = False
         self._released = False
         self._on_close = on_close
-        self.lost = 0  # records dropped because the reader fell behind (all so far)
-        self._lost_unsaid = 0
+        self._lost = 0  # records dropped because the reader fell behind, since the last batch said so
 
     def put(self, stream_id: str, record: dict[str, Any]) -> None:
         if self._ended:
             return
         if len(self._queue) >= self._capacity:
             self._queue.popleft()
-            self.lost += 1
-            self._lost_unsaid += 1
+            self._lost += 1
         self._queue.append({"stream": stream_id, **record})
         self._ready.set()
 
@@ -56,9 +54,9 @@ class Feed:
             self._ready.clear()
             batch = list(self._queue)
             self._queue.clear()
-            if self._lost_unsaid:
-                batch.insert(0, {"lost": self._lost_unsaid})
-                self._lost_unsaid = 0
+            if self._lost:
+                batch.insert(0, {"lost": self._lost})
+                self._lost = 0
             if batch:
                 yield batch
             if self._ended and not self._queue:

@@ -451,9 +451,7 @@ class StreamRegistry:
             return Listener(self, None, [{"summary": self._ended[stream_id][1]}])
         stream = self.get(stream_id)
         cfg = self._config
-        if self._listening >= cfg.max_listeners:
-            raise InputError(429, "too_many_listeners", f"{self._listening} listeners are following streams; the "
-                             f"limit is {cfg.max_listeners} (ingress.streams.max_listeners)")
+        self._check_listening()
         if len(stream.listeners) >= cfg.max_listeners_per_stream:
             raise InputError(429, "too_many_listeners", f"stream {stream_id} has {len(stream.listeners)} listeners; "
                              f"the limit is {cfg.max_listeners_per_stream} (ingress.streams.max_listeners_per_stream)")
@@ -464,13 +462,17 @@ class StreamRegistry:
         """A listener of every stream's records from now on (serve_app/stream_feed.py), counted under
         `max_listeners` like any listener; a 429 beyond it. The caller closes it."""
         cfg = self._config
-        if self._listening >= cfg.max_listeners:
-            raise InputError(429, "too_many_listeners", f"{self._listening} listeners are following streams; the "
-                             f"limit is {cfg.max_listeners} (ingress.streams.max_listeners)")
+        self._check_listening()
         self._listening += 1
         feed = Feed(cfg.listener_buffer * cfg.max_streams, on_close=lambda: self._unfeed(feed))
         self._feeds.add(feed)
         return feed
+
+    def _check_listening(self) -> None:
+        """A 429 where listeners of all streams, per-stream ones and feeds alike, are at `max_listeners`."""
+        if self._listening >= self._config.max_listeners:
+            raise InputError(429, "too_many_listeners", f"{self._listening} listeners are following streams; the "
+                             f"limit is {self._config.max_listeners} (ingress.streams.max_listeners)")
 
     def _unfeed(self, feed: Feed) -> None:
         self._feeds.discard(feed)
