@@ -167,3 +167,22 @@ def test_one_listener_follows_every_stream_and_sees_each_end(client: httpx.Clien
     while client.get("/v1/pipeline").json()["streams"]["listeners"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert client.get("/v1/pipeline").json()["streams"]["listeners"] == 0
+
+
+
+def test_a_listener_of_every_stream_that_leaves_while_nothing_runs_gives_its_place_back(client: httpx.Client) -> None:
+    """With no stream running nothing is written to a /v1/events listener, so no failed write tells the server
+    it left: a listener that goes away must still give back its place (max_listeners counts it), or idle clients
+    coming and going would fill the limit and every later listener get 429."""
+    def listeners() -> int:
+        return client.get("/v1/pipeline").json()["streams"]["listeners"]
+
+    assert listeners() == 0
+    with client.stream("GET", "/v1/events") as response:
+        fed = response.iter_lines()
+        assert json.loads(next(fed)) == {"streams": []}
+        assert listeners() == 1  # held while it stays, though nothing comes
+    deadline = time.monotonic() + 30
+    while listeners() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert listeners() == 0
