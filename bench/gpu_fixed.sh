@@ -19,7 +19,7 @@
 # Or call 2, carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: bash bench/gpu_fixed.sh feed
 #   one worker's process at 16 and 24 streams with detection ahead, then the service (HAProxy, every stream's
 #   events on one listener): two workers at 16-24 streams, detector interval 0 and 2; detection two frames ahead;
-#   one worker.
+#   one worker; HD="8 12" adds 1080p streams (carry .gpuclips whole), VIDEO=1 /v1/video with 1 and 8 at once.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -68,6 +68,10 @@ case "${1:-}" in
     timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
       --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
     grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
+    # HPI2="16": one process at detector interval 2 too (where its frames' time goes when detection is light)
+    [ -z "${HPI2-}" ] || timeout 60 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams $HPI2 --device cuda \
+      --backend torch --fp16 --detect-ahead 1 --interval 2 --top 16 --out "$O/host-profile-interval2.json" \
+      2> "$O/hp-i2.err" | grep -E "^[0-9]+ streams"
     run() {  # $1: name, $2: time limit, the rest: bench.streams options
       local name=$1 limit=$2; shift 2
       timeout $limit python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
@@ -77,6 +81,10 @@ case "${1:-}" in
     run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
     [ -z "${AHEAD2-16 20}" ] || run ahead2 100 --workers 2 --detect-ahead 2 --counts ${AHEAD2-16 20} --intervals 0
     [ -z "${ONE-12 16}" ] || run one-worker 100 --workers 1 --detect-ahead 1 --counts ${ONE-12 16} --intervals 0
+    # HD="8 12": 1080p streams on two workers (carry .gpuclips/1080p.mp4 too); VIDEO=1: /v1/video, 1 and 8 at once
+    [ -z "${HD-}" ] || run 1080p 150 --workers 2 --detect-ahead 1 --counts $HD --intervals 0 --sizes 1080p
+    [ -z "${VIDEO-}" ] || timeout 150 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress \
+      --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$O/video.err" | tail -n 6
     # the workers' own logs (their captures at run time) stay in Ray's session folders
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
