@@ -73,7 +73,7 @@ class Ingress:
             video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder),
                                workers=streams if streams is not None and config.ingress.streams.workers.count
                                and config.ingress.streams.workers.videos else None),
-            streams=StreamsProxy(streams, gate, workers=bool(config.ingress.streams.workers.count)),
+            streams=StreamsProxy(streams, gate, config.ingress.streams),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
             pipeline=PipelineService(config, describers, self._wiring.health,
                                      1 + (0 if held_here else len(self._wiring.describers)) + (streams is not None),

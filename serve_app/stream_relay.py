@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections import deque
+from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve_app.admission import ApiGate
 from serve_app.clients import awaited
+from serve_app.config import StreamsConfig
 from serve_app.decoding import InputError
 from serve_app.streams import StreamRefusal
 
@@ -63,6 +66,81 @@ async def _items(generator: Any) -> AsyncIterator[Any]:
         ray.cancel(generator)
 
 
+class _Ended:
+    """What ended a relayed generator: nothing (its end), or the exception its reader gets after what came before."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class Bounded:
+    """`items` read as fast as they come and handed on as fast as the reader takes them, holding at most
+    `capacity` records (`size(item)` each) between the two: a reader that falls behind loses the oldest, and the
+    next item handed on is `lost_line(n)` first where that is given. The streams replica's streaming calls have no
+    backpressure (Ray Serve's handles cannot set one), so without this a listener that stops reading would have
+    this replica hold every record its stream makes for as long as it runs. Ends as `items` ends, raising what it
+    raised after the items before it; closing it before then cancels `items` (a Serve call: the streams replica
+    frees the listener)."""
+
+    def __init__(self, items: AsyncIterator[Any], capacity: int, size: Callable[[Any], int] = lambda item: 1,
+                 lost_line: Callable[[int], Any] | None = None) -> None:
+        self._items, self._capacity, self._size, self._lost_line = items, capacity, size, lost_line
+        self._queue: deque[Any] = deque()
+        self._held = 0
+        self._lost = 0  # records lost since the reader was last told
+        self.pulled = 0  # items read from `items`
+        self.lost = 0  # records lost in all
+        self._finished = False  # `items` ended or raised: nothing to cancel
+
+    async def _pump(self, ready: asyncio.Event) -> None:
+        try:
+            async for item in self._items:
+                self.pulled += 1
+                self._queue.append(item)
+                self._held += self._size(item)
+                while self._held > self._capacity and len(self._queue) > 1:  # the newest stays, whatever its size
+                    dropped = self._size(self._queue.popleft())
+                    self._held -= dropped
+                    self._lost += dropped
+                    self.lost += dropped
+                ready.set()
+            self._queue.append(_Ended())
+        except Exception as exc:  # noqa: BLE001 - handed to the reader in its place
+            self._queue.append(_Ended(exc))
+        self._finished = True
+        ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(self._pump(ready))
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                while self._queue:
+                    item = self._queue.popleft()
+                    if isinstance(item, _Ended):
+                        if item.error is not None:
+                            raise item.error
+                        return
+                    self._held -= self._size(item)
+                    if self._lost and self._lost_line is not None:
+                        yield self._lost_line(self._lost)
+                    self._lost = 0
+                    yield item
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            cancel = getattr(self._items, "cancel", None)
+            if cancel is not None and not self._finished:
+                cancel()
+
+
+def _records(item: Any) -> int:
+    """Records in a feed's item (a list of records, or one line)."""
+    return len(item) if isinstance(item, list) else 1
+
+
 _FEED_DONE = object()  # a worker's feed ended (the worker is closing)
 _FEED_AHEAD = 16  # items in flight between a worker's streaming call (records, or the feed's batches) and its reader
 
@@ -74,13 +152,15 @@ class _WorkerLost:
 
 
 class StreamsProxy:
-    """The ingress's side of the streams deployment (None as the handle: streams are off). `workers`: the streams
-    run in stream workers, and a listener follows its stream's records from the worker that holds it."""
+    """The ingress's side of the streams deployment (None as the handle: streams are off). With stream workers
+    (`config.workers.count`) a listener follows its stream's records from the worker that holds it."""
 
-    def __init__(self, handle: Any | None, gate: ApiGate, workers: bool = False) -> None:
+    def __init__(self, handle: Any | None, gate: ApiGate, config: StreamsConfig) -> None:
         self._handle = handle
         self._gate = gate  # start, list, get and stop are API requests; a listener is not
-        self._workers = workers
+        self._workers = bool(config.workers.count)
+        # what a listener may lag behind here, as at the streams replica: a stream's records, and every stream's
+        self._buffer, self._feed_buffer = config.listener_buffer, config.listener_buffer * config.max_streams
 
     def _checked(self) -> Any:
         if self._handle is None:
@@ -109,7 +189,7 @@ class StreamsProxy:
                 return direct
         generator = self._checked().options(stream=True).events.remote(stream_id)
         first = await _first(generator, "the streams deployment is not answering")
-        return self._relay(generator, first)
+        return self._relay(Bounded(generator, self._buffer), first)
 
     async def _from_worker(self, stream_id: str) -> AsyncIterator[dict[str, Any]] | None:
         """The records straight from the stream worker that holds the stream: every record crosses one process
@@ -148,7 +228,7 @@ class StreamsProxy:
         finally:
             await items.aclose()
         generator = self._checked().options(stream=True).events.remote(stream_id)
-        async for record in self._relay(generator, described, skip_first=True):
+        async for record in self._relay(Bounded(generator, self._buffer), described, skip_first=True):
             yield record
 
     async def feed(self) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
@@ -167,7 +247,7 @@ class StreamsProxy:
         if holders is None:
             generator = self._checked().options(stream=True).feed.remote()
             first = await _first(generator, "the streams deployment is not answering")
-            return self._relay_feed(generator, first)
+            return self._relay_feed(Bounded(generator, self._feed_buffer, _records, lambda n: [{"lost": n}]), first)
         if not holders:  # every worker lost, none replaced yet: nothing to follow, as a start would be told
             raise InputError(503, "streams_unavailable", "every stream worker has stopped; retry shortly")
         # each worker runs at most _FEED_AHEAD batches ahead of this reader; beyond, its feed drops the oldest
@@ -226,25 +306,27 @@ class StreamsProxy:
                            f"({lost.why}); its streams ended. The other workers' streams go on: listen again"}}
         return [summaries, error] if summaries else [error]
 
-    async def _relay_feed(self, generator: Any,
+    async def _relay_feed(self, relayed: Bounded,
                           first: dict[str, Any]) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
         yield first
         try:
-            async for item in generator:
-                yield item
+            async with aclosing(aiter(relayed)) as items:
+                async for item in items:
+                    yield item
         except _LOST as exc:
             yield {"error": {"code": "streams_unavailable", "message": f"the streams deployment stopped "
                              f"({type(exc).__name__}); its streams ended"}}
 
-    async def _relay(self, generator: Any, described: dict[str, Any],
+    async def _relay(self, relayed: Bounded, described: dict[str, Any],
                      skip_first: bool = False) -> AsyncIterator[dict[str, Any]]:
         try:
-            async for record in generator:
-                if skip_first and "summary" not in record:  # the description the listener has had
+            async with aclosing(aiter(relayed)) as records:
+                async for record in records:
+                    if skip_first and "summary" not in record:  # the description the listener has had
+                        skip_first = False
+                        continue
                     skip_first = False
-                    continue
-                skip_first = False
-                yield record
+                    yield record
         except _LOST as exc:
             logger.warning("stream %s lost with the streams replica: %s", described["id"], type(exc).__name__)
             yield {"summary": {**described, "state": "lost",
