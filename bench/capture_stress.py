@@ -14,6 +14,8 @@ load, while other threads of the process keep doing one kind of CUDA work:
   serve_app/nvdec_reader.py `working_bgr` does for every decoded frame);
 - nvdec: `--readers` NVDEC readers (serve_app/nvdec_reader.py `NvdecFileReader`, frames kept on the device)
   playing the clip at its own rate, as a worker's streams do;
+- nvdec churn: NVDEC readers made, run for a few frames and stopped in a loop (streams starting and ending: a
+  decoder created and destroyed each time);
 - empty cache: torch.cuda.empty_cache() in a loop (the caching allocator giving memory back, a device-wide sync);
 - device sync: torch.cuda.synchronize() in a loop (a device-wide wait: what llama.cpp's developers traced such
   failures to, ggml-org/llama.cpp#13990).
@@ -83,8 +85,20 @@ def _loads(torch: Any, clip: Path, readers: int) -> dict[str, Callable[[threadin
             print(f"nvdec: {len(refused)} readers did not open: {refused[0]}", file=sys.stderr)
         return started
 
+    def nvdec_churn() -> None:  # a stream starting and ending: NVDEC's decoder made, used, destroyed
+        from serve_app.nvdec_reader import NvdecFileReader
+
+        reader = NvdecFileReader(str(clip), {}, clip.name, open_timeout_s=10, read_timeout_s=10,
+                                 max_frame_pixels=1 << 26, max_side=1280, pace=False, on_opened=lambda o: None,
+                                 device="cuda")
+        while reader.frames < 5 and not reader.ended.is_set():
+            time.sleep(0.001)
+        reader.stop()
+        reader.join(10)
+
     return {"none": lambda stop: [], "side stream": looping(side_stream), "default stream": looping(default_stream),
-            "nvdec": nvdec, "empty cache": looping(lambda: (torch.cuda.empty_cache(), time.sleep(0.001))),
+            "nvdec": nvdec, "nvdec churn": looping(nvdec_churn),
+            "empty cache": looping(lambda: (torch.cuda.empty_cache(), time.sleep(0.001))),
             "device sync": looping(torch.cuda.synchronize)}
 
 
