@@ -65,7 +65,7 @@ case "${1:-}" in
     ;;
   feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
+    [ -z "${HP-16 24}" ] || timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
       --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
     grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
     # HPI2="16": one process at detector interval 2 too (where its frames' time goes when detection is light)
