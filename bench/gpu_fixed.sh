@@ -25,6 +25,18 @@ site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/$site:$PWD" PATH="$PWD/$site/bin:$PATH"
 nvidia-smi -L
+run() {  # the service through HAProxy, as the README runs it; $1: name, $2: time limit, the rest: bench.streams options
+  local name=$1 limit=$2; shift 2
+  timeout $limit python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
+    --all-counts --seconds 6 --haproxy --out "$O/streams-720p-$name.json" "$@" 2> "$O/streams-$name.err" \
+    | grep -E "^\| [1-9]|by process"
+}
+profile() {  # one stream worker's process alone (no Ray), detection ahead, $HP streams (16 and 24)
+  timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda \
+    --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" \
+    | grep -E "^[0-9]+ streams"
+  grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
+}
 case "${1:-}" in
   ab)
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
@@ -48,36 +60,22 @@ case "${1:-}" in
     ;;
   mps)
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
-      --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
-    grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
-    streams() {  # $1: workers, $2: counts, $3: name, $4: time limit, $5: listeners (feed: one for all streams)
-      timeout ${4:-200} python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-        --counts $2 --all-counts --intervals 0 --workers $1 --detect-ahead ${AHEAD:-1} --seconds 6 --haproxy \
-        --listen ${5:-feed} --out "$O/streams-720p-$3.json" 2> "$O/streams-$3.err" | grep -E "^\| [1-9]|by process"
-    }  # through HAProxy, as the README runs the service: no Serve proxy hop for the events' lines
+    profile
     # BASE= (empty): no baseline without MPS; it runs each count with one listener for all streams and one each
-    [ -z "${BASE-16 20}" ] || streams 2 "${BASE-16 20}" no-mps 150 "feed each"
+    [ -z "${BASE-16 20}" ] || run no-mps 150 --workers 2 --counts ${BASE-16 20} --intervals 0 \
+      --detect-ahead ${AHEAD:-1} --listen feed each
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
-    streams "${MPS_WORKERS:-2 3}" "${COUNTS:-16 20 24}" mps 260
+    run mps 260 --workers ${MPS_WORKERS:-2 3} --counts ${COUNTS:-16 20 24} --intervals 0 --detect-ahead ${AHEAD:-1}
     echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
     ;;
   feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    [ -z "${HP-16 24}" ] || timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
-      --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" | grep -E "^[0-9]+ streams"
-    grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
+    [ -z "${HP-16 24}" ] || profile
     # HPI2="16": one process at detector interval 2 too (where its frames' time goes when detection is light)
     [ -z "${HPI2-}" ] || timeout 60 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams $HPI2 --device cuda \
       --backend torch --fp16 --detect-ahead 1 --interval 2 --top 16 --out "$O/host-profile-interval2.json" \
       2> "$O/hp-i2.err" | grep -E "^[0-9]+ streams"
-    run() {  # $1: name, $2: time limit, the rest: bench.streams options
-      local name=$1 limit=$2; shift 2
-      timeout $limit python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-        --all-counts --seconds 6 --haproxy --out "$O/streams-720p-$name.json" "$@" 2> "$O/streams-$name.err" \
-        | grep -E "^\| [1-9]|by process"
-    }
     run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
     [ -z "${AHEAD2-16 20}" ] || run ahead2 100 --workers 2 --detect-ahead 2 --counts ${AHEAD2-16 20} --intervals 0
     [ -z "${ONE-12 16}" ] || run one-worker 100 --workers 1 --detect-ahead 1 --counts ${ONE-12 16} --intervals 0
