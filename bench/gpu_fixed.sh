@@ -31,11 +31,12 @@ run() {  # the service through HAProxy, as the README runs it; $1: name, $2: tim
     --all-counts --seconds 6 --haproxy --out "$O/streams-720p-$name.json" "$@" 2> "$O/streams-$name.err" \
     | grep -E "^\| [1-9]|by process"
 }
-profile() {  # one stream worker's process alone (no Ray), detection ahead, $HP streams (16 and 24)
-  timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda \
-    --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-ahead1.json" 2> "$O/hp-1.err" \
+profile() {  # one stream worker's process alone (no Ray), detection ahead; $1: streams, $2: name, the rest: options
+  local streams=$1 name=$2; shift 2
+  timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams $streams --device cuda \
+    --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-$name.json" "$@" 2> "$O/hp-$name.err" \
     | grep -E "^[0-9]+ streams"
-  grep -E "will not capture|grown|largest" "$O/hp-1.err" | cut -c1-220 | sort | uniq -c | head
+  grep -E "will not capture|grown|largest" "$O/hp-$name.err" | cut -c1-220 | sort | uniq -c | head
 }
 case "${1:-}" in
   ab)
@@ -60,7 +61,7 @@ case "${1:-}" in
     ;;
   mps)
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    profile
+    profile "${HP:-16 24}" ahead1
     # BASE= (empty): no baseline without MPS; it runs each count with one listener for all streams and one each
     [ -z "${BASE-16 20}" ] || run no-mps 150 --workers 2 --counts ${BASE-16 20} --intervals 0 \
       --detect-ahead ${AHEAD:-1} --listen feed each
@@ -71,11 +72,9 @@ case "${1:-}" in
     ;;
   feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    [ -z "${HP-16 24}" ] || profile
+    [ -z "${HP-16 24}" ] || profile "${HP:-16 24}" ahead1
     # HPI2="16": one process at detector interval 2 too (where its frames' time goes when detection is light)
-    [ -z "${HPI2-}" ] || timeout 60 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams $HPI2 --device cuda \
-      --backend torch --fp16 --detect-ahead 1 --interval 2 --top 16 --out "$O/host-profile-interval2.json" \
-      2> "$O/hp-i2.err" | grep -E "^[0-9]+ streams"
+    [ -z "${HPI2-}" ] || profile "$HPI2" interval2 --interval 2
     run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
     [ -z "${AHEAD2-16 20}" ] || run ahead2 100 --workers 2 --detect-ahead 2 --counts ${AHEAD2-16 20} --intervals 0
     [ -z "${ONE-12 16}" ] || run one-worker 100 --workers 1 --detect-ahead 1 --counts ${ONE-12 16} --intervals 0
