@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serve_app.decoding import InputError
-from serve_app.stream_reader import Opened, StreamReader
+from serve_app.stream_reader import Opened, Pacer, StreamReader
 
 if TYPE_CHECKING:
     import av
@@ -130,7 +129,7 @@ class NvdecReader(StreamReader):
         # The display rotation reaches PyAV on decoded frames only: FFmpeg decodes on the CPU until the first frame.
         probe: Any = stream.codec_context
         rotation = 0.0
-        self._started, self._origin = time.perf_counter(), None
+        self._pacer = Pacer()
         for packet in container.demux(stream):
             if self._stop.is_set():
                 return
@@ -195,7 +194,7 @@ class NvdecFileReader(NvdecReader):
             return
         self._fps = float(demuxer.FrameRate() or 0.0)
         self._answer(Opened(self._fps, width, height, "nvdec"))
-        self._started, self._origin = time.perf_counter(), None
+        self._pacer = Pacer()
         for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
             if self._stop.is_set():
                 return

@@ -92,6 +92,27 @@ def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, round(width * factor)), max(2, round(height * factor))
 
 
+class Pacer:
+    """A file played at its own rate, as a camera sends it: each frame is let through when as much time has passed
+    since the first frame as the source's timestamps say. The clock starts at the first frame, not at the open:
+    the first decode (a decoder made, the first captures of a new size) may take a second, and a clock started
+    earlier made every stream read a second of frames at once after it, all but the newest dropped. A frame that
+    is late (the reader stalled) goes at once: the backlog is caught up, as a camera's buffered frames arrive."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._clock, self._sleep = clock, sleep
+        self._first: tuple[float, float] | None = None  # (the first frame's time in the source, when it went)
+
+    def wait(self, at: float) -> None:
+        """Block until the frame at `at` seconds in the source is due."""
+        if self._first is None:
+            self._first = (at, self._clock())
+            return
+        origin, started = self._first
+        self._sleep(max(0.0, started + at - origin - self._clock()))
+
+
 def _trim_memory() -> None:
     """Give freed heap back to the system (glibc keeps it otherwise: a 4K stream's buffers stayed for minutes)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -129,6 +150,7 @@ class StreamReader:
         self.ended = threading.Event()
         self.last_frame_at = time.monotonic()
         self._fps = 0.0
+        self._pacer = Pacer()
         # called on the reader's thread after each frame and once reading has ended: the stream's loop waits on
         # it instead of polling (serve_app/streams.py `_take_frames`)
         self.arrived: Callable[[], None] = lambda: None
@@ -231,7 +253,7 @@ class StreamReader:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = 2
-        self._started, self._origin, in_a_row = time.perf_counter(), None, 0
+        self._pacer, in_a_row = Pacer(), 0
         for packet in container.demux(stream):
             if self._stop.is_set():
                 return
@@ -284,9 +306,7 @@ class StreamReader:
                 logger.info("stream source %s: frames are now %dx%d", self._shown, *size)
             self.size = size
         if self._pace:  # a file plays at its own rate, as a camera would send it (raw H.264 has no timestamps)
-            at = at if at is not None else self.frames / (self._fps or 25.0)
-            self._origin = at if self._origin is None else self._origin
-            time.sleep(max(0.0, self._started + at - self._origin - time.perf_counter()))
+            self._pacer.wait(at if at is not None else self.frames / (self._fps or 25.0))
         kept = ReadFrame(self.frames, image, size, scale, time.time())
         with self._lock:
             if self._latest is not None:
