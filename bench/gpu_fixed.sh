@@ -35,7 +35,7 @@ profile() {  # one stream worker's process alone (no Ray), detection ahead; $1: 
   local streams=$1 name=$2; shift 2
   timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams $streams --device cuda \
     --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-$name.json" "$@" 2> "$O/hp-$name.err" \
-    | grep -E "^[0-9]+ streams"
+    | grep -E "^[0-9]+ streams|^-- the GPU|^\{\"events| ms/frame "
   grep -E "will not capture|grown|largest" "$O/hp-$name.err" | cut -c1-220 | sort | uniq -c | head
 }
 case "${1:-}" in
@@ -71,17 +71,27 @@ case "${1:-}" in
     echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
     ;;
   feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
+    [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (stress, ab)"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    [ -z "${HP-16 24}" ] || profile "${HP:-16 24}" ahead1
+    # KT=2: the profiled process's GPU traced for 2 s after its sampled window (bench/kernel_trace.py)
+    [ -z "${HP-16 24}" ] || profile "${HP:-16 24}" ahead1 ${KT:+--kernel-trace $KT}
     # HPI2="16": one process at detector interval 2 too (where its frames' time goes when detection is light)
     [ -z "${HPI2-}" ] || profile "$HPI2" interval2 --interval 2
-    run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
+    if [ -n "${I0-}${I2-}" ]; then  # I0="12 16", I2="24 32": each interval at its own counts
+      [ -z "${I0-}" ] || run interval0 150 --workers 2 --detect-ahead 1 --counts $I0 --intervals 0
+      [ -z "${I2-}" ] || run interval2 150 --workers 2 --detect-ahead 1 --counts $I2 --intervals 2
+    else
+      run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
+    fi
     [ -z "${AHEAD2-16 20}" ] || run ahead2 100 --workers 2 --detect-ahead 2 --counts ${AHEAD2-16 20} --intervals 0
     [ -z "${ONE-12 16}" ] || run one-worker 100 --workers 1 --detect-ahead 1 --counts ${ONE-12 16} --intervals 0
     # HD="8 12": 1080p streams on two workers (carry .gpuclips/1080p.mp4 too); VIDEO=1: /v1/video, 1 and 8 at once
     [ -z "${HD-}" ] || run 1080p 150 --workers 2 --detect-ahead 1 --counts $HD --intervals 0 --sizes 1080p
     [ -z "${VIDEO-}" ] || timeout 150 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress \
-      --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$O/video.err" | tail -n 6
+      --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$O/video.err" \
+      | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r.get(k) for k in
+        ('detector_alone_fps', 'at_once', 'ratios')}), json.dumps({k: r['video'].get(k) for k in ('frames', 'fps',
+        'server_cpu_ms_per_frame')}))"
     # the workers' own logs (their captures at run time) stay in Ray's session folders
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8

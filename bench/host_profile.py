@@ -158,6 +158,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(opts.seconds)
     cpu1, wall1, threads1 = time.process_time(), time.perf_counter(), thread_cpu()
     after = {i: (await host.get(i)) for i in ids}
+    kernels = await _traced(host, ids, opts.kernel_trace) if opts.kernel_trace and opts.device == "cuda" else None
     described = host.describe()
     names = {t.native_id: t.name for t in threading.enumerate()}
     for task in listeners:
@@ -180,7 +181,22 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         "busy_by_thread": dict(sampler.by_thread.most_common(15)),
         "self": sampler.self_lines.most_common(opts.top),
         "inclusive": sampler.inclusive.most_common(opts.top),
+        **({"kernels": kernels} if kernels else {}),
     }
+
+
+async def _traced(host: Any, ids: list[str], seconds: float) -> dict[str, Any]:
+    """The GPU's work for `seconds` after the sampled window (bench/kernel_trace.py), per frame processed then."""
+    from bench.kernel_trace import KernelTrace
+
+    async def processed() -> int:
+        return sum([(await host.get(i))["frames_processed"] for i in ids])
+
+    before = await processed()
+    with KernelTrace() as trace:
+        await asyncio.sleep(seconds)
+        frames = await processed() - before
+    return trace.summary(frames)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -195,6 +211,10 @@ def report(result: dict[str, Any]) -> str:
     lines += [f"{n:6d} {k}" for k, n in result["self"]]
     lines += ["-- inclusive (function) --"]
     lines += [f"{n:6d} {k}" for k, n in result["inclusive"]]
+    if kernels := result.get("kernels"):
+        lines += [f"-- the GPU, {kernels.get('frames')} frames in {kernels.get('span_ms')} ms traced --",
+                  json.dumps({k: v for k, v in kernels.items() if k != "kernels_ms_per_frame"}),
+                  *(f"{ms:8.4f} ms/frame {name}" for name, ms in kernels.get("kernels_ms_per_frame", []))]
     return "\n".join(lines)
 
 
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="feed: one listener of every stream (GET /v1/events); each: a listener per stream")
     parser.add_argument("--interval-ms", type=float, default=5.0, help="the sampler's period")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--kernel-trace", type=float, default=0.0,
+                        help="then trace the GPU's kernels for this many seconds (CUDA; bench/kernel_trace.py)")
     parser.add_argument("--out", default="bench/out/host_profile.json")
     opts = parser.parse_args(argv)
     results = []

@@ -176,6 +176,20 @@ async def follow_all(client: Any, ids: list[str], seconds: float) -> list[dict[s
     return [_followed(before[i], (await client.get(f"/v1/streams/{i}")).json(), tallies[i], wall) for i in ids]
 
 
+async def until_flowing(client: Any, ids: list[str], frames: int = 15, limit_s: float = 60.0) -> None:
+    """Wait until every stream has processed `frames` frames (half a second of a 30 fps source), or `limit_s`:
+    the window opens on streams that run, not on ones still making their decoder (at 24 streams some took more
+    than the second a fixed wait gave them, and their start-up showed as drops in the window)."""
+    deadline = time.monotonic() + limit_s
+    waiting = list(ids)
+    while waiting and time.monotonic() < deadline:
+        described = await asyncio.gather(*(client.get(f"/v1/streams/{i}") for i in waiting))
+        waiting = [i for i, d in zip(waiting, described, strict=True)
+                   if d.json().get("frames_processed", 0) < frames and d.json().get("state") == "running"]
+        if waiting:
+            await asyncio.sleep(0.2)
+
+
 async def streams_at_once(url: str, source: str, count: int, seconds: float,
                           sampler: int | None = None, listen: str = "feed") -> dict[str, Any]:
     """`count` streams of `source` followed for `seconds`, on one listener of every stream (`listen`: feed) or
@@ -190,7 +204,7 @@ async def streams_at_once(url: str, source: str, count: int, seconds: float,
             if response.status_code != 201:
                 raise RuntimeError(f"a stream did not start: {response.status_code} {response.text[:300]}")
             ids.append(response.json()["id"])
-        await asyncio.sleep(1.0)  # past each stream's first frames (the tracker's start, the first detections)
+        await until_flowing(client, ids)  # past each stream's start (its decoder made, its first detections)
         cpu0, own0, procs0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot()
         try:
             if listen == "feed":

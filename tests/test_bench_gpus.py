@@ -119,3 +119,23 @@ def test_each_sizes_largest_sustained_stream_count_is_set_against_the_runs_ceili
     assert "| 4 | 720p | 0 | 600.0 | 20.0 | 8 | 0.40 | 244.0 |" in lines
     assert not any("1080p" in line for line in lines)  # no ceiling for that size: no row
     assert against_ceiling(result | {"ceiling": {"batch": 16, "images": {"720p": {"wall_ms_per_image": 3.0}}}}) == []
+
+
+def test_a_kernel_trace_counts_overlapping_work_once_in_busy_and_finds_the_gaps() -> None:
+    """bench/kernel_trace.py over chrome-trace events as torch.profiler writes them (ts, dur in microseconds)."""
+    from bench.kernel_trace import summarize
+
+    events = [  # the detector's stream 0-4 ms and 6-10 ms; a classifier's 3-5 ms (overlaps 3-4); a copy at 9.5 ms
+        {"cat": "kernel", "name": "pnet", "ts": 0, "dur": 4000, "args": {"stream": 13}},
+        {"cat": "kernel", "name": "gemm", "ts": 3000, "dur": 2000, "args": {"stream": 21}},
+        {"cat": "kernel", "name": "onet", "ts": 6000, "dur": 4000, "args": {"stream": 13}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 9500, "dur": 100, "args": {"stream": 7}},
+    ]
+    s = summarize(events, frames=2)
+    assert s["busy"] == pytest.approx(9 / 10)  # 0-5 and 6-10 busy, one gap of 1 ms
+    assert s["work_over_span"] == pytest.approx(10.1 / 10)
+    assert s["idle_gaps_over_0_5ms"] == {"count": 1, "ms": 1.0, "largest_ms": [1.0]}
+    assert s["streams"]["13"]["ms_per_frame"] == pytest.approx(4.0)
+    assert list(s["streams"]) == ["13", "21", "7"]
+    assert s["device_ms_per_frame"] == pytest.approx(5.05)
+    assert summarize([], frames=3) == {"events": 0}
