@@ -20,6 +20,9 @@
 #   one worker's process at 16 and 24 streams with detection ahead, then the service (HAProxy, every stream's
 #   events on one listener): two workers at 16-24 streams, detector interval 0 and 2; detection two frames ahead;
 #   one worker; HD="8 12" adds 1080p streams (carry .gpuclips whole), VIDEO=1 /v1/video with 1 and 8 at once.
+# Or call 2, same carry: bash bench/gpu_fixed.sh inflight
+#   the streams muxer with one detector batch in flight against two: one process at 16 streams (kernel traced),
+#   then the service at 16 and 20 streams (COUNTS); VIDEO=1 adds /v1/video.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -37,6 +40,13 @@ profile() {  # one stream worker's process alone (no Ray), detection ahead; $1: 
     --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-$name.json" "$@" 2> "$O/hp-$name.err" \
     | grep -E "^[0-9]+ streams|^-- the GPU|^\{\"events| ms/frame "
   grep -E "will not capture|grown|largest" "$O/hp-$name.err" | cut -c1-220 | sort | uniq -c | head
+}
+video() {  # /v1/video on two stream workers: one video, then 8 at once (bench/video.py)
+  timeout 200 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress \
+    --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$O/video.err" > /dev/null
+  python3 -c "import json; r=json.load(open('$O/video-workers2.json')); print(json.dumps({k: r.get(k) for k in
+    ('detector_alone_fps', 'at_once', 'ratios')}), json.dumps({k: r['video'].get(k) for k in ('frames', 'fps',
+    'server_cpu_ms_per_frame')}))" || tail -n 5 "$O/video.err"
 }
 case "${1:-}" in
   ab)
@@ -80,21 +90,28 @@ case "${1:-}" in
     if [ -n "${I0-}${I2-}" ]; then  # I0="12 16", I2="24 32": each interval at its own counts
       [ -z "${I0-}" ] || run interval0 150 --workers 2 --detect-ahead 1 --counts $I0 --intervals 0
       [ -z "${I2-}" ] || run interval2 150 --workers 2 --detect-ahead 1 --counts $I2 --intervals 2
-    else
+    elif [ -n "${COUNTS-16 20 24}" ]; then  # COUNTS= (empty): no service run
       run two-workers 200 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20 24} --intervals 0 2
     fi
     [ -z "${AHEAD2-16 20}" ] || run ahead2 100 --workers 2 --detect-ahead 2 --counts ${AHEAD2-16 20} --intervals 0
     [ -z "${ONE-12 16}" ] || run one-worker 100 --workers 1 --detect-ahead 1 --counts ${ONE-12 16} --intervals 0
     # HD="8 12": 1080p streams on two workers (carry .gpuclips/1080p.mp4 too); VIDEO=1: /v1/video, 1 and 8 at once
     [ -z "${HD-}" ] || run 1080p 150 --workers 2 --detect-ahead 1 --counts $HD --intervals 0 --sizes 1080p
-    [ -z "${VIDEO-}" ] || timeout 150 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress \
-      --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$O/video.err" \
-      | python3 -c "import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r.get(k) for k in
-        ('detector_alone_fps', 'at_once', 'ratios')}), json.dumps({k: r['video'].get(k) for k in ('frames', 'fps',
-        'server_cpu_ms_per_frame')}))"
+    [ -z "${VIDEO-}" ] || video
     # the workers' own logs (their captures at run time) stay in Ray's session folders
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
+    ;;
+  inflight)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"], after a call that unpacked site.tar.xz:
+    # the streams muxer with one batch in flight against two (ingress.streams.muxer.batches_in_flight), one process
+    # (kernel traced) then the service; VIDEO=1: /v1/video too
+    [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (stress, ab)"; exit 1; }
+    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
+    for f in ${FLIGHTS:-1 2}; do profile 16 inflight$f --muxer-in-flight $f --kernel-trace ${KT:-2}; done
+    for f in ${FLIGHTS:-1 2}; do
+      run inflight$f 150 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20} --intervals 0 --muxer-in-flight $f
+    done
+    [ -z "${VIDEO-}" ] || video
     ;;
   stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
@@ -104,5 +121,5 @@ case "${1:-}" in
     timeout 300 python3 -m bench.capture_stress --clip .gpuclips/720p.mp4 --out "$O/capture-stress.json" \
       ${LOADS:+--loads "$LOADS"}
     ;;
-  *) echo "usage: $0 ab|streams|mps|feed|stress"; exit 2 ;;
+  *) echo "usage: $0 ab|streams|mps|feed|inflight|stress"; exit 2 ;;
 esac

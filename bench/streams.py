@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ingress.streams.muxer.batch_size values (1: a handle call per frame)")
     parser.add_argument("--push-timeout-ms", type=float, default=None,
                         help="ingress.streams.muxer.batched_push_timeout_ms (default: the config's)")
+    parser.add_argument("--muxer-in-flight", type=int, default=None,
+                        help="ingress.streams.muxer.batches_in_flight (default: the config's)")
     parser.add_argument("--all-counts", action="store_true", help="go on after a count that is not sustained")
     parser.add_argument("--clips", type=Path, help="a folder holding <size>.mp4 clips made beforehand (make_clip), "
                         "for a machine without PyAV's encoder")
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 muxer: dict[str, Any] = {"batch_size": muxer_batch}
                 if opts.push_timeout_ms is not None:
                     muxer["batched_push_timeout_ms"] = opts.push_timeout_ms
+                if opts.muxer_in_flight is not None:
+                    muxer["batches_in_flight"] = opts.muxer_in_flight
                 gpu_share = opts.streams_gpu if opts.streams_gpu is not None else (0.05 if opts.device != "cpu" else 0)
                 streams: dict[str, Any] = {"media_dir": str(media), "max_streams": max(opts.counts),
                                            "allowed_hosts": ["127.0.0.1"], "muxer": muxer, "decoder": opts.decoder,
@@ -365,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                         run |= {"size": size, "listen": listen, "interval": interval, "muxer_batch_size": muxer_batch,
                                 "workers": workers, "frames_on_device": on_device,
                                 "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
+                                "muxer_in_flight": opts.muxer_in_flight,
                                 "fixed_shapes": None if opts.fixed_shapes == "auto" else opts.fixed_shapes,
                                 "gpu_busy": _mean(busy.samples[samples:]),
                                 "muxer": asyncio.run(_muxer(url))}
@@ -430,7 +435,7 @@ HEADER = ("| workers | size | interval | muxer batch | streams | aggregate fps |
 def _row(run: dict[str, Any]) -> str:
     workers = f"{run.get('workers', 0)}{', frames via host' if run.get('frames_on_device') == 'false' else ''}"
     workers += "".join(f", {key.replace('_', ' ')} {run[key]}" for key in ("listen", "detect_ahead", "cuda_sync",
-                                                                            "fixed_shapes")
+                                                                            "fixed_shapes", "muxer_in_flight")
                        if run.get(key) is not None)
     return (f"| {workers} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "

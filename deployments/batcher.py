@@ -128,14 +128,18 @@ class Muxer(Generic[T, R]):
     when it holds items of `full()` sources (the streams that are live, say; at most `max_batch_size` items; an
     item submitted without a source counts as one of its own) or when its oldest item has waited `push_timeout_s`
     (nvstreammux's batched-push-timeout; 0: at once, with whatever queued while the previous batch was out). Two
-    frames of one stream (detected ahead) count once, so they do not fill a batch that waits for the others. One
-    batch is out at a time. `run_batch(items)` returns one result per item, in order; a failure fails every item
-    of its batch, and the muxer lives on."""
+    frames of one stream (detected ahead) count once, so they do not fill a batch that waits for the others. Up to
+    `in_flight` batches are out at a time (1: the next fills once the last is back; 2: the next fills and goes
+    while the last is out, so the detector starts it as soon as it is free, not after the last one's results have
+    come back through the event loop). `run_batch(items)` returns one result per item, in order; a failure fails
+    every item of its batch, and the muxer lives on."""
 
     def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[R]]], max_batch_size: int,
-                 push_timeout_s: float, full: Callable[[], int] | None = None) -> None:
+                 push_timeout_s: float, full: Callable[[], int] | None = None, in_flight: int = 1) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._run_batch = run_batch
         self._max = max_batch_size
         self._timeout = push_timeout_s
@@ -143,9 +147,16 @@ class Muxer(Generic[T, R]):
         self._pending: deque[_Pending[T, R]] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(in_flight)
+        self._out: set[asyncio.Task[None]] = set()  # batches out (held: the loop keeps only weak references)
+        self.in_flight = in_flight
         self.batches = 0
         self.items = 0
         self.largest = 0
+        # where a batch's cycle goes: filling it while a slot was free (the detector waiting for frames, with one
+        # batch out), and its run
+        self.waited_s = 0.0
+        self.ran_s = 0.0
 
     async def submit(self, item: T, source: Hashable | None = None) -> R:
         loop = asyncio.get_running_loop()
@@ -168,26 +179,43 @@ class Muxer(Generic[T, R]):
 
     async def _drain(self) -> None:
         while self._pending:
-            deadline = self._pending[0].enqueued + self._timeout
-            while not self._ready() and (left := deadline - time.perf_counter()) > 0:
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), left)
-                except TimeoutError:
-                    break
-            batch = [self._pending.popleft() for _ in range(min(self._max, len(self._pending)))]
-            batch = [e for e in batch if not e.future.done()]  # callers that gave up
+            await self._slots.acquire()  # a batch may go out: it fills from now
+            free = time.perf_counter()
+            try:
+                deadline = self._pending[0].enqueued + self._timeout if self._pending else free
+                while not self._ready() and (left := deadline - time.perf_counter()) > 0:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), left)
+                    except TimeoutError:
+                        break
+                batch = [self._pending.popleft() for _ in range(min(self._max, len(self._pending)))]
+                batch = [e for e in batch if not e.future.done()]  # callers that gave up
+            except BaseException:
+                self._slots.release()
+                raise
             if not batch:
+                self._slots.release()
                 continue
             started = time.perf_counter()
-            try:
-                results = await self._run_batch([e.item for e in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
-            except Exception as exc:  # noqa: BLE001 - the batch shares the failure
-                _fail(batch, exc)
-                continue
-            self.batches += 1
-            self.items += len(batch)
-            self.largest = max(self.largest, len(batch))
-            _settle(batch, results, started, (time.perf_counter() - started) * 1e3, len(batch))
+            self.waited_s += started - max(free, batch[0].enqueued)
+            task = asyncio.get_running_loop().create_task(self._send(batch, started))
+            self._out.add(task)
+            task.add_done_callback(self._out.discard)
+
+    async def _send(self, batch: list[_Pending[T, R]], started: float) -> None:
+        try:
+            results = await self._run_batch([e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch function gave {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # noqa: BLE001 - the batch shares the failure
+            _fail(batch, exc)
+            return
+        finally:
+            self._slots.release()
+        self.batches += 1
+        self.items += len(batch)
+        self.largest = max(self.largest, len(batch))
+        ran = time.perf_counter() - started
+        self.ran_s += ran
+        _settle(batch, results, started, ran * 1e3, len(batch))

@@ -96,6 +96,12 @@ class MuxerConfig(StrictModel):
         description="a batch that is not full goes after its first frame has waited this long (nvstreammux's "
         "batched-push-timeout; 33: a frame at 30 fps); 0: at once, with what queued while the last batch was out",
     )
+    batches_in_flight: int = Field(
+        1, ge=1, le=4,
+        description="batches out at the detector at once: 1, the next batch fills once the last is back; 2, it "
+        "fills and goes while the last is out, so the detector starts it as soon as it is free (a GPU kept busy "
+        "across the last batch's return to its streams)",
+    )
 
 
 class StreamWorkersConfig(StrictModel):

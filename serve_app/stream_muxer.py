@@ -26,7 +26,7 @@ class MuxedDetector:
     def __init__(self, detect_many: Callable[[list[Any]], Awaitable[Sequence[DetectorResult]]], config: MuxerConfig,
                  running: Callable[[], int]) -> None:
         self._muxer: Muxer[np.ndarray | bytes, DetectorResult] = Muxer(
-            detect_many, config.batch_size, config.batched_push_timeout_ms / 1e3, running)
+            detect_many, config.batch_size, config.batched_push_timeout_ms / 1e3, running, config.batches_in_flight)
 
     async def detect(self, image: np.ndarray | bytes, source: Hashable | None = None) -> DetectorResult:
         """`source`: the stream the frame is of; a batch is full with a frame of every running stream, however
@@ -34,7 +34,10 @@ class MuxedDetector:
         return await self._muxer.submit(image, source)
 
     def stats(self) -> dict[str, Any]:
-        """Batches sent, frames in them, the largest."""
+        """Batches sent, frames in them, the largest; per batch, how long it filled while it could have gone (the
+        detector waiting for frames, with one batch in flight) and how long the detector took."""
         m = self._muxer
+        mean = (lambda total: round(total * 1e3 / m.batches, 2)) if m.batches else (lambda total: None)
         return {"batches": m.batches, "frames": m.items, "largest_batch": m.largest,
-                "mean_batch": round(m.items / m.batches, 2) if m.batches else None}
+                "mean_batch": round(m.items / m.batches, 2) if m.batches else None,
+                "mean_wait_ms": mean(m.waited_s), "mean_run_ms": mean(m.ran_s), "in_flight": m.in_flight}

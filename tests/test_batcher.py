@@ -193,3 +193,63 @@ def test_a_failing_muxer_batch_fails_its_items_and_the_next_batch_runs() -> None
 
     first, second, third = asyncio.run(main())
     assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError) and third == 3
+
+
+def test_the_muxer_splits_each_batch_cycle_into_waiting_to_fill_and_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock the test moves (no real time in it): stream a's frame waits 30 ms for stream b's, then the
+    detector takes 20 ms; the stats say so (GET /v1/pipeline's muxer: frames short, or the detector)."""
+    from deployments import batcher
+    from serve_app.config import MuxerConfig
+    from serve_app.stream_muxer import MuxedDetector
+
+    now = [50.0]
+    monkeypatch.setattr(batcher.time, "perf_counter", lambda: now[0])
+
+    async def detect_many(frames: list[str]) -> list[str]:
+        now[0] += 0.020
+        return frames
+
+    async def main() -> dict[str, object]:
+        muxed = MuxedDetector(detect_many, MuxerConfig(batch_size=4, batched_push_timeout_ms=10_000), lambda: 2)
+        first = asyncio.ensure_future(muxed.detect("a0", "a"))
+        while not muxed._muxer._slots.locked():  # a's frame is queued, the batch filling
+            await asyncio.sleep(0)
+        now[0] += 0.030
+        assert await asyncio.gather(first, muxed.detect("b0", "b")) == ["a0", "b0"]
+        return muxed.stats()
+
+    stats = asyncio.run(main())
+    assert stats["batches"] == 1 and stats["mean_wait_ms"] == pytest.approx(30.0)
+    assert stats["mean_run_ms"] == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_with_two_batches_in_flight_the_next_goes_while_the_last_is_out(in_flight: int) -> None:
+    """The detector held on its first batch: with two in flight the second batch is already sent (the detector
+    starts it the moment it is free); with one it waits for the first to come back. Either way each frame gets
+    its own result."""
+    from deployments.batcher import Muxer
+
+    async def main() -> tuple[list[list[str]], list[str]]:
+        sent: list[list[str]] = []
+        release = asyncio.Event()
+
+        async def run_batch(items: list[str]) -> list[str]:
+            sent.append(list(items))
+            await release.wait()
+            return [i.upper() for i in items]
+
+        muxer = Muxer(run_batch, max_batch_size=4, push_timeout_s=30.0, full=lambda: 1, in_flight=in_flight)
+        first = asyncio.ensure_future(muxer.submit("a0", "a"))
+        while not sent:
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(muxer.submit("a1", "a"))
+        for _ in range(50):  # the loop turns enough times for the second batch to be sent, if it may be
+            await asyncio.sleep(0)
+        out_while_held = [list(b) for b in sent]
+        release.set()
+        return out_while_held, list(await asyncio.gather(first, second))
+
+    out_while_held, results = asyncio.run(main())
+    assert out_while_held == ([["a0"]] if in_flight == 1 else [["a0"], ["a1"]])
+    assert results == ["A0", "A1"]
