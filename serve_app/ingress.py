@@ -72,7 +72,8 @@ class Ingress:
             images=ImageService(graph, config, metrics, send_encoded, self._cpu, self._batches),
             video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder),
                                workers=streams if streams is not None and config.ingress.streams.workers.count
-                               and config.ingress.streams.workers.videos else None),
+                               and config.ingress.streams.workers.videos else None,
+                               frames_device=str(decoder.device) if decoder else None),
             streams=StreamsProxy(streams, gate, config.ingress.streams),
             # the ingress, the model deployments it calls (none in layout ingress: its stages are here), streams
             pipeline=PipelineService(config, describers, self._wiring.health,

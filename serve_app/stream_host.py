@@ -166,7 +166,8 @@ class StreamHost:
 
             self.prepare()
             self._videos = VideoService(self._graph_for_videos(), self._config, IngressMetrics(), self._cpu,
-                                        on_nvdec=videos_on_nvdec(self._config, self._decoder))
+                                        on_nvdec=videos_on_nvdec(self._config, self._decoder),
+                                        frames_device=self._registry.frames_device)
         try:
             video = await self._videos.open_data(data)
         except InputError as exc:

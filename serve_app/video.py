@@ -165,7 +165,12 @@ class NvdecVideoFile(VideoFile):
     """`VideoFile` whose frames are decoded on the GPU's NVDEC (PyNvVideoCodec): the same checks (OpenCV opens the
     file to read its size, rate and length), the same limits and counts; H.264 and HEVC go to NVDEC, demuxed by
     PyNvVideoCodec from the temporary file (nothing but that file is opened), each processed frame turned upright
-    as OpenCV's capture turns it and copied to the host as BGR. Other codecs are read by OpenCV as before."""
+    as OpenCV's capture turns it, as BGR: on `device` (a torch tensor there, where the models of this process take
+    frames: `ingress.frames_on_device`), else copied to the host. Other codecs are read by OpenCV as before."""
+
+    def __init__(self, data: bytes, limits: VideoConfig, device: str | None = None) -> None:
+        super().__init__(data, limits)
+        self._device = device
 
     @property
     def on_nvdec(self) -> bool:
@@ -179,7 +184,7 @@ class NvdecVideoFile(VideoFile):
         import PyNvVideoCodec as nvc
         import torch
 
-        from serve_app.nvdec_reader import to_working_bgr
+        from serve_app.nvdec_reader import to_working_bgr, working_bgr
         from serve_app.stream_reader import upright
 
         # OpenCV gives the display rotation clockwise; upright() takes FFmpeg's (counter-clockwise) degrees
@@ -193,14 +198,17 @@ class NvdecVideoFile(VideoFile):
             yield from super().frames(every)
             return
 
-        def on_host(frame: Any) -> np.ndarray:
-            rgb = torch.from_dlpack(frame)  # the decoder's surface, copied to the host at full size
-            return upright(to_working_bgr(rgb, (int(rgb.shape[1]), int(rgb.shape[0]))), rotation)
+        # the decoder's surface at full size: kept on the device the models take frames on, or copied to the host
+        bgr = (lambda rgb, size: working_bgr(rgb, size).to(self._device)) if self._device else to_working_bgr
 
-        def decoded() -> Iterator[Callable[[], np.ndarray]]:
+        def kept(frame: Any) -> Any:
+            rgb = torch.from_dlpack(frame)
+            return upright(bgr(rgb, (int(rgb.shape[1]), int(rgb.shape[0]))), rotation)
+
+        def decoded() -> Iterator[Callable[[], Any]]:
             for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
                 for frame in decoder.Decode(packet):  # each surface is converted, if kept, before the next Decode
-                    yield lambda frame=frame: on_host(frame)
+                    yield lambda frame=frame: kept(frame)
 
         yield from self._counted(decoded(), every)
 

@@ -242,3 +242,78 @@ def test_a_video_nvdec_cannot_decode_is_read_by_opencv(standin: None, clip: Path
     monkeypatch.setattr(sys.modules["PyNvVideoCodec"], "CreateDecoder", refuse)
     indices, images, read = _video_frames(NvdecVideoFile, clip.read_bytes(), 2)
     assert indices == list(range(0, 60, 2)) and read == 60 and images[0].shape == (360, 640, 3)
+
+
+def test_an_uploaded_videos_frames_stay_on_the_device_the_models_take_them_on(standin: None, clip: Path) -> None:
+    """Where the models take frames on a device, NVDEC's frames stay there (a torch tensor on it; the CPU device
+    here, the same code as CUDA): the host path's frames, not copied to the host and back."""
+    import torch
+
+    from serve_app.video import NvdecVideoFile, VideoFile
+
+    def on(device: str):
+        return lambda data, limits: NvdecVideoFile(data, limits, device=device)
+
+    data = clip.read_bytes()
+    ours, theirs = _video_frames(on("cpu"), data, 2), _video_frames(VideoFile, data, 2)
+    assert ours[0] == theirs[0] == list(range(0, 60, 2))
+    for mine, cv in zip(ours[1], theirs[1]):
+        assert isinstance(mine, torch.Tensor) and mine.device.type == "cpu" and tuple(mine.shape) == cv.shape
+        assert np.abs(mine.numpy().astype(int) - cv.astype(int)).mean() < 3
+
+
+def test_a_video_on_nvdec_with_frames_on_the_device_gives_the_host_paths_records(
+        standin: None, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream worker's /v1/video (serve_app/stream_host.py) with NVDEC and the torch models on the CPU device
+    taking frames there, against the same worker keeping frames on the host (OpenCV): the same faces each frame,
+    boxes within two pixels. The frames the session got were the device's."""
+    pytest.importorskip("onnx2torch")
+    import asyncio
+
+    import serve_app.nvdec_reader
+    from serve_app import video as video_module
+    from serve_app.config import PipelineConfig
+    from serve_app.stream_host import StreamHost
+    from serve_app.wiring import in_process
+    from tests.conftest import demo_args
+
+    kinds: set[str] = set()
+    frames = video_module.NvdecVideoFile.frames
+
+    def spied(self: video_module.NvdecVideoFile, every: int = 1):  # type: ignore[no-untyped-def]
+        for index, frame in frames(self, every):
+            kinds.add(type(frame).__name__)
+            yield index, frame
+
+    monkeypatch.setattr(video_module.NvdecVideoFile, "frames", spied)
+
+    def records(on_device: bool) -> list[dict]:
+        args = demo_args()
+        args["layout"] = "ingress"
+        args["ingress"]["frames_on_device"] = on_device
+        args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
+        args["detector"]["mtcnn"]["implementation"] = "torch"
+        for classifier in args["classifiers"]:
+            classifier["engine"] = {"backend": "torch", "device": "cpu"}
+        config = PipelineConfig.model_validate(args)
+        # NVDEC for videos only where frames stay on the device (on CUDA in the service; the CPU device here)
+        monkeypatch.setattr(serve_app.nvdec_reader, "videos_on_nvdec", lambda config, decoder: decoder is not None)
+        host = StreamHost(config, lambda: in_process(config, {}), 0.0)
+
+        async def run() -> list[dict]:
+            try:
+                return [r async for r in host.video(clip.read_bytes(), 3)]
+            finally:
+                await host.close()
+
+        return asyncio.run(run())
+
+    on_device, on_host = records(True), records(False)
+    assert kinds == {"Tensor"}  # only the device run decoded on NVDEC, and its frames were tensors
+    ours = [r for r in on_device if "objects" in r]
+    theirs = [r for r in on_host if "objects" in r]
+    assert len(ours) == len(theirs) == 20 and sum(len(r["objects"]) for r in ours) >= 20
+    for mine, cv in zip(ours, theirs):
+        assert len(mine["objects"]) == len(cv["objects"])
+        for a, b in zip(sorted(o["box"] for o in mine["objects"]), sorted(o["box"] for o in cv["objects"])):
+            assert np.abs(np.subtract(a, b)).max() <= 2.0, (a, b)

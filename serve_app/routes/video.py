@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,11 +34,12 @@ def ndjson(record: dict[str, Any]) -> bytes:
 class VideoService:
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
                  cpu: CpuWork = INLINE, gate: ApiGate | None = None, on_nvdec: bool = False,
-                 workers: Any = None) -> None:
-        """`on_nvdec`: H.264 and HEVC videos are decoded on the GPU (serve_app/video.py `NvdecVideoFile`);
+                 workers: Any = None, frames_device: str | None = None) -> None:
+        """`on_nvdec`: H.264 and HEVC videos are decoded on the GPU (serve_app/video.py `NvdecVideoFile`), their
+        frames kept on `frames_device` where the graph's models take them there (the host otherwise);
         `workers`: the streams deployment's handle, where /v1/video runs on its stream workers
         (ingress.streams.workers.videos)."""
-        self._file = NvdecVideoFile if on_nvdec else VideoFile
+        self._file = functools.partial(NvdecVideoFile, device=frames_device) if on_nvdec else VideoFile
         self._cpu = cpu
         self._gate = gate or ApiGate(1024)
         self._graph = graph
@@ -117,6 +119,7 @@ class VideoService:
                     status = {"detector_unavailable": 503, "video_too_long": 413}.get(code, 422)
                     raise InputError(status, record["error"]["code"], record["error"]["message"])
                 if frame is not None:
+                    frame = frame if isinstance(frame, np.ndarray) else frame.cpu().numpy()  # kept on the device
                     objects = [DetectedObject(**o) for o in record["objects"]]
                     await self._cpu.run(lambda f=frame, o=objects: writer.write(draw(f, o)))
             return Response(await self._cpu.run(writer.finish), media_type="video/mp4")
