@@ -108,10 +108,10 @@ case "${1:-}" in
     [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (stress, ab)"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
     for f in ${FLIGHTS:-1 2}; do profile 16 inflight$f --muxer-in-flight $f --kernel-trace ${KT:-2}; done
+    [ -z "${VIDEO-}" ] || video
     for f in ${FLIGHTS:-1 2}; do
       run inflight$f 150 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20} --intervals 0 --muxer-in-flight $f
     done
-    [ -z "${VIDEO-}" ] || video
     ;;
   stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
