@@ -22,31 +22,33 @@
 #   one worker; HD="8 12" adds 1080p streams (carry .gpuclips whole), VIDEO=1 /v1/video with 1 and 8 at once.
 # Or call 2, same carry: bash bench/gpu_fixed.sh inflight
 #   the streams muxer with one detector batch in flight against two: one process at 16 streams (kernel traced),
-#   then the service at 16 and 20 streams (COUNTS); VIDEO=1 adds /v1/video.
+#   then the service at 16 and 20 streams (COUNTS), at each of the push timeouts in PUSH (ms, default 33);
+#   VIDEO=1 adds /v1/video. FLIGHTS="1 2" (default): which in-flight counts.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
+E=${ERR:-/tmp/gpu-logs}; mkdir -p "$E"  # logs stay on the machine: a call brings back only so many files
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/$site:$PWD" PATH="$PWD/$site/bin:$PATH"
 nvidia-smi -L
 run() {  # the service through HAProxy, as the README runs it; $1: name, $2: time limit, the rest: bench.streams options
   local name=$1 limit=$2; shift 2
   timeout $limit python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
-    --all-counts --seconds 6 --haproxy --out "$O/streams-720p-$name.json" "$@" 2> "$O/streams-$name.err" \
+    --all-counts --seconds 6 --haproxy --out "$O/streams-720p-$name.json" "$@" 2> "$E/streams-$name.err" \
     | grep -E "^\| [1-9]|by process"
 }
 profile() {  # one stream worker's process alone (no Ray), detection ahead; $1: streams, $2: name, the rest: options
   local streams=$1 name=$2; shift 2
   timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams $streams --device cuda \
-    --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-$name.json" "$@" 2> "$O/hp-$name.err" \
+    --backend torch --fp16 --detect-ahead 1 --top 12 --out "$O/host-profile-$name.json" "$@" 2> "$E/hp-$name.err" \
     | grep -E "^[0-9]+ streams|^-- the GPU|^\{\"events| ms/frame "
-  grep -E "will not capture|grown|largest" "$O/hp-$name.err" | cut -c1-220 | sort | uniq -c | head
+  grep -E "will not capture|grown|largest" "$E/hp-$name.err" | cut -c1-220 | sort | uniq -c | head
 }
 video() {  # /v1/video on two stream workers: one video, then 8 at once (bench/video.py)
   timeout 200 python3 -m bench.video --device cuda --backend torch --fp16 --layout ingress \
-    --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$O/video.err" > /dev/null
+    --clip .gpuclips/720p.mp4 --videos 1 8 --workers 2 --out "$O/video-workers2.json" 2> "$E/video.err" > /dev/null
   python3 -c "import json; r=json.load(open('$O/video-workers2.json')); print(json.dumps({k: r.get(k) for k in
     ('detector_alone_fps', 'at_once', 'ratios')}), json.dumps({k: r['video'].get(k) for k in ('frames', 'fps',
-    'server_cpu_ms_per_frame')}))" || tail -n 5 "$O/video.err"
+    'server_cpu_ms_per_frame')}))" || tail -n 5 "$E/video.err"
 }
 case "${1:-}" in
   ab)
@@ -55,19 +57,19 @@ case "${1:-}" in
       tests/test_device_crops.py tests/test_torch_backend.py} 2>&1 | grep -E "^E |^FAILED|passed|failed" | head -n 30
     [ -n "${BATCHES-x}" ] || exit 0  # BATCHES= (empty): the tests only
     timeout 360 python3 -m bench.fixed_shapes_ab --clips .gpuclips/720p.mp4 --batches ${BATCHES:-1 4 16} \
-      --out "$O/fixed-shapes-ab.json" 2> "$O/fixed-ab.err"
-    tail -n 3 "$O/fixed-ab.err"
+      --out "$O/fixed-shapes-ab.json" 2> "$E/fixed-ab.err"
+    tail -n 3 "$E/fixed-ab.err"
     ;;
   streams)
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
     for a in 0 1; do  # one worker's process alone: detection ahead off and on, fixed shapes (the default on CUDA)
       timeout 100 python3 -m bench.host_profile --clip .gpuclips/720p.mp4 --streams ${HP:-16 24} --device cuda --backend torch \
-        --fp16 --detect-ahead $a --top 12 --out "$O/host-profile-ahead$a.json" 2> "$O/hp-$a.err" \
+        --fp16 --detect-ahead $a --top 12 --out "$O/host-profile-ahead$a.json" 2> "$E/hp-$a.err" \
         | grep -E "^[0-9]+ streams|thread CPU"
     done
     timeout 300 python3 -m bench.streams --device cuda --backend torch --fp16 --clips .gpuclips --sizes 720p \
       --counts ${COUNTS:-12 16 20 24} --all-counts --intervals 0 --workers 1 2 --detect-ahead ${AHEAD:-1} --seconds 6 \
-      --out "$O/streams-720p-fixed-ahead.json" 2> "$O/streams-fixed.err" | grep -E "^\| [12]|by process"
+      --out "$O/streams-720p-fixed-ahead.json" 2> "$E/streams-fixed.err" | grep -E "^\| [12]|by process"
     ;;
   mps)
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
@@ -109,8 +111,11 @@ case "${1:-}" in
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
     for f in ${FLIGHTS:-1 2}; do profile 16 inflight$f --muxer-in-flight $f --kernel-trace ${KT:-2}; done
     [ -z "${VIDEO-}" ] || video
-    for f in ${FLIGHTS:-1 2}; do
-      run inflight$f 150 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20} --intervals 0 --muxer-in-flight $f
+    for f in ${FLIGHTS:-1 2}; do  # PUSH="0 10 33": the muxer's push timeouts (ms) tried at each
+      for p in ${PUSH:-33}; do
+        run inflight$f-push$p 150 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20} --intervals 0 \
+          --muxer-in-flight $f --push-timeout-ms $p
+      done
     done
     ;;
   stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures

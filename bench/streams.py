@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                         run |= {"size": size, "listen": listen, "interval": interval, "muxer_batch_size": muxer_batch,
                                 "workers": workers, "frames_on_device": on_device,
                                 "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
-                                "muxer_in_flight": opts.muxer_in_flight,
+                                "muxer_in_flight": opts.muxer_in_flight, "push_timeout_ms": opts.push_timeout_ms,
                                 "fixed_shapes": None if opts.fixed_shapes == "auto" else opts.fixed_shapes,
                                 "gpu_busy": _mean(busy.samples[samples:]),
                                 "muxer": asyncio.run(_muxer(url))}
@@ -435,7 +435,8 @@ HEADER = ("| workers | size | interval | muxer batch | streams | aggregate fps |
 def _row(run: dict[str, Any]) -> str:
     workers = f"{run.get('workers', 0)}{', frames via host' if run.get('frames_on_device') == 'false' else ''}"
     workers += "".join(f", {key.replace('_', ' ')} {run[key]}" for key in ("listen", "detect_ahead", "cuda_sync",
-                                                                            "fixed_shapes", "muxer_in_flight")
+                                                                            "fixed_shapes", "muxer_in_flight",
+                                                                            "push_timeout_ms")
                        if run.get(key) is not None)
     return (f"| {workers} | {run['size']} | {run['interval']} | {run['muxer_batch_size']} | {run['streams']} | {run['aggregate_fps']} | {run['min_fps']}, "
             f"{run['median_fps']} | {run['max_dropped']:.1%} | {run['median_p50_ms']} / {run['max_p95_ms']} | "
