@@ -71,15 +71,17 @@ case "${1:-}" in
       --counts ${COUNTS:-12 16 20 24} --all-counts --intervals 0 --workers 1 2 --detect-ahead ${AHEAD:-1} --seconds 6 \
       --out "$O/streams-720p-fixed-ahead.json" 2> "$E/streams-fixed.err" | grep -E "^\| [12]|by process"
     ;;
-  mps)
+  mps)  # MIF=2: every run with two detector batches in flight (ingress.streams.muxer.batches_in_flight)
+    [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (stress, ab)"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    profile "${HP:-16 24}" ahead1
+    [ -z "${HP-16 24}" ] || profile "${HP:-16 24}" ahead1 ${MIF:+--muxer-in-flight $MIF}
     # BASE= (empty): no baseline without MPS; it runs each count with one listener for all streams and one each
     [ -z "${BASE-16 20}" ] || run no-mps 150 --workers 2 --counts ${BASE-16 20} --intervals 0 \
-      --detect-ahead ${AHEAD:-1} --listen feed each
+      --detect-ahead ${AHEAD:-1} --listen ${LISTEN:-feed each} ${MIF:+--muxer-in-flight $MIF}
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
-    run mps 260 --workers ${MPS_WORKERS:-2 3} --counts ${COUNTS:-16 20 24} --intervals 0 --detect-ahead ${AHEAD:-1}
+    run mps 260 --workers ${MPS_WORKERS:-2 3} --counts ${COUNTS:-16 20 24} --intervals 0 --detect-ahead ${AHEAD:-1} \
+      ${MIF:+--muxer-in-flight $MIF}
     echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
     ;;
   feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
