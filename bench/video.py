@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -73,11 +75,22 @@ async def video_run(url: str, data: bytes) -> dict[str, Any]:
             "objects_seen": summary["objects_seen"], "tracks": summary["tracks"]}
 
 
-async def videos_at_once(url: str, data: bytes, n: int) -> dict[str, Any]:
+async def videos_at_once(url: str, data: bytes, n: int, busy: Any = None) -> dict[str, Any]:
+    """`n` uploads of the video at once: aggregate frames/s; where the host's CPU went (each kind of process, ms a
+    frame, this process and the GPU sampler left out) and, with `busy` (bench.streams.GpuBusy), the GPU's busy %."""
+    from bench import proc_cpu
+
+    samples, procs0 = len(busy.samples) if busy else 0, proc_cpu.snapshot()
     start = time.perf_counter()
     runs = await asyncio.gather(*(video_run(url, data) for _ in range(n)))
     wall = time.perf_counter() - start
-    return {"videos": n, "wall_s": round(wall, 2), "aggregate_fps": round(sum(r["frames"] for r in runs) / wall, 2)}
+    roles = proc_cpu.by_role(procs0, proc_cpu.snapshot(), leave_out=(os.getpid(), getattr(busy, "pid", None)))
+    frames = sum(r["frames"] for r in runs)
+    recent = busy.samples[samples:] if busy else []
+    return {"videos": n, "wall_s": round(wall, 2), "aggregate_fps": round(frames / wall, 2),
+            "host_cpu_ms_per_frame_by_process": {role: round(sec * 1e3 / max(frames, 1), 2)
+                                                 for role, sec in list(roles.items())[:8]},
+            "gpu_busy": round(sum(recent) / len(recent), 1) if recent else None}
 
 
 async def per_frame_run(url: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
@@ -172,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         result["video"] |= asyncio.run(video_run(url, video.read_bytes()))
         result["infer_c1"] = asyncio.run(per_frame_run(url, bodies, 1))
         result["infer_c4"] = asyncio.run(per_frame_run(url, bodies, 4))
-        result["at_once"] = [asyncio.run(videos_at_once(url, video.read_bytes(), n)) for n in opts.videos]
+        from bench.streams import GpuBusy
+
+        with GpuBusy() if device == "cuda" else contextlib.nullcontext() as busy:
+            result["at_once"] = [asyncio.run(videos_at_once(url, video.read_bytes(), n, busy)) for n in opts.videos]
     finally:
         serve.shutdown()
         ray.shutdown()
