@@ -23,7 +23,8 @@
 # Or call 2, same carry: bash bench/gpu_fixed.sh inflight
 #   the streams muxer with one detector batch in flight against two: one process at 16 streams (kernel traced),
 #   then the service at 16 and 20 streams (COUNTS), at each of the push timeouts in PUSH (ms, default 33);
-#   VIDEO=1 adds /v1/video. FLIGHTS="1 2" (default): which in-flight counts.
+#   VIDEO=1 adds /v1/video. FLIGHTS="1 2" (default): which in-flight counts; AHEAD=2: each stream's next two frames
+#   detected ahead (a stream whose frame takes longer than two frame times to publish runs out of slots).
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
@@ -115,7 +116,7 @@ case "${1:-}" in
     [ -z "${VIDEO-}" ] || video
     for f in ${FLIGHTS:-1 2}; do  # PUSH="0 10 33": the muxer's push timeouts (ms) tried at each
       for p in ${PUSH:-33}; do
-        run inflight$f-push$p 150 --workers 2 --detect-ahead 1 --counts ${COUNTS:-16 20} --intervals 0 \
+        run inflight$f-push$p 150 --workers 2 --detect-ahead ${AHEAD:-1} --counts ${COUNTS:-16 20} --intervals 0 \
           --muxer-in-flight $f --push-timeout-ms $p
       done
     done

@@ -220,7 +220,7 @@ def test_the_muxer_splits_each_batch_cycle_into_waiting_to_fill_and_the_run(monk
 
     stats = asyncio.run(main())
     assert stats["batches"] == 1 and stats["mean_wait_ms"] == pytest.approx(30.0)
-    assert stats["mean_run_ms"] == pytest.approx(20.0)
+    assert stats["mean_run_ms"] == pytest.approx(20.0) and stats["in_flight"] == 1
 
 
 @pytest.mark.parametrize("in_flight", [1, 2])
