@@ -168,7 +168,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(media, ignore_errors=True)
 
     frames = sum(after[i]["frames_processed"] - before[i] for i in ids)
-    per_thread = Counter({names.get(tid, f"tid {tid}"): threads1[tid] - threads0.get(tid, 0.0) for tid in threads1})
+    per_thread: Counter[str] = Counter()  # summed per name: the 16 readers are all "stream-reader"
+    for tid in threads1:
+        per_thread[names.get(tid, f"tid {tid}")] += threads1[tid] - threads0.get(tid, 0.0)
     wall = wall1 - wall0
     return {
         "streams": opts.streams, "listen": opts.listen, "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
