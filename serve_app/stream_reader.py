@@ -97,20 +97,26 @@ class Pacer:
     since the first frame as the source's timestamps say. The clock starts at the first frame, not at the open:
     the first decode (a decoder made, the first captures of a new size) may take a second, and a clock started
     earlier made every stream read a second of frames at once after it, all but the newest dropped. A frame that
-    is late (the reader stalled) goes at once: the backlog is caught up, as a camera's buffered frames arrive."""
+    is late (the reader stalled) goes at once: the backlog is caught up, as a camera's buffered frames arrive. A
+    frame due more than `max_gap_s` from now either way (a timestamp that jumps: a cut, a wrap, a broken or
+    hostile file; a stall that long) restarts the clock at that frame, instead of holding the reader for the gap
+    or reading unpaced until the timestamps catch up. `sleep` returns early at a stop (an Event's `wait`)."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self._clock, self._sleep = clock, sleep
-        self._first: tuple[float, float] | None = None  # (the first frame's time in the source, when it went)
+                 sleep: Callable[[float], object] = time.sleep, max_gap_s: float = 2.0) -> None:
+        self._clock, self._sleep, self._max_gap = clock, sleep, max_gap_s
+        self._first: tuple[float, float] | None = None  # (a frame's time in the source, when it went): the anchor
 
     def wait(self, at: float) -> None:
         """Block until the frame at `at` seconds in the source is due."""
-        if self._first is None:
-            self._first = (at, self._clock())
-            return
-        origin, started = self._first
-        self._sleep(max(0.0, started + at - origin - self._clock()))
+        now = self._clock()
+        if self._first is not None:
+            origin, started = self._first
+            due = started + at - origin - now
+            if -self._max_gap <= due <= self._max_gap:
+                self._sleep(max(0.0, due))
+                return
+        self._first = (at, now)  # the first frame, or one after a jump: the clock starts here
 
 
 def _trim_memory() -> None:
@@ -150,7 +156,7 @@ class StreamReader:
         self.ended = threading.Event()
         self.last_frame_at = time.monotonic()
         self._fps = 0.0
-        self._pacer = Pacer()
+        self._pacer = Pacer(sleep=self._stop.wait)
         # called on the reader's thread after each frame and once reading has ended: the stream's loop waits on
         # it instead of polling (serve_app/streams.py `_take_frames`)
         self.arrived: Callable[[], None] = lambda: None
@@ -253,7 +259,7 @@ class StreamReader:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = 2
-        self._pacer, in_a_row = Pacer(), 0
+        self._pacer, in_a_row = Pacer(sleep=self._stop.wait), 0
         for packet in container.demux(stream):
             if self._stop.is_set():
                 return

@@ -58,3 +58,53 @@ def test_a_source_whose_timestamps_start_late_plays_from_its_first_frame() -> No
     pacer.wait(3600.0)  # an RTSP recording's first timestamp is an hour in
     pacer.wait(3600.04)
     assert clock.slept == pytest.approx([0.04])
+
+
+@pytest.mark.parametrize("jump", [3600.0, -3600.0], ids=["ahead", "back"])
+def test_a_timestamp_that_jumps_restarts_the_clock_instead_of_holding_or_racing_the_reader(jump: float) -> None:
+    """A file whose timestamps jump an hour ahead held its reader for the hour (unstoppable: a plain sleep); one
+    that jumps back was read unpaced until its timestamps caught up. Either way the clock restarts there."""
+    clock = Clock()
+    pacer = Pacer(clock, clock.sleep)
+    for at in (0.0, 0.04, 0.08):
+        pacer.wait(at)
+    pacer.wait(0.08 + jump)
+    assert clock.slept[-1] != pytest.approx(jump) and max(clock.slept) < 1.0  # went at once
+    went = len(clock.slept)
+    pacer.wait(0.12 + jump)
+    pacer.wait(0.16 + jump)
+    assert clock.slept[went:] == pytest.approx([0.04, 0.04])  # paced again, from the frame after the jump
+
+
+
+def test_a_file_whose_timestamps_jump_an_hour_plays_on_instead_of_stalling(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real file (two seconds of frames, an hour's jump in their timestamps half-way) read by a stream's reader
+    at its own rate: every frame is read and the reader ends, where it used to sleep through the hour."""
+    import fractions
+
+    av = pytest.importorskip("av", reason="the clip is encoded with PyAV")
+    import numpy as np
+
+    from serve_app.egress import FILE_OPTIONS
+    from serve_app.stream_reader import StreamReader
+
+    path = tmp_path / "jump.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"preset": "ultrafast", "bf": "0"}
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((120, 160, 3), i * 4, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = (i if i < 30 else i + 30 * 3600), fractions.Fraction(1, 30)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    opened: list[object] = []
+    reader = StreamReader(str(path), dict(FILE_OPTIONS), path.name, open_timeout_s=10, read_timeout_s=10,
+                          max_frame_pixels=1920 * 1080, max_side=0, pace=True, on_opened=opened.append)
+    try:
+        assert reader.ended.wait(60), f"the reader is still waiting after {reader.frames} frames"
+        assert reader.frames == 60 and reader.error is None
+    finally:
+        reader.stop()
