@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -195,6 +196,16 @@ def test_a_failing_muxer_batch_fails_its_items_and_the_next_batch_runs() -> None
     assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError) and third == 3
 
 
+async def _turns_until(condition: Callable[[], bool], turns: int = 10_000) -> None:
+    """Let the event loop turn until `condition()` holds (no time passes: only other tasks run); a bounded number
+    of turns, so a condition that never comes fails the test instead of hanging it."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not reached in {turns} turns of the event loop")
+
+
 def test_the_muxer_splits_each_batch_cycle_into_waiting_to_fill_and_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a clock the test moves (no real time in it): stream a's frame waits 30 ms for stream b's, then the
     detector takes 20 ms; the stats say so (GET /v1/pipeline's muxer: frames short, or the detector)."""
@@ -210,10 +221,10 @@ def test_the_muxer_splits_each_batch_cycle_into_waiting_to_fill_and_the_run(monk
         return frames
 
     async def main() -> dict[str, object]:
-        muxed = MuxedDetector(detect_many, MuxerConfig(batch_size=4, batched_push_timeout_ms=10_000), lambda: 2)
+        muxed = MuxedDetector(detect_many, MuxerConfig(batch_size=4, batched_push_timeout_ms=10_000,
+                                                       batches_in_flight=1), lambda: 2)
         first = asyncio.ensure_future(muxed.detect("a0", "a"))
-        while not muxed._muxer._slots.locked():  # a's frame is queued, the batch filling
-            await asyncio.sleep(0)
+        await _turns_until(muxed._muxer._slots.locked)  # a's frame is queued, the batch filling
         now[0] += 0.030
         assert await asyncio.gather(first, muxed.detect("b0", "b")) == ["a0", "b0"]
         return muxed.stats()
@@ -241,8 +252,7 @@ def test_with_two_batches_in_flight_the_next_goes_while_the_last_is_out(in_fligh
 
         muxer = Muxer(run_batch, max_batch_size=4, push_timeout_s=30.0, full=lambda: 1, in_flight=in_flight)
         first = asyncio.ensure_future(muxer.submit("a0", "a"))
-        while not sent:
-            await asyncio.sleep(0)
+        await _turns_until(lambda: bool(sent))
         second = asyncio.ensure_future(muxer.submit("a1", "a"))
         for _ in range(50):  # the loop turns enough times for the second batch to be sent, if it may be
             await asyncio.sleep(0)
