@@ -123,8 +123,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     args["ingress"]["frames_on_device"] = "auto" if opts.frames_on_device else False
     args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": opts.streams, "decoder": opts.decoder,
                                   "detect_ahead": opts.detect_ahead,
-                                  "muxer": {"batch_size": opts.muxer_batch,
-                                            "batches_in_flight": opts.muxer_in_flight},
+                                  "muxer": {"batch_size": opts.muxer_batch, **(
+                                      {"batches_in_flight": opts.muxer_in_flight} if opts.muxer_in_flight else {})},
                                   "workers": {"count": 1, "num_cpus": 1,
                                               "num_gpus": 0.5 if opts.device != "cpu" else 0}}
     config = PipelineConfig.model_validate(args)
@@ -174,7 +174,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     wall = wall1 - wall0
     return {
         "streams": opts.streams, "listen": opts.listen, "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
-        "muxer_in_flight": opts.muxer_in_flight,
+        "muxer_in_flight": config.ingress.streams.muxer.batches_in_flight,
         "fixed_shapes": opts.fixed_shapes,
         "seconds": wall, "frames": frames, "fps": frames / wall,
         "cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / max(frames, 1), "cpu_cores": (cpu1 - cpu0) / wall,
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder", default="auto", choices=["auto", "ffmpeg", "nvdec"])
     parser.add_argument("--frames-on-device", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--muxer-batch", type=int, default=16)
-    parser.add_argument("--muxer-in-flight", type=int, default=1, help="ingress.streams.muxer.batches_in_flight")
+    parser.add_argument("--muxer-in-flight", type=int, default=None,
+                        help="ingress.streams.muxer.batches_in_flight (default: the config's)")
     parser.add_argument("--detect-ahead", type=int, default=1, help="ingress.streams.detect_ahead")
     parser.add_argument("--cuda-sync", default="block", choices=["auto", "spin", "yield", "block"],
                         help="every engine's cuda_sync")
