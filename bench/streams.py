@@ -183,9 +183,9 @@ async def until_flowing(client: Any, ids: list[str], frames: int = 15, limit_s: 
     deadline = time.monotonic() + limit_s
     waiting = list(ids)
     while waiting and time.monotonic() < deadline:
-        described = await asyncio.gather(*(client.get(f"/v1/streams/{i}") for i in waiting))
+        described = [r.json() for r in await asyncio.gather(*(client.get(f"/v1/streams/{i}") for i in waiting))]
         waiting = [i for i, d in zip(waiting, described, strict=True)
-                   if d.json().get("frames_processed", 0) < frames and d.json().get("state") == "running"]
+                   if d.get("frames_processed", 0) < frames and d.get("state") == "running"]
         if waiting:
             await asyncio.sleep(0.2)
 

@@ -79,6 +79,7 @@ async def videos_at_once(url: str, data: bytes, n: int, busy: Any = None) -> dic
     """`n` uploads of the video at once: aggregate frames/s; where the host's CPU went (each kind of process, ms a
     frame, this process and the GPU sampler left out) and, with `busy` (bench.streams.GpuBusy), the GPU's busy %."""
     from bench import proc_cpu
+    from bench.streams import _mean
 
     samples, procs0 = len(busy.samples) if busy else 0, proc_cpu.snapshot()
     start = time.perf_counter()
@@ -90,7 +91,7 @@ async def videos_at_once(url: str, data: bytes, n: int, busy: Any = None) -> dic
     return {"videos": n, "wall_s": round(wall, 2), "aggregate_fps": round(frames / wall, 2),
             "host_cpu_ms_per_frame_by_process": {role: round(sec * 1e3 / max(frames, 1), 2)
                                                  for role, sec in list(roles.items())[:8]},
-            "gpu_busy": round(sum(recent) / len(recent), 1) if recent else None}
+            "gpu_busy": _mean(recent)}
 
 
 async def per_frame_run(url: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:

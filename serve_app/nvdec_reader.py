@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serve_app.decoding import InputError
-from serve_app.stream_reader import Opened, Pacer, StreamReader
+from serve_app.stream_reader import Opened, StreamReader
 
 if TYPE_CHECKING:
     import av
@@ -129,7 +129,6 @@ class NvdecReader(StreamReader):
         # The display rotation reaches PyAV on decoded frames only: FFmpeg decodes on the CPU until the first frame.
         probe: Any = stream.codec_context
         rotation = 0.0
-        self._pacer = Pacer(sleep=self._stop.wait)
         for packet in container.demux(stream):
             if self._stop.is_set():
                 return
@@ -194,7 +193,6 @@ class NvdecFileReader(NvdecReader):
             return
         self._fps = float(demuxer.FrameRate() or 0.0)
         self._answer(Opened(self._fps, width, height, "nvdec"))
-        self._pacer = Pacer(sleep=self._stop.wait)
         for packet in itertools.chain(demuxer, [nvc.PacketData()]):  # the empty packet flushes the decoder
             if self._stop.is_set():
                 return

@@ -259,7 +259,7 @@ class StreamReader:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = 2
-        self._pacer, in_a_row = Pacer(sleep=self._stop.wait), 0
+        in_a_row = 0
         for packet in container.demux(stream):
             if self._stop.is_set():
                 return
