@@ -112,7 +112,8 @@ case "${1:-}" in
     # (kernel traced) then the service; VIDEO=1: /v1/video too
     [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (stress, ab)"; exit 1; }
     tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
-    for f in ${FLIGHTS:-1 2}; do profile 16 inflight$f --muxer-in-flight $f --kernel-trace ${KT:-2}; done
+    # HPF= (empty): no one-process profile
+    [ -z "${HPF-16}" ] || for f in ${FLIGHTS:-1 2}; do profile ${HPF:-16} inflight$f --muxer-in-flight $f --kernel-trace ${KT:-2}; done
     [ -z "${VIDEO-}" ] || video
     for f in ${FLIGHTS:-1 2}; do  # PUSH="0 10 33": the muxer's push timeouts (ms) tried at each
       for p in ${PUSH:-33}; do
@@ -120,6 +121,52 @@ case "${1:-}" in
           --muxer-in-flight $f --push-timeout-ms $p
       done
     done
+    ;;
+  images)  # carry [".devsite/site.tar.xz"]: issue 24's served figures, the ceiling measured in the same run
+    # (bench.run --ceiling): the shipped GPU config (layout ingress, two replicas sharing the card) and one replica,
+    # both images, c1 to c128, the FastAPI anchor beside them; VARIANTS overrides which. MPS="...": those variants
+    # again with the CUDA MPS daemon up (one shared context for the replicas instead of time-sliced ones)
+    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    images_run() {  # $1: tag, the rest: bench.run options
+      local tag=$1; shift
+      RAY_SERVE_ENABLE_HA_PROXY=1 timeout ${LIMIT:-480} python3 -m bench.run --device cuda --backend torch --fp16 \
+        --workloads face --images one many --saturate --requests ${REQUESTS:-20} --time-limit ${TIME_LIMIT:-5} \
+        --tag $tag --out "$O" "$@" 2> "$E/images-$tag.err" | grep -A8 "^Against the GPU-bound ceiling"
+      python3 - "$O/bench-cuda-$tag.json" <<'PY' || tail -n 4 "$E/images-$tag.err"
+import json, sys
+for w, v in json.load(open(sys.argv[1]))["workloads"].items():
+    print(w, "anchor", {k: (a["p50_ms"], a["rps"]) for k, a in v.get("anchor", {}).items() if "rps" in a})
+    for name, levels in v["variants"].items():
+        for k, m in levels.items():
+            if k.startswith("c") and "rps" in m:
+                busy = (m.get("gpu_utilisation") or {}).get("0", {}).get("mean_pct")
+                print(w, name, k, m["p50_ms"], m["p95_ms"], m["rps"], m["server_cpu_ms_per_request"], busy,
+                      m.get("server_cpu_ms_per_request_by_process"))
+PY
+    }
+    [ -z "${VARIANTS-x}" ] || images_run ${TAG:-h100-images} --ceiling --variants ${VARIANTS:-ingress+haproxy+x2 ingress+haproxy}
+    if [ -n "${MPS-}" ]; then
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
+      images_run ${TAG:-h100-images}-mps --no-anchor ${MPS_CEILING:+--ceiling} --variants $MPS
+      echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+    fi
+    ;;
+  scale)  # carry [".devsite/video.tar.xz", ".gpuclips"], after a call that unpacked site.tar.xz: streams per GPU
+    # with the CUDA MPS daemon up, three stream workers, 720p then 1080p, each with the ceiling of the same card in
+    # the same run (bench.streams --ceiling); first NOMPS="16 20": three workers without MPS (time-sliced contexts)
+    [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (images, ab)"; exit 1; }
+    tar -xJf .devsite/video.tar.xz -C "$site" || exit 1
+    [ -z "${NOMPS-16 20}" ] || run no-mps-w${WORKERS:-3} 130 --workers ${WORKERS:-3} --counts ${NOMPS-16 20} --intervals 0 \
+      --detect-ahead 1
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
+    run mps-w${WORKERS:-3} 200 --workers ${WORKERS:-3} --counts ${COUNTS:-20 22 24} --intervals 0 --detect-ahead 1 --ceiling
+    [ -z "${HD-8 10 12}" ] || run mps-w${WORKERS:-3}-1080p 200 --workers ${WORKERS:-3} --counts ${HD-8 10 12} \
+      --intervals 0 --detect-ahead 1 --ceiling --sizes 1080p
+    echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+    grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
+      /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
     ;;
   stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
@@ -129,5 +176,5 @@ case "${1:-}" in
     timeout 300 python3 -m bench.capture_stress --clip .gpuclips/720p.mp4 --out "$O/capture-stress.json" \
       ${LOADS:+--loads "$LOADS"}
     ;;
-  *) echo "usage: $0 ab|streams|mps|feed|inflight|stress"; exit 2 ;;
+  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|stress"; exit 2 ;;
 esac

@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 
 from bench.replicas import replica_processes
 
@@ -91,32 +90,61 @@ def replicas_by_card(app: str) -> dict[int, dict[str, int]] | None:
     return placement_by_card(gpus, parse_compute_apps(apps), replica_processes(app))
 
 
-@dataclass
 class UtilisationSampler:
-    """Samples every card's utilisation every `every_s` on a thread, between `start()` and `stop()`."""
+    """Every card's utilisation every `every_s`, between `start()` and `stop()`, from one `nvidia-smi` in its loop
+    mode (`-lms`): a new nvidia-smi per sample cost the host about 1 ms of CPU per processed frame at 240 frames/s
+    (bench/streams.py), which a benchmark would count as the service's. `pid`: that process's, for leaving its CPU
+    out; None where nvidia-smi is missing (no samples then)."""
 
-    every_s: float = 0.5
-    samples: dict[int, list[float]] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, every_s: float = 0.2) -> None:
+        self.every_s = every_s
+        self.samples: dict[int, list[float]] = {}
+        self.pid: int | None = None
+        self._process: subprocess.Popen[str] | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> UtilisationSampler:
-        self._thread = threading.Thread(target=self._run, name="gpu-utilisation", daemon=True)
+        try:
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=index,uuid,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", str(max(int(self.every_s * 1e3), 1))],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
+        self.pid = self._process.pid
+        self._thread = threading.Thread(target=self._read, args=(self._process,), name="gpu-utilisation", daemon=True)
         self._thread.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            gpus = _query_gpus()
-            if gpus is None:
-                return
-            for index, busy in gpus.values():
+    def card(self, index: int = 0) -> list[float]:
+        """One card's samples so far (busy %), in order; the list grows while sampling."""
+        return self.samples.setdefault(index, [])
+
+    def __enter__(self) -> UtilisationSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        for line in process.stdout or []:
+            try:
+                rows = parse_gpus(line)
+            except ValueError:  # a line that is not a card's row (a warning): skipped
+                continue
+            for index, busy in rows.values():
                 if busy is not None:
                     self.samples.setdefault(index, []).append(busy)
 
     def stop(self) -> dict[str, dict[str, float]]:
         """Each card's mean and max busy % over the samples, keyed by card index."""
-        self._stop.set()
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
         if self._thread is not None:
             self._thread.join(timeout=15)
         return {str(i): {"mean_pct": round(statistics.fmean(v), 1), "max_pct": max(v), "samples": len(v)}

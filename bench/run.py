@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import proc_cpu
 from bench.gpus import UtilisationSampler, one_set_per_card, replicas_by_card, visible_devices
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,7 @@ SATURATION = ((64, "parallel"), (128, "parallel"))  # --saturate: where the card
 SEVERAL_GPU_LEVELS = (*LEVELS, (32, "parallel"))  # two cards need more clients to fill
 SAMPLED_LEVELS = (16, 32)  # the GPU utilisation is sampled during these concurrencies
 IMAGES = ("one", "many")
+WARM_UP_ROUNDS = 4  # before each level above c1: that many requests per client, unmeasured
 SLOWEST_SHARE = 0.05  # the tail whose spans are printed: the slowest 5 % of each c4 / c16 run
 
 
@@ -227,13 +229,23 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                     sink.append(spans)
 
             count = n if concurrency == 1 else max(n * 2, concurrency * 8)
+            if concurrency > 1:  # unmeasured: the batch sizes this level forms are seen (and their graphs captured)
+                await closed_loop(lambda: client.post(url, content=body, headers={"Content-Type": "image/jpeg"}),
+                                  concurrency, concurrency * WARM_UP_ROUNDS, time_limit)
             sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
                 else None
-            cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+            cpu0, own0, procs0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot()
             lat, wall = await closed_loop(call, concurrency, count, time_limit)
-            cpu_ms = ((busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0)) * 1e3 / max(len(lat), 1)
+            procs1 = proc_cpu.snapshot()
+            left_out = (os.getpid(), sampler.pid if sampler else None)
+            cpu_s = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0) - \
+                proc_cpu.spent(procs0, procs1, left_out[1])
+            served = max(len(lat), 1)
             key = f"c{concurrency}_{mode}"
-            out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_ms, 1)}
+            out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_s * 1e3 / served, 1),
+                        # where it went: each kind of process's CPU per request (the largest six; ms)
+                        "server_cpu_ms_per_request_by_process": {role: round(seconds * 1e3 / served, 2) for role, seconds
+                                                                 in list(proc_cpu.by_role(procs0, procs1, left_out).items())[:6]}}
             if sampler is not None:
                 out[key]["gpu_utilisation"] = sampler.stop()
             if traces and concurrency == 1:

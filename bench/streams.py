@@ -22,10 +22,8 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from bench import proc_cpu
+from bench.gpus import UtilisationSampler
 from bench.run import busy_cpu_seconds, environment, own_cpu_seconds, pct
 
 SIZES = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
@@ -65,47 +64,6 @@ def make_clip(path: Path, width: int, height: int, seconds: float, fps: int = FP
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-class GpuBusy:
-    """The GPU's busy fraction (nvidia-smi's utilization.gpu), sampled every 200 ms while in use by one nvidia-smi
-    in its loop mode: a new nvidia-smi every sample cost the host about 1 ms of CPU per processed frame (measured
-    on the H100 host at 240 frames/s), which the host's figure counted as the service's. `pid`: the sampler's, for
-    leaving its CPU out."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self.pid: int | None = None
-        self._process: subprocess.Popen[str] | None = None
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        try:
-            self._process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            return
-        self.pid = self._process.pid
-        for line in self._process.stdout or []:
-            try:
-                self.samples.append(float(line.split()[0]))
-            except (ValueError, IndexError):
-                continue
-
-    def __enter__(self) -> GpuBusy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-        self._thread.join(timeout=6)
-
-    @property
-    def mean(self) -> float | None:
-        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
 class _Tally:
@@ -319,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8013})
     try:
-        with sources(clips, opts.rtsp) as named, GpuBusy() if opts.device != "cpu" else _Nothing() as busy:
+        with sources(clips, opts.rtsp) as named, UtilisationSampler() if opts.device != "cpu" else _Nothing() as busy:
             plan = [(w, f, i, b) for w in opts.workers for f in opts.frames_on_device for i in opts.intervals
                     for b in opts.muxer_batch_sizes]
             for workers, on_device, interval, muxer_batch in plan:
@@ -363,15 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                     for count, listen in ((c, m) for c in sorted(opts.counts) for m in opts.listen):
                         if listen in unsustained:
                             continue
-                        samples = len(busy.samples)
+                        samples = len(busy.card())
                         run = asyncio.run(streams_at_once(url, named[size], count, opts.seconds,
-                                                          getattr(busy, "pid", None), listen))
+                                                          busy.pid, listen))
                         run |= {"size": size, "listen": listen, "interval": interval, "muxer_batch_size": muxer_batch,
                                 "workers": workers, "frames_on_device": on_device,
                                 "detect_ahead": opts.detect_ahead, "cuda_sync": opts.cuda_sync,
                                 "muxer_in_flight": opts.muxer_in_flight, "push_timeout_ms": opts.push_timeout_ms,
                                 "fixed_shapes": None if opts.fixed_shapes == "auto" else opts.fixed_shapes,
-                                "gpu_busy": _mean(busy.samples[samples:]),
+                                "gpu_busy": _mean(busy.card()[samples:]),
                                 "muxer": asyncio.run(_muxer(url))}
                         result["runs"].append(run)
                         print(_row(run), flush=True)
@@ -415,7 +373,10 @@ async def _muxer(url: str) -> dict[str, Any] | None:
 
 
 class _Nothing:
-    samples: list[float] = []
+    pid = None
+
+    def card(self) -> list[float]:
+        return []
 
     def __enter__(self) -> _Nothing:
         return self

@@ -77,17 +77,17 @@ async def video_run(url: str, data: bytes) -> dict[str, Any]:
 
 async def videos_at_once(url: str, data: bytes, n: int, busy: Any = None) -> dict[str, Any]:
     """`n` uploads of the video at once: aggregate frames/s; where the host's CPU went (each kind of process, ms a
-    frame, this process and the GPU sampler left out) and, with `busy` (bench.streams.GpuBusy), the GPU's busy %."""
+    frame, this process and the GPU sampler left out) and, with `busy` (bench.gpus.UtilisationSampler), the GPU's busy %."""
     from bench import proc_cpu
     from bench.streams import _mean
 
-    samples, procs0 = len(busy.samples) if busy else 0, proc_cpu.snapshot()
+    samples, procs0 = len(busy.card()) if busy else 0, proc_cpu.snapshot()
     start = time.perf_counter()
     runs = await asyncio.gather(*(video_run(url, data) for _ in range(n)))
     wall = time.perf_counter() - start
-    roles = proc_cpu.by_role(procs0, proc_cpu.snapshot(), leave_out=(os.getpid(), getattr(busy, "pid", None)))
+    roles = proc_cpu.by_role(procs0, proc_cpu.snapshot(), leave_out=(os.getpid(), busy.pid if busy else None))
     frames = sum(r["frames"] for r in runs)
-    recent = busy.samples[samples:] if busy else []
+    recent = busy.card()[samples:] if busy else []
     return {"videos": n, "wall_s": round(wall, 2), "aggregate_fps": round(frames / wall, 2),
             "host_cpu_ms_per_frame_by_process": {role: round(sec * 1e3 / max(frames, 1), 2)
                                                  for role, sec in list(roles.items())[:8]},
@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         result["video"] |= asyncio.run(video_run(url, video.read_bytes()))
         result["infer_c1"] = asyncio.run(per_frame_run(url, bodies, 1))
         result["infer_c4"] = asyncio.run(per_frame_run(url, bodies, 4))
-        from bench.streams import GpuBusy
+        from bench.gpus import UtilisationSampler
 
-        with GpuBusy() if device == "cuda" else contextlib.nullcontext() as busy:
+        with UtilisationSampler() if device == "cuda" else contextlib.nullcontext() as busy:
             result["at_once"] = [asyncio.run(videos_at_once(url, video.read_bytes(), n, busy)) for n in opts.videos]
     finally:
         serve.shutdown()

@@ -4,6 +4,9 @@ The two-GPU run itself needs two cards (`bash bench/gpu_run.sh` with GPUS="1 2";
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from bench.gpus import (
@@ -88,6 +91,27 @@ def test_the_sampler_stops_by_itself_where_nvidia_smi_is_missing(tmp_path, monke
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi on it
     sampler = UtilisationSampler(every_s=0.01).start()
     assert sampler.stop() == {}
+
+
+def test_the_sampler_reads_one_looping_nvidia_smi_and_ends_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One nvidia-smi for the whole window (its `-lms` loop, rows as its CSV query prints them; a card that cannot
+    say prints [N/A]), ended by stop(); its pid is known, so a benchmark can leave its CPU out."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in *"-lms 20"*) ;; *) exit 3 ;; esac\n'  # the loop mode, at the interval asked for
+                    "while true; do printf '0, GPU-8d1c, 37\\n1, GPU-77aa, [N/A]\\n'; sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    sampler = UtilisationSampler(every_s=0.02).start()
+    assert sampler.pid is not None
+    for _ in range(500):  # until two samples came (bounded: 5 s)
+        if len(sampler.samples.get(0, [])) >= 2:
+            break
+        time.sleep(0.01)
+    result = sampler.stop()
+    assert result["0"]["mean_pct"] == 37.0 and result["0"]["samples"] >= 2 and "1" not in result
+    with pytest.raises(ProcessLookupError):
+        os.kill(sampler.pid, 0)  # ended and reaped
 
 
 
