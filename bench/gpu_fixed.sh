@@ -168,6 +168,18 @@ PY
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
     ;;
+  spy)  # carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"] (made with `xz -9 -c .venv/bin/py-spy > .devsite/py-spy.xz`:
+    # the device pack leaves py-spy's binary out): where the ingress replica's CPU goes per request, by thread and
+    # function (bench/replica_spy.py), the shipped GPU layout's replica at c16 (CONC), one face then eight
+    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    mkdir -p /tmp/spybin && xz -dc .devsite/py-spy.xz > /tmp/spybin/py-spy && chmod +x /tmp/spybin/py-spy || exit 1
+    export PATH=/tmp/spybin:$PATH
+    for image in ${IMAGES:-one many}; do
+      RAY_SERVE_ENABLE_HA_PROXY=1 timeout 150 python3 -m bench.replica_spy --device cuda --backend torch --fp16 \
+        --variant ${VARIANT:-ingress+haproxy} --image $image --concurrency ${CONC:-16} --seconds 15 \
+        --out "$O/replica-spy-$image.json" 2> "$E/spy-$image.err" | head -n 70 || tail -n 5 "$E/spy-$image.err"
+    done
+    ;;
   stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
     [ -n "${NOTEST:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/test_torch_backend.py \
@@ -176,5 +188,5 @@ PY
     timeout 300 python3 -m bench.capture_stress --clip .gpuclips/720p.mp4 --out "$O/capture-stress.json" \
       ${LOADS:+--loads "$LOADS"}
     ;;
-  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|stress"; exit 2 ;;
+  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|spy|stress"; exit 2 ;;
 esac
