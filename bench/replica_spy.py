@@ -106,7 +106,7 @@ async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="ingress+haproxy", choices=list(VARIANTS),
-                        help="bench.run's variant (layout and settings; +haproxy needs RAY_SERVE_ENABLE_HA_PROXY=1)")
+                        help="bench.run's variant: its layout, settings and environment")
     parser.add_argument("--replica", default="ingress", help="the deployment whose first replica is sampled")
     parser.add_argument("--image", default="one", choices=["one", "many"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -117,8 +117,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=250, help="py-spy's samples per second")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "replica-spy.json"))
     opts = parser.parse_args()
-    if "+haproxy" in opts.variant and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
-        raise SystemExit(f"{opts.variant}: start with RAY_SERVE_ENABLE_HA_PROXY=1 (as bench.run does for it)")
+    os.environ.update(VARIANTS[opts.variant][0])  # the variant's environment (HAProxy ...), read as Ray starts
     spy = _py_spy()
 
     import ray

@@ -63,6 +63,9 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "ingress+haproxy+host-frames": (HAPROXY, {"layout": "ingress", "frames_on_device": False}),
     "ingress+haproxy+device-frames": (HAPROXY, {"layout": "ingress", "frames_on_device": True}),
     "ingress+haproxy+x2": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2}),
+    # the user code on the replica's own (uvloop) event loop, the one its HTTP server runs on with HAProxy, instead of
+    # a loop of its own on another thread (Ray 2.60's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, default 1)
+    "ingress+haproxy+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"layout": "ingress"}),
     "ingress+haproxy+x4": (HAPROXY, {"layout": "ingress", "ingress_replicas": 4}),
     # torch's CPU pool at every core, as the engines left it on CUDA before they held it to `intra_op_threads`
     "ingress+haproxy+x2+threads16": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "host_threads": 16}),
