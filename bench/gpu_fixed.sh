@@ -25,6 +25,12 @@
 #   then the service at 16 and 20 streams (COUNTS), at each of the push timeouts in PUSH (ms, default 33);
 #   VIDEO=1 adds /v1/video. FLIGHTS="1 2" (default): which in-flight counts; AHEAD=2: each stream's next two frames
 #   detected ahead (a stream whose frame takes longer than two frame times to publish runs out of slots).
+# One call, carry [".devsite/site.tar.xz"]: bash bench/gpu_fixed.sh images
+#   issue 24's served figures with the ceiling of the same run (bench.run --saturate --ceiling); MPS="variants" again
+#   with the CUDA MPS daemon up. Then, same warm machine, carry [".devsite/video.tar.xz", ".gpuclips"]:
+#   bash bench/gpu_fixed.sh scale: streams per GPU under MPS, three workers, 720p and 1080p, ceilings included.
+# One call, carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"]: bash bench/gpu_fixed.sh spy
+#   the ingress replica's CPU per request by thread and function (bench/replica_spy.py), one face and eight.
 set -uo pipefail
 site=.devsite/site
 O=${OUT:-bench/out/gpu}; mkdir -p "$O"
