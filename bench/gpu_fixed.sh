@@ -180,8 +180,8 @@ PY
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
     mkdir -p /tmp/spybin && xz -dc .devsite/py-spy.xz > /tmp/spybin/py-spy && chmod +x /tmp/spybin/py-spy || exit 1
     export PATH=/tmp/spybin:$PATH
-    for image in ${IMAGES:-one many}; do  # ONE_LOOP=0: the user code on the replica's own loop (bench.run's +one-loop); GIL=1: only the thread holding the GIL
-      RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=${ONE_LOOP:-1} RAY_SERVE_ENABLE_HA_PROXY=1 timeout 150 python3 -m bench.replica_spy --device cuda --backend torch --fp16 \
+    for image in ${IMAGES:-one many}; do  # VARIANT: bench.run's (its environment too); GIL=1: only the GIL's holder
+      timeout 150 python3 -m bench.replica_spy --device cuda --backend torch --fp16 \
         --variant ${VARIANT:-ingress+haproxy} --image $image --concurrency ${CONC:-16} --seconds 15 ${GIL:+--gil} \
         --out "$O/replica-spy-$image.json" 2> "$E/spy-$image.err" | head -n 70 || tail -n 5 "$E/spy-$image.err"
     done

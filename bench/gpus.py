@@ -134,7 +134,7 @@ class UtilisationSampler:
                 continue
             for index, busy in rows.values():
                 if busy is not None:
-                    self.samples.setdefault(index, []).append(busy)
+                    self.card(index).append(busy)
 
     def stop(self) -> dict[str, dict[str, float]]:
         """Each card's mean and max busy % over the samples, keyed by card index."""

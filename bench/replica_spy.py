@@ -7,11 +7,11 @@ thread and which functions spend it. It starts one Serve variant of the face dem
 `--concurrency` clients post the chosen image, and prints each thread's CPU per request and the functions that
 hold it (inclusive samples).
 
-    python -m bench.replica_spy --layout ingress --concurrency 16 --seconds 15       # CPU
-    python -m bench.replica_spy --device cuda --backend torch --fp16 --concurrency 16   # GPU machine
+    python -m bench.replica_spy --variant ingress+haproxy --concurrency 16 --seconds 15   # CPU
+    python -m bench.replica_spy --device cuda --backend torch --fp16 --concurrency 16    # GPU machine
 
 py-spy (Ray's dependency) must be on PATH or next to this interpreter; on the GPU machine its binary is not in the
-device pack (carry `.venv/bin/py-spy`). Attaching needs ptrace rights over the replica (same user, no Yama
+device pack (`bash bench/gpu_fixed.sh spy` carries it xz-compressed). Attaching needs ptrace rights over the replica (same user, no Yama
 restriction, or CAP_SYS_PTRACE). A sample counts a thread that is not idle: running, or runnable and waiting for a
 core. Where the machine's cores are busy (the 2-core box under load) the second inflates every thread's figure: a
 Ray histogram's `observe`, 3.6 us alone in a replica, showed there as 120 us. `--gil` counts only the thread holding
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.replicas import replica_processes
-from bench.run import VARIANTS, images, workload_args
+from bench.run import VARIANTS, add_engine_arguments, images, workload_args
 
 ROOT = Path(__file__).resolve().parent.parent
 WRAPPER_SHARE = 0.9  # a function on at least this share of a thread's samples wraps the thread: not listed
@@ -112,9 +112,7 @@ def main() -> None:
                         help="bench.run's variant: its layout, settings and environment")
     parser.add_argument("--replica", default="ingress", help="the deployment whose first replica is sampled")
     parser.add_argument("--image", default="one", choices=["one", "many"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    parser.add_argument("--fp16", action="store_true")
+    add_engine_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0, help="how long the replica is sampled (under load)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy's samples per second")

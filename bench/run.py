@@ -612,15 +612,20 @@ RATIO_KEYS = ["c1_parallel_over_ideal", "c1_parallel_over_inprocess_sequential",
               "c16_throughput_over_slowest_stage", "worst_p95_over_p50", "c16_errors"]
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --backend and --fp16, as every benchmark that starts the service takes them."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    parser.add_argument("--fp16", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["face", "standin"], choices=["face", "standin"])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--images", nargs="+", default=list(IMAGES), choices=list(IMAGES),
                         help="one: the one-face portrait; many: eight faces in one photo (workload <name>-many)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    parser.add_argument("--fp16", action="store_true")
+    add_engine_arguments(parser)
     parser.add_argument("--standin-size", type=int, default=128)
     parser.add_argument("--requests", type=int, default=40, help="per measurement at concurrency 1 (x2 above)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per measurement, at most")

@@ -33,7 +33,7 @@ import numpy as np
 
 from bench import proc_cpu
 from bench.gpus import UtilisationSampler
-from bench.run import busy_cpu_seconds, environment, own_cpu_seconds, pct
+from bench.run import add_engine_arguments, busy_cpu_seconds, environment, own_cpu_seconds, pct
 
 SIZES = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
 FPS = 30
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intervals", type=int, nargs="+", default=[0, 2], help="detector.interval values")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each count is followed")
     parser.add_argument("--rtsp", action="store_true", help="serve the clips from gst-rtsp-server (CPU machine)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    parser.add_argument("--fp16", action="store_true")
+    add_engine_arguments(parser)
     parser.add_argument("--layout", default="ingress", choices=["separate", "colocated", "ingress"])
     parser.add_argument("--ingress-replicas", type=int, default=None)
     parser.add_argument("--workers", type=int, nargs="+", default=[0],

@@ -29,7 +29,7 @@ from typing import Any
 
 import cv2
 
-from bench.run import busy_cpu_seconds, closed_loop, environment, own_cpu_seconds
+from bench.run import add_engine_arguments, busy_cpu_seconds, closed_loop, environment, own_cpu_seconds
 
 
 def read_frames(path: Path) -> list[Any]:
@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--workload", default="face", choices=["face", "standin"])
     parser.add_argument("--standin-size", type=int, default=112)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    parser.add_argument("--fp16", action="store_true")
+    add_engine_arguments(parser)
     parser.add_argument("--lookahead", type=int, default=None, help="ingress.video.lookahead (default: the config's)")
     parser.add_argument("--videos", type=int, nargs="*", default=[1, 4], help="videos at once, for aggregate fps")
     parser.add_argument("--detector-replicas", type=int, default=None, help="detector.deployment.num_replicas")
