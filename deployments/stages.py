@@ -26,6 +26,7 @@ from deployments.placement_log import warn_if_gpu_unused
 from deployments.results import ClassifierResult, DetectorResult, StageTiming
 from engines import Classifications, Detections, EngineError, Pending, completed
 from engines.base import span
+from engines.classifier import ClassifierModel
 from engines.batching import concatenate
 from engines.image import ImageRefused, check_size, decode_for_detection, fit_side, inverse
 from engines.yolo import Yolo
@@ -58,6 +59,7 @@ class DetectorStage:
         self.device = self._model.device
         warn_if_gpu_unused("detector", device, self.device, self._model.backend)
         self._executor = ComputeExecutor(config.engine.execution, shared, "detector")
+        self.on_batch = on_batch
         self._batcher: GreedyBatcher[np.ndarray, Detections] = GreedyBatcher(
             self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=on_batch
         )
@@ -66,6 +68,16 @@ class DetectorStage:
         # takes frames already on its device (decoded there: the GPU-resident image path)
         self.takes_device_frames = bool(getattr(self._model, "takes_device_frames", False))
         logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
+
+    @property
+    def model(self) -> Any:
+        """The detector itself, for work that runs on `executor` (one batch at a time: the models are not
+        reentrant): layout ingress's whole pass on the device (serve_app/device_pass.py)."""
+        return self._model
+
+    @property
+    def executor(self) -> ComputeExecutor:
+        return self._executor
 
     def _detect_batch(self, frames: list[np.ndarray]) -> Pending[list[Detections]]:
         return completed(self._model.detect_batch, frames)
@@ -157,6 +169,7 @@ class ClassifierStage:
         self.device = self._model.engine.device
         warn_if_gpu_unused(config.name, device, self.device, self._model.engine.backend)
         self._executor = ComputeExecutor(config.engine.execution, shared, config.name, self._model.engine.asynchronous)
+        self.on_batch = on_batch
         self._shape = (config.input.height, config.input.width, 3)
         self._max_batch = config.batching.max_batch_size
         self._batcher: GreedyBatcher[np.ndarray, Classifications] = GreedyBatcher(
@@ -166,6 +179,11 @@ class ClassifierStage:
         # takes crops cut on its device (a torch tensor), keeping them there where it normalises in its forward
         self.takes_device_crops = self._model.engine.backend == "torch"
         logger.info("classifier %s ready on %s (execution %s)", config.name, self.device, self._executor.mode)
+
+    @property
+    def model(self) -> ClassifierModel:
+        """The classifier itself: its `launch` may be called from any thread (the engine orders its runs)."""
+        return self._model
 
     def _predict_chunks(self, chunks: list[Any]) -> Pending[list[Classifications]]:
         """Launch the crops of every call in the batch as one engine batch; the answer splits per call."""

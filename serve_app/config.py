@@ -224,9 +224,17 @@ class IngressConfig(StrictModel):
     )
     device_batch_size: int = Field(
         16, ge=1, le=256,
-        description="frames on the device: the most requests whose JPEGs are decoded in one nvJPEG call, and whose "
-        "classifier crops are cut in one pass; a batch runs as soon as the previous one is done, with what queued "
-        "meanwhile (nothing waits for company)",
+        description="frames on the device: the most requests whose images go through one batch (one nvJPEG call, "
+        "one detector batch, one cut per crop geometry); a batch runs as soon as the previous one is done, with "
+        "what queued meanwhile (nothing waits for company)",
+    )
+    device_pass: Literal["whole", "stages"] = Field(
+        "whole",
+        description="frames on the device: 'whole' takes each batch of requests through decode, detect, crop and "
+        "classify on one thread, and each request back to the event loop once (DeepStream's way: a classifier that "
+        "fails costs only its attribute; one slower than its timeout_s delays its batch and answers timeout); "
+        "'stages' batches each step on its own, a hand-over between the loop and a thread per step and request "
+        "(a slow classifier delays only its own attribute)",
     )
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -25,6 +25,7 @@ from serve_app.graph import ClassifierRoute, cut_each_spec_once_many
 
 if TYPE_CHECKING:
     from engines.device_image import DeviceDecoder
+    from serve_app.device_pass import DevicePass
 
 logger = logging.getLogger("ray.serve")
 
@@ -51,7 +52,33 @@ def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | Non
     return DeviceDecoder(str(detector.device))
 
 
+def device_pass(config: PipelineConfig, wiring: Any, decoder: DeviceDecoder) -> DevicePass | None:
+    """`ingress.device_pass: whole`: the images of concurrent requests through the whole pipeline in one batch,
+    on the detector's compute thread (serve_app/device_pass.py); None: stage by stage (`stages`, or a detector
+    whose work does not run on a thread of its own: `engine.execution` inline or async)."""
+    from serve_app.device_pass import DevicePass
+
+    if config.ingress.device_pass != "whole":
+        return None
+    if wiring.detector.executor.mode != "thread":
+        logger.warning("ingress.device_pass whole runs on the detector's compute thread, and detector.engine."
+                       "execution is %s: the device path goes stage by stage", wiring.detector.executor.mode)
+        return None
+    routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
+    return DevicePass(decoder, wiring.detector, dict(wiring.classifiers), routes, config.ingress.device_batch_size,
+                      config.detector.max_detect_side, config.ingress.detector_timeout_s)
+
+
+def is_jpeg(data: bytes) -> bool:
+    """Whether nvJPEG's batched decode takes these bytes; other formats are decoded by OpenCV one by one, so that
+    a large PNG does not hold the JPEGs that came with it."""
+    return data[:2] == b"\xff\xd8"
+
+
 class DeviceBatches:
+    """`ingress.device_pass: stages`: the decodes of concurrent requests in one batch, and their crops cut in one
+    pass per crop geometry; detector and classifiers batch in their own stages."""
+
     def __init__(self, decoder: DeviceDecoder, max_batch: int) -> None:
         self.decoder = decoder
         self._executors = [ComputeExecutor("thread", True, "device-decode"), ComputeExecutor("thread", True,
@@ -60,12 +87,6 @@ class DeviceBatches:
             lambda bodies: completed(decoder.decode_many, bodies), self._executors[0], max_batch)
         self._cuts: GreedyBatcher[_Cut, list[Any]] = GreedyBatcher(
             lambda cuts: completed(_cut_all, cuts), self._executors[1], max_batch)
-
-    @staticmethod
-    def batches(data: bytes) -> bool:
-        """Whether this body's decode joins a batch: JPEGs (nvJPEG's); other formats are decoded by OpenCV one by
-        one, so that a large PNG does not hold the JPEGs that came with it."""
-        return data[:2] == b"\xff\xd8"
 
     async def decode(self, data: bytes) -> Any | None:
         """The image as a device frame (H, W, 3) uint8 BGR, displayed; None if it will not decode."""

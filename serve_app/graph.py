@@ -111,7 +111,7 @@ class GraphResult:
 _PATH = re.compile(r"[\w.~-]*(?:/[\w.~-]+)+\.(?:h|hpp|c|cc|cpp|cu|py|onnx|engine|so)(?::\d+)?")
 
 
-def _short_error(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """One line naming the failure, without tracebacks, file paths or source locations."""
     cause = getattr(exc, "cause", None) or exc
     if callable(getattr(cause, "details", None)) and callable(getattr(cause, "code", None)):
@@ -193,8 +193,8 @@ class InferenceGraph:
         except TimeoutError as exc:
             raise DetectorUnavailable(f"the detector did not answer within {self._detector_timeout_s:g} s") from exc
         except Exception as exc:
-            logger.warning("detector failed: %s", _short_error(exc))
-            raise DetectorUnavailable(f"the detector failed: {_short_error(exc)}") from exc
+            logger.warning("detector failed: %s", short_error(exc))
+            raise DetectorUnavailable(f"the detector failed: {short_error(exc)}") from exc
         if result.refused is not None:  # the detector would not decode the bytes: the client's error
             raise InputError(*result.refused)
         out.detections = result.detections
@@ -210,8 +210,8 @@ class InferenceGraph:
         except TimeoutError:
             out.errors[route.name] = StageError(code="timeout", message=f"no answer within {route.timeout_s:g} s")
         except Exception as exc:
-            logger.warning("classifier %s failed: %s", route.name, _short_error(exc))
-            out.errors[route.name] = StageError(code="failed", message=_short_error(exc))
+            logger.warning("classifier %s failed: %s", route.name, short_error(exc))
+            out.errors[route.name] = StageError(code="failed", message=short_error(exc))
         else:
             out.outputs[route.name] = (indices, result.classifications)
             out.calls[route.name] = CallSpan(start, _ms(start), result.timing, result.attempts)
@@ -251,22 +251,11 @@ class InferenceGraph:
             out.detections = out.detections.scaled(inverse(scale)).clip(frame.shape[1], frame.shape[0])
         return await self._classify_all(frame, out, mode, only)
 
-    def _selected(self, route: ClassifierRoute, out: GraphResult) -> np.ndarray | StageError:
-        """The objects `route` runs on (`ClassifierRoute.select` over this request's answers). A parent that did
-        not answer skips it, with the reason."""
-        for parent, _ in route.parents:
-            if parent in out.errors:
-                why = "was skipped" if out.errors[parent].code == "skipped" else (
-                    "timed out" if out.errors[parent].code == "timeout" else "failed")
-                return StageError(code="skipped", message=f"not run: its parent {parent} {why}")
-        labels = {parent: _labels_by_object(out, parent) for parent, _ in route.parents}
-        return route.select(out.detections, lambda parent, obj: labels[parent].get(obj))
-
     async def _run_route(self, route: ClassifierRoute, frame: np.ndarray, out: GraphResult,
                          parents_done: Mapping[str, asyncio.Future[None]]) -> None:
         """A chained classifier: wait for its own parents only, then crop what they selected and classify."""
         await asyncio.gather(*(parents_done[name] for name, _ in route.parents if name in parents_done))
-        selected = self._selected(route, out)
+        selected = selected_objects(route, out)
         if isinstance(selected, StageError):
             out.errors[route.name] = selected
         elif len(selected):
@@ -354,6 +343,18 @@ def cut_each_spec_once_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray],
     return out
 
 
+def selected_objects(route: ClassifierRoute, out: GraphResult) -> np.ndarray | StageError:
+    """The objects `route` runs on (`ClassifierRoute.select` over this request's answers so far). A parent that
+    did not answer skips it, with the reason."""
+    for parent, _ in route.parents:
+        if parent in out.errors:
+            why = "was skipped" if out.errors[parent].code == "skipped" else (
+                "timed out" if out.errors[parent].code == "timeout" else "failed")
+            return StageError(code="skipped", message=f"not run: its parent {parent} {why}")
+    labels = {parent: _labels_by_object(out, parent) for parent, _ in route.parents}
+    return route.select(out.detections, lambda parent, obj: labels[parent].get(obj))
+
+
 def _labels_by_object(out: GraphResult, name: str) -> dict[int, str | None]:
     """Object index -> the label classifier `name` gave it in this request (None below its threshold)."""
     if name not in out.outputs:
@@ -364,12 +365,18 @@ def _labels_by_object(out: GraphResult, name: str) -> dict[int, str | None]:
 
 def topological_order(routes: list[ClassifierRoute]) -> list[ClassifierRoute]:
     """`routes` with every route after the routes among them it depends on (config order otherwise)."""
-    placed: list[ClassifierRoute] = []
+    return [route for layer in topological_layers(routes) for route in layer]
+
+
+def topological_layers(routes: list[ClassifierRoute]) -> list[list[ClassifierRoute]]:
+    """`routes` in layers: the first depends on none of the others, each later one only on routes of earlier
+    layers (config order within a layer)."""
+    layers: list[list[ClassifierRoute]] = []
     pending = list(routes)
     while pending:
         ready = [r for r in pending if all(p not in {q.name for q in pending} for p, _ in r.parents)]
         if not ready:  # a cycle: refused by PipelineConfig, so only reachable with hand-built routes
             raise ValueError(f"classifier chains form a cycle among {[r.name for r in pending]}")
-        placed += ready
+        layers.append(ready)
         pending = [r for r in pending if r not in ready]
-    return placed
+    return layers

@@ -18,7 +18,7 @@ from deployments.startup import freeze_startup_heap
 from serve_app.admission import ApiGate
 from serve_app.auth import BearerAuth
 from serve_app.config import PipelineConfig
-from serve_app.device_frames import DeviceBatches, frames_on_device
+from serve_app.device_frames import DeviceBatches, device_pass, frames_on_device
 from serve_app.http_api import api
 from serve_app.nvdec_reader import videos_on_nvdec
 from serve_app.offload import CpuWork
@@ -54,7 +54,8 @@ class Ingress:
         self._wiring = in_process(config, devices or {}) if held_here else remote(config, detector, classifiers or {}, pool)
         self._cpu = CpuWork(config.cpu_work)
         decoder = frames_on_device(config, self._wiring) if held_here else None
-        self._batches = DeviceBatches(decoder, config.ingress.device_batch_size) if decoder else None
+        whole = device_pass(config, self._wiring, decoder) if decoder else None
+        self._batches = DeviceBatches(decoder, config.ingress.device_batch_size) if decoder and not whole else None
         graph = self._wiring.graph(config, self._cpu, self._batches.cut if self._batches else None)
         metrics = IngressMetrics()
         describers = dict(self._wiring.describers)
@@ -69,7 +70,7 @@ class Ingress:
             gate=gate,
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
-            images=ImageService(graph, config, metrics, send_encoded, self._cpu, self._batches),
+            images=ImageService(graph, config, metrics, send_encoded, self._cpu, whole or self._batches),
             video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder),
                                workers=streams if streams is not None and config.ingress.streams.workers.count
                                and config.ingress.streams.workers.videos else None,

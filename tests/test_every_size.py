@@ -273,9 +273,9 @@ def test_a_failed_by_value_call_says_why() -> None:
     the answer names the status and its details instead."""
     import grpc
 
-    from serve_app.graph import _short_error
+    from serve_app.graph import short_error
 
     error = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                  "Received message larger than max (6221541 vs. 4194304)")
-    assert _short_error(error) == ("AioRpcError: RESOURCE_EXHAUSTED: Received message larger than max (6221541 vs. "
+    assert short_error(error) == ("AioRpcError: RESOURCE_EXHAUSTED: Received message larger than max (6221541 vs. "
                                    "4194304)")

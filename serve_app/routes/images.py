@@ -36,6 +36,9 @@ from serve_app.schema import (
 )
 from serve_app.telemetry import IngressMetrics
 
+from serve_app.device_frames import is_jpeg
+from serve_app.device_pass import DevicePass
+
 if TYPE_CHECKING:
     from serve_app.device_frames import DeviceBatches
 
@@ -82,13 +85,22 @@ def spans(trace: Trace) -> dict[str, float]:
     return out
 
 
+def _decoded(frame: Any) -> Any:
+    """The frame, or the client's error if the body did not decode."""
+    if frame is None:
+        raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
+    return frame
+
+
 class ImageService:
     """Images through the graph: read, check, decode, run, answer (and count)."""
 
     def __init__(self, graph: InferenceGraph, config: PipelineConfig, metrics: IngressMetrics,
-                 send_encoded: bool, cpu: CpuWork = INLINE, on_device: DeviceBatches | None = None) -> None:
+                 send_encoded: bool, cpu: CpuWork = INLINE, on_device: DevicePass | DeviceBatches | None = None
+                 ) -> None:
         """`on_device`: decode into the detector's device memory (layout ingress on a GPU: the frame never returns
-        to the host), JPEGs of concurrent requests in one batch."""
+        to the host), the images of concurrent requests in one batch: through the whole pipeline at once
+        (`DevicePass`), or step by step (`DeviceBatches`: decodes and crops batched, the rest in the graph)."""
         self._cpu = cpu
         self._on_device = on_device
         self._budget = PixelBudget(config.ingress.max_inflight_pixels)
@@ -137,12 +149,18 @@ class ImageService:
         elif self._send_encoded:
             result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only, pixels)
             decode_ms = result.decode_ms
+        elif isinstance(self._on_device, DevicePass):
+            # a JPEG is decoded with the others of its batch; another format by OpenCV first (a large one off the
+            # loop, as on the host path), uploaded, then detected and classified with the batch
+            image = data if is_jpeg(data) else _decoded(
+                await self._cpu.run_large(pixels, self._on_device.decoder.decode, data))
+            decode_ms = (time.perf_counter() - read_at) * 1e3
+            result = await self._on_device.run(image, only)
+            decode_ms = result.decode_ms if image is data else decode_ms
         elif self._on_device is not None:
-            # a format nvJPEG does not take is decoded by OpenCV: a large one off the loop, as on the host path
-            frame = await self._on_device.decode(data) if self._on_device.batches(data) else \
+            frame = await self._on_device.decode(data) if is_jpeg(data) else \
                 await self._cpu.run_large(pixels, self._on_device.decoder.decode, data)
-            if frame is None:
-                raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
+            _decoded(frame)
             decode_ms = (time.perf_counter() - read_at) * 1e3
             result = await self._graph.run(frame, chosen, only)
         else:

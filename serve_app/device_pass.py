@@ -1,0 +1,209 @@
+"""Layout ingress with frames on the device, DeepStream's way: the requests that arrive together go through the
+whole pipeline as one batch, on one thread, and each comes back to the event loop once.
+
+A batch is the images that queued while the previous batch ran (up to `ingress.device_batch_size`; a lone request
+waits for nothing, nvstreammux's `batched-push-timeout` of 0): their JPEGs are decoded in one nvJPEG call, the
+frames scaled to the detector's working side on the device and detected in one detector batch, every classifier's
+crops cut in one pass per crop geometry (engines/device_crops.py) and classified in one engine launch per
+classifier, the independent classifiers launched back to back so that they compute together, chained ones after
+their parents; only boxes and result rows come back to the host. The per-stage path (`ingress.device_pass:
+stages`) batches each of those steps on its own, and every request crosses between the event loop and a compute
+thread once per step (decode, detect, cut, each classifier): a wake-up of the loop and a GIL hand-over each, which
+on a GPU cost more host time than the launches (docs/benchmarks.md).
+
+The pass runs on the detector stage's compute thread, so that it and the detector's own callers (streams, video)
+take turns on the detector. A classifier that raises costs only its attribute (every request of the batch gets its
+error); one slower than its `timeout_s` delays its batch and answers `timeout`. The detector failing, or the whole
+pass taking longer than the detector's timeout plus the longest classifier timeout, fails the request (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deployments.batcher import GreedyBatcher
+from deployments.results import StageTiming
+from deployments.stages import ClassifierStage, DetectorStage
+from engines import Classifications, completed
+from engines.base import span
+from engines.batching import concatenate
+from engines.image import inverse
+from serve_app.decoding import InputError
+from serve_app.graph import (
+    CallSpan,
+    ClassifierRoute,
+    DetectorUnavailable,
+    GraphResult,
+    cut_each_spec_once_many,
+    selected_objects,
+    short_error,
+    topological_layers,
+)
+from serve_app.schema import StageError
+
+if TYPE_CHECKING:  # the decoder imports torch
+    from engines.device_image import DeviceDecoder
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class _Request:
+    image: Any  # the encoded bytes (a JPEG, decoded with the batch's others) or a frame already on the device
+    only: frozenset[str] | None  # the classifiers wanted (their parents included); None: all
+    submitted: float  # time.perf_counter()
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+class DevicePass:
+    def __init__(self, decoder: DeviceDecoder, detector: DetectorStage, classifiers: dict[str, ClassifierStage],
+                 routes: Sequence[ClassifierRoute], max_batch: int, max_detect_side: int,
+                 detector_timeout_s: float) -> None:
+        """`routes`: every classifier's geometry, filters and chain (their clients unused: the models are called
+        here); `max_batch`: the most requests in one pass."""
+        self.decoder = decoder
+        self._detector = detector
+        self._classifiers = classifiers
+        self._layers = topological_layers(list(routes))
+        self._order = [route.name for route in routes]  # answers in config order, as the graph gives them
+        self._max_side = max_detect_side
+        # the request's own deadline: the detector's and the longest classifier's (a batch does them in turn)
+        self._timeout_s = detector_timeout_s + max((r.timeout_s for r in routes), default=0.0)
+        self._batcher: GreedyBatcher[_Request, GraphResult | None] = GreedyBatcher(
+            lambda requests: completed(self._pass, requests), detector.executor, max_batch)
+
+    async def run(self, image: Any, only: Collection[str] | None = None) -> GraphResult:
+        """One image (its encoded bytes, or a frame already on the device) through the pass; InputError 400 if
+        it will not decode, DetectorUnavailable if the detector fails or the pass is late."""
+        request = _Request(image, None if only is None else frozenset(only), time.perf_counter())
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                result = (await self._batcher.submit(request)).result
+        except TimeoutError as exc:
+            raise DetectorUnavailable(f"the device pass did not answer within {self._timeout_s:g} s") from exc
+        except Exception as exc:
+            logger.warning("the device pass failed: %s", short_error(exc))
+            raise DetectorUnavailable(f"the detector failed: {short_error(exc)}") from exc
+        if result is None:
+            raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
+        return result
+
+    # -- on the detector's compute thread ---------------------------------------------------------------
+
+    def _pass(self, requests: list[_Request]) -> list[GraphResult | None]:
+        """Decode, detect, crop and classify the batch; per request its result (None: it would not decode)."""
+        from engines.device_image import fit_side_tensor
+
+        began = time.perf_counter()
+        jpegs = [i for i, r in enumerate(requests) if isinstance(r.image, bytes)]
+        frames: list[Any] = [None if isinstance(r.image, bytes) else r.image for r in requests]
+        for i, frame in zip(jpegs, self.decoder.decode_many([requests[i].image for i in jpegs]) if jpegs else []):
+            frames[i] = frame
+        decoded = time.perf_counter()
+        live = [i for i, frame in enumerate(frames) if frame is not None]
+        results: list[GraphResult | None] = [None] * len(requests)
+        if not live:
+            return results
+        fitted = [fit_side_tensor(frames[i], self._max_side) for i in live]
+        found = self._detector.model.detect_batch([frame for frame, _ in fitted])
+        detected = time.perf_counter()
+        if self._detector.on_batch is not None:
+            self._detector.on_batch(len(live), _ms(detected - decoded))
+        for i, detections, (_, scale) in zip(live, found, fitted):
+            frame, submitted = frames[i], requests[i].submitted
+            out = GraphResult(detections.scaled(inverse(scale)).clip(int(frame.shape[1]), int(frame.shape[0])), frame)
+            out.decode_ms = _ms(decoded - began)
+            timing = StageTiming(_ms(detected - submitted), _ms(began - submitted), _ms(detected - decoded), len(live))
+            out.calls["detector"] = CallSpan(submitted, timing.handler_ms, timing)
+            out.timings_ms["detector"] = round(timing.handler_ms, 2)
+            results[i] = out
+        batch = [(requests[i], results[i]) for i in live]
+        for layer in self._layers:
+            self._classify_layer(layer, [(r.only, out) for r, out in batch if out is not None])
+        for out in results:
+            if out is not None:
+                out.outputs = {n: out.outputs[n] for n in self._order if n in out.outputs}
+                out.errors = {n: out.errors[n] for n in self._order if n in out.errors}
+                out.timings_ms = {k: out.timings_ms[k] for k in ("detector", *self._order) if k in out.timings_ms}
+        return results
+
+    def _classify_layer(self, layer: list[ClassifierRoute], batch: list[tuple[frozenset[str] | None, GraphResult]]
+                        ) -> None:
+        """One layer of classifiers (none depends on another) for every request: cut once per crop geometry,
+        launched one after another (they compute together), then read."""
+        cut_at = time.perf_counter()
+        wanteds: list[list[tuple[ClassifierRoute, Any]]] = []
+        for only, out in batch:
+            wanted = []
+            for route in layer:
+                if only is not None and route.name not in only:
+                    continue
+                selected = selected_objects(route, out)
+                if isinstance(selected, StageError):
+                    out.errors[route.name] = selected
+                elif len(selected):
+                    wanted.append((route, selected))
+            wanteds.append(wanted)
+        cutting = [k for k, wanted in enumerate(wanteds) if wanted]
+        if not cutting:
+            return
+        cuts = cut_each_spec_once_many([batch[k][1].frame for k in cutting],
+                                       [batch[k][1].detections.xyxy for k in cutting], [wanteds[k] for k in cutting])
+        crops: dict[str, list[tuple[int, Any, Any]]] = {}  # route -> (request, object indices, crops)
+        for k, cut in zip(cutting, cuts):
+            for (route, indices), part in zip(wanteds[k], cut):
+                crops.setdefault(route.name, []).append((k, indices, part))
+        launched_at = time.perf_counter()
+        for k in cutting:
+            batch[k][1].crop_ms += _ms(launched_at - cut_at)
+        routes = {route.name: route for route in layer}
+        runs = {}
+        for name, parts in crops.items():
+            try:
+                runs[name] = self._classifiers[name].model.launch(concatenate([p for _, _, p in parts]))
+            except Exception as exc:  # noqa: BLE001 - this classifier's attribute only
+                self._failed(name, exc, [batch[k][1] for k, _, _ in parts])
+        for name, run in runs.items():
+            parts, route = crops[name], routes[name]
+            try:
+                classifications: Classifications = run.wait()
+            except Exception as exc:  # noqa: BLE001 - this classifier's attribute only
+                self._failed(name, exc, [batch[k][1] for k, _, _ in parts])
+                continue
+            done = time.perf_counter()
+            size = sum(len(indices) for _, indices, _ in parts)
+            stage = self._classifiers[name]
+            if stage.on_batch is not None:
+                stage.on_batch(size, _ms(done - launched_at))
+            late = done - launched_at > route.timeout_s
+            runs_timing = span([run.timing])
+            timing = StageTiming(
+                _ms(done - launched_at), 0.0, _ms(done - launched_at), size,
+                None if runs_timing is None else _ms(runs_timing.enqueued_at - runs_timing.launched_at),
+                None if runs_timing is None else runs_timing.gpu_start_at,
+                None if runs_timing is None else runs_timing.gpu_end_at)
+            for (k, indices, _), mine in zip(parts, classifications.split([len(i) for _, i, _ in parts])):
+                out = batch[k][1]
+                out.timings_ms[name] = round(timing.handler_ms, 2)
+                if late:
+                    out.errors[name] = StageError(code="timeout", message=f"no answer within {route.timeout_s:g} s")
+                else:
+                    out.outputs[name] = (indices, mine)
+                    out.calls[name] = CallSpan(launched_at, timing.handler_ms, timing)
+        finished = time.perf_counter()
+        for k in cutting:
+            batch[k][1].classify_ms += _ms(finished - launched_at)
+
+    @staticmethod
+    def _failed(name: str, exc: Exception, outs: list[GraphResult]) -> None:
+        logger.warning("classifier %s failed: %s", name, short_error(exc))
+        for out in outs:
+            out.errors[name] = StageError(code="failed", message=short_error(exc))
