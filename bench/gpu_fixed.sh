@@ -150,7 +150,9 @@ for w, v in json.load(open(sys.argv[1]))["workloads"].items():
                       m.get("server_cpu_ms_per_request_by_process"))
 PY
     }
-    [ -z "${VARIANTS-x}" ] || images_run ${TAG:-h100-images} --ceiling --variants ${VARIANTS:-ingress+haproxy+x2 ingress+haproxy}
+    # NOCEIL=1: no ceiling (a call after one that measured it on the same machine); NOANCHOR=1: no FastAPI anchor
+    [ -z "${VARIANTS-x}" ] || images_run ${TAG:-h100-images} $([ -n "${NOCEIL-}" ] || echo --ceiling) \
+      ${NOANCHOR:+--no-anchor} --variants ${VARIANTS:-ingress+haproxy+x2 ingress+haproxy}
     if [ -n "${MPS-}" ]; then
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
@@ -180,11 +182,13 @@ PY
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
     mkdir -p /tmp/spybin && xz -dc .devsite/py-spy.xz > /tmp/spybin/py-spy && chmod +x /tmp/spybin/py-spy || exit 1
     export PATH=/tmp/spybin:$PATH
-    for image in ${IMAGES:-one many}; do  # VARIANT: bench.run's (its environment too); GIL=1: only the GIL's holder
+    # VARIANT: bench.run's (its environment too), several in turn; GIL=1: only the GIL's holder
+    for variant in ${VARIANT:-ingress+haproxy}; do for image in ${IMAGES:-one many}; do
       timeout 150 python3 -m bench.replica_spy --device cuda --backend torch --fp16 \
-        --variant ${VARIANT:-ingress+haproxy} --image $image --concurrency ${CONC:-16} --seconds 15 ${GIL:+--gil} \
-        --out "$O/replica-spy-$image.json" 2> "$E/spy-$image.err" | head -n 70 || tail -n 5 "$E/spy-$image.err"
-    done
+        --variant $variant --image $image --concurrency ${CONC:-16} --seconds 15 ${GIL:+--gil} \
+        --out "$O/replica-spy-$image-$variant${GIL:+-gil}.json" 2> "$E/spy-$image.err" | head -n ${LINES_SHOWN:-70} \
+        || tail -n 5 "$E/spy-$image.err"
+    done; done
     ;;
   stress)  # carry [".devsite/site.tar.xz", ".gpuclips/720p.mp4"]: the capture tests, then what breaks captures
     mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1

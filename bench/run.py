@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     # between the loop and a thread per step) instead of the whole pipeline a batch at a time (the default)
     "ingress+haproxy+stages": (HAPROXY, {"layout": "ingress", "device_pass": "stages"}),
     "ingress+haproxy+x2+stages": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "device_pass": "stages"}),
+    "ingress+haproxy+device-frames+stages": (HAPROXY, {"layout": "ingress", "frames_on_device": True,
+                                                       "device_pass": "stages"}),
     # the user code on the replica's own (uvloop) event loop, the one its HTTP server runs on with HAProxy, instead of
     # a loop of its own on another thread (Ray 2.60's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, default 1)
     "ingress+haproxy+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"layout": "ingress"}),
