@@ -136,7 +136,7 @@ case "${1:-}" in
     images_run() {  # $1: tag, the rest: bench.run options
       local tag=$1; shift
       RAY_SERVE_ENABLE_HA_PROXY=1 timeout ${LIMIT:-480} python3 -m bench.run --device cuda --backend torch --fp16 \
-        --workloads face --images one many --saturate --requests ${REQUESTS:-20} --time-limit ${TIME_LIMIT:-5} \
+        --workloads face --images ${IMAGES:-one many} --saturate --requests ${REQUESTS:-20} --time-limit ${TIME_LIMIT:-5} \
         --tag $tag --out "$O" "$@" 2> "$E/images-$tag.err" | grep -A8 "^Against the GPU-bound ceiling"
       python3 - "$O/bench-cuda-$tag.json" <<'PY' || tail -n 4 "$E/images-$tag.err"
 import json, sys
@@ -147,12 +147,15 @@ for w, v in json.load(open(sys.argv[1]))["workloads"].items():
             if k.startswith("c") and "rps" in m:
                 busy = (m.get("gpu_utilisation") or {}).get("0", {}).get("mean_pct")
                 print(w, name, k, m["p50_ms"], m["p95_ms"], m["rps"], m["server_cpu_ms_per_request"], busy,
-                      m.get("server_cpu_ms_per_request_by_process"))
+                      {p: v for p, v in (m.get("server_cpu_ms_per_request_by_process") or {}).items() if v >= 0.5},
+                      m.get("detector"))
 PY
     }
     # NOCEIL=1: no ceiling (a call after one that measured it on the same machine); NOANCHOR=1: no FastAPI anchor
     [ -z "${VARIANTS-x}" ] || images_run ${TAG:-h100-images} $([ -n "${NOCEIL-}" ] || echo --ceiling) \
       ${NOANCHOR:+--no-anchor} --variants ${VARIANTS:-ingress+haproxy+x2 ingress+haproxy}
+    grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
+      /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
     if [ -n "${MPS-}" ]; then
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1

@@ -72,6 +72,9 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     # the user code on the replica's own (uvloop) event loop, the one its HTTP server runs on with HAProxy, instead of
     # a loop of its own on another thread (Ray 2.60's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, default 1)
     "ingress+haproxy+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"layout": "ingress"}),
+    # examples/faces_gpu.yaml: two ingress replicas sharing the card, each with its code on its own loop
+    "ingress+haproxy+x2+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                    {"layout": "ingress", "ingress_replicas": 2}),
     "ingress+haproxy+x4": (HAPROXY, {"layout": "ingress", "ingress_replicas": 4}),
     # torch's CPU pool at every core, as the engines left it on CUDA before they held it to `intra_op_threads`
     "ingress+haproxy+x2+threads16": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "host_threads": 16}),
@@ -206,9 +209,11 @@ def slowest_spans(traces: list[dict[str, float]], share: float = SLOWEST_SHARE) 
 
 
 async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
-                       trace: bool = True, sample_gpus: bool = False, all_levels: bool = False) -> dict[str, Any]:
+                       trace: bool = True, sample_gpus: bool = False, all_levels: bool = False,
+                       count_batches: bool = False) -> dict[str, Any]:
     """Each level's latency, throughput, errors and server CPU per request; the GPU's busy fraction at c16 and c32,
-    or at every level (`all_levels`)."""
+    or at every level (`all_levels`); `count_batches`: the detector's batches during each level (one replica's,
+    from GET /v1/pipeline: their mean size, and which cascade answered)."""
     import httpx
 
     out: dict[str, Any] = {}
@@ -241,6 +246,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             if concurrency > 1:  # unmeasured: the batch sizes this level forms are seen (and their graphs captured)
                 await closed_loop(lambda: client.post(url, content=body, headers={"Content-Type": "image/jpeg"}),
                                   concurrency, concurrency * WARM_UP_ROUNDS, time_limit)
+            counted = await detector_counts(client, url) if count_batches else None
             sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
                 else None
             cpu0, own0, procs0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot()
@@ -257,6 +263,8 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                                                                  in list(proc_cpu.by_role(procs0, procs1, left_out).items())[:6]}}
             if sampler is not None:
                 out[key]["gpu_utilisation"] = sampler.stop()
+            if counted is not None:
+                out[key]["detector"] = await detector_counts(client, url, counted)
             if traces and concurrency == 1:
                 out["breakdown_p50_ms"] = _medians(traces)
             elif traces:
@@ -366,7 +374,7 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
                               "one_set_per_card": one_set_per_card(cards, gpu_deployments(args)) if cards else None}
                 for image, body in bodies.items():
                     http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit, levels=levels,
-                                                    sample_gpus=on_gpu, all_levels=opts.saturate))
+                                                    sample_gpus=on_gpu, all_levels=opts.saturate, count_batches=True))
                     results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s,
                                                                               **placed}}
             except Exception as exc:  # one broken workload must not cost the others' numbers
@@ -382,6 +390,30 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
         serve.shutdown()
         ray.shutdown()
     return results
+
+
+async def detector_counts(client: Any, infer_url: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What one detector replica did (GET /v1/pipeline, answered by one ingress replica): its engine batches and
+    frames, and, for the torch MTCNN, the frames each cascade answered (fixed shapes, or data-following: a batch
+    size whose graph is not captured yet, or failed to capture) and the limits grown; with `since`, the counts
+    since then, and the mean batch."""
+    try:
+        answer = await client.get(infer_url.replace("/v1/infer", "/v1/pipeline"))
+        detector = answer.json()["detector"]
+    except Exception as exc:  # noqa: BLE001 - a count that cannot be read must not cost the level's figures
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    cascade = detector.get("cascade") or {}
+    batches = detector.get("batches") or {}
+    counts = {"batches": batches.get("count", 0), "frames": batches.get("frames", 0),
+              "frames_fixed_shapes": cascade.get("frames_fixed_shapes", 0),
+              "frames_data_following": cascade.get("frames_data_following", 0)}
+    if since is None or "error" in since:
+        return counts
+    delta: dict[str, Any] = {k: v - since.get(k, 0) for k, v in counts.items()}
+    delta["mean_batch"] = round(delta["frames"] / delta["batches"], 2) if delta["batches"] else None
+    if cascade.get("grown_limits"):
+        delta["grown_limits"] = cascade["grown_limits"]
+    return delta
 
 
 def gpu_deployments(args: dict[str, Any]) -> list[str]:

@@ -60,14 +60,23 @@ class DetectorStage:
         warn_if_gpu_unused("detector", device, self.device, self._model.backend)
         self._executor = ComputeExecutor(config.engine.execution, shared, "detector")
         self.on_batch = on_batch
+        self.batches = self.frames = 0  # engine batches run and the frames in them (GET /v1/pipeline)
         self._batcher: GreedyBatcher[np.ndarray, Detections] = GreedyBatcher(
-            self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=on_batch
+            self._detect_batch, self._executor, config.batching.max_batch_size, on_batch=self.record_batch
         )
         self._probe = np.zeros((48, 48, 3), np.uint8)
         self._budget = PixelBudget(config.max_inflight_pixels)
         # takes frames already on its device (decoded there: the GPU-resident image path)
         self.takes_device_frames = bool(getattr(self._model, "takes_device_frames", False))
         logger.info("detector %s ready on %s (execution %s)", config.kind, self.device, self._executor.mode)
+
+    def record_batch(self, frames: int, compute_ms: float) -> None:
+        """One engine batch ran (here, or in layout ingress's pass on the device): counted, and measured by
+        `on_batch` (the deployment's metrics)."""
+        self.batches += 1
+        self.frames += frames
+        if self.on_batch is not None:
+            self.on_batch(frames, compute_ms)
 
     @property
     def model(self) -> Any:
@@ -141,6 +150,7 @@ class DetectorStage:
             "device": self.device,
             "execution": self._executor.mode,
             "max_batch_size": self._config.batching.max_batch_size,
+            "batches": {"count": self.batches, "frames": self.frames},
         }
         counts = getattr(self._model, "cascade_counts", None)  # the torch MTCNN: fixed shapes or data-following
         if counts is not None:

@@ -1,20 +1,23 @@
 """Layout ingress with frames on the device, DeepStream's way: the requests that arrive together go through the
-whole pipeline as one batch, on one thread, and each comes back to the event loop once.
+whole pipeline as one batch, and only metadata comes back to the host.
 
 A batch is the images that queued while the previous batch ran (up to `ingress.device_batch_size`; a lone request
 waits for nothing, nvstreammux's `batched-push-timeout` of 0): their JPEGs are decoded in one nvJPEG call, the
-frames scaled to the detector's working side on the device and detected in one detector batch, every classifier's
-crops cut in one pass per crop geometry (engines/device_crops.py) and classified in one engine launch per
-classifier, the independent classifiers launched back to back so that they compute together, chained ones after
-their parents; only boxes and result rows come back to the host. The per-stage path (`ingress.device_pass:
-stages`) batches each of those steps on its own, and every request crosses between the event loop and a compute
-thread once per step (decode, detect, cut, each classifier): a wake-up of the loop and a GIL hand-over each, which
-on a GPU cost more host time than the launches (docs/benchmarks.md).
+frames scaled to the detector's working side on the device and detected in one detector batch; then every
+classifier's crops are cut in one pass per crop geometry (engines/device_crops.py) and classified in one engine
+launch per classifier, the independent classifiers launched back to back so that they compute together, chained
+ones after their parents; only boxes and result rows come back to the host. The two halves run on two threads,
+like two elements of a DeepStream pipeline: the detector's compute thread decodes and detects a batch while the
+classifiers' thread classifies the one before (each half waits for the GPU with the GIL released, so the other's
+host work goes on meanwhile). A request comes back to the event loop twice, once per half. The per-stage path
+(`ingress.device_pass: stages`) batches every step on its own (decode, detect, cut, each classifier), with
+per-request tasks and deadlines around each: about twice the host time per request (docs/benchmarks.md).
 
-The pass runs on the detector stage's compute thread, so that it and the detector's own callers (streams, video)
-take turns on the detector. A classifier that raises costs only its attribute (every request of the batch gets its
-error); one slower than its `timeout_s` delays its batch and answers `timeout`. The detector failing, or the whole
-pass taking longer than the detector's timeout plus the longest classifier timeout, fails the request (503).
+Detection runs on the detector stage's own compute thread, so that it and the detector's other callers (streams,
+video) take turns on the detector; the classifier engines order their runs themselves. A classifier that raises
+costs only its attribute (every request of the batch gets its error); one slower than its `timeout_s` delays its
+batch and answers `timeout`. The detector failing, or the request taking longer than the detector's timeout plus
+the longest classifier timeout, fails the request (503).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deployments.batcher import GreedyBatcher
+from deployments.execution import ComputeExecutor
 from deployments.results import StageTiming
 from deployments.stages import ClassifierStage, DetectorStage
 from engines import Classifications, completed
@@ -59,6 +63,9 @@ class _Request:
     submitted: float  # time.perf_counter()
 
 
+_Detected = tuple[frozenset[str] | None, GraphResult]  # the classifiers a request wants, its frame and detections
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
@@ -68,7 +75,7 @@ class DevicePass:
                  routes: Sequence[ClassifierRoute], max_batch: int, max_detect_side: int,
                  detector_timeout_s: float) -> None:
         """`routes`: every classifier's geometry, filters and chain (their clients unused: the models are called
-        here); `max_batch`: the most requests in one pass."""
+        here); `max_batch`: the most requests in one batch."""
         self.decoder = decoder
         self._detector = detector
         self._classifiers = classifiers
@@ -77,8 +84,12 @@ class DevicePass:
         self._max_side = max_detect_side
         # the request's own deadline: the detector's and the longest classifier's (a batch does them in turn)
         self._timeout_s = detector_timeout_s + max((r.timeout_s for r in routes), default=0.0)
-        self._batcher: GreedyBatcher[_Request, GraphResult | None] = GreedyBatcher(
-            lambda requests: completed(self._pass, requests), detector.executor, max_batch)
+        # two phases on two threads, so that one batch's detection overlaps the previous one's classification
+        self._classify_thread = ComputeExecutor("thread", True, "device-classify")
+        self._detecting: GreedyBatcher[_Request, GraphResult | None] = GreedyBatcher(
+            lambda requests: completed(self._detect, requests), detector.executor, max_batch)
+        self._classifying: GreedyBatcher[_Detected, GraphResult] = GreedyBatcher(
+            lambda detected: completed(self._classify, detected), self._classify_thread, max_batch)
 
     async def run(self, image: Any, only: Collection[str] | None = None) -> GraphResult:
         """One image (its encoded bytes, or a frame already on the device) through the pass; InputError 400 if
@@ -86,20 +97,25 @@ class DevicePass:
         request = _Request(image, None if only is None else frozenset(only), time.perf_counter())
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = (await self._batcher.submit(request)).result
+                result = (await self._detecting.submit(request)).result
+                if result is not None and self._layers:
+                    result = (await self._classifying.submit((request.only, result))).result
         except TimeoutError as exc:
             raise DetectorUnavailable(f"the device pass did not answer within {self._timeout_s:g} s") from exc
         except Exception as exc:
             logger.warning("the device pass failed: %s", short_error(exc))
-            raise DetectorUnavailable(f"the detector failed: {short_error(exc)}") from exc
+            raise DetectorUnavailable(f"the device pass failed: {short_error(exc)}") from exc
         if result is None:
             raise InputError(400, "undecodable_image", "the body is not an image this service can decode")
         return result
 
+    def close(self) -> None:
+        self._classify_thread.close()
+
     # -- on the detector's compute thread ---------------------------------------------------------------
 
-    def _pass(self, requests: list[_Request]) -> list[GraphResult | None]:
-        """Decode, detect, crop and classify the batch; per request its result (None: it would not decode)."""
+    def _detect(self, requests: list[_Request]) -> list[GraphResult | None]:
+        """Decode and detect the batch; per request its frame and detections (None: it would not decode)."""
         from engines.device_image import fit_side_tensor
 
         began = time.perf_counter()
@@ -115,8 +131,7 @@ class DevicePass:
         fitted = [fit_side_tensor(frames[i], self._max_side) for i in live]
         found = self._detector.model.detect_batch([frame for frame, _ in fitted])
         detected = time.perf_counter()
-        if self._detector.on_batch is not None:
-            self._detector.on_batch(len(live), _ms(detected - decoded))
+        self._detector.record_batch(len(live), _ms(detected - decoded))
         for i, detections, (_, scale) in zip(live, found, fitted):
             frame, submitted = frames[i], requests[i].submitted
             out = GraphResult(detections.scaled(inverse(scale)).clip(int(frame.shape[1]), int(frame.shape[0])), frame)
@@ -125,18 +140,21 @@ class DevicePass:
             out.calls["detector"] = CallSpan(submitted, timing.handler_ms, timing)
             out.timings_ms["detector"] = round(timing.handler_ms, 2)
             results[i] = out
-        batch = [(requests[i], results[i]) for i in live]
-        for layer in self._layers:
-            self._classify_layer(layer, [(r.only, out) for r, out in batch if out is not None])
-        for out in results:
-            if out is not None:
-                out.outputs = {n: out.outputs[n] for n in self._order if n in out.outputs}
-                out.errors = {n: out.errors[n] for n in self._order if n in out.errors}
-                out.timings_ms = {k: out.timings_ms[k] for k in ("detector", *self._order) if k in out.timings_ms}
         return results
 
-    def _classify_layer(self, layer: list[ClassifierRoute], batch: list[tuple[frozenset[str] | None, GraphResult]]
-                        ) -> None:
+    # -- on the classifiers' thread ---------------------------------------------------------------------
+
+    def _classify(self, batch: list[_Detected]) -> list[GraphResult]:
+        """Every classifier, layer by layer, on the objects of every frame of the batch."""
+        for layer in self._layers:
+            self._classify_layer(layer, batch)
+        for _, out in batch:
+            out.outputs = {n: out.outputs[n] for n in self._order if n in out.outputs}
+            out.errors = {n: out.errors[n] for n in self._order if n in out.errors}
+            out.timings_ms = {k: out.timings_ms[k] for k in ("detector", *self._order) if k in out.timings_ms}
+        return [out for _, out in batch]
+
+    def _classify_layer(self, layer: list[ClassifierRoute], batch: list[_Detected]) -> None:
         """One layer of classifiers (none depends on another) for every request: cut once per crop geometry,
         launched one after another (they compute together), then read."""
         cut_at = time.perf_counter()

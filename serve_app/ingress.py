@@ -55,8 +55,9 @@ class Ingress:
         self._cpu = CpuWork(config.cpu_work)
         decoder = frames_on_device(config, self._wiring) if held_here else None
         whole = device_pass(config, self._wiring, decoder) if decoder else None
-        self._batches = DeviceBatches(decoder, config.ingress.device_batch_size) if decoder and not whole else None
-        graph = self._wiring.graph(config, self._cpu, self._batches.cut if self._batches else None)
+        batches = DeviceBatches(decoder, config.ingress.device_batch_size) if decoder and not whole else None
+        self._on_device = whole or batches
+        graph = self._wiring.graph(config, self._cpu, batches.cut if batches else None)
         metrics = IngressMetrics()
         describers = dict(self._wiring.describers)
         if streams is not None:
@@ -70,7 +71,7 @@ class Ingress:
             gate=gate,
             metrics=metrics,
             classifier_names=tuple(c.name for c in config.classifiers),
-            images=ImageService(graph, config, metrics, send_encoded, self._cpu, whole or self._batches),
+            images=ImageService(graph, config, metrics, send_encoded, self._cpu, self._on_device),
             video=VideoService(graph, config, metrics, self._cpu, gate, videos_on_nvdec(config, decoder),
                                workers=streams if streams is not None and config.ingress.streams.workers.count
                                and config.ingress.streams.workers.videos else None,
@@ -107,8 +108,8 @@ class Ingress:
         if hasattr(self, "_wiring"):
             self._wiring.close()
             self._cpu.close()
-            if getattr(self, "_batches", None) is not None:
-                self._batches.close()
+            if getattr(self, "_on_device", None) is not None:
+                self._on_device.close()
 
     async def check_health(self) -> None:
         """Serve calls this periodically: in layout `ingress` the engines held here must answer."""

@@ -81,6 +81,7 @@ class _Pipeline:
         return asyncio.run(self.graph.run(frame, "parallel"))
 
     def close(self) -> None:
+        self.whole.close()
         for stage in (self.detector, *self.classifiers.values()):
             stage.close()
 
@@ -198,3 +199,45 @@ def test_a_failing_detector_fails_the_batch_and_the_pass_lives_on(chain: _Pipeli
         with pytest.raises(DetectorUnavailable, match="illegal memory access"):
             asyncio.run(chain.whole.run(encode(collage(), ".jpg")))
     assert len(asyncio.run(chain.whole.run(encode(collage(), ".jpg"))).detections) == 3
+
+
+def test_the_next_batch_is_detected_while_the_last_one_is_classified(monkeypatch: Any) -> None:
+    """The two halves overlap: with the first request held in classification (its age run blocked), a second
+    request is decoded and detected; one thread for the whole pipeline would detect it only after the first."""
+    import threading
+
+    pipeline = _Pipeline(_chain_on_the_device())
+    entered, release, detected_twice = threading.Event(), threading.Event(), threading.Event()
+    detections: list[int] = []
+
+    def counted(size: int, _ms: float) -> None:
+        detections.append(size)
+        if len(detections) >= 2:
+            detected_twice.set()
+
+    pipeline.detector.on_batch = counted
+    age = pipeline.classifiers["age"].model
+    launch = age.launch
+
+    def held(crops: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return launch(crops)
+
+    monkeypatch.setattr(age, "launch", held)
+
+    async def scenario() -> tuple[bool, GraphResult, GraphResult]:
+        first = asyncio.ensure_future(pipeline.whole.run(encode(collage(), ".jpg")))
+        assert await asyncio.to_thread(entered.wait, 60)  # the first request is in classification, held there
+        second = asyncio.ensure_future(pipeline.whole.run(encode(many_faces(), ".jpg")))
+        overlapped = await asyncio.to_thread(detected_twice.wait, 60)
+        release.set()
+        return overlapped, await first, await second
+
+    try:
+        overlapped, first, second = asyncio.run(scenario())
+    finally:
+        release.set()
+        pipeline.close()
+    assert overlapped and detections == [1, 1]
+    assert len(first.outputs["age"][0]) == 3 and len(second.outputs["age"][0]) == 8

@@ -24,6 +24,8 @@ def _on_the_device() -> dict[str, Any]:
     args = small(demo_args())
     args["layout"] = "ingress"
     args["ingress"]["frames_on_device"] = True
+    # as examples/faces_gpu.yaml runs it: the ingress's code on the replica's own event loop
+    args["ingress"]["deployment"]["env_vars"] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     args["ingress"]["detector_timeout_s"] = 60.0  # the torch cascade on 2 busy CPU cores, a batch of requests
     args["ingress"]["streams"] = {"enabled": False}
     args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
