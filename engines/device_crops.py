@@ -164,16 +164,16 @@ def _cut(frames: Sequence[Any], xyxys: list[np.ndarray], spec: CropSpec) -> Any:
     shapes = [tuple(int(d) for d in f.shape) for f in frames]
     if any(f.device != device for f in frames) or any(s[2] != channels for s in shapes):
         raise ValueError("frames to cut crops from together must share one device and channel count")
-    plans = [crop_plan(xyxy, spec, h, w) for xyxy, (h, w, _) in zip(xyxys, shapes)]
-    empty = np.concatenate([p.empty for p in plans])
+    frame_of = np.repeat(np.arange(len(frames)), [len(b) for b in xyxys])
+    sizes_of = np.array([s[:2] for s in shapes], np.int64).reshape(-1, 2)[frame_of]
+    plan = crop_plan(np.concatenate(xyxys), spec, sizes_of[:, 0], sizes_of[:, 1])  # every frame's boxes at once
+    empty = plan.empty
     n = len(empty)
     if n == 0 or empty.all():
         return torch.zeros((n, spec.height, spec.width, channels), dtype=torch.uint8, device=device)
-    frame_of = np.repeat(np.arange(len(frames)), [len(p.empty) for p in plans])
     used = np.unique(frame_of[~empty]).tolist()  # frames with something to cut: the only ones gathered from
-    source = np.concatenate([p.source for p in plans])
-    target = np.concatenate([p.target for p in plans])
-    shrinks = np.concatenate([p.shrinks for p in plans])  # INTER_AREA: by height, as the host decides
+    source, target = plan.source, plan.target
+    shrinks = plan.shrinks  # INTER_AREA: by height, as the host decides
     y = _axis(source[:, 1], source[:, 3], target[:, 1], target[:, 3] - target[:, 1], spec.height, shrinks)
     x = _axis(source[:, 0], source[:, 2], target[:, 0], target[:, 2] - target[:, 0], spec.width, shrinks)
     area = shrinks & (y.scale >= 1) & (x.scale >= 1) & ~empty  # OpenCV's area path: no axis grows
@@ -203,6 +203,7 @@ class _AreaSlots:
     """Where the area path's arrays are in the upload, and the part of each frame its integral image covers."""
 
     parts: list[tuple[int, int, int, int, int]]  # (frame, y0, x0, y1, x1) of each frame with area crops
+    padded: tuple[int, int] | None  # every part's table in one (height, width) block, or each its own size
     rows: int
     row_weights: int
     cols: int
@@ -220,20 +221,27 @@ def _area_plan(upload: _Upload, frames: int, frame_of: np.ndarray, source: np.nd
     offset, width = np.zeros(frames, np.int64), np.ones(frames, np.int64)
     top, left = np.zeros(frames, np.int64), np.zeros(frames, np.int64)
     extent_y, extent_x = np.zeros(frames, np.int64), np.zeros(frames, np.int64)
-    total = 0
     for frame in np.unique(frame_of[area]).tolist():
         mine = source[area & (frame_of == frame)]
         y0, x0, y1, x1 = int(mine[:, 1].min()), int(mine[:, 0].min()), int(mine[:, 3].max()), int(mine[:, 2].max())
         parts.append((frame, y0, x0, y1, x1))
-        offset[frame], width[frame], top[frame], left[frame] = total, x1 - x0 + 1, y0, x0
-        extent_y[frame], extent_x[frame] = y1 - y0, x1 - x0
-        total += (y1 - y0 + 1) * (x1 - x0 + 1) * channels  # the part's table has a zero row and column first
+        top[frame], left[frame], extent_y[frame], extent_x[frame] = y0, x0, y1 - y0, x1 - x0
+    # each part's table has a zero row and column first; laid in blocks of one size (one cumulative sum for all,
+    # a few launches whatever the frames) unless that would take more than twice the memory of their own sizes
+    tall, wide = int(max(extent_y[f] for f, *_ in parts)), int(max(extent_x[f] for f, *_ in parts))
+    own = sum(int((extent_y[f] + 1) * (extent_x[f] + 1)) for f, *_ in parts)
+    padded = (tall, wide) if len(parts) > 1 and len(parts) * (tall + 1) * (wide + 1) <= 2 * own else None
+    total = 0
+    for frame, *_ in parts:
+        block = (tall + 1, wide + 1) if padded else (int(extent_y[frame]) + 1, int(extent_x[frame]) + 1)
+        offset[frame], width[frame] = total, block[1]
+        total += block[0] * block[1] * channels
     f, keep = frame_of, area[:, None, None]
     rows = np.clip(y.corners - top[f][:, None, None], 0, extent_y[f][:, None, None])
     cols = np.clip(x.corners - left[f][:, None, None], 0, extent_x[f][:, None, None])
     rows = np.where(keep, rows * (width[f] * channels)[:, None, None] + offset[f][:, None, None], 0)
     cols = np.where(keep, cols * channels, 0)
-    return _AreaSlots(parts, upload.add(rows), upload.add(y.corner_weights), upload.add(cols),
+    return _AreaSlots(parts, padded, upload.add(rows), upload.add(y.corner_weights), upload.add(cols),
                       upload.add(x.corner_weights), upload.add(np.where(area, y.scale * x.scale, 1.0)),
                       upload.add(area))
 
@@ -242,11 +250,17 @@ def _area(frames: Sequence[Any], slots: _AreaSlots, sent: list[Any], spec: CropS
     """Area averages for every crop from the integral images of the parts `_area_plan` chose."""
     import torch
 
-    tables = []
-    for frame, y0, x0, y1, x1 in slots.parts:
-        part = frames[frame][y0:y1, x0:x1].to(torch.int64)
-        tables.append(torch.nn.functional.pad(part.cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0)).reshape(-1))
-    flat = (tables[0] if len(tables) == 1 else torch.cat(tables)).double()
+    if slots.padded is not None:  # every part in one block of zeros, summed together
+        block = torch.zeros((len(slots.parts), *slots.padded, channels), dtype=torch.int64, device=frames[0].device)
+        for k, (frame, y0, x0, y1, x1) in enumerate(slots.parts):
+            block[k, : y1 - y0, : x1 - x0] = frames[frame][y0:y1, x0:x1]
+        flat = torch.nn.functional.pad(block.cumsum(1).cumsum(2), (0, 0, 1, 0, 1, 0)).reshape(-1).double()
+    else:
+        tables = []
+        for frame, y0, x0, y1, x1 in slots.parts:
+            part = frames[frame][y0:y1, x0:x1].to(torch.int64)
+            tables.append(torch.nn.functional.pad(part.cumsum(0).cumsum(1), (0, 0, 1, 0, 1, 0)).reshape(-1))
+        flat = (tables[0] if len(tables) == 1 else torch.cat(tables)).double()
     summed = _gather(flat, sent[slots.rows], sent[slots.row_weights], sent[slots.cols], sent[slots.col_weights],
                      channels)  # (N, 2h, 2w, C)
     h, w = spec.height, spec.width

@@ -65,14 +65,19 @@ class CropPlan:
         return (self.source[:, 3] - self.source[:, 1]) > (self.target[:, 3] - self.target[:, 1])
 
 
-def crop_plan(xyxy: np.ndarray, spec: CropSpec, frame_height: int, frame_width: int) -> CropPlan:
+def crop_plan(xyxy: np.ndarray, spec: CropSpec, frame_height: int | np.ndarray,
+              frame_width: int | np.ndarray) -> CropPlan:
     """Each crop box (stretched onto the output, or scaled to fit and centred: `keep_aspect`), cut to the frame:
-    only the part inside the frame is resized, straight to the output pixels it covers."""
+    only the part inside the frame is resized, straight to the output pixels it covers. The frame's size may be
+    given per box (the boxes of several frames planned in one call)."""
     boxes = np.round(spec.boxes(xyxy)).astype(np.int64)
     source = np.zeros((len(boxes), 4), np.int64)
     target = np.zeros((len(boxes), 4), np.int64)
     empty = np.zeros(len(boxes), bool)
+    heights = np.broadcast_to(np.asarray(frame_height, np.int64), (len(boxes),)).tolist()
+    widths = np.broadcast_to(np.asarray(frame_width, np.int64), (len(boxes),)).tolist()
     for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        frame_height, frame_width = heights[i], widths[i]
         x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
         w, h = x2 - x1, y2 - y1
         if spec.keep_aspect:

@@ -320,7 +320,10 @@ def cut_each_spec_once_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray],
     for wanted in wanteds:
         union: dict[CropSpec, np.ndarray] = {}
         for route, indices in wanted:
-            union[route.crop] = np.union1d(union.get(route.crop, np.zeros(0, np.int64)), indices).astype(np.int64)
+            known = union.get(route.crop)
+            if known is None or not np.array_equal(known, indices):  # routes of one geometry mostly want the same
+                union[route.crop] = np.union1d(np.zeros(0, np.int64) if known is None else known,
+                                               indices).astype(np.int64)
         unions.append(union)
     specs = list(dict.fromkeys(spec for union in unions for spec in union))
     cut: list[dict[CropSpec, Any]] = [{} for _ in frames]

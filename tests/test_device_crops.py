@@ -111,3 +111,33 @@ def test_images_decoded_for_the_device_are_the_hosts_decode(device: str) -> None
         jpeg_on_gpu = data[:2] == b"\xff\xd8" and decoder.decodes_jpeg_on_device
         difference = np.abs(frame.cpu().numpy().astype(int) - host.astype(int))
         assert difference.mean() < (1.0 if jpeg_on_gpu else 1e-9) and difference.max() <= (48 if jpeg_on_gpu else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["alike", "one-large"])
+def test_the_area_tables_of_many_frames_in_one_block_or_each_alone_give_the_same_crops(device: str,
+                                                                                         layout: str) -> None:
+    """A batch of requests: sixteen frames, a face-sized box each at its own place, summed in one block of
+    tables (`alike`); or one frame whose boxes span it among small ones, where one block would take over twice
+    the memory and each frame's table is its own (`one-large`). Either way each frame's crops are those it gets
+    alone, within one level of OpenCV's."""
+    import engines.device_crops as device_crops
+
+    base = collage()
+    rng = np.random.default_rng(7)
+    frames = [np.roll(base, int(rng.integers(0, 900)), axis=1) for _ in range(16)]
+    corners = rng.uniform(0, 400, (16, 2))
+    boxes = [np.array([[x, y, x + 90, y + 110]], np.float32) for x, y in corners]
+    if layout == "one-large":
+        boxes[3] = np.array([[5, 5, 500, 500], [1000, 10, 1530, 505]], np.float32)
+    planned: list[object] = []
+    area_plan = device_crops._area_plan
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(device_crops, "_area_plan", lambda *a: planned.append(area_plan(*a)) or planned[-1])
+        on_device = [torch.from_numpy(f).to(device) for f in frames]
+        together = cut_crops_many(on_device, boxes, CropSpec(64, 64))
+    assert (planned[0].padded is not None) == (layout == "alike")  # type: ignore[attr-defined]
+    one_by_one = torch.cat([crop_resize_device(f, b, CropSpec(64, 64)) for f, b in zip(on_device, boxes)])
+    assert torch.equal(together, one_by_one)
+    host = cut_crops_many(frames, boxes, CropSpec(64, 64)).astype(int)
+    assert np.abs(together.cpu().numpy().astype(int) - host).max() <= 1
