@@ -29,6 +29,8 @@
 #   issue 24's served figures with the ceiling of the same run (bench.run --saturate --ceiling); MPS="variants" again
 #   with the CUDA MPS daemon up. Then, same warm machine, carry [".devsite/video.tar.xz", ".gpuclips"]:
 #   bash bench/gpu_fixed.sh scale: streams per GPU under MPS, three workers, 720p and 1080p, ceilings included.
+# One call, carry [".devsite/site.tar.xz"]: bash bench/gpu_fixed.sh pass
+#   the device pass alone in one process, two halves on two threads against one (bench/device_pass.py), and the ceiling.
 # One call, carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"]: bash bench/gpu_fixed.sh spy
 #   the ingress replica's CPU per request by thread and function (bench/replica_spy.py), one face and eight.
 set -uo pipefail
@@ -179,6 +181,14 @@ PY
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
     ;;
+  pass)  # carry [".devsite/site.tar.xz"]: layout ingress's device pass alone in one process (no HTTP, no Ray), its
+    # two halves on two threads and on one (bench/device_pass.py), then bench.ceiling's kernel time beside it
+    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    timeout 200 python3 -m bench.device_pass --device cuda --fp16 --concurrency ${CONC:-64} --seconds 6 \
+      --out "$O/device-pass.json" 2> "$E/device-pass.err" || tail -n 5 "$E/device-pass.err"
+    [ -n "${NOCEIL-}" ] || timeout 150 python3 -m bench.ceiling --device cuda --fp16 --batch 16 --out "$O/ceiling.json" \
+      2> "$E/ceiling.err" | tail -n 4
+    ;;
   spy)  # carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"] (made with `xz -9 -c .venv/bin/py-spy > .devsite/py-spy.xz`:
     # the device pack leaves py-spy's binary out): where the ingress replica's CPU goes per request, by thread and
     # function (bench/replica_spy.py), the shipped GPU layout's replica at c16 (CONC), one face then eight
@@ -201,5 +211,5 @@ PY
     timeout 300 python3 -m bench.capture_stress --clip .gpuclips/720p.mp4 --out "$O/capture-stress.json" \
       ${LOADS:+--loads "$LOADS"}
     ;;
-  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|spy|stress"; exit 2 ;;
+  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|pass|spy|stress"; exit 2 ;;
 esac

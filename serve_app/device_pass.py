@@ -73,9 +73,10 @@ def _ms(seconds: float) -> float:
 class DevicePass:
     def __init__(self, decoder: DeviceDecoder, detector: DetectorStage, classifiers: dict[str, ClassifierStage],
                  routes: Sequence[ClassifierRoute], max_batch: int, max_detect_side: int,
-                 detector_timeout_s: float) -> None:
+                 detector_timeout_s: float, overlap: bool = True) -> None:
         """`routes`: every classifier's geometry, filters and chain (their clients unused: the models are called
-        here); `max_batch`: the most requests in one batch."""
+        here); `max_batch`: the most requests in one batch; `overlap`: the classifiers' half on a thread of its own
+        (False: on the detector's thread too, one batch wholly after the other: bench/device_pass.py's baseline)."""
         self.decoder = decoder
         self._detector = detector
         self._classifiers = classifiers
@@ -85,11 +86,12 @@ class DevicePass:
         # the request's own deadline: the detector's and the longest classifier's (a batch does them in turn)
         self._timeout_s = detector_timeout_s + max((r.timeout_s for r in routes), default=0.0)
         # two phases on two threads, so that one batch's detection overlaps the previous one's classification
-        self._classify_thread = ComputeExecutor("thread", True, "device-classify")
+        self._classify_thread = ComputeExecutor("thread", True, "device-classify") if overlap else None
         self._detecting: GreedyBatcher[_Request, GraphResult | None] = GreedyBatcher(
             lambda requests: completed(self._detect, requests), detector.executor, max_batch)
         self._classifying: GreedyBatcher[_Detected, GraphResult] = GreedyBatcher(
-            lambda detected: completed(self._classify, detected), self._classify_thread, max_batch)
+            lambda detected: completed(self._classify, detected), self._classify_thread or detector.executor,
+            max_batch)
 
     async def run(self, image: Any, only: Collection[str] | None = None) -> GraphResult:
         """One image (its encoded bytes, or a frame already on the device) through the pass; InputError 400 if
@@ -110,7 +112,8 @@ class DevicePass:
         return result
 
     def close(self) -> None:
-        self._classify_thread.close()
+        if self._classify_thread is not None:
+            self._classify_thread.close()
 
     # -- on the detector's compute thread ---------------------------------------------------------------
 

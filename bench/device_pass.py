@@ -1,0 +1,110 @@
+"""What layout ingress's device pass sustains in one process, without HTTP or Ray: the served path's own ceiling.
+
+    python -m bench.device_pass --device cuda --fp16 --concurrency 64 --seconds 6
+    python -m bench.device_pass --device cpu --concurrency 8 --seconds 10        # checks it runs
+
+The face demo's stages (the torch MTCNN, the three classifiers through the torch backend) and the pass over them
+(serve_app/device_pass.py), as the ingress replica builds them; `--concurrency` callers each send the image (the
+one-face portrait, or the eight-face photo) again as soon as it is answered, on one event loop, for `--seconds`
+after a warm-up. For each image it prints the images per second, the process's CPU per image (all threads), the
+detector's mean batch, and the same with the two halves on one thread (`overlap` off: a batch is
+detected only after the one before it was classified). bench.ceiling's kernel time per image is the card's
+ceiling; this is what one process's pass reaches toward it, and bench.run's served figures what HTTP and Serve
+leave of that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.run import images, workload_args
+
+
+def _build(device: str, fp16: bool, overlap: bool) -> tuple[Any, list[Any]]:
+    from deployments.stages import ClassifierStage, DetectorStage
+    from engines.device_image import DeviceDecoder
+    from serve_app.config import PipelineConfig
+    from serve_app.device_pass import DevicePass
+    from serve_app.graph import ClassifierRoute
+
+    args = workload_args("face", device, "torch", fp16, 224)
+    args["detector"]["mtcnn"]["implementation"] = "torch"
+    config = PipelineConfig.model_validate(args)
+    detector = DetectorStage(config.detector, device, shared=True)
+    classifiers = {c.name: ClassifierStage(c, device, shared=True) for c in config.classifiers}
+    routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
+    whole = DevicePass(DeviceDecoder(device), detector, classifiers, routes, config.ingress.device_batch_size,
+                       config.detector.max_detect_side, 60.0, overlap=overlap)
+    return whole, [detector, *classifiers.values()]
+
+
+async def _load(whole: Any, body: bytes, concurrency: int, seconds: float) -> int:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            result = await whole.run(body)
+            if result.errors:
+                raise RuntimeError(f"the pass answered errors: {result.errors}")
+            done += 1
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return done
+
+
+def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: bool,
+            chosen: list[str]) -> dict[str, Any]:
+    whole, stages = _build(device, fp16, overlap)
+    detector = stages[0]
+    out: dict[str, Any] = {}
+    try:
+        for image, body in images().items():
+            if image not in chosen:
+                continue
+            asyncio.run(_load(whole, body, concurrency, min(seconds, 3.0)))  # warm-up: every batch size captured
+            batches, frames = detector.batches, detector.frames
+            start, cpu = time.perf_counter(), time.process_time()
+            done = asyncio.run(_load(whole, body, concurrency, seconds))
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            out[image] = {"images_per_s": round(done / wall, 1), "host_cpu_ms_per_image": round(cpu * 1e3 / done, 3),
+                          "mean_detector_batch": round((detector.frames - frames) / max(detector.batches - batches, 1), 2)}
+    finally:
+        whole.close()
+        for stage in stages:
+            stage.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--images", nargs="+", default=["one", "many"], choices=["one", "many"])
+    parser.add_argument("--out", type=Path)
+    opts = parser.parse_args()
+    import torch
+
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if opts.device == "cuda" else "cpu",
+                               "command": "python -m bench.device_pass " + " ".join(sys.argv[1:]),
+                               "concurrency": opts.concurrency, "seconds": opts.seconds}
+    for overlap in (True, False):
+        key = "two threads (overlap)" if overlap else "one thread"
+        results[key] = measure(opts.device, opts.fp16, opts.concurrency, opts.seconds, overlap, opts.images)
+        print(key, json.dumps(results[key]), flush=True)
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
