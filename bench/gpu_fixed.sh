@@ -199,7 +199,7 @@ PY
     for variant in ${VARIANT:-ingress+haproxy}; do for image in ${IMAGES:-one many}; do
       timeout 150 python3 -m bench.replica_spy --device cuda --backend torch --fp16 \
         --variant $variant --image $image --concurrency ${CONC:-16} --seconds 15 ${GIL:+--gil} \
-        --out "$O/replica-spy-$image-$variant${GIL:+-gil}.json" 2> "$E/spy-$image.err" | head -n ${LINES_SHOWN:-70} \
+        --out "$O/replica-spy-$image-${variant//+/_}${GIL:+-gil}.json" 2> "$E/spy-$image.err" | head -n ${LINES_SHOWN:-70} \
         || tail -n 5 "$E/spy-$image.err"
     done; done
     ;;
