@@ -18,6 +18,8 @@ from engines.image import Scale, fit_side
 from serve_app.annotate import annotate
 from serve_app.config import PipelineConfig
 from serve_app.decoding import InputError, check_header, decode_checked
+from serve_app.device_frames import is_jpeg
+from serve_app.device_pass import DevicePass
 from serve_app.graph import CallSpan, DetectorUnavailable, GraphResult, InferenceGraph, merge
 from serve_app.http_input import image_bytes, image_list
 from serve_app.offload import INLINE, CpuWork
@@ -35,9 +37,6 @@ from serve_app.schema import (
     Trace,
 )
 from serve_app.telemetry import IngressMetrics
-
-from serve_app.device_frames import is_jpeg
-from serve_app.device_pass import DevicePass
 
 if TYPE_CHECKING:
     from serve_app.device_frames import DeviceBatches
