@@ -52,6 +52,18 @@ def small(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def on_the_cpu_device(args: dict[str, Any], frames_on_device: bool = True) -> dict[str, Any]:
+    """`args` in layout ingress with every model on the torch backend on the CPU device (the torch MTCNN), frames
+    kept on that device from the decode on (`frames_on_device`): the GPU-resident path's code, run on the CPU."""
+    args["layout"] = "ingress"
+    args["ingress"]["frames_on_device"] = frames_on_device
+    args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
+    args["detector"]["mtcnn"]["implementation"] = "torch"
+    for classifier in args["classifiers"]:
+        classifier["engine"] = {"backend": "torch", "device": "cpu"}
+    return args
+
+
 def without_streams(args: dict[str, Any]) -> dict[str, Any]:
     """`args` with live streams off, for apps whose tests never touch /v1/streams: one replica fewer to start
     (the streams replica imports the tracker's library), which CI's two cores feel at every module's deploy."""

@@ -23,7 +23,7 @@ from serve_app.config import PipelineConfig  # noqa: E402
 from serve_app.decoding import InputError  # noqa: E402
 from serve_app.device_pass import DevicePass  # noqa: E402
 from serve_app.graph import ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, on_the_cpu_device  # noqa: E402
 from tests.images import ASTRONAUT, collage, encode, many_faces, phone_photo  # noqa: E402
 
 
@@ -32,13 +32,8 @@ def _chain_on_the_device(timeouts: dict[str, float] | None = None, **extra_class
     """examples/chain.yaml (age and gender on every face, emotion on the faces gender calls female) in layout
     ingress, every model on the torch backend on the CPU device, frames kept there; `timeouts` by classifier,
     `extra_classifiers` after them (gender's settings with labels a and b, and these)."""
-    args = yaml.safe_load((ROOT / "examples/chain.yaml").read_text())["applications"][0]["args"]
-    args["layout"] = "ingress"
-    args["ingress"]["frames_on_device"] = True
-    args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
-    args["detector"]["mtcnn"]["implementation"] = "torch"
+    args = on_the_cpu_device(yaml.safe_load((ROOT / "examples/chain.yaml").read_text())["applications"][0]["args"])
     for classifier in args["classifiers"]:
-        classifier["engine"] = {"backend": "torch", "device": "cpu"}
         classifier["timeout_s"] = (timeouts or {}).get(classifier["name"], 60.0)  # 60 s: 2 busy CPU cores
     for name, classifier in extra_classifiers.items():
         args["classifiers"].append({**copy.deepcopy(args["classifiers"][1]), "labels": ["a", "b"], "name": name,

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import demo_args, deployed, small
+from tests.conftest import demo_args, deployed, on_the_cpu_device, small
 from tests.images import ASTRONAUT, collage, encode, many_faces, phone_photo
 
 pytest.importorskip("onnx2torch")
@@ -21,17 +21,11 @@ pytest.importorskip("onnx2torch")
 
 def _on_the_device() -> dict[str, Any]:
     """The demo on the torch backend (the CPU device), layout ingress, frames kept on the device."""
-    args = small(demo_args())
-    args["layout"] = "ingress"
-    args["ingress"]["frames_on_device"] = True
+    args = on_the_cpu_device(small(demo_args()))
     # as examples/faces_gpu.yaml runs it: the ingress's code on the replica's own event loop
     args["ingress"]["deployment"]["env_vars"] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     args["ingress"]["detector_timeout_s"] = 60.0  # the torch cascade on 2 busy CPU cores, a batch of requests
     args["ingress"]["streams"] = {"enabled": False}
-    args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
-    args["detector"]["mtcnn"]["implementation"] = "torch"
-    for classifier in args["classifiers"]:
-        classifier["engine"] = {"backend": "torch", "device": "cpu"}
     return args
 
 

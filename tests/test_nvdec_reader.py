@@ -275,7 +275,7 @@ def test_a_video_on_nvdec_with_frames_on_the_device_gives_the_host_paths_records
     from serve_app.config import PipelineConfig
     from serve_app.stream_host import StreamHost
     from serve_app.wiring import in_process
-    from tests.conftest import demo_args
+    from tests.conftest import demo_args, on_the_cpu_device
 
     kinds: set[str] = set()
     frames = video_module.NvdecVideoFile.frames
@@ -288,13 +288,7 @@ def test_a_video_on_nvdec_with_frames_on_the_device_gives_the_host_paths_records
     monkeypatch.setattr(video_module.NvdecVideoFile, "frames", spied)
 
     def records(on_device: bool) -> list[dict]:
-        args = demo_args()
-        args["layout"] = "ingress"
-        args["ingress"]["frames_on_device"] = on_device
-        args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
-        args["detector"]["mtcnn"]["implementation"] = "torch"
-        for classifier in args["classifiers"]:
-            classifier["engine"] = {"backend": "torch", "device": "cpu"}
+        args = on_the_cpu_device(demo_args(), on_device)
         config = PipelineConfig.model_validate(args)
         # NVDEC for videos only where frames stay on the device (on CUDA in the service; the CPU device here)
         monkeypatch.setattr(serve_app.nvdec_reader, "videos_on_nvdec", lambda config, decoder: decoder is not None)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import demo_args, deployed, small
+from tests.conftest import demo_args, deployed, on_the_cpu_device, small
 from tests.videos import two_faces
 
 pytest.importorskip("onnx2torch")
@@ -28,16 +28,10 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def workers_app(serve_url: str, media: Path) -> Iterator[str]:
-    args = small(demo_args())
-    args["layout"] = "ingress"
     # the workers keep frames on the models' device from the decode on (the torch backend on the CPU device here;
     # CUDA on a GPU): tensors, not numpy frames, go through their muxer, detector, crops and classifiers
-    args["ingress"]["frames_on_device"] = True
+    args = on_the_cpu_device(small(demo_args()))
     args["ingress"]["detector_timeout_s"] = 60.0
-    args["detector"]["engine"] = {"backend": "torch", "device": "cpu"}
-    args["detector"]["mtcnn"]["implementation"] = "torch"
-    for classifier in args["classifiers"]:
-        classifier["engine"] = {"backend": "torch", "device": "cpu"}
     # detect_ahead: the workers' streams run with a frame detected ahead, through the real graph and muxer
     args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2, "max_listeners_per_stream": 1,
                                   "detect_ahead": 1, "workers": {"count": 2, "num_cpus": 0.1, "num_gpus": 0}}
