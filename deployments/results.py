@@ -7,6 +7,7 @@ import platform
 from dataclasses import dataclass
 
 from engines import Classifications, Detections
+from engines.base import RunTiming
 
 NODE = platform.node()
 
@@ -24,6 +25,15 @@ class StageTiming:
     gpu_start_at: float | None = None  # the batch's work on the GPU, from CUDA events (None: no device timeline)
     gpu_end_at: float | None = None
     node: str = NODE
+
+    @classmethod
+    def of(cls, handler_ms: float, queue_ms: float, compute_ms: float, batch_size: int,
+           runs: RunTiming | None) -> StageTiming:
+        """The call's times (ms, rounded to microseconds) and, from the engine's timing of its run(s), the launch
+        time and the GPU window."""
+        return cls(round(handler_ms, 3), round(queue_ms, 3), round(compute_ms, 3), batch_size,
+                   None if runs is None else round((runs.enqueued_at - runs.launched_at) * 1e3, 3),
+                   None if runs is None else runs.gpu_start_at, None if runs is None else runs.gpu_end_at)
 
 
 @dataclass(frozen=True)

@@ -35,16 +35,9 @@ logger = logging.getLogger("ray.serve")
 
 
 def _timing(start: float, parts: list[Batched[Any]]) -> StageTiming:
-    runs = span([p.timing for p in parts])
-    return StageTiming(
-        round((time.perf_counter() - start) * 1e3, 3),
-        round(max(p.queue_ms for p in parts), 3),
-        round(max(p.compute_ms for p in parts), 3),
-        max(p.batch_size for p in parts),
-        None if runs is None else round((runs.enqueued_at - runs.launched_at) * 1e3, 3),
-        None if runs is None else runs.gpu_start_at,
-        None if runs is None else runs.gpu_end_at,
-    )
+    return StageTiming.of((time.perf_counter() - start) * 1e3, max(p.queue_ms for p in parts),
+                          max(p.compute_ms for p in parts), max(p.batch_size for p in parts),
+                          span([p.timing for p in parts]))
 
 
 class DetectorStage:

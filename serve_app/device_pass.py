@@ -34,7 +34,6 @@ from deployments.execution import ComputeExecutor
 from deployments.results import StageTiming
 from deployments.stages import ClassifierStage, DetectorStage
 from engines import Classifications, completed
-from engines.base import span
 from engines.batching import concatenate
 from engines.image import inverse
 from serve_app.decoding import InputError
@@ -205,12 +204,7 @@ class DevicePass:
             if stage.on_batch is not None:
                 stage.on_batch(size, _ms(done - launched_at))
             late = done - launched_at > route.timeout_s
-            runs_timing = span([run.timing])
-            timing = StageTiming(
-                _ms(done - launched_at), 0.0, _ms(done - launched_at), size,
-                None if runs_timing is None else _ms(runs_timing.enqueued_at - runs_timing.launched_at),
-                None if runs_timing is None else runs_timing.gpu_start_at,
-                None if runs_timing is None else runs_timing.gpu_end_at)
+            timing = StageTiming.of((done - launched_at) * 1e3, 0.0, (done - launched_at) * 1e3, size, run.timing)
             for (k, indices, _), mine in zip(parts, classifications.split([len(i) for _, i, _ in parts])):
                 out = batch[k][1]
                 out.timings_ms[name] = round(timing.handler_ms, 2)

@@ -103,3 +103,19 @@ def test_concurrent_requests_batched_on_the_device_each_get_their_own_answer(app
         assert got["image"] == expected["image"] and len(got["objects"]) == len(expected["objects"])
         for ours, theirs in zip(got["objects"], expected["objects"]):
             assert ours["box"] == theirs["box"] and ours["attributes"] == theirs["attributes"]
+
+
+def test_the_stage_by_stage_path_gives_the_whole_pass_answer(serve_url: str, apps: tuple[str, str]) -> None:
+    """`ingress.device_pass: stages` (decodes and crops batched on their own, the detector and classifiers in their
+    stages) through HTTP: a JPEG and an EXIF-8 PNG (decoded by OpenCV, then uploaded) give the whole pass's answer."""
+    args = _on_the_device()
+    args["ingress"]["device_pass"] = "stages"
+    images = [(encode(collage(), ".jpg"), "image/jpeg"), (phone_photo(collage(), 8, "PNG"), "image/png")]
+    with deployed(serve_url, "stagewise", args) as stages:
+        for body, kind in images:
+            ours, whole = _infer(stages, body, kind), _infer(apps[0], body, kind)
+            assert ours["image"] == whole["image"] and len(ours["objects"]) == len(whole["objects"]) == 3
+            for a, b in zip(ours["objects"], whole["objects"]):
+                assert np.allclose(a["box"], b["box"], atol=0.1)
+                assert a["attributes"]["gender"]["label"] == b["attributes"]["gender"]["label"]
+                assert abs(a["attributes"]["age"]["value"] - b["attributes"]["age"]["value"]) < 0.1

@@ -148,20 +148,19 @@ class ImageService:
         elif self._send_encoded:
             result = await self._graph.run_encoded(data, lambda d: decode_checked(d, limit), chosen, only, pixels)
             decode_ms = result.decode_ms
-        elif isinstance(self._on_device, DevicePass):
+        elif self._on_device is not None:
             # a JPEG is decoded with the others of its batch; another format by OpenCV first (a large one off the
-            # loop, as on the host path), uploaded, then detected and classified with the batch
+            # loop, as on the host path) and uploaded
             image = data if is_jpeg(data) else _decoded(
                 await self._cpu.run_large(pixels, self._on_device.decoder.decode, data))
-            decode_ms = (time.perf_counter() - read_at) * 1e3
-            result = await self._on_device.run(image, only)
-            decode_ms = result.decode_ms if image is data else decode_ms
-        elif self._on_device is not None:
-            frame = await self._on_device.decode(data) if is_jpeg(data) else \
-                await self._cpu.run_large(pixels, self._on_device.decoder.decode, data)
-            _decoded(frame)
-            decode_ms = (time.perf_counter() - read_at) * 1e3
-            result = await self._graph.run(frame, chosen, only)
+            if isinstance(self._on_device, DevicePass):  # then detected and classified with the batch
+                decode_ms = (time.perf_counter() - read_at) * 1e3
+                result = await self._on_device.run(image, only)
+                decode_ms = result.decode_ms if image is data else decode_ms
+            else:
+                frame = _decoded(await self._on_device.decode(data)) if image is data else image
+                decode_ms = (time.perf_counter() - read_at) * 1e3
+                result = await self._graph.run(frame, chosen, only)
         else:
             frame = await self._cpu.run_large(pixels, decode_checked, data, limit)
             decode_ms = (time.perf_counter() - read_at) * 1e3
