@@ -60,6 +60,11 @@ async def _load(whole: Any, body: bytes, concurrency: int, seconds: float) -> in
     return done
 
 
+def _cascades(detector: Any) -> dict[str, int]:
+    counts = getattr(detector.model, "cascade_counts", dict)()
+    return {k: int(counts.get(k, 0)) for k in ("frames_fixed_shapes", "frames_data_following")}
+
+
 def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: bool,
             chosen: list[str]) -> dict[str, Any]:
     whole, stages = _build(device, fp16, overlap)
@@ -70,12 +75,16 @@ def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: 
             if image not in chosen:
                 continue
             asyncio.run(_load(whole, body, concurrency, min(seconds, 3.0)))  # warm-up: every batch size captured
-            batches, frames = detector.batches, detector.frames
+            batches, frames, before = detector.batches, detector.frames, _cascades(detector)
             start, cpu = time.perf_counter(), time.process_time()
             done = asyncio.run(_load(whole, body, concurrency, seconds))
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            after = _cascades(detector)
             out[image] = {"images_per_s": round(done / wall, 1), "host_cpu_ms_per_image": round(cpu * 1e3 / done, 3),
-                          "mean_detector_batch": round((detector.frames - frames) / max(detector.batches - batches, 1), 2)}
+                          "mean_detector_batch": round((detector.frames - frames) / max(detector.batches - batches, 1), 2),
+                          # frames each cascade answered in the measured window: the data-following one's are
+                          # batches whose fixed-shape graph was not there (first sight, or a capture that failed)
+                          "cascades": {k: after[k] - before[k] for k in after}}
     finally:
         whole.close()
         for stage in stages:
