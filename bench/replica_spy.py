@@ -90,15 +90,15 @@ def _py_spy() -> str:
 
 
 async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> int:
-    import httpx
+    from bench.load_client import LoadClient
 
     done = 0
     deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with LoadClient(concurrency) as client:
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                response = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
+                response = await client.post(url, body)
                 response.raise_for_status()
                 done += 1
 

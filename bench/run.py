@@ -214,14 +214,12 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
     """Each level's latency, throughput, errors and server CPU per request; the GPU's busy fraction at c16 and c32,
     or at every level (`all_levels`); `count_batches`: the detector's batches during each level (one replica's,
     from GET /v1/pipeline: their mean size, and which cascade answered)."""
-    import httpx
+    from bench.load_client import LoadClient
 
     out: dict[str, Any] = {}
-    most = max(32, *(c for c, _ in levels))
-    limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with LoadClient(max(32, *(c for c, _ in levels))) as client:
         for _ in range(5):  # warm every replica and batch path
-            (await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})).raise_for_status()
+            (await client.post(url, body)).raise_for_status()
         for concurrency, mode in levels:
             errors = 0
             traces: list[dict[str, float]] = []
@@ -233,7 +231,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
                 nonlocal errors
                 t0 = time.perf_counter()
                 params = {"mode": m, **({"trace": "true"} if t else {})}
-                response = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"}, params=params)
+                response = await client.post(url, body, params=params)
                 client_ms = (time.perf_counter() - t0) * 1e3
                 answer = response.json() if response.status_code == 200 else {}
                 if response.status_code != 200 or answer.get("errors"):
@@ -246,8 +244,8 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
 
             count = n if concurrency == 1 else max(n * 2, concurrency * 8)
             if concurrency > 1:  # unmeasured: the batch sizes this level forms are seen (and their graphs captured)
-                await closed_loop(lambda: client.post(url, content=body, headers={"Content-Type": "image/jpeg"}),
-                                  concurrency, concurrency * WARM_UP_ROUNDS, time_limit)
+                await closed_loop(lambda: client.post(url, body), concurrency, concurrency * WARM_UP_ROUNDS,
+                                  time_limit)
             counted = await detector_counts(client, url) if count_batches else None
             sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
                 else None

@@ -98,17 +98,17 @@ async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, t
     """`requests` POSTs at `concurrency` to `url`, bounded by `time_limit_s`; the RSS of application `app`'s
     replicas after the warm-up, halfway, at the end, `samples` times evenly over the requests, and the total every
     `sample_every_s`."""
-    import httpx
+    import aiohttp
+
+    from bench.load_client import LoadClient
 
     result = SoakResult()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with LoadClient(concurrency) as client:
         # the warm-up runs at the soak's concurrency, so that what load itself allocates (frames and batches in
         # flight, allocator arenas sized for the largest batch of the mix) lands before the first sample and does
         # not count as growth; sequential warm-up left that to the first minutes of load
         for start in range(0, warmup, concurrency):
-            await asyncio.gather(*(client.post(url, content=bodies[i % len(bodies)],
-                                               headers={"Content-Type": "image/jpeg"})
+            await asyncio.gather(*(client.post(url, bodies[i % len(bodies)])
                                    for i in range(start, min(start + concurrency, warmup))))
         result.rss_start = replica_rss_mib(app)
         remaining = requests
@@ -123,9 +123,8 @@ async def soak(url: str, bodies: list[bytes], requests: int, concurrency: int, t
                 i += concurrency
                 t0 = time.perf_counter()
                 try:
-                    response = await client.post(url, content=bodies[i % len(bodies)],
-                                                 headers={"Content-Type": "image/jpeg"})
-                except httpx.HTTPError:
+                    response = await client.post(url, bodies[i % len(bodies)])
+                except (aiohttp.ClientError, TimeoutError):
                     result.lost += 1
                     continue
                 result.latencies_ms.append((time.perf_counter() - t0) * 1e3)

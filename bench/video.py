@@ -95,17 +95,17 @@ async def videos_at_once(url: str, data: bytes, n: int, busy: Any = None) -> dic
 
 
 async def per_frame_run(url: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
-    import httpx
+    from bench.load_client import LoadClient
 
     index = 0
     calls = 0
 
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with LoadClient(concurrency) as client:
         async def one() -> None:
             nonlocal index, calls
             body = bodies[index % len(bodies)]
             index += 1
-            answer = (await client.post(f"{url}/v1/infer", content=body, headers={"Content-Type": "image/jpeg"})).json()
+            answer = (await client.post(f"{url}/v1/infer", body)).json()
             calls += sum(len(o["attributes"]) for o in answer["objects"])
 
         cpu0, own0 = busy_cpu_seconds(), own_cpu_seconds()
