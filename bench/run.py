@@ -76,6 +76,10 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "ingress+haproxy+x2+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
                                     {"layout": "ingress", "ingress_replicas": 2}),
     "ingress+haproxy+x4": (HAPROXY, {"layout": "ingress", "ingress_replicas": 4}),
+    "ingress+haproxy+x3+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                    {"layout": "ingress", "ingress_replicas": 3}),
+    "ingress+haproxy+x4+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                    {"layout": "ingress", "ingress_replicas": 4}),
     # torch's CPU pool at every core, as the engines left it on CUDA before they held it to `intra_op_threads`
     "ingress+haproxy+x2+threads16": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "host_threads": 16}),
 }
