@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--images", nargs="+", default=["one", "many"], choices=["one", "many"])
+    parser.add_argument("--switch-interval-ms", type=float, nargs="*", default=[],
+                        help="two threads again at each of these GIL switch intervals (Python's default: 5 ms)")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     import torch
@@ -106,9 +108,17 @@ def main() -> None:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if opts.device == "cuda" else "cpu",
                                "command": "python -m bench.device_pass " + " ".join(sys.argv[1:]),
                                "concurrency": opts.concurrency, "seconds": opts.seconds}
-    for overlap in (True, False):
+    runs = [(True, None), *((True, ms) for ms in opts.switch_interval_ms), (False, None)]
+    for overlap, interval_ms in runs:
         key = "two threads (overlap)" if overlap else "one thread"
-        results[key] = measure(opts.device, opts.fp16, opts.concurrency, opts.seconds, overlap, opts.images)
+        if interval_ms is not None:  # how long a thread that wants the GIL waits for its holder to drop it
+            key += f", GIL switch interval {interval_ms:g} ms"
+        default = sys.getswitchinterval()
+        sys.setswitchinterval(interval_ms / 1e3 if interval_ms is not None else default)
+        try:
+            results[key] = measure(opts.device, opts.fp16, opts.concurrency, opts.seconds, overlap, opts.images)
+        finally:
+            sys.setswitchinterval(default)
         print(key, json.dumps(results[key]), flush=True)
     if opts.out:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
