@@ -9,7 +9,9 @@ grows), INTER_LINEAR where it grows (two taps per axis, pixel centres aligned). 
 which source pixels and weights every output pixel takes (a few KB: objects x output size x 2); the device only
 gathers and sums, a fixed handful of kernels whatever the objects, and nothing waits for it. The crops of many
 frames (a batch of requests, or of streams) are cut together, from the frames laid end to end, with the host's
-arrays sent in one copy. Pixels are within one level of OpenCV's (its arithmetic is partly fixed point;
+arrays sent in one copy; so are the crops of several geometries (the classifiers' input sizes), each on the
+largest geometry's canvas and cut to its own size after (one frame's crops for the face demo: 1.8 -> 1.2 ms of host
+time on 2 CPU cores, `python -m bench.crop_host`). Pixels are within one level of OpenCV's (its arithmetic is partly fixed point;
 tests/test_device_crops.py). Nothing here imports torch at module level.
 """
 
@@ -147,15 +149,28 @@ def crop_resize_device_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray], 
     """The crops of every frame's boxes, frame after frame, in one pass: (sum of N, spec.height, spec.width, C)
     uint8 on the frames' device (all frames on one device, any sizes). The same pixels as `crop_resize_device`
     frame by frame, in a fixed number of launches and one host-to-device copy whatever the frames."""
+    return crop_resize_device_specs(frames, [xyxys], [spec])[0]
+
+
+def crop_resize_device_specs(frames: Sequence[Any], xyxys_by_spec: Sequence[Sequence[np.ndarray]],
+                             specs: Sequence[CropSpec]) -> list[Any]:
+    """`crop_resize_device_many` for several crop geometries in one pass: per spec k, the crops of every frame's
+    boxes `xyxys_by_spec[k][frame]`, (sum of N, height, width, C) uint8. Every geometry's boxes are planned and
+    gathered together, each on the largest geometry's canvas (its pixels past its own size are cut away after), so
+    that the classifiers' geometries cost the launches and the one upload of a single geometry."""
     import torch
 
-    if len(frames) != len(xyxys):
-        raise ValueError(f"{len(frames)} frames but {len(xyxys)} box arrays")
+    if len(xyxys_by_spec) != len(specs):
+        raise ValueError(f"{len(specs)} crop specs but {len(xyxys_by_spec)} lists of boxes")
+    for xyxys in xyxys_by_spec:
+        if len(frames) != len(xyxys):
+            raise ValueError(f"{len(frames)} frames but {len(xyxys)} box arrays")
+    boxes = [[np.asarray(b, np.float32).reshape(-1, 4) for b in xyxys] for xyxys in xyxys_by_spec]
     with torch.inference_mode():
-        return _cut(frames, [np.asarray(b, np.float32).reshape(-1, 4) for b in xyxys], spec)
+        return _cut(frames, boxes, list(specs))
 
 
-def _cut(frames: Sequence[Any], xyxys: list[np.ndarray], spec: CropSpec) -> Any:
+def _cut(frames: Sequence[Any], boxes: list[list[np.ndarray]], specs: list[CropSpec]) -> list[Any]:
     import torch
 
     if not frames:
@@ -164,18 +179,26 @@ def _cut(frames: Sequence[Any], xyxys: list[np.ndarray], spec: CropSpec) -> Any:
     shapes = [tuple(int(d) for d in f.shape) for f in frames]
     if any(f.device != device for f in frames) or any(s[2] != channels for s in shapes):
         raise ValueError("frames to cut crops from together must share one device and channel count")
-    frame_of = np.repeat(np.arange(len(frames)), [len(b) for b in xyxys])
-    sizes_of = np.array([s[:2] for s in shapes], np.int64).reshape(-1, 2)[frame_of]
-    plan = crop_plan(np.concatenate(xyxys), spec, sizes_of[:, 0], sizes_of[:, 1])  # every frame's boxes at once
-    empty = plan.empty
+    heights, widths = np.array([s[0] for s in shapes], np.int64), np.array([s[1] for s in shapes], np.int64)
+    plans, frame_ofs = [], []
+    for xyxys, spec in zip(boxes, specs):  # every frame's boxes of a geometry planned at once
+        frame_of = np.repeat(np.arange(len(frames)), [len(b) for b in xyxys])
+        plans.append(crop_plan(np.concatenate(xyxys), spec, heights[frame_of], widths[frame_of]))
+        frame_ofs.append(frame_of)
+    counts = [len(plan.empty) for plan in plans]
+    tall, wide = max(spec.height for spec in specs), max(spec.width for spec in specs)  # the shared canvas
+    frame_of = np.concatenate(frame_ofs)
+    source = np.concatenate([plan.source for plan in plans])
+    target = np.concatenate([plan.target for plan in plans])
+    empty = np.concatenate([plan.empty for plan in plans])
+    shrinks = np.concatenate([plan.shrinks for plan in plans])  # INTER_AREA: by height, as the host decides
     n = len(empty)
     if n == 0 or empty.all():
-        return torch.zeros((n, spec.height, spec.width, channels), dtype=torch.uint8, device=device)
+        return [torch.zeros((count, spec.height, spec.width, channels), dtype=torch.uint8, device=device)
+                for count, spec in zip(counts, specs)]
     used = np.unique(frame_of[~empty]).tolist()  # frames with something to cut: the only ones gathered from
-    source, target = plan.source, plan.target
-    shrinks = plan.shrinks  # INTER_AREA: by height, as the host decides
-    y = _axis(source[:, 1], source[:, 3], target[:, 1], target[:, 3] - target[:, 1], spec.height, shrinks)
-    x = _axis(source[:, 0], source[:, 2], target[:, 0], target[:, 2] - target[:, 0], spec.width, shrinks)
+    y = _axis(source[:, 1], source[:, 3], target[:, 1], target[:, 3] - target[:, 1], tall, shrinks)
+    x = _axis(source[:, 0], source[:, 2], target[:, 0], target[:, 2] - target[:, 0], wide, shrinks)
     area = shrinks & (y.scale >= 1) & (x.scale >= 1) & ~empty  # OpenCV's area path: no axis grows
     inside = y.inside[:, :, None] & x.inside[:, None, :] & ~empty[:, None, None]
 
@@ -183,7 +206,7 @@ def _cut(frames: Sequence[Any], xyxys: list[np.ndarray], spec: CropSpec) -> Any:
     sizes = np.array([shapes[i][0] * shapes[i][1] * channels for i in used], np.int64)
     start = np.zeros(len(frames), np.int64)
     start[used] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    row_stride = np.array([s[1] * channels for s in shapes], np.int64)[frame_of]
+    row_stride = (widths * channels)[frame_of]
     upload = _Upload()
     slots = [upload.add(y.taps * row_stride[:, None, None] + start[frame_of][:, None, None]), upload.add(y.weights),
              upload.add(x.taps * channels), upload.add(x.weights), upload.add(inside)]
@@ -191,11 +214,15 @@ def _cut(frames: Sequence[Any], xyxys: list[np.ndarray], spec: CropSpec) -> Any:
     sent = upload.send(device)
     rows, row_w, cols, col_w, inside_d = (sent[i] for i in slots)
     flat = frames[used[0]].reshape(-1) if len(used) == 1 else torch.cat([frames[i].reshape(-1) for i in used])
-    pixels = _gather(flat, rows, row_w, cols, col_w, channels)  # (N, h, w, C) float32
+    pixels = _gather(flat, rows, row_w, cols, col_w, channels)  # (N, tall, wide, C) float32
     if area_slots is not None:
         pixels = torch.where(sent[area_slots.mask][:, None, None, None],
-                             _area(frames, area_slots, sent, spec, channels), pixels)
-    return torch.where(inside_d[..., None], pixels.round().clamp(0, 255), 0.0).to(torch.uint8)
+                             _area(frames, area_slots, sent, tall, wide, channels), pixels)
+    crops = torch.where(inside_d[..., None], pixels.round().clamp(0, 255), 0.0).to(torch.uint8)
+    if len(specs) == 1:
+        return [crops]
+    return [part if (spec.height, spec.width) == (tall, wide) else part[:, : spec.height, : spec.width].contiguous()
+            for part, spec in zip(crops.split(counts), specs)]
 
 
 @dataclass(frozen=True)
@@ -246,7 +273,7 @@ def _area_plan(upload: _Upload, frames: int, frame_of: np.ndarray, source: np.nd
                       upload.add(area))
 
 
-def _area(frames: Sequence[Any], slots: _AreaSlots, sent: list[Any], spec: CropSpec, channels: int) -> Any:
+def _area(frames: Sequence[Any], slots: _AreaSlots, sent: list[Any], h: int, w: int, channels: int) -> Any:
     """Area averages for every crop from the integral images of the parts `_area_plan` chose."""
     import torch
 
@@ -263,6 +290,5 @@ def _area(frames: Sequence[Any], slots: _AreaSlots, sent: list[Any], spec: CropS
         flat = (tables[0] if len(tables) == 1 else torch.cat(tables)).double()
     summed = _gather(flat, sent[slots.rows], sent[slots.row_weights], sent[slots.cols], sent[slots.col_weights],
                      channels)  # (N, 2h, 2w, C)
-    h, w = spec.height, spec.width
     rect = summed[:, h:, w:] - summed[:, :h, w:] - summed[:, h:, :w] + summed[:, :h, :w]
     return (rect / sent[slots.scale][:, None, None, None]).float()

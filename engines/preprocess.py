@@ -139,6 +139,18 @@ def cut_crops_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray], spec: Cro
     return np.concatenate(cut) if cut else np.zeros((0, spec.height, spec.width, channels), np.uint8)
 
 
+def cut_crops_specs(frames: Sequence[Any], xyxys_by_spec: Sequence[Sequence[np.ndarray]],
+                    specs: Sequence[CropSpec]) -> list[Any]:
+    """`cut_crops_many` for several crop geometries (`xyxys_by_spec[k][frame]`: that frame's boxes for spec k): on
+    the device every geometry in one pass (engines/device_crops.py `crop_resize_device_specs`), on the host one
+    geometry and frame at a time."""
+    if frames and not isinstance(frames[0], np.ndarray):
+        from engines.device_crops import crop_resize_device_specs
+
+        return crop_resize_device_specs(frames, xyxys_by_spec, specs)
+    return [cut_crops_many(frames, xyxys, spec) for xyxys, spec in zip(xyxys_by_spec, specs, strict=True)]
+
+
 def take_rows(batch: Any, rows: np.ndarray) -> Any:
     """Rows of a numpy array or a torch tensor, by host indices."""
     if isinstance(batch, np.ndarray):

@@ -24,7 +24,7 @@ import numpy as np
 from deployments.results import StageTiming
 from engines import Classifications, Detections
 from engines.image import Scale, inverse
-from engines.preprocess import CropSpec, cut_crops, cut_crops_many, take_rows
+from engines.preprocess import CropSpec, cut_crops, cut_crops_specs, take_rows
 from serve_app.clients import ClassifierClient, DetectorClient
 from serve_app.config import ClassifierConfig
 from serve_app.decoding import InputError
@@ -32,6 +32,7 @@ from serve_app.offload import INLINE, CpuWork
 from serve_app.schema import DetectedObject, StageError
 
 logger = logging.getLogger("ray.serve")
+_NO_BOXES = np.zeros((0, 4), np.float32)  # a frame that wants no crop of a geometry, cut with the others
 
 
 CropCutter = Callable[[Any, np.ndarray, list[tuple["ClassifierRoute", np.ndarray]]], Awaitable[list[Any]]]
@@ -315,7 +316,8 @@ def cut_each_spec_once(frame: Any, xyxy: np.ndarray,
 def cut_each_spec_once_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray],
                             wanteds: Sequence[list[tuple[ClassifierRoute, np.ndarray]]]) -> list[list[Any]]:
     """`cut_each_spec_once` of several frames (the requests of a batch), each crop geometry cut once for all of
-    them (`cut_crops_many`: one pass on the device); per frame, the crops of each of its (route, indices)."""
+    them, every geometry in one pass on the device (`cut_crops_specs`); per frame, the crops of each of its
+    (route, indices)."""
     unions: list[dict[CropSpec, np.ndarray]] = []
     for wanted in wanteds:
         union: dict[CropSpec, np.ndarray] = {}
@@ -327,9 +329,13 @@ def cut_each_spec_once_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray],
         unions.append(union)
     specs = list(dict.fromkeys(spec for union in unions for spec in union))
     cut: list[dict[CropSpec, Any]] = [{} for _ in frames]
-    for spec in specs:
+    if not specs:
+        return [[] for _ in frames]
+    # every geometry at once (one pass on the device), each frame's rows in frame order, none where it wants none
+    boxes = [[xyxys[i][union[spec]] if spec in union else _NO_BOXES for i, union in enumerate(unions)]
+             for spec in specs]
+    for spec, together in zip(specs, cut_crops_specs(frames, boxes, specs)):
         having = [i for i, union in enumerate(unions) if spec in union]
-        together = cut_crops_many([frames[i] for i in having], [xyxys[i][unions[i][spec]] for i in having], spec)
         start = 0
         for i in having:
             count = len(unions[i][spec])

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engines.device_crops import crop_resize_device, crop_resize_device_many  # noqa: E402
+from engines.device_crops import crop_resize_device, crop_resize_device_many, crop_resize_device_specs  # noqa: E402
 from engines.device_image import DeviceDecoder, fit_side_tensor, orient_tensor  # noqa: E402
 from engines.image import decode_bgr, fit_side, orient  # noqa: E402
-from engines.preprocess import CropSpec, crop_resize, cut_crops_many  # noqa: E402
+from engines.preprocess import CropSpec, crop_resize, cut_crops_many, cut_crops_specs  # noqa: E402
 from tests.images import collage, phone_photo  # noqa: E402
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -63,6 +63,28 @@ def test_crops_of_many_frames_cut_together_are_each_frames_own(device: str, spec
     assert torch.equal(together, one_by_one)
     host = cut_crops_many(frames, boxes, spec).astype(int)
     assert np.abs(together.cpu().numpy().astype(int) - host).max() <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_geometry_cut_in_one_pass_is_each_geometrys_own(device: str) -> None:
+    """The classifiers' geometries of a batch cut together on the largest one's canvas (the device pass cuts
+    them so): each geometry's crops exactly as cut alone, in its own size, on frames of different sizes, a frame
+    wanting no crop of some geometry and one wanting none at all; and the host's for the same call."""
+    base = collage()
+    frames = [base, cv2.resize(base, (700, 300), interpolation=cv2.INTER_AREA), base[:200, :333].copy()]
+    on_device = [torch.from_numpy(f).to(device) for f in frames]
+    none = np.zeros((0, 4), np.float32)
+    boxes = [[_boxes(frames[0], 6, 10 + k), _boxes(frames[1], 4, 20 + k) if k % 2 else none, none]
+             for k in range(len(SPECS))]
+    together = crop_resize_device_specs(on_device, boxes, SPECS)
+    host = cut_crops_specs(frames, boxes, SPECS)
+    for spec, mine, on_host, xyxys in zip(SPECS, together, host, boxes):
+        alone = crop_resize_device_many(on_device, xyxys, spec)
+        assert mine.is_contiguous() and tuple(mine.shape) == (sum(map(len, xyxys)), spec.height, spec.width, 3)
+        assert torch.equal(mine, alone)
+        assert np.abs(mine.cpu().numpy().astype(int) - on_host.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="2 crop specs but 1"):
+        crop_resize_device_specs(on_device, boxes[:1], SPECS[:2])
 
 
 def test_crops_of_frames_without_objects_are_empty() -> None:
