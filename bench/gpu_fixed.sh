@@ -31,6 +31,10 @@
 #   bash bench/gpu_fixed.sh scale: streams per GPU under MPS, three workers, 720p and 1080p, ceilings included.
 # One call, carry [".devsite/site.tar.xz"]: bash bench/gpu_fixed.sh pass
 #   the device pass alone in one process, two halves on two threads against one (bench/device_pass.py), and the ceiling.
+# One call, carry [".devsite/site.tar.xz"]: bash bench/gpu_fixed.sh probe
+#   in one process each, no Ray: which limits the eight-face photo needs of the fixed-shape cascade under each
+#   largest k1 (bench/fixed_limits.py), the host time of cutting crops on the GPU (bench/crop_host.py), and the
+#   device pass at shorter GIL switch intervals (bench/device_pass.py --switch-interval-ms).
 # One call, carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"]: bash bench/gpu_fixed.sh spy
 #   the ingress replica's CPU per request by thread and function (bench/replica_spy.py), one face and eight.
 set -uo pipefail
@@ -162,7 +166,10 @@ PY
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
       images_run ${TAG:-h100-images}-mps --no-anchor ${MPS_CEILING:+--ceiling} --variants $MPS
+      # run 9 counted no client here: whether the daemon saw any, and whether the replicas had its pipe directory
       echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+      tail -n 4 $CUDA_MPS_LOG_DIRECTORY/control.log; ls $CUDA_MPS_PIPE_DIRECTORY
+      grep -rlsh "CUDA_MPS_PIPE_DIRECTORY" /tmp/ray/session_latest/logs 2>/dev/null | head -n 2
     fi
     ;;
   scale)  # carry [".devsite/video.tar.xz", ".gpuclips"], after a call that unpacked site.tar.xz: streams per GPU
@@ -189,6 +196,17 @@ PY
     [ -n "${NOCEIL-}" ] || timeout 150 python3 -m bench.ceiling --device cuda --fp16 --batch 16 --out "$O/ceiling.json" \
       2> "$E/ceiling.err" | tail -n 4
     ;;
+  probe)  # carry [".devsite/site.tar.xz"]: three in-process measurements, about three minutes
+    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    timeout 90 python3 -m bench.fixed_limits --device cuda --fp16 --most-k1 ${K1:-1024 2048 4096} 2> "$E/limits.err" \
+      | tee "$O/fixed-limits.txt" || tail -n 3 "$E/limits.err"
+    grep -E "will not capture|largest" "$E/limits.err" | cut -c1-220 | sort | uniq -c | head -n 5
+    timeout 60 python3 -m bench.crop_host --device cuda --frames 1 4 16 2> "$E/crops.err" | tee "$O/crop-host.txt" \
+      || tail -n 3 "$E/crops.err"
+    timeout 200 python3 -m bench.device_pass --device cuda --fp16 --concurrency 64 --seconds ${SECONDS_EACH:-3} \
+      --switch-interval-ms ${SWITCH:-1 0.25} --out "$O/device-pass-switch.json" 2> "$E/device-pass.err" | cut -c1-420 \
+      || tail -n 5 "$E/device-pass.err"
+    ;;
   spy)  # carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"] (made with `xz -9 -c .venv/bin/py-spy > .devsite/py-spy.xz`:
     # the device pack leaves py-spy's binary out): where the ingress replica's CPU goes per request, by thread and
     # function (bench/replica_spy.py), the shipped GPU layout's replica at c16 (CONC), one face then eight
@@ -211,5 +229,5 @@ PY
     timeout 300 python3 -m bench.capture_stress --clip .gpuclips/720p.mp4 --out "$O/capture-stress.json" \
       ${LOADS:+--loads "$LOADS"}
     ;;
-  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|pass|spy|stress"; exit 2 ;;
+  *) echo "usage: $0 ab|streams|mps|feed|inflight|images|scale|pass|probe|spy|stress"; exit 2 ;;
 esac
