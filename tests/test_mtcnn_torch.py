@@ -11,7 +11,7 @@ import pytest
 
 from engines import create_engine
 from engines.mtcnn import Mtcnn
-from tests.images import ASTRONAUT, CAMERA, DATA, NO_FACE, collage, read
+from tests.images import ASTRONAUT, CAMERA, DATA, NO_FACE, collage, many_faces, read
 
 if os.environ.get("CI") == "true":  # the test extra installs torch: in CI a failed install fails, it does not skip
     import torch
@@ -392,6 +392,19 @@ def test_a_frame_beyond_the_largest_limits_stays_with_the_data_following_cascade
     assert detector.frames_static == 0 and detector.frames_followed == 5
     assert captures.count("_capture_static") == 2  # with 80 slots, then 160: the most; then never again
     assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
+
+
+def test_a_frame_of_many_faces_grows_past_1024_p_net_slots_and_is_answered_by_the_fixed_shapes(
+        reference: Mtcnn) -> None:
+    """The eight-face photo at full size passes 1294 P-Net cells (at the detector's 1280x640 working size 1003 in
+    fp32, and more than 1024 in fp16 on an H100, where it gave up the fixed shapes): the slots grow to 2048 and the
+    fixed shapes answer it, the data-following cascade's faces exactly."""
+    detector = TorchMtcnn(*_nets("torch", "cpu"), fixed_shapes=True,
+                          fixed_shape_limits=Limits(k1=1024, k2=1024, k3=96))
+    image = many_faces()
+    answers = _fixed_shape_answers(detector, image, reference, 3)
+    assert answers == [0, 1, 1]  # short of P-Net slots once, then answered with twice as many
+    assert detector._limits[(*image.shape[:2], 1)].k1 == 2048
 
 
 @pytest.mark.parametrize("failures", [2, 5], ids=["fails-twice", "never-captures"])
