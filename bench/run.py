@@ -213,16 +213,17 @@ def slowest_spans(traces: list[dict[str, float]], share: float = SLOWEST_SHARE) 
 
 
 async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
-                       trace: bool = True, sample_gpus: bool = False, all_levels: bool = False,
+                       trace: bool = True, sample_gpus: bool = False, all_levels: bool = False, replicas: int = 1,
                        count_batches: bool = False) -> dict[str, Any]:
     """Each level's latency, throughput, errors and server CPU per request; the GPU's busy fraction at c16 and c32,
     or at every level (`all_levels`); `count_batches`: the detector's batches during each level (one replica's,
-    from GET /v1/pipeline: their mean size, and which cascade answered)."""
+    from GET /v1/pipeline: their mean size, and which cascade answered); `replicas`: the ingress's, each warmed
+    before the first level (run 9: with two or three, c1's p95 was 6-7x its p50, the first sights of some)."""
     from bench.load_client import LoadClient
 
     out: dict[str, Any] = {}
     async with LoadClient(max(32, *(c for c, _ in levels))) as client:
-        for _ in range(5):  # warm every replica and batch path
+        for _ in range(5 * replicas):  # warm every replica's batch path (a lone request's graphs: second sight)
             (await client.post(url, body)).raise_for_status()
         for concurrency, mode in levels:
             errors = 0
@@ -377,8 +378,10 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
                     placed = {"replicas_by_card": cards,
                               "one_set_per_card": one_set_per_card(cards, gpu_deployments(args)) if cards else None}
                 for image, body in bodies.items():
+                    ingress = args["ingress"].get("deployment", {}).get("num_replicas", 1)
                     http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit, levels=levels,
-                                                    sample_gpus=on_gpu, all_levels=opts.saturate, count_batches=True))
+                                                    sample_gpus=on_gpu, all_levels=opts.saturate, count_batches=True,
+                                                    replicas=ingress))
                     results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s,
                                                                               **placed}}
             except Exception as exc:  # one broken workload must not cost the others' numbers
