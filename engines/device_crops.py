@@ -10,9 +10,9 @@ which source pixels and weights every output pixel takes (a few KB: objects x ou
 gathers and sums, a fixed handful of kernels whatever the objects, and nothing waits for it. The crops of many
 frames (a batch of requests, or of streams) are cut together, from the frames laid end to end, with the host's
 arrays sent in one copy; so are the crops of several geometries (the classifiers' input sizes), each on the
-largest geometry's canvas and cut to its own size after (one frame's crops for the face demo: 1.8 -> 1.2 ms of host
-time on 2 CPU cores, `python -m bench.crop_host`). Pixels are within one level of OpenCV's (its arithmetic is partly fixed point;
-tests/test_device_crops.py). Nothing here imports torch at module level.
+largest geometry's canvas and cut to its own size after (one frame's crops for the face demo: 1.8 -> 1.2 ms of
+host time on 2 CPU cores, `python -m bench.crop_host`). Pixels are within one level of OpenCV's (its arithmetic is
+partly fixed point; tests/test_device_crops.py). Nothing here imports torch at module level.
 """
 
 from __future__ import annotations
@@ -219,8 +219,6 @@ def _cut(frames: Sequence[Any], boxes: list[list[np.ndarray]], specs: list[CropS
         pixels = torch.where(sent[area_slots.mask][:, None, None, None],
                              _area(frames, area_slots, sent, tall, wide, channels), pixels)
     crops = torch.where(inside_d[..., None], pixels.round().clamp(0, 255), 0.0).to(torch.uint8)
-    if len(specs) == 1:
-        return [crops]
     return [part if (spec.height, spec.width) == (tall, wide) else part[:, : spec.height, : spec.width].contiguous()
             for part, spec in zip(crops.split(counts), specs)]
 

@@ -328,9 +328,9 @@ def cut_each_spec_once_many(frames: Sequence[Any], xyxys: Sequence[np.ndarray],
                                                indices).astype(np.int64)
         unions.append(union)
     specs = list(dict.fromkeys(spec for union in unions for spec in union))
-    cut: list[dict[CropSpec, Any]] = [{} for _ in frames]
     if not specs:
         return [[] for _ in frames]
+    cut: list[dict[CropSpec, Any]] = [{} for _ in frames]
     # every geometry at once (one pass on the device), each frame's rows in frame order, none where it wants none
     boxes = [[xyxys[i][union[spec]] if spec in union else _NO_BOXES for i, union in enumerate(unions)]
              for spec in specs]
