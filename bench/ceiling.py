@@ -35,8 +35,8 @@ from bench.run import images, key_of, workload_args
 def _pass(frames_of: Callable[[], list[Any]], detector: Any, classifiers: dict[str, Any], routes: list[Any],
           max_side: int, crops: str) -> int:
     """One batch through decode (`frames_of`), detect, crop and classify; the objects found. `crops`: "batched"
-    cuts each crop geometry once for every frame's objects together (engines/preprocess.py `cut_crops_many`),
-    "per-frame" cuts each classifier's crops frame by frame."""
+    cuts each crop geometry once for every frame's objects, every geometry in one pass, as the device pass does
+    (serve_app/graph.py `cut_each_spec_once_many`); "per-frame" cuts each classifier's crops frame by frame."""
     from engines.batching import concatenate
     from engines.device_image import fit_side_tensor
     from engines.preprocess import cut_crops
@@ -48,27 +48,17 @@ def _pass(frames_of: Callable[[], list[Any]], detector: Any, classifiers: dict[s
     objects = sum(len(d) for d in found)
     selected = {route.name: [d.select(route.labels, route.min_width, route.min_height) for d in found]
                 for route in routes}
-    if crops == "batched":
-        from engines.preprocess import cut_crops_many
+    if crops == "batched":  # as the device pass cuts them: each geometry once for every frame, all in one pass
+        from serve_app.graph import cut_each_spec_once_many
 
-        by_spec: dict[Any, list[Any]] = {}
-        for route in routes:  # the union of every route of one crop geometry (all faces here): one cut
-            by_spec[route.crop] = [np.union1d(a, b) for a, b in zip(by_spec.get(route.crop, selected[route.name]),
-                                                                    selected[route.name])]
-        cut = {spec: cut_crops_many(frames, [d.xyxy[rows] for d, rows in zip(found, union)], spec)
-               for spec, union in by_spec.items()}
-        batches = {route.name: cut[route.crop] for route in routes
-                   if all(np.array_equal(a, b) for a, b in zip(selected[route.name], by_spec[route.crop]))}
-        if len(batches) != len(routes):
-            raise RuntimeError("the bench's classifiers all take every face: a route selected fewer")
-    else:
-        batches = {}
-        for route in routes:  # crops of every frame's objects, one batch per classifier
-            parts = [cut_crops(frame, d.xyxy[rows], route.crop) for frame, d, rows in zip(frames, found,
-                                                                                           selected[route.name])]
-            parts = [p for p in parts if len(p)]
-            if parts:
-                batches[route.name] = concatenate(parts)
+        wanted = [[(route, selected[route.name][i]) for route in routes] for i in range(len(frames))]
+        cuts = cut_each_spec_once_many(frames, [d.xyxy for d in found], wanted)
+        per_frame = {route.name: [cut[k] for cut in cuts] for k, route in enumerate(routes)}
+    else:  # each classifier's crops frame by frame
+        per_frame = {route.name: [cut_crops(frame, d.xyxy[rows], route.crop)
+                                  for frame, d, rows in zip(frames, found, selected[route.name])] for route in routes}
+    batches = {name: concatenate([p for p in parts if len(p)]) for name, parts in per_frame.items()
+               if any(len(p) for p in parts)}  # one batch per classifier
     runs = [classifiers[name].launch(batch) for name, batch in batches.items() if len(batch)]
     for run in runs:
         run.wait()
