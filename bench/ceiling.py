@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from bench import proc_cpu
 from bench.run import images, key_of, workload_args
 
 
@@ -138,25 +138,22 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
         if cuda:
             torch.cuda.synchronize()
         counted = _cascade_frames(detector)
-        start, cpu_start, threads_start = time.perf_counter(), time.process_time(), _thread_cpu()
+        start, cpu_start, threads_start = time.perf_counter(), time.process_time(), proc_cpu.threads()
         for _ in range(repeats):
             whole()
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / (repeats * batch)
         cpu_ms = (time.process_time() - cpu_start) * 1e3 / (repeats * batch)
-        threads = _thread_cpu()
-        by_name: dict[str, float] = {}
-        for tid, (name, seconds) in threads.items():
-            spent = seconds - threads_start.get(tid, (name, 0.0))[1]
-            by_name[name] = by_name.get(name, 0.0) + spent * 1e3 / (repeats * batch)
+        by_name = {name: seconds * 1e3 / (repeats * batch)
+                   for name, seconds in proc_cpu.threads_spent(threads_start, proc_cpu.threads()).items()}
         row: dict[str, Any] = {"objects_per_image": objects / batch, "wall_ms_per_image": round(wall_ms, 3),
                                "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3),
                                "torch_threads": torch.get_num_threads(),
                                "warm_up_passes": warm_up_passes,  # then measured: the frames each cascade answered
                                "detector_frames": {k: v - counted[k] for k, v in _cascade_frames(detector).items()},
-                               "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in sorted(
-                                   by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
+                               "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in by_name.items()
+                                                                   if v >= 0.01}}
         if cuda:
             row |= _kernel_times(whole, lambda: detector.detect_batch(detector_input()), repeats, batch)
         if host_profile:
@@ -184,21 +181,6 @@ def _warm_up(whole: Callable[[], int], detector: Any, least: int = 3, most: int 
         if passes >= least and split == previous:
             break
     return passes, objects
-
-
-def _thread_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of each thread of this process so far, with its name (Linux /proc)."""
-    out: dict[int, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
-    return out
 
 
 def _host_ops(work: Any, top: int) -> list[dict[str, Any]]:

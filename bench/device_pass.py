@@ -6,9 +6,10 @@
 The face demo's stages (the torch MTCNN, the three classifiers through the torch backend) and the pass over them
 (serve_app/device_pass.py), as the ingress replica builds them; `--concurrency` callers each send the image (the
 one-face portrait, or the eight-face photo) again as soon as it is answered, on one event loop, for `--seconds`
-after a warm-up. For each image it prints the images per second, the process's CPU per image (all threads), the
-detector's mean batch, and the same with the two halves on one thread (`overlap` off: a batch is
-detected only after the one before it was classified). bench.ceiling's kernel time per image is the card's
+after a warm-up. For each image it prints the images per second, the process's CPU per image (all threads, and
+the busiest threads), the detector's mean batch and each phase's wall time; first as the ingress runs it (decode,
+detect and classify on three threads), then with the decode on the detector's thread, then all on one thread (a
+batch is detected only after the one before it was classified). bench.ceiling's kernel time per image is the card's
 ceiling; this is what one process's pass reaches toward it, and bench.run's served figures what HTTP and Serve
 leave of that.
 """
@@ -23,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import proc_cpu
 from bench.run import images, workload_args
 
 
-def _build(device: str, fp16: bool, overlap: bool) -> tuple[Any, list[Any]]:
+def _build(device: str, fp16: bool, overlap: bool, decode_apart: bool) -> tuple[Any, list[Any]]:
     from deployments.stages import ClassifierStage, DetectorStage
     from engines.device_image import DeviceDecoder
     from serve_app.config import PipelineConfig
@@ -40,12 +42,17 @@ def _build(device: str, fp16: bool, overlap: bool) -> tuple[Any, list[Any]]:
     classifiers = {c.name: ClassifierStage(c, device, shared=True) for c in config.classifiers}
     routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
     whole = DevicePass(DeviceDecoder(device), detector, classifiers, routes, config.ingress.device_batch_size,
-                       config.detector.max_detect_side, 60.0, overlap=overlap)
+                       config.detector.max_detect_side, 60.0, overlap=overlap, decode_apart=decode_apart)
     return whole, [detector, *classifiers.values()]
 
 
-async def _load(whole: Any, body: bytes, concurrency: int, seconds: float) -> int:
+_PHASES = ("decode", "detect", "crops", "classify")
+
+
+async def _load(whole: Any, body: bytes, concurrency: int, seconds: float) -> tuple[int, dict[str, float]]:
+    """Images answered, and the sums of each phase's wall ms over them (a batch's phase counted once per image)."""
     done = 0
+    sums = dict.fromkeys(_PHASES, 0.0)
     deadline = time.perf_counter() + seconds
 
     async def caller() -> None:
@@ -55,9 +62,13 @@ async def _load(whole: Any, body: bytes, concurrency: int, seconds: float) -> in
             if result.errors:
                 raise RuntimeError(f"the pass answered errors: {result.errors}")
             done += 1
+            timing = result.calls["detector"].timing
+            for phase, ms in zip(_PHASES, (result.decode_ms, timing.compute_ms if timing else 0.0, result.crop_ms,
+                                           result.classify_ms)):
+                sums[phase] += ms
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return done
+    return done, sums
 
 
 def _cascades(detector: Any) -> dict[str, int]:
@@ -65,9 +76,9 @@ def _cascades(detector: Any) -> dict[str, int]:
     return {k: int(counts.get(k, 0)) for k in ("frames_fixed_shapes", "frames_data_following")}
 
 
-def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: bool,
+def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: bool, decode_apart: bool,
             chosen: list[str]) -> dict[str, Any]:
-    whole, stages = _build(device, fp16, overlap)
+    whole, stages = _build(device, fp16, overlap, decode_apart)
     detector = stages[0]
     out: dict[str, Any] = {}
     try:
@@ -76,15 +87,21 @@ def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: 
                 continue
             asyncio.run(_load(whole, body, concurrency, min(seconds, 3.0)))  # warm-up: every batch size captured
             batches, frames, before = detector.batches, detector.frames, _cascades(detector)
-            start, cpu = time.perf_counter(), time.process_time()
-            done = asyncio.run(_load(whole, body, concurrency, seconds))
+            start, cpu, threads = time.perf_counter(), time.process_time(), proc_cpu.threads()
+            done, sums = asyncio.run(_load(whole, body, concurrency, seconds))
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            per_thread = {name: round(s * 1e3 / done, 3)
+                          for name, s in list(proc_cpu.threads_spent(threads, proc_cpu.threads()).items())[:8] if s > 0}
             after = _cascades(detector)
             out[image] = {"images_per_s": round(done / wall, 1), "host_cpu_ms_per_image": round(cpu * 1e3 / done, 3),
                           "mean_detector_batch": round((detector.frames - frames) / max(detector.batches - batches, 1), 2),
                           # frames each cascade answered in the measured window: the data-following one's are
                           # batches whose fixed-shape graph was not there (first sight, or a capture that failed)
-                          "cascades": {k: after[k] - before[k] for k in after}}
+                          "cascades": {k: after[k] - before[k] for k in after},
+                          # each phase's wall time over a request's batch (ms; the batch's, not an image's share),
+                          # and each thread's CPU per image (ms): which half's host work the other waits on
+                          "mean_phase_ms": {k: round(v / max(done, 1), 3) for k, v in sums.items()},
+                          "thread_cpu_ms_per_image": per_thread}
     finally:
         whole.close()
         for stage in stages:
@@ -108,15 +125,16 @@ def main() -> None:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if opts.device == "cuda" else "cpu",
                                "command": "python -m bench.device_pass " + " ".join(sys.argv[1:]),
                                "concurrency": opts.concurrency, "seconds": opts.seconds}
-    runs = [(True, None), *((True, ms) for ms in opts.switch_interval_ms), (False, None)]
-    for overlap, interval_ms in runs:
-        key = "two threads (overlap)" if overlap else "one thread"
-        if interval_ms is not None:  # how long a thread that wants the GIL waits for its holder to drop it
-            key += f", GIL switch interval {interval_ms:g} ms"
-        default = sys.getswitchinterval()
+    # (name, classifiers on their own thread, decode on its own thread, GIL switch interval in ms or None)
+    runs = [("three threads (decode apart)", True, True, None),
+            *((f"three threads, GIL switch interval {ms:g} ms", True, True, ms) for ms in opts.switch_interval_ms),
+            ("two threads (decode with detect)", True, False, None), ("one thread", False, False, None)]
+    for key, overlap, decode_apart, interval_ms in runs:
+        default = sys.getswitchinterval()  # how long a thread that wants the GIL waits for its holder to drop it
         sys.setswitchinterval(interval_ms / 1e3 if interval_ms is not None else default)
         try:
-            results[key] = measure(opts.device, opts.fp16, opts.concurrency, opts.seconds, overlap, opts.images)
+            results[key] = measure(opts.device, opts.fp16, opts.concurrency, opts.seconds, overlap, decode_apart,
+                                   opts.images)
         finally:
             sys.setswitchinterval(default)
         print(key, json.dumps(results[key]), flush=True)

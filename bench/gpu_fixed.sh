@@ -204,7 +204,7 @@ PY
     timeout 60 python3 -m bench.crop_host --device cuda --frames 1 4 16 2> "$E/crops.err" | tee "$O/crop-host.txt" \
       || tail -n 3 "$E/crops.err"
     timeout 200 python3 -m bench.device_pass --device cuda --fp16 --concurrency 64 --seconds ${SECONDS_EACH:-3} \
-      --switch-interval-ms ${SWITCH:-1 0.25} --out "$O/device-pass-switch.json" 2> "$E/device-pass.err" | cut -c1-420 \
+      --switch-interval-ms ${SWITCH:-1 0.25} --out "$O/device-pass-switch.json" 2> "$E/device-pass.err" | cut -c1-900 \
       || tail -n 5 "$E/device-pass.err"
     ;;
   spy)  # carry [".devsite/site.tar.xz", ".devsite/py-spy.xz"] (made with `xz -9 -c .venv/bin/py-spy > .devsite/py-spy.xz`:

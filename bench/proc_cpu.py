@@ -82,3 +82,31 @@ def spent(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, floa
     if pid is None or str(pid) not in after:
         return 0.0
     return after[str(pid)][1] - before.get(str(pid), ("", 0.0))[1]
+
+
+def threads() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of this process so far, by thread id, with its name: Python's
+    for a thread Python started (a pool's `detector-thread_0`), the kernel's otherwise (torch's and CUDA's own)."""
+    import threading
+
+    named = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        tid = int(task.name)
+        name = named.get(tid) or stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def threads_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each thread name spent between two `threads()` snapshots (threads of one name summed), most
+    first."""
+    spent: dict[str, float] = {}
+    for tid, (name, seconds) in after.items():
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(tid, (name, 0.0))[1]
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))

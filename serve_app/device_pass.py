@@ -6,10 +6,11 @@ waits for nothing, nvstreammux's `batched-push-timeout` of 0): their JPEGs are d
 frames scaled to the detector's working side on the device and detected in one detector batch; then every
 classifier's crops are cut in one pass per crop geometry (engines/device_crops.py) and classified in one engine
 launch per classifier, the independent classifiers launched back to back so that they compute together, chained
-ones after their parents; only boxes and result rows come back to the host. The two halves run on two threads,
-like two elements of a DeepStream pipeline: the detector's compute thread decodes and detects a batch while the
-classifiers' thread classifies the one before (each half waits for the GPU with the GIL released, so the other's
-host work goes on meanwhile). A request comes back to the event loop twice, once per half. The per-stage path
+ones after their parents; only boxes and result rows come back to the host. The three steps run on three
+threads, like the elements of a DeepStream pipeline (decoder, nvinfer, secondary nvinfer): a decode thread decodes
+the next batch's images and scales them to the working side while the detector's compute thread detects a
+batch and the classifiers' thread classifies the one before (each waits for the GPU with the GIL released, so the
+others' host work goes on meanwhile). A request comes back to the event loop once per step. The per-stage path
 (`ingress.device_pass: stages`) batches every step on its own (decode, detect, cut, each classifier), with
 per-request tasks and deadlines around each: about twice the host time per request (docs/benchmarks.md).
 
@@ -35,7 +36,7 @@ from deployments.results import StageTiming
 from deployments.stages import ClassifierStage, DetectorStage
 from engines import Classifications, completed
 from engines.batching import concatenate
-from engines.image import inverse
+from engines.image import Scale, inverse
 from serve_app.decoding import InputError
 from serve_app.graph import (
     CallSpan,
@@ -56,8 +57,18 @@ logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
+class _Decoded:
+    """An image on the device: as displayed, and scaled to the detector's working side."""
+
+    frame: Any  # (H, W, 3) uint8 BGR tensor
+    fitted: Any  # the same at most `max_detect_side` on its longer side
+    scale: Scale  # fitted over displayed, per axis
+    decode_ms: float  # its batch's decode and scaling
+
+
+@dataclass(frozen=True)
 class _Request:
-    image: Any  # the encoded bytes (a JPEG, decoded with the batch's others) or a frame already on the device
+    image: Any  # the encoded bytes (decoded with the batch's others), an image decoded apart, or a device frame
     only: frozenset[str] | None  # the classifiers wanted (their parents included); None: all
     submitted: float  # time.perf_counter()
 
@@ -72,10 +83,13 @@ def _ms(seconds: float) -> float:
 class DevicePass:
     def __init__(self, decoder: DeviceDecoder, detector: DetectorStage, classifiers: dict[str, ClassifierStage],
                  routes: Sequence[ClassifierRoute], max_batch: int, max_detect_side: int,
-                 detector_timeout_s: float, overlap: bool = True) -> None:
+                 detector_timeout_s: float, overlap: bool = True, decode_apart: bool = True) -> None:
         """`routes`: every classifier's geometry, filters and chain (their clients unused: the models are called
         here); `max_batch`: the most requests in one batch; `overlap`: the classifiers' half on a thread of its own
-        (False: on the detector's thread too, one batch wholly after the other: bench/device_pass.py's baseline)."""
+        (False: on the detector's thread too, one batch wholly after the other: bench/device_pass.py's baseline);
+        `decode_apart`: the encoded images decoded and scaled to the working side on a thread of their own, so that
+        the next batch's decode (nvJPEG's host half among it) goes on while the detector's batch computes (False:
+        on the detector's thread, before its batch)."""
         self.decoder = decoder
         self._detector = detector
         self._classifiers = classifiers
@@ -86,6 +100,9 @@ class DevicePass:
         self._timeout_s = detector_timeout_s + max((r.timeout_s for r in routes), default=0.0)
         # two phases on two threads, so that one batch's detection overlaps the previous one's classification
         self._classify_thread = ComputeExecutor("thread", True, "device-classify") if overlap else None
+        self._decode_thread = ComputeExecutor("thread", True, "device-decode") if decode_apart else None
+        self._decoding: GreedyBatcher[bytes, _Decoded | None] | None = None if self._decode_thread is None else \
+            GreedyBatcher(lambda images: completed(self._decode, images), self._decode_thread, max_batch)
         self._detecting: GreedyBatcher[_Request, GraphResult | None] = GreedyBatcher(
             lambda requests: completed(self._detect, requests), detector.executor, max_batch)
         self._classifying: GreedyBatcher[_Detected, GraphResult] = GreedyBatcher(
@@ -95,12 +112,16 @@ class DevicePass:
     async def run(self, image: Any, only: Collection[str] | None = None) -> GraphResult:
         """One image (its encoded bytes, or a frame already on the device) through the pass; InputError 400 if
         it will not decode, DetectorUnavailable if the detector fails or the pass is late."""
-        request = _Request(image, None if only is None else frozenset(only), time.perf_counter())
+        submitted, wanted = time.perf_counter(), None if only is None else frozenset(only)
+        result = None
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = (await self._detecting.submit(request)).result
+                if isinstance(image, bytes) and self._decoding is not None:
+                    image = (await self._decoding.submit(image)).result
+                if image is not None:
+                    result = (await self._detecting.submit(_Request(image, wanted, submitted))).result
                 if result is not None and self._layers:
-                    result = (await self._classifying.submit((request.only, result))).result
+                    result = (await self._classifying.submit((wanted, result))).result
         except TimeoutError as exc:
             raise DetectorUnavailable(f"the device pass did not answer within {self._timeout_s:g} s") from exc
         except Exception as exc:
@@ -111,33 +132,55 @@ class DevicePass:
         return result
 
     def close(self) -> None:
-        if self._classify_thread is not None:
-            self._classify_thread.close()
+        for thread in (self._decode_thread, self._classify_thread):
+            if thread is not None:
+                thread.close()
+
+    # -- on the decode thread (or the detector's) --------------------------------------------------------
+
+    def _decode(self, images: list[bytes]) -> list[_Decoded | None]:
+        """The batch's images decoded on the device (one nvJPEG call for its JPEGs) and scaled to the detector's
+        working side; None for one that will not decode."""
+        began = time.perf_counter()
+        frames = self.decoder.decode_many(images)
+        fitted = [None if frame is None else self._fitted(frame) for frame in frames]
+        ms = _ms(time.perf_counter() - began)
+        return [None if one is None else _Decoded(one.frame, one.fitted, one.scale, ms) for one in fitted]
+
+    def _fitted(self, frame: Any) -> _Decoded:
+        from engines.device_image import fit_side_tensor
+
+        scaled, scale = fit_side_tensor(frame, self._max_side)
+        return _Decoded(frame, scaled, scale, 0.0)
 
     # -- on the detector's compute thread ---------------------------------------------------------------
 
     def _detect(self, requests: list[_Request]) -> list[GraphResult | None]:
-        """Decode and detect the batch; per request its frame and detections (None: it would not decode)."""
-        from engines.device_image import fit_side_tensor
-
+        """Detect the batch (decoding the images that come encoded first); per request its frame and detections
+        (None: it would not decode)."""
         began = time.perf_counter()
-        jpegs = [i for i, r in enumerate(requests) if isinstance(r.image, bytes)]
-        frames: list[Any] = [None if isinstance(r.image, bytes) else r.image for r in requests]
-        for i, frame in zip(jpegs, self.decoder.decode_many([requests[i].image for i in jpegs]) if jpegs else []):
-            frames[i] = frame
+        images: list[_Decoded | None] = [r.image if isinstance(r.image, _Decoded) else None for r in requests]
+        encoded = [i for i, r in enumerate(requests) if isinstance(r.image, bytes)]
+        for i, one in zip(encoded, self._decode([requests[i].image for i in encoded]) if encoded else []):
+            images[i] = one
+        for i, r in enumerate(requests):
+            if images[i] is None and not isinstance(r.image, bytes):  # a frame already on the device
+                images[i] = self._fitted(r.image)
         decoded = time.perf_counter()
-        live = [i for i, frame in enumerate(frames) if frame is not None]
+        live = [i for i, one in enumerate(images) if one is not None]
         results: list[GraphResult | None] = [None] * len(requests)
         if not live:
             return results
-        fitted = [fit_side_tensor(frames[i], self._max_side) for i in live]
-        found = self._detector.model.detect_batch([frame for frame, _ in fitted])
+        found = self._detector.model.detect_batch([images[i].fitted for i in live])  # type: ignore[union-attr]
         detected = time.perf_counter()
         self._detector.record_batch(len(live), _ms(detected - decoded))
-        for i, detections, (_, scale) in zip(live, found, fitted):
-            frame, submitted = frames[i], requests[i].submitted
-            out = GraphResult(detections.scaled(inverse(scale)).clip(int(frame.shape[1]), int(frame.shape[0])), frame)
-            out.decode_ms = _ms(decoded - began)
+        for i, detections in zip(live, found):
+            one, submitted = images[i], requests[i].submitted
+            assert one is not None
+            frame = one.frame
+            out = GraphResult(detections.scaled(inverse(one.scale)).clip(int(frame.shape[1]), int(frame.shape[0])),
+                              frame)
+            out.decode_ms = one.decode_ms
             timing = StageTiming(_ms(detected - submitted), _ms(began - submitted), _ms(detected - decoded), len(live))
             out.calls["detector"] = CallSpan(submitted, timing.handler_ms, timing)
             out.timings_ms["detector"] = round(timing.handler_ms, 2)

@@ -196,6 +196,26 @@ def test_a_failing_detector_fails_the_batch_and_the_pass_lives_on(chain: _Pipeli
     assert len(asyncio.run(chain.whole.run(encode(collage(), ".jpg"))).detections) == 3
 
 
+def _second_while_first_is_held(pipeline: _Pipeline, entered: Any, release: Any, went: Any
+                                ) -> tuple[bool, GraphResult, GraphResult]:
+    """The three-face collage sent, and held in a step (`entered` set there, waiting for `release`); then the
+    eight-face photo sent: whether `went` (the step before, done for the second request) was set while the first
+    was held, and both answers. The pipeline is closed after."""
+    async def scenario() -> tuple[bool, GraphResult, GraphResult]:
+        first = asyncio.ensure_future(pipeline.whole.run(encode(collage(), ".jpg")))
+        assert await asyncio.to_thread(entered.wait, 60)  # the first request is in the held step
+        second = asyncio.ensure_future(pipeline.whole.run(encode(many_faces(), ".jpg")))
+        overlapped = await asyncio.to_thread(went.wait, 60)
+        release.set()
+        return overlapped, await first, await second
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        release.set()
+        pipeline.close()
+
+
 def test_the_next_batch_is_detected_while_the_last_one_is_classified(monkeypatch: Any) -> None:
     """The two halves overlap: with the first request held in classification (its age run blocked), a second
     request is decoded and detected; one thread for the whole pipeline would detect it only after the first."""
@@ -221,18 +241,37 @@ def test_the_next_batch_is_detected_while_the_last_one_is_classified(monkeypatch
 
     monkeypatch.setattr(age, "launch", held)
 
-    async def scenario() -> tuple[bool, GraphResult, GraphResult]:
-        first = asyncio.ensure_future(pipeline.whole.run(encode(collage(), ".jpg")))
-        assert await asyncio.to_thread(entered.wait, 60)  # the first request is in classification, held there
-        second = asyncio.ensure_future(pipeline.whole.run(encode(many_faces(), ".jpg")))
-        overlapped = await asyncio.to_thread(detected_twice.wait, 60)
-        release.set()
-        return overlapped, await first, await second
-
-    try:
-        overlapped, first, second = asyncio.run(scenario())
-    finally:
-        release.set()
-        pipeline.close()
+    overlapped, first, second = _second_while_first_is_held(pipeline, entered, release, detected_twice)
     assert overlapped and detections == [1, 1]
+    assert len(first.outputs["age"][0]) == 3 and len(second.outputs["age"][0]) == 8
+
+
+def test_the_next_images_are_decoded_while_the_detector_works_on_the_batch_before(monkeypatch: Any) -> None:
+    """Decode apart: with the first request held in the detector, a second request's image is decoded meanwhile;
+    decoding on the detector's thread would decode it only after the first's detection. Both are answered."""
+    import threading
+
+    pipeline = _Pipeline(_chain_on_the_device())
+    entered, release, decoded_twice = threading.Event(), threading.Event(), threading.Event()
+    decoder = pipeline.whole.decoder
+    decode_many = decoder.decode_many
+
+    def counted(images: Any) -> Any:
+        frames = decode_many(images)
+        if len(pipeline.decodes) >= 2:
+            decoded_twice.set()
+        return frames
+
+    monkeypatch.setattr(decoder, "decode_many", counted)
+    detect_batch = pipeline.detector.model.detect_batch
+
+    def held(frames: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return detect_batch(frames)
+
+    monkeypatch.setattr(pipeline.detector.model, "detect_batch", held)
+
+    overlapped, first, second = _second_while_first_is_held(pipeline, entered, release, decoded_twice)
+    assert overlapped and pipeline.decodes == [1, 1]
     assert len(first.outputs["age"][0]) == 3 and len(second.outputs["age"][0]) == 8
