@@ -135,10 +135,10 @@ case "${1:-}" in
     done
     ;;
   images)  # carry [".devsite/site.tar.xz"]: issue 24's served figures, the ceiling measured in the same run
-    # (bench.run --ceiling): the shipped GPU config (layout ingress, two replicas sharing the card) and one replica,
+    # (bench.run --ceiling): by default layout ingress with two replicas sharing the card and with one,
     # both images, c1 to c128, the FastAPI anchor beside them; VARIANTS overrides which. MPS="...": those variants
     # again with the CUDA MPS daemon up (one shared context for the replicas instead of time-sliced ones)
-    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
+    [ -d "$site/ray" ] || { mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site"; } || exit 1
     images_run() {  # $1: tag, the rest: bench.run options
       local tag=$1; shift
       RAY_SERVE_ENABLE_HA_PROXY=1 timeout ${LIMIT:-480} python3 -m bench.run --device cuda --backend torch --fp16 \
@@ -197,12 +197,13 @@ PY
       2> "$E/ceiling.err" | tail -n 4
     ;;
   probe)  # carry [".devsite/site.tar.xz"]: three in-process measurements, about three minutes
-    mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site" || exit 1
-    timeout 90 python3 -m bench.fixed_limits --device cuda --fp16 --most-k1 ${K1:-1024 2048 4096} 2> "$E/limits.err" \
-      | tee "$O/fixed-limits.txt" || tail -n 3 "$E/limits.err"
-    grep -E "will not capture|largest" "$E/limits.err" | cut -c1-220 | sort | uniq -c | head -n 5
-    timeout 60 python3 -m bench.crop_host --device cuda --frames 1 4 16 2> "$E/crops.err" | tee "$O/crop-host.txt" \
-      || tail -n 3 "$E/crops.err"
+    [ -d "$site/ray" ] || { mkdir -p "$site" && tar -xJf .devsite/site.tar.xz -C "$site"; } || exit 1
+    # K1= (empty): no limits; CROPS= (empty): no crops' host time
+    [ -z "${K1-x}" ] || { timeout 90 python3 -m bench.fixed_limits --device cuda --fp16 --most-k1 ${K1:-1024 2048 4096} \
+      2> "$E/limits.err" | tee "$O/fixed-limits.txt" || tail -n 3 "$E/limits.err"; }
+    grep -sE "will not capture|largest" "$E/limits.err" | cut -c1-220 | sort | uniq -c | head -n 5
+    [ -z "${CROPS-x}" ] || { timeout 60 python3 -m bench.crop_host --device cuda --frames 1 4 16 2> "$E/crops.err" \
+      | tee "$O/crop-host.txt" || tail -n 3 "$E/crops.err"; }
     timeout 200 python3 -m bench.device_pass --device cuda --fp16 --concurrency 64 --seconds ${SECONDS_EACH:-3} \
       --switch-interval-ms ${SWITCH:-1 0.25} --out "$O/device-pass-switch.json" 2> "$E/device-pass.err" | cut -c1-900 \
       || tail -n 5 "$E/device-pass.err"
