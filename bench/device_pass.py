@@ -7,9 +7,9 @@ The face demo's stages (the torch MTCNN, the three classifiers through the torch
 (serve_app/device_pass.py), as the ingress replica builds them; `--concurrency` callers each send the image (the
 one-face portrait, or the eight-face photo) again as soon as it is answered, on one event loop, for `--seconds`
 after a warm-up. For each image it prints the images per second, the process's CPU per image (all threads, and
-the busiest threads), the detector's mean batch and each phase's wall time; first as the ingress runs it (decode,
-detect and classify on three threads), then with the decode on the detector's thread, then all on one thread (a
-batch is detected only after the one before it was classified). bench.ceiling's kernel time per image is the card's
+the busiest threads), the detector's mean batch and each phase's wall time; first as the ingress runs it (decode
+and detect on the detector's thread, classify on a second), then with the decode on a third thread of its own
+(`decode_apart`), then all on one thread (a batch is detected only after the one before it was classified). bench.ceiling's kernel time per image is the card's
 ceiling; this is what one process's pass reaches toward it, and bench.run's served figures what HTTP and Serve
 leave of that.
 """
@@ -126,9 +126,9 @@ def main() -> None:
                                "command": "python -m bench.device_pass " + " ".join(sys.argv[1:]),
                                "concurrency": opts.concurrency, "seconds": opts.seconds}
     # (name, classifiers on their own thread, decode on its own thread, GIL switch interval in ms or None)
-    runs = [("three threads (decode apart)", True, True, None),
-            *((f"three threads, GIL switch interval {ms:g} ms", True, True, ms) for ms in opts.switch_interval_ms),
-            ("two threads (decode with detect)", True, False, None), ("one thread", False, False, None)]
+    runs = [("two threads (decode with detect)", True, False, None),
+            *((f"two threads, GIL switch interval {ms:g} ms", True, False, ms) for ms in opts.switch_interval_ms),
+            ("three threads (decode apart)", True, True, None), ("one thread", False, False, None)]
     for key, overlap, decode_apart, interval_ms in runs:
         default = sys.getswitchinterval()  # how long a thread that wants the GIL waits for its holder to drop it
         sys.setswitchinterval(interval_ms / 1e3 if interval_ms is not None else default)

@@ -47,7 +47,7 @@ from engines.mtcnn import (
     square,
 )
 from engines.torch_boxes import crop_resize, greedy_nms, image_resize_weights, integral_image, resize_image
-from engines.torch_engine import TorchEngine, CapturedGraph, capture_graph, replay
+from engines.torch_engine import CapturedGraph, TorchEngine, capture_graph, replay, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class TorchMtcnn:
                     launched.append((chunk_indices, chunk, flat, key, limits))
         if not launched:
             return left, []
-        host = torch.cat([flat for _, _, flat, _, _ in launched]).cpu().numpy()  # the one wait for the device
+        host = to_host(torch.cat([flat for _, _, flat, _, _ in launched]))  # the one wait for the device
         rows, offset = [], 0
         for indices, chunk, flat, key, limits in launched:
             outcome = static.read(host[offset : offset + len(flat)])
@@ -283,7 +283,7 @@ class TorchMtcnn:
         landmarks = landmarks_of(boxes, out["landmarks"], torch)
         boxes = regress(boxes, out["regression"], torch)
         keep = greedy_nms(boxes, boxes[:, 4], frame_of, 0.7, overlap="min")
-        return torch.cat([boxes[keep, :5], landmarks[keep].reshape(-1, 10), frame_of[keep, None].float()], 1).cpu().numpy()
+        return to_host(torch.cat([boxes[keep, :5], landmarks[keep].reshape(-1, 10), frame_of[keep, None].float()], 1))
 
     def _upload(self, frames_bgr: Sequence[Any]) -> list[tuple[list[int], Any]]:
         """Frames grouped by size, each group one (B, 3, H, W) float32 RGB tensor on the device (one copy; a frame

@@ -102,6 +102,23 @@ def _abandon_capture(torch: Any, graph: Any, device: Any, pool: Any) -> None:
         torch._C._cuda_endAllocateToPool(torch.device(device).index, pool)
 
 
+def to_host(tensor: Any) -> np.ndarray:
+    """A tensor's values as a numpy array on the host. On CUDA it waits for the current stream's work only, on an
+    event, after a copy into page-locked memory that does not block: `.cpu()` copies into pageable memory, a
+    synchronous copy for as long as the stream's work runs, and other threads' launches and copies queued behind
+    it (bench/host_read.py measures both)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    import torch
+
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()  # torch releases the GIL while it waits
+    return host.numpy()
+
+
 def replay(graph: CapturedGraph, tensors: Sequence[Any]) -> list[Any]:
     """Copy `tensors` into the graph's inputs and replay it, on the caller's current stream; returns the graph's
     own output tensors (overwritten by its next replay)."""

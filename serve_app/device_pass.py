@@ -6,11 +6,11 @@ waits for nothing, nvstreammux's `batched-push-timeout` of 0): their JPEGs are d
 frames scaled to the detector's working side on the device and detected in one detector batch; then every
 classifier's crops are cut in one pass per crop geometry (engines/device_crops.py) and classified in one engine
 launch per classifier, the independent classifiers launched back to back so that they compute together, chained
-ones after their parents; only boxes and result rows come back to the host. The three steps run on three
-threads, like the elements of a DeepStream pipeline (decoder, nvinfer, secondary nvinfer): a decode thread decodes
-the next batch's images and scales them to the working side while the detector's compute thread detects a
-batch and the classifiers' thread classifies the one before (each waits for the GPU with the GIL released, so the
-others' host work goes on meanwhile). A request comes back to the event loop once per step. The per-stage path
+ones after their parents; only boxes and result rows come back to the host. The two halves run on two threads,
+like two elements of a DeepStream pipeline: the detector's compute thread decodes and detects a batch while the
+classifiers' thread classifies the one before (each half waits for the GPU with the GIL released, so the other's
+host work goes on meanwhile). A request comes back to the event loop twice, once per half (three times with
+`decode_apart`, the decode on a third thread). The per-stage path
 (`ingress.device_pass: stages`) batches every step on its own (decode, detect, cut, each classifier), with
 per-request tasks and deadlines around each: about twice the host time per request (docs/benchmarks.md).
 
@@ -83,13 +83,14 @@ def _ms(seconds: float) -> float:
 class DevicePass:
     def __init__(self, decoder: DeviceDecoder, detector: DetectorStage, classifiers: dict[str, ClassifierStage],
                  routes: Sequence[ClassifierRoute], max_batch: int, max_detect_side: int,
-                 detector_timeout_s: float, overlap: bool = True, decode_apart: bool = True) -> None:
+                 detector_timeout_s: float, overlap: bool = True, decode_apart: bool = False) -> None:
         """`routes`: every classifier's geometry, filters and chain (their clients unused: the models are called
         here); `max_batch`: the most requests in one batch; `overlap`: the classifiers' half on a thread of its own
         (False: on the detector's thread too, one batch wholly after the other: bench/device_pass.py's baseline);
         `decode_apart`: the encoded images decoded and scaled to the working side on a thread of their own, so that
-        the next batch's decode (nvJPEG's host half among it) goes on while the detector's batch computes (False:
-        on the detector's thread, before its batch)."""
+        the next batch's decode goes on while the detector's batch computes (default: on the detector's thread,
+        before its batch; apart was slower on an H100, 524 against 584 one-face images/s in one process:
+        docs/benchmarks.md, run 10)."""
         self.decoder = decoder
         self._detector = detector
         self._classifiers = classifiers

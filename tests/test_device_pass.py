@@ -55,7 +55,7 @@ class _Counted:
 class _Pipeline:
     """The stages of one config, the whole pass over them and the stage-by-stage graph over the same stages."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, decode_apart: bool = False) -> None:
         self.counted = _Counted()
         self.detector = DetectorStage(config.detector, "cpu", shared=True, on_batch=self.counted.of("detector"))
         self.classifiers = {c.name: ClassifierStage(c, "cpu", shared=True, on_batch=self.counted.of(c.name))
@@ -66,7 +66,7 @@ class _Pipeline:
         decode_many = decoder.decode_many
         decoder.decode_many = lambda images: (self.decodes.append(len(images)), decode_many(images))[1]  # type: ignore[method-assign]
         self.whole = DevicePass(decoder, self.detector, self.classifiers, routes, 16,
-                                config.detector.max_detect_side, 60.0)
+                                config.detector.max_detect_side, 60.0, decode_apart=decode_apart)
         self.graph = InferenceGraph(self.detector, [ClassifierRoute.from_config(c, self.classifiers[c.name])
                                                     for c in config.classifiers], 60.0)
 
@@ -247,11 +247,11 @@ def test_the_next_batch_is_detected_while_the_last_one_is_classified(monkeypatch
 
 
 def test_the_next_images_are_decoded_while_the_detector_works_on_the_batch_before(monkeypatch: Any) -> None:
-    """Decode apart: with the first request held in the detector, a second request's image is decoded meanwhile;
+    """`decode_apart`: with the first request held in the detector, a second request's image is decoded meanwhile;
     decoding on the detector's thread would decode it only after the first's detection. Both are answered."""
     import threading
 
-    pipeline = _Pipeline(_chain_on_the_device())
+    pipeline = _Pipeline(_chain_on_the_device(), decode_apart=True)
     entered, release, decoded_twice = threading.Event(), threading.Event(), threading.Event()
     decoder = pipeline.whole.decoder
     decode_many = decoder.decode_many

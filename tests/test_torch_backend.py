@@ -290,3 +290,23 @@ def test_the_fused_forward_makes_no_tensor_from_host_data() -> None:
     with spy.mode, torch.inference_mode():
         engine._forward([torch.zeros((2, 32, 32, 3), dtype=torch.uint8)])
     assert spy.calls and "aten.lift_fresh.default" not in spy.calls
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_to_host_gives_the_values_once_the_streams_work_is_done(device: str) -> None:
+    """engines/torch_engine.py's `to_host` (the detector's read of its faces): on CUDA the value of work queued on a
+    side stream just before, read through page-locked memory and an event, equal to `.cpu()`'s."""
+    import torch
+
+    from engines.torch_engine import to_host
+
+    if device == "cuda" and not _cuda():
+        pytest.skip("no CUDA GPU here (run on the GPU machine: see docs/benchmarks.md)")
+    stream = torch.cuda.Stream() if device == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else torch.inference_mode():
+        a = torch.arange(64 * 64, dtype=torch.float32, device=device).reshape(64, 64) / 4096
+        for _ in range(50):  # queued work the read must wait for
+            a = a @ a.T / 64 + 1
+        read = to_host(a[:3, :17])
+        assert isinstance(read, np.ndarray) and read.dtype == np.float32 and read.shape == (3, 17)
+        assert np.array_equal(read, a[:3, :17].cpu().numpy())
