@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from engines.mtcnn import PIXEL_OFFSET, PIXEL_SCALE, candidates, cell_boxes, landmarks_of, regress, square
-from engines.torch_boxes import crop_resize, integral_image, overlaps
+from engines.torch_boxes import crop_resize, integral_image, suppression
 
 ROW = 17  # a face's row: x1 y1 x2 y2 score, the 5 landmarks' x, y pairs (10), its frame, 1 where the slot holds one
 
@@ -59,9 +59,11 @@ class Limits:
                                 for name in short})
 
 
-# The largest limits: what a slot costs in memory grows with them (P-Net's NMS holds (frames, k1, k1) float64
-# overlaps, R-Net's and O-Net's patches gather 221 and 884 KB of float64 a box: about 1 GB each at k2 4096 and k3
-# 1024), and a graph keeps its memory. k1 is per frame; k2 and k3 are per batch (one frame may have them all). k1
+# The largest limits: what a slot costs in memory grows with them (P-Net's NMS holds a (frames, k1, k1) bool
+# matrix, its float64 overlaps computed a few frames at a time (torch_boxes.suppression), R-Net's and O-Net's patches
+# gather 221 and 884 KB of float64 a box: about 1 GB each at k2 4096 and k3 1024), and a graph keeps its memory:
+# four replicas on one H100, each with graphs for 1 to 16 frames at k1 2048, ran out of it while the overlaps were
+# computed for all frames at once (docs/benchmarks.md, run 10). k1 is per frame; k2 and k3 are per batch (one frame may have them all). k1
 # 2048: the eight-face photo at its 1280x640 working size passes 1003 P-Net cells in fp32, and in fp16 on an H100
 # it gave up the fixed shapes at 1024 (docs/benchmarks.md, run 9); its R-Net slots, not k1, set its memory (2.3 GB
 # of host memory at its peak for 4 frames on the CPU device, at k1 1024 and 2048 alike). A batch that needs more
@@ -171,7 +173,7 @@ def _nms(boxes: Any, scores: Any, groups: Any | None, valid: Any, threshold: flo
         order = order.gather(1, torch.sort(grouped, dim=1, stable=True).indices)
     boxes = boxes.gather(1, order[..., None].expand(-1, -1, boxes.shape[2]))
     valid = valid.gather(1, order)
-    suppresses = overlaps(boxes, overlap) > threshold
+    suppresses = suppression(boxes, overlap, threshold)
     if groups is not None:
         mine = groups.gather(1, order)
         suppresses &= mine[:, :, None] == mine[:, None, :]

@@ -19,6 +19,10 @@ import numpy as np
 
 _MAX_MATRIX_BOXES = 2048  # beyond this the K x K overlap matrices get large (32 MB each): NMS runs on the host
 AREA_EPSILON = 1e-3  # OpenCV's resizeArea ignores partial pixel overlaps up to this
+# overlap entries `suppression` computes at once: its float64 temporaries (corners, intersections, areas) cost about
+# 40 bytes an entry, so a block holds about 160 MB of them (the fixed-shape cascade's P-Net NMS over 16 frames of
+# 2048 candidates is 67 M entries: 2.7 GB at once, and each replica's graphs keep theirs)
+_SUPPRESSION_BLOCK = 1 << 22
 
 
 def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: str = "iou") -> Any:
@@ -38,7 +42,7 @@ def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: 
     if n > _MAX_MATRIX_BOXES:
         return order[_host_nms(boxes[order], scores[order], groups[order], threshold, overlap)]
     b, g = boxes[order], groups[order]
-    suppresses = overlaps(b, overlap) > threshold
+    suppresses = suppression(b, overlap, threshold)
     suppresses &= g[:, None] == g[None, :]
     suppresses &= torch.ones(n, n, dtype=torch.bool, device=b.device).tril(-1)  # only earlier boxes suppress
     keep = torch.ones(n, dtype=torch.bool, device=b.device)
@@ -51,6 +55,19 @@ def greedy_nms(boxes: Any, scores: Any, groups: Any, threshold: float, overlap: 
             break
         steps *= 2
     return order[keep]
+
+
+def suppression(boxes: Any, overlap: str, threshold: float, block: int = _SUPPRESSION_BLOCK) -> Any:
+    """`overlaps(boxes, overlap) > threshold` as a bool (..., K, K), computed a few leading rows (frames) at a time
+    when the whole would pass `block` entries: the same answer, with each block's float64 temporaries freed before
+    the next block's (in a CUDA graph's capture too: its pool reuses them)."""
+    import torch
+
+    k = int(boxes.shape[-2])
+    if boxes.dim() < 3 or boxes.shape[0] * k * k <= block:
+        return overlaps(boxes, overlap) > threshold
+    rows = max(1, block // max(k * k, 1))
+    return torch.cat([overlaps(part, overlap) > threshold for part in boxes.split(rows)])
 
 
 def overlaps(boxes: Any, overlap: str) -> Any:

@@ -10,7 +10,14 @@ import pytest
 torch = pytest.importorskip("torch", reason="the GPU-resident cascade needs torch: pip install '.[torch]'")
 
 from engines.mtcnn import _patches, nms, nms_min  # noqa: E402
-from engines.torch_boxes import crop_resize, greedy_nms, image_resize_weights, resize_image  # noqa: E402
+from engines.torch_boxes import (  # noqa: E402
+    crop_resize,
+    greedy_nms,
+    image_resize_weights,
+    overlaps,
+    resize_image,
+    suppression,
+)
 
 
 def _image(rng: np.random.Generator, height: int = 300, width: int = 400) -> np.ndarray:
@@ -74,3 +81,16 @@ def test_greedy_nms_keeps_what_opencv_and_nms_min_keep_in_their_order(n: int, ov
 def test_greedy_nms_of_nothing_is_nothing() -> None:
     got = greedy_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)
     assert got.shape == (0,)
+
+
+@pytest.mark.parametrize("overlap", ["iou", "min"])
+def test_suppression_in_blocks_of_frames_is_the_whole_matrix(overlap: str) -> None:
+    """The fixed-shape cascade's NMS matrix computed a frame or three at a time (a block smaller than one frame's,
+    and one of three frames) is the one computed for every frame at once."""
+    rng = np.random.default_rng(7)
+    boxes = torch.from_numpy(np.stack([_random_boxes(rng, 64)[0] for _ in range(5)]))  # (5 frames, 64, 4)
+    whole = overlaps(boxes, overlap) > 0.5
+    for block in (10, 3 * 64 * 64):
+        blocked = suppression(boxes, overlap, 0.5, block=block)
+        assert blocked.dtype == torch.bool and torch.equal(blocked, whole)
+    assert whole.any() and not whole.all()  # the boxes overlap some, not all
