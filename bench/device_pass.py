@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=["one", "many"], choices=["one", "many"])
     parser.add_argument("--switch-interval-ms", type=float, nargs="*", default=[],
                         help="two threads again at each of these GIL switch intervals (Python's default: 5 ms)")
+    parser.add_argument("--ways", nargs="+", default=["two", "three", "one"], choices=["two", "three", "one"],
+                        help="which threadings to run: two (the ingress's), three (decode apart), one")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     import torch
@@ -129,6 +131,8 @@ def main() -> None:
     runs = [("two threads (decode with detect)", True, False, None),
             *((f"two threads, GIL switch interval {ms:g} ms", True, False, ms) for ms in opts.switch_interval_ms),
             ("three threads (decode apart)", True, True, None), ("one thread", False, False, None)]
+    ways = {"two threads": "two", "three threads": "three", "one thread": "one"}
+    runs = [run for run in runs if next(w for prefix, w in ways.items() if run[0].startswith(prefix)) in opts.ways]
     for key, overlap, decode_apart, interval_ms in runs:
         default = sys.getswitchinterval()  # how long a thread that wants the GIL waits for its holder to drop it
         sys.setswitchinterval(interval_ms / 1e3 if interval_ms is not None else default)
