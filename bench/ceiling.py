@@ -168,19 +168,26 @@ def _cascade_frames(detector: Any) -> dict[str, int]:
             "data_following": getattr(detector, "frames_followed", 0)}
 
 
-def _warm_up(whole: Callable[[], int], detector: Any, least: int = 3, most: int = 16) -> tuple[int, int]:
+def _warm_up(whole: Callable[[], int], detector: Any, least: int = 3, most: int = 24) -> tuple[int, int]:
     """Passes until graphs are captured and kernels chosen: at least `least`, and until two passes in a row split
-    their frames between the cascades alike (with the fixed shapes, every chunk size captured and the limits grown
-    to what the frames need, each growth two passes; or their size left to the data-following cascade for good),
-    or `most`. Returns the passes made and the last one's objects."""
+    their frames between the cascades alike and grew no fixed-shape limit (with the fixed shapes, every chunk size
+    captured and the limits grown to what the frames need, each growth two passes, both answered by the
+    data-following cascade; or their size left to it for good), or `most`. Returns the passes made and the last
+    one's objects."""
     split: list[int] = []
     for passes in range(1, most + 1):
-        before = _cascade_frames(detector)
+        before, limits = _cascade_frames(detector), _grown_limits(detector)
         objects = whole()
         previous, split = split, [v - before[k] for k, v in _cascade_frames(detector).items()]
-        if passes >= least and split == previous:
+        if passes >= least and split == previous and _grown_limits(detector) == limits:
             break
     return passes, objects
+
+
+def _grown_limits(detector: Any) -> Any:
+    """The torch MTCNN's fixed-shape limits grown so far, per frame size and batch (None for another detector)."""
+    counts = getattr(detector, "cascade_counts", None)
+    return counts()["grown_limits"] if counts is not None else None
 
 
 def _host_ops(work: Any, top: int) -> list[dict[str, Any]]:
