@@ -391,8 +391,8 @@ class TorchEngine(Engine):
             tensors = [torch.from_numpy(a).to(self.device, non_blocking=True) if isinstance(a, np.ndarray)
                        else a.to(self.device) for a in arrays]
             out = self._forward(tensors)
-            # .cpu() waits for this stream's work only, then copies
-            return {spec.name: o.cpu().numpy() for spec, o in zip(self._outputs, out)}
+            # waits for this stream's work only, on an event (not .cpu()'s blocking copy: to_host)
+            return {spec.name: to_host(o) for spec, o in zip(self._outputs, out)}
 
     def run_tensors(self, tensors: Sequence[Any]) -> list[Any]:
         """Device tensors in, device tensors out, queued on the caller's current stream with no host copy (the
