@@ -63,12 +63,12 @@ class Limits:
 # matrix, its float64 overlaps computed a few frames at a time (torch_boxes.suppression), R-Net's and O-Net's patches
 # gather 221 and 884 KB of float64 a box: about 1 GB each at k2 4096 and k3 1024), and a graph keeps its memory:
 # four replicas on one H100, each with graphs for 1 to 16 frames at k1 2048, ran out of it while the overlaps were
-# computed for all frames at once (docs/benchmarks.md, run 10). k1 is per frame; k2 and k3 are per batch (one frame may have them all). k1
-# 2048: the eight-face photo at its 1280x640 working size passes 1003 P-Net cells in fp32, and in fp16 on an H100
-# it gave up the fixed shapes at 1024 (docs/benchmarks.md, run 9); its R-Net slots, not k1, set its memory (2.3 GB
-# of host memory at its peak for 4 frames on the CPU device, at k1 1024 and 2048 alike). A batch that needs more
-# (a crowd, or noise that passes P-Net everywhere) stays with the data-following cascade, which takes any count
-# (its NMS moves to the host past 2048 boxes).
+# computed for all frames at once (docs/benchmarks.md, run 10). k1 is per frame; k2 and k3 are per batch (one
+# frame may have them all). k1 2048: the eight-face photo at its 1280x640 working size passes 1003 P-Net cells in
+# fp32, and in fp16 on an H100 it gave up the fixed shapes at 1024 (docs/benchmarks.md, run 9); its R-Net slots, not
+# k1, set its host memory (2.3 GB at its peak for 4 frames on the CPU device, at k1 1024 and 2048 alike). A batch
+# that needs more (a crowd, or noise that passes P-Net everywhere) stays with the data-following cascade, which
+# takes any count (its NMS moves to the host past 2048 boxes).
 MOST = Limits(k1=2048, k2=4096, k3=1024, passes_level=64, passes_frame=64, passes_rnet=64, passes_onet=64)
 _LIMITS_FIELDS = tuple(f.name for f in fields(Limits))  # `cascade`'s flags come in this order
 
