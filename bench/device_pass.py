@@ -9,9 +9,9 @@ one-face portrait, or the eight-face photo) again as soon as it is answered, on 
 after a warm-up. For each image it prints the images per second, the process's CPU per image (all threads, and
 the busiest threads), the detector's mean batch and each phase's wall time; first as the ingress runs it (decode
 and detect on the detector's thread, classify on a second), then with the decode on a third thread of its own
-(`decode_apart`), then all on one thread (a batch is detected only after the one before it was classified). bench.ceiling's kernel time per image is the card's
-ceiling; this is what one process's pass reaches toward it, and bench.run's served figures what HTTP and Serve
-leave of that.
+(`decode_apart`), then all on one thread (a batch is detected only after the one before it was classified).
+bench.ceiling's kernel time per image is the card's ceiling; this is what one process's pass reaches toward it, and
+bench.run's served figures what HTTP and Serve leave of that.
 """
 
 from __future__ import annotations
