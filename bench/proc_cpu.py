@@ -18,13 +18,17 @@ from pathlib import Path
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pid: str) -> float | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
+def _stat_seconds(stat: str) -> float:
+    """User + system CPU seconds from a /proc stat line (a process's or a thread's)."""
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def _cpu_seconds(pid: str) -> float | None:
+    try:
+        return _stat_seconds(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return None
 
 
 def _role(pid: str) -> str:
@@ -97,9 +101,7 @@ def threads() -> dict[int, tuple[str, float]]:
         except OSError:  # the thread ended
             continue
         tid = int(task.name)
-        name = named.get(tid) or stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[tid] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
+        out[tid] = (named.get(tid) or stat[stat.index("(") + 1 : stat.rindex(")")], _stat_seconds(stat))
     return out
 
 

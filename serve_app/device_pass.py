@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from deployments.batcher import GreedyBatcher
@@ -143,10 +143,9 @@ class DevicePass:
         """The batch's images decoded on the device (one nvJPEG call for its JPEGs) and scaled to the detector's
         working side; None for one that will not decode."""
         began = time.perf_counter()
-        frames = self.decoder.decode_many(images)
-        fitted = [None if frame is None else self._fitted(frame) for frame in frames]
+        fitted = [None if frame is None else self._fitted(frame) for frame in self.decoder.decode_many(images)]
         ms = _ms(time.perf_counter() - began)
-        return [None if one is None else _Decoded(one.frame, one.fitted, one.scale, ms) for one in fitted]
+        return [None if one is None else replace(one, decode_ms=ms) for one in fitted]
 
     def _fitted(self, frame: Any) -> _Decoded:
         from engines.device_image import fit_side_tensor
