@@ -80,6 +80,11 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
                                     {"layout": "ingress", "ingress_replicas": 3}),
     "ingress+haproxy+x4+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
                                     {"layout": "ingress", "ingress_replicas": 4}),
+    # the whole pass's decode on a thread of its own (ingress.decode_apart) while the detector works on the batch before
+    "ingress+haproxy+x4+one-loop+decode-apart": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                                 {"layout": "ingress", "ingress_replicas": 4, "decode_apart": True}),
+    "ingress+haproxy+x2+one-loop+decode-apart": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                                 {"layout": "ingress", "ingress_replicas": 2, "decode_apart": True}),
     # torch's CPU pool at every core, as the engines left it on CUDA before they held it to `intra_op_threads`
     "ingress+haproxy+x2+threads16": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "host_threads": 16}),
 }

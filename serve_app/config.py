@@ -236,6 +236,12 @@ class IngressConfig(StrictModel):
         "'stages' batches each step on its own, a hand-over between the loop and a thread per step and request "
         "(a slow classifier delays only its own attribute)",
     )
+    decode_apart: bool = Field(
+        False,
+        description="device_pass whole: decode and scale each batch of images on a thread of its own, while the "
+        "detector works on the batch before (nvJPEG's Huffman stage runs on the host); false: on the detector's "
+        "thread, before each batch (docs/benchmarks.md measures both)",
+    )
     handles: HandleConfig = Field(default_factory=HandleConfig)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_batch_images: int = Field(32, ge=1, le=1024, description="images one POST /v1/infer/batch may carry")

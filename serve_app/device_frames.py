@@ -66,7 +66,8 @@ def device_pass(config: PipelineConfig, wiring: Any, decoder: DeviceDecoder) -> 
         return None
     routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
     return DevicePass(decoder, wiring.detector, dict(wiring.classifiers), routes, config.ingress.device_batch_size,
-                      config.detector.max_detect_side, config.ingress.detector_timeout_s)
+                      config.detector.max_detect_side, config.ingress.detector_timeout_s,
+                      decode_apart=config.ingress.decode_apart)
 
 
 def is_jpeg(data: bytes) -> bool:

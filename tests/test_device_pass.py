@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from deployments.stages import ClassifierStage, DetectorStage  # noqa: E402
 from engines.device_image import DeviceDecoder  # noqa: E402
 from serve_app.config import PipelineConfig  # noqa: E402
 from serve_app.decoding import InputError  # noqa: E402
+from serve_app.device_frames import device_pass  # noqa: E402
 from serve_app.device_pass import DevicePass  # noqa: E402
 from serve_app.graph import ClassifierRoute, DetectorUnavailable, GraphResult, InferenceGraph  # noqa: E402
 from tests.conftest import ROOT, on_the_cpu_device  # noqa: E402
@@ -35,6 +37,7 @@ def _chain_on_the_device(timeouts: dict[str, float] | None = None, **extra_class
     args = on_the_cpu_device(yaml.safe_load((ROOT / "examples/chain.yaml").read_text())["applications"][0]["args"])
     for classifier in args["classifiers"]:
         classifier["timeout_s"] = (timeouts or {}).get(classifier["name"], 60.0)  # 60 s: 2 busy CPU cores
+    args.setdefault("ingress", {})["detector_timeout_s"] = 60.0
     for name, classifier in extra_classifiers.items():
         args["classifiers"].append({**copy.deepcopy(args["classifiers"][1]), "labels": ["a", "b"], "name": name,
                                     **classifier})
@@ -55,18 +58,19 @@ class _Counted:
 class _Pipeline:
     """The stages of one config, the whole pass over them and the stage-by-stage graph over the same stages."""
 
-    def __init__(self, config: PipelineConfig, decode_apart: bool = False) -> None:
+    def __init__(self, config: PipelineConfig) -> None:
         self.counted = _Counted()
         self.detector = DetectorStage(config.detector, "cpu", shared=True, on_batch=self.counted.of("detector"))
         self.classifiers = {c.name: ClassifierStage(c, "cpu", shared=True, on_batch=self.counted.of(c.name))
                             for c in config.classifiers}
-        routes = [ClassifierRoute.from_config(c, None) for c in config.classifiers]
         self.decodes: list[int] = []
         decoder = DeviceDecoder("cpu")
         decode_many = decoder.decode_many
         decoder.decode_many = lambda images: (self.decodes.append(len(images)), decode_many(images))[1]  # type: ignore[method-assign]
-        self.whole = DevicePass(decoder, self.detector, self.classifiers, routes, 16,
-                                config.detector.max_detect_side, 60.0, decode_apart=decode_apart)
+        # built as the ingress builds it, from the config, over these stages
+        whole = device_pass(config, SimpleNamespace(detector=self.detector, classifiers=self.classifiers), decoder)
+        assert isinstance(whole, DevicePass)
+        self.whole = whole
         self.graph = InferenceGraph(self.detector, [ClassifierRoute.from_config(c, self.classifiers[c.name])
                                                     for c in config.classifiers], 60.0)
 
@@ -247,11 +251,12 @@ def test_the_next_batch_is_detected_while_the_last_one_is_classified(monkeypatch
 
 
 def test_the_next_images_are_decoded_while_the_detector_works_on_the_batch_before(monkeypatch: Any) -> None:
-    """`decode_apart`: with the first request held in the detector, a second request's image is decoded meanwhile;
+    """`ingress.decode_apart`: with the first request held in the detector, a second request's image is decoded meanwhile;
     decoding on the detector's thread would decode it only after the first's detection. Both are answered."""
     import threading
 
-    pipeline = _Pipeline(_chain_on_the_device(), decode_apart=True)
+    config = _chain_on_the_device()
+    pipeline = _Pipeline(config.model_copy(update={"ingress": config.ingress.model_copy(update={"decode_apart": True})}))
     entered, release, decoded_twice = threading.Event(), threading.Event(), threading.Event()
     decoder = pipeline.whole.decoder
     decode_many = decoder.decode_many
