@@ -95,7 +95,7 @@ case "${1:-}" in
     mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
     run mps 260 --workers ${MPS_WORKERS:-2 3} --counts ${COUNTS:-16 20 24} --intervals 0 --detect-ahead ${AHEAD:-1} \
       ${MIF:+--muxer-in-flight $MIF}
-    echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+    echo quit | nvidia-cuda-mps-control; grep -ci "new client" $CUDA_MPS_LOG_DIRECTORY/control.log
     ;;
   feed)  # carry [".devsite/video.tar.xz", ".gpuclips/720p.mp4"]: the service with one listener for all streams
     [ -d "$site/ray" ] || { echo "no Ray here: first a call that carries .devsite/site.tar.xz (stress, ab)"; exit 1; }
@@ -167,7 +167,7 @@ PY
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
       images_run ${TAG:-h100-images}-mps --no-anchor ${MPS_CEILING:+--ceiling} --variants $MPS
       # run 9 counted no client here: whether the daemon saw any, and whether the replicas had its pipe directory
-      echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+      echo quit | nvidia-cuda-mps-control; grep -ci "new client" $CUDA_MPS_LOG_DIRECTORY/control.log
       tail -n 4 $CUDA_MPS_LOG_DIRECTORY/control.log; ls $CUDA_MPS_PIPE_DIRECTORY
       grep -rlsh "CUDA_MPS_PIPE_DIRECTORY" /tmp/ray/session_latest/logs 2>/dev/null | head -n 2
     fi
@@ -184,7 +184,7 @@ PY
     run mps-w${WORKERS:-3} 200 --workers ${WORKERS:-3} --counts ${COUNTS:-20 22 24} --intervals 0 --detect-ahead 1 --ceiling
     [ -z "${HD-8 10 12}" ] || run mps-w${WORKERS:-3}-1080p 200 --workers ${WORKERS:-3} --counts ${HD-8 10 12} \
       --intervals 0 --detect-ahead 1 --ceiling --sizes 1080p
-    echo quit | nvidia-cuda-mps-control; grep -c "New client" $CUDA_MPS_LOG_DIRECTORY/control.log
+    echo quit | nvidia-cuda-mps-control; grep -ci "new client" $CUDA_MPS_LOG_DIRECTORY/control.log
     grep -rhoE "(P-Net stage|fixed-shape cascade) for [0-9]+ frames of [0-9x]+ will not capture \([^)]{0,80}" \
       /tmp/ray/session_*/logs 2>/dev/null | sort | uniq -c | head -n 8
     ;;
