@@ -81,6 +81,15 @@ def by_role(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, fl
     return dict(sorted(spent.items(), key=lambda item: -item[1]))
 
 
+def host_kinds() -> dict[str, float]:
+    """The whole host's busy CPU seconds so far by kind, from /proc/stat: processes' user and system time, and the
+    kernel's interrupt handling (irq + softirq: loopback TCP's packets are handled there, counted in no process)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return {k: v / _TICK for k, v in (("user", user + nice), ("system", system), ("interrupts", irq + softirq),
+                                      ("steal", steal))}
+
+
 def spent(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], pid: int | None) -> float:
     """One process's CPU seconds between two snapshots (0 for None or a process not seen)."""
     if pid is None or str(pid) not in after:

@@ -124,10 +124,9 @@ def summary(latencies: list[float], wall_s: float) -> dict[str, float]:
 
 
 def busy_cpu_seconds() -> float:
-    """CPU seconds spent by every process on the machine so far (user + system), from /proc/stat."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine spent busy so far (processes' user and system time, interrupts), from
+    /proc/stat."""
+    return sum(proc_cpu.host_kinds().values())
 
 
 def own_cpu_seconds() -> float:
@@ -259,18 +258,24 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             counted = await detector_counts(client, url) if count_batches else None
             sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
                 else None
-            cpu0, own0, procs0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot()
+            cpu0, own0, procs0, kinds0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot(), proc_cpu.host_kinds()
             lat, wall = await closed_loop(call, concurrency, count, time_limit)
-            procs1 = proc_cpu.snapshot()
+            procs1, kinds1 = proc_cpu.snapshot(), proc_cpu.host_kinds()
             left_out = (os.getpid(), sampler.pid if sampler else None)
             cpu_s = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0) - \
                 proc_cpu.spent(procs0, procs1, left_out[1])
             served = max(len(lat), 1)
+            roles = proc_cpu.by_role(procs0, procs1, left_out)
             key = f"c{concurrency}_{mode}"
             out[key] = {**summary(lat, wall), "errors": errors, "server_cpu_ms_per_request": round(cpu_s * 1e3 / served, 1),
                         # where it went: each kind of process's CPU per request (the largest six; ms)
                         "server_cpu_ms_per_request_by_process": {role: round(seconds * 1e3 / served, 2) for role, seconds
-                                                                 in list(proc_cpu.by_role(procs0, procs1, left_out).items())[:6]}}
+                                                                 in list(roles.items())[:6]},
+                        # the whole host's by kind (the client's and the sampler's included), and the server's
+                        # part that no live process was charged (the kernel's interrupts, processes that ended)
+                        "host_cpu_ms_per_request_by_kind": {k: round((kinds1[k] - kinds0[k]) * 1e3 / served, 2)
+                                                            for k in kinds1},
+                        "server_cpu_ms_per_request_unattributed": round((cpu_s - sum(roles.values())) * 1e3 / served, 2)}
             if sampler is not None:
                 out[key]["gpu_utilisation"] = sampler.stop()
             if counted is not None:
