@@ -154,7 +154,8 @@ for w, v in json.load(open(sys.argv[1]))["workloads"].items():
                 busy = (m.get("gpu_utilisation") or {}).get("0", {}).get("mean_pct")
                 print(w, name, k, m["p50_ms"], m["p95_ms"], m["rps"], m["server_cpu_ms_per_request"], busy,
                       {p: v for p, v in (m.get("server_cpu_ms_per_request_by_process") or {}).items() if v >= 0.5},
-                      m.get("detector"))
+                      "unattributed", m.get("server_cpu_ms_per_request_unattributed"),
+                      m.get("host_cpu_ms_per_request_by_kind"), m.get("detector"))
 PY
     }
     # NOCEIL=1: no ceiling (a call after one that measured it on the same machine); NOANCHOR=1: no FastAPI anchor
