@@ -140,7 +140,9 @@ class TensorRTEngine(Engine):
             self._cuda_context.push()
             try:
                 shapes = self._enqueue(feeds)
-                done = cuda.Event()
+                # BLOCKING_SYNC: the waiting thread sleeps until the GPU signals; without it cuEventSynchronize
+                # busy-waits, a core held for as long as the run takes
+                done = cuda.Event(cuda.event_flags.BLOCKING_SYNC | cuda.event_flags.DISABLE_TIMING)
                 done.record(self._stream)
             finally:
                 self._cuda_context.pop()

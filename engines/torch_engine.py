@@ -106,14 +106,16 @@ def to_host(tensor: Any) -> np.ndarray:
     """A tensor's values as a numpy array on the host. On CUDA it waits for the current stream's work only, on an
     event, after a copy into page-locked memory that does not block: `.cpu()` copies into pageable memory, a
     synchronous copy for as long as the stream's work runs, and other threads' launches and copies queued behind
-    it (bench/host_read.py measures both)."""
+    it (bench/host_read.py measures both). The event blocks: CUDA busy-waits on any other, whatever the
+    context's scheduling flag (engines/cuda_sync.py), and on an H100 the detector's thread spun a core through its
+    whole batch (1.31 against 0.37 ms of its CPU an image, docs/benchmarks.md run 11)."""
     if tensor.device.type != "cuda":
         return tensor.cpu().numpy()
     import torch
 
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
-    done = torch.cuda.Event()
+    done = torch.cuda.Event(blocking=True)
     done.record()
     done.synchronize()  # torch releases the GIL while it waits
     return host.numpy()

@@ -72,6 +72,9 @@ class _Cuda:
     next_address: int = 0x7F0000000000
     retained: int = 0
     streams: dict[int, Any] = field(default_factory=dict)  # handle -> stream, for execute_async_v3
+    # cuEventSynchronize on an event created without CU_EVENT_BLOCKING_SYNC busy-waits: the host thread holds a
+    # core for as long as the device works (CUDA driver API, cuEventCreate); each such wait that found work left
+    busy_waits: int = 0
     _local: threading.local = field(default_factory=threading.local)
 
     @property
@@ -196,9 +199,20 @@ def make_pycuda(devices: int = 1) -> tuple[types.ModuleType, types.ModuleType, _
             stream = default.setdefault("stream", Stream())
         return stream
 
+    class event_flags:  # noqa: N801 (pycuda's name): CUevent_flags
+        DEFAULT = 0x0
+        BLOCKING_SYNC = 0x1
+        DISABLE_TIMING = 0x2
+        INTERPROCESS = 0x4
+
     class Event:
-        def __init__(self) -> None:
+        def __init__(self, flags: int = 0) -> None:
             state.require_context("cuEventCreate")
+            if flags & ~0x7:
+                raise LogicError(f"cuEventCreate failed: invalid value (flags {flags:#x})")
+            if flags & event_flags.INTERPROCESS and not flags & event_flags.DISABLE_TIMING:
+                raise LogicError("cuEventCreate failed: invalid value (an interprocess event must disable timing)")
+            self.flags = flags
             self._stream: Stream | None = None
             self._marker: Callable[[], None] | None = None
             self._done = True
@@ -221,6 +235,8 @@ def make_pycuda(devices: int = 1) -> tuple[types.ModuleType, types.ModuleType, _
         def synchronize(self) -> None:
             state.require_context("cuEventSynchronize")
             if not self._done and self._stream is not None:
+                if not self.flags & event_flags.BLOCKING_SYNC:
+                    state.busy_waits += 1
                 self._stream.run(upto=self._stream.queue.index(self._marker) + 1)
 
     def pagelocked_empty(shape: Any, dtype: Any) -> np.ndarray:
@@ -263,7 +279,8 @@ def make_pycuda(devices: int = 1) -> tuple[types.ModuleType, types.ModuleType, _
 
         _stream(stream).enqueue(copy)
 
-    for name, value in dict(init=init, Device=Device, Stream=Stream, Event=Event, pagelocked_empty=pagelocked_empty,
+    for name, value in dict(init=init, Device=Device, Stream=Stream, Event=Event, event_flags=event_flags,
+                            pagelocked_empty=pagelocked_empty,
                             mem_alloc=mem_alloc, memcpy_htod_async=memcpy_htod_async,
                             memcpy_dtoh_async=memcpy_dtoh_async).items():
         setattr(driver, name, value)

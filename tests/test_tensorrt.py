@@ -295,6 +295,19 @@ def test_runs_are_asynchronous_and_a_second_launch_never_overwrites_the_first(st
     engine.close()
 
 
+def test_waiting_for_a_run_sleeps_instead_of_holding_a_core(standin: SimpleNamespace, tmp_path: Path) -> None:
+    """A run's wait is on an event made with BLOCKING_SYNC: without it cuEventSynchronize busy-waits for as long
+    as the device works (on an H100 the torch detector's wait on such an event cost 0.9 ms of host CPU an image,
+    docs/benchmarks.md run 11)."""
+    engine = _engine(standin, MODELS / "gender.onnx", tmp_path, max_batch=8)
+    x = np.random.default_rng(3).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    run = engine.launch({engine.inputs[0].name: x})
+    assert not run.done()
+    run.wait()
+    assert standin.state.busy_waits == 0
+    engine.close()
+
+
 def test_a_run_launched_on_one_thread_is_waited_for_on_another(standin: SimpleNamespace, tmp_path: Path) -> None:
     """As the stages' async execution does (launch on the event loop, wait on a waiter thread): CUDA's context
     stack is per thread, so the waiting thread needs the engine's context pushed there."""
