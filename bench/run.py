@@ -428,8 +428,9 @@ async def detector_counts(client: Any, infer_url: str, since: dict[str, Any] | N
         return counts
     delta: dict[str, Any] = {k: v - since.get(k, 0) for k, v in counts.items()}
     delta["mean_batch"] = round(delta["frames"] / delta["batches"], 2) if delta["batches"] else None
-    if cascade.get("grown_limits"):
-        delta["grown_limits"] = cascade["grown_limits"]
+    for key in ("grown_limits", "largest_chunks"):
+        if cascade.get(key):
+            delta[key] = cascade[key]
     return delta
 
 

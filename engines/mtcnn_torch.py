@@ -18,6 +18,10 @@ replay; an LRU of `_PNET_GRAPHS` pairs of size and chunk); other sizes run eager
 Where the nets replay CUDA graphs, a chunk of frames goes instead through the same cascade in fixed shapes
 (engines/mtcnn_static.py): the whole of it, P-Net to O-Net, one graph replay, and one copy back for the batch.
 The data-following cascade here answers a size's first sight and any frame the fixed shapes' slots did not hold.
+R-Net's and O-Net's slots are pooled over a chunk's frames, up to a largest pool (`static.MOST`): where a size's
+frames need more than that pool holds for a chunk (eight faces a frame, 16 frames), or its chunk's graph will not
+capture (out of memory), that size goes through in chunks of half as many frames, each its own replay, instead of
+leaving the fixed shapes for good.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ class TorchMtcnn:
         self._static_graphs: OrderedDict[tuple[int, int, int], CapturedGraph | str] = OrderedDict()
         self._first_limits = fixed_shape_limits or static.Limits()
         self._limits: dict[tuple[int, int, int], static.Limits] = {}  # per (height, width, frames), once grown
+        # per (height, width): the most frames of a fixed-shape chunk, once a chunk of more did not fit
+        self._static_chunks: dict[tuple[int, int], int] = {}
         self.frames_static = self.frames_followed = 0  # frames each cascade answered
 
     def warm_up(self) -> None:
@@ -133,7 +139,8 @@ class TorchMtcnn:
         frames): for the pipeline's description (GET /v1/pipeline)."""
         return {"fixed_shapes": self.static, "frames_fixed_shapes": self.frames_static,
                 "frames_data_following": self.frames_followed,
-                "grown_limits": {"x".join(map(str, key)): vars(limits) for key, limits in self._limits.items()}}
+                "grown_limits": {"x".join(map(str, key)): vars(limits) for key, limits in self._limits.items()},
+                "largest_chunks": {"x".join(map(str, size)): frames for size, frames in self._static_chunks.items()}}
 
     def close(self) -> None:
         self._static_graphs.clear()
@@ -181,7 +188,8 @@ class TorchMtcnn:
         for indices, rgb in groups:
             pyramid = self._pyramid(rgb.shape[2], rgb.shape[3])
             start = 0
-            for size in _power_chunks(len(indices), _PNET_MAX_CHUNK):
+            most = self._static_chunks.get((int(rgb.shape[2]), int(rgb.shape[3])), _PNET_MAX_CHUNK)
+            for size in _power_chunks(len(indices), most):
                 chunk, chunk_indices = rgb[start : start + size], indices[start : start + size]
                 start += size
                 key = (int(rgb.shape[2]), int(rgb.shape[3]), size)
@@ -217,6 +225,8 @@ class TorchMtcnn:
             return static.cascade(self, chunk, pyramid, limits)
         graph = _second_sight(self._static_graphs, key, _STATIC_GRAPHS,
                               lambda: self._capture_static(chunk, pyramid, limits), self._static_failures)
+        if self._static_graphs.get(key) == _FAILED:  # would not capture, tries spent: fewer frames take less memory
+            self._fewer_frames(key, limits, "its graph would not capture")
         if not isinstance(graph, CapturedGraph):  # first sight: the data-following cascade answers
             return None
         return replay(graph, [chunk])[0].clone()  # the graphs share a memory pool: the next replay may overwrite
@@ -250,14 +260,30 @@ class TorchMtcnn:
         again at its next sight; at the most, its frames take the data-following cascade for good."""
         grown = limits.grown(short, static.MOST, key[2])
         if grown == limits:
+            self._static_graphs[key] = _FAILED
+            if set(short) <= {"k2", "k3"} and self._fewer_frames(key, limits, f"{', '.join(short)} at the most"):
+                return  # pooled slots: a chunk of fewer frames gives each frame more
             logger.warning("frames of %dx%d need more than the fixed-shape cascade's largest %s; they take the "
                            "data-following cascade", key[0], key[1], ", ".join(short))
-            self._static_graphs[key] = _FAILED
             return
         logger.info("fixed-shape cascade for %s: %s grown to %s", key, short, grown)
         self._limits[key] = grown
         if self.pnet.cuda_graphs:
             self._static_graphs[key] = _SEEN  # captured again, with the new limits, at its next sight
+
+    def _fewer_frames(self, key: tuple[int, int, int], limits: static.Limits, why: str) -> bool:
+        """A chunk of `key`'s frames does not fit the fixed shapes (`why`): frames of its size go through in chunks
+        of at most half as many from now on, starting from its per-frame limits. False for a chunk of one frame."""
+        height, width, frames = key
+        if frames < 2:
+            return False
+        half = frames // 2
+        if self._static_chunks.get((height, width), _PNET_MAX_CHUNK) > half:
+            logger.warning("fixed-shape cascade for %d frames of %dx%d: %s; frames of that size go through in "
+                           "chunks of %d", frames, height, width, why, half)
+            self._static_chunks[(height, width)] = half
+        self._limits.setdefault((height, width, half), limits)
+        return True
 
     def _follow(self, groups: list[tuple[list[int], Any]]) -> np.ndarray:
         """The data-following cascade over groups of same-size frames: (n, 16) face rows, frame index last."""

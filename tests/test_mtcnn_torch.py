@@ -394,6 +394,29 @@ def test_a_frame_beyond_the_largest_limits_stays_with_the_data_following_cascade
     assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
 
 
+def test_frames_whose_pooled_slots_do_not_fit_a_chunk_go_through_in_smaller_chunks(
+        captures: list, reference: Mtcnn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R-Net's slots are pooled over a chunk's frames, up to the largest pool: two astronauts need 2 x 142 R-Net
+    slots and a pool of 256 holds one's. Their size then goes through in chunks of one frame, each answered by the
+    fixed shapes (the eight-face photo in batches of 16 on an H100 left them for good: docs/benchmarks.md run 11),
+    and every answer on the way is the numpy cascade's."""
+    from engines import mtcnn_static
+
+    monkeypatch.setattr(mtcnn_static, "MOST", Limits(k1=512, k2=256, k3=64))
+    detector, image = _graphed(Limits(k1=512, k2=128, k3=32)), read(ASTRONAUT)
+    expected = reference.detect(image)
+    answered = []
+    for _ in range(5):
+        before = detector.frames_static
+        for got in detector.detect_batch([image, image]):
+            _same_faces(got, expected, atol=1.0)
+        answered.append(detector.frames_static - before)
+    assert answered[-2:] == [2, 2], answered
+    height, width = image.shape[:2]
+    assert detector.cascade_counts()["largest_chunks"] == {f"{height}x{width}": 1}
+    assert detector._static_graphs[(height, width, 2)] == "failed"
+
+
 def test_a_frame_of_many_faces_grows_past_1024_p_net_slots_and_is_answered_by_the_fixed_shapes(
         reference: Mtcnn) -> None:
     """The eight-face photo at full size passes 1294 P-Net cells (at the detector's 1280x640 working size 1003 in
@@ -433,6 +456,33 @@ def test_a_failed_capture_is_tried_again_at_later_sights_a_bounded_number_of_tim
     else:  # three tries, then never again
         assert answers == [0] * 6 and len(tries) == 3
         assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
+
+
+def test_a_chunk_that_will_not_capture_goes_through_as_smaller_chunks_that_do(
+        captures: list, reference: Mtcnn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture out of memory (four replicas on one H100, 16 frames of the eight-face photo: docs/benchmarks.md
+    run 11) fails at every try: once the tries are spent, the size goes through in chunks of half as many frames,
+    which capture, instead of leaving the fixed shapes for good."""
+    import engines.mtcnn_torch as module
+
+    real = module.capture_graph
+
+    def out_of_memory(fn, example, stream, pool, warmups=2):  # noqa: ANN001, ANN202 - two frames never fit
+        if "_capture_static" in fn.__qualname__ and example[0].shape[0] == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 300.00 MiB.")
+        return real(fn, example, stream, pool, warmups)
+
+    monkeypatch.setattr(module, "capture_graph", out_of_memory)
+    detector, image = _graphed(Limits(k1=512, k2=256, k3=64)), read(ASTRONAUT)
+    expected = reference.detect(image)
+    answered = []
+    for _ in range(7):
+        before = detector.frames_static
+        for got in detector.detect_batch([image, image]):
+            _same_faces(got, expected, atol=1.0)
+        answered.append(detector.frames_static - before)
+    assert answered[-2:] == [2, 2], answered
+    assert detector.cascade_counts()["largest_chunks"] == {"x".join(map(str, image.shape[:2])): 1}
 
 
 def test_after_a_failed_capture_the_next_one_goes_into_a_new_memory_pool(captures: list, reference: Mtcnn,
