@@ -332,13 +332,16 @@ def _graphed(limits: Limits) -> TorchMtcnn:
     return detector
 
 
-def _fixed_shape_answers(detector: TorchMtcnn, image: np.ndarray, reference: Mtcnn, times: int) -> list[int]:
-    """Detects `image` `times` times, each answer the numpy cascade's; per call, 1 where the fixed shapes answered."""
+def _fixed_shape_answers(detector: TorchMtcnn, image: np.ndarray, reference: Mtcnn, times: int,
+                         frames: int = 1) -> list[int]:
+    """Detects a batch of `frames` copies of `image` `times` times, each answer the numpy cascade's; per call, the
+    frames the fixed shapes answered."""
     expected = reference.detect(image)
     answers = []
     for _ in range(times):
         before = detector.frames_static
-        _same_faces(detector.detect(image), expected, atol=1.0)
+        for got in detector.detect_batch([image] * frames):
+            _same_faces(got, expected, atol=1.0)
         answers.append(detector.frames_static - before)
     return answers
 
@@ -404,13 +407,7 @@ def test_frames_whose_pooled_slots_do_not_fit_a_chunk_go_through_in_smaller_chun
 
     monkeypatch.setattr(mtcnn_static, "MOST", Limits(k1=512, k2=256, k3=64))
     detector, image = _graphed(Limits(k1=512, k2=128, k3=32)), read(ASTRONAUT)
-    expected = reference.detect(image)
-    answered = []
-    for _ in range(5):
-        before = detector.frames_static
-        for got in detector.detect_batch([image, image]):
-            _same_faces(got, expected, atol=1.0)
-        answered.append(detector.frames_static - before)
+    answered = _fixed_shape_answers(detector, image, reference, 5, frames=2)
     assert answered[-2:] == [2, 2], answered
     height, width = image.shape[:2]
     assert detector.cascade_counts()["largest_chunks"] == {f"{height}x{width}": 1}
@@ -474,13 +471,7 @@ def test_a_chunk_that_will_not_capture_goes_through_as_smaller_chunks_that_do(
 
     monkeypatch.setattr(module, "capture_graph", out_of_memory)
     detector, image = _graphed(Limits(k1=512, k2=256, k3=64)), read(ASTRONAUT)
-    expected = reference.detect(image)
-    answered = []
-    for _ in range(7):
-        before = detector.frames_static
-        for got in detector.detect_batch([image, image]):
-            _same_faces(got, expected, atol=1.0)
-        answered.append(detector.frames_static - before)
+    answered = _fixed_shape_answers(detector, image, reference, 7, frames=2)
     assert answered[-2:] == [2, 2], answered
     assert detector.cascade_counts()["largest_chunks"] == {"x".join(map(str, image.shape[:2])): 1}
 
