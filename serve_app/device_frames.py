@@ -49,7 +49,21 @@ def frames_on_device(config: PipelineConfig, wiring: Any) -> DeviceDecoder | Non
     from engines.device_image import DeviceDecoder
 
     logger.info("images are decoded, detected, cropped and classified on %s", detector.device)
+    if str(detector.device).startswith("cuda"):
+        _log_mps()
     return DeviceDecoder(str(detector.device))
+
+
+def _log_mps() -> None:
+    """Say whether this card's replicas can share it at once (CUDA MPS) or take turns."""
+    from engines.cuda_mps import control_pipe
+
+    pipe = control_pipe()
+    if pipe is not None:
+        logger.info("CUDA MPS daemon found (%s): the replicas on this card run their kernels together", pipe)
+    else:
+        logger.info("no CUDA MPS daemon: replicas sharing this card take turns on it (README, On a GPU: "
+                    "`nvidia-cuda-mps-control -d` before `serve run`)")
 
 
 def device_pass(config: PipelineConfig, wiring: Any, decoder: DeviceDecoder) -> DevicePass | None:
