@@ -49,14 +49,20 @@ class Limits:
     passes_rnet: int = 4
     passes_onet: int = 4
 
-    def grown(self, short: list[str], most: Limits, frames: int) -> Limits:
+    def grown(self, short: list[str], most: Limits, frames: int, needed: dict[str, int] | None = None) -> Limits:
         """Each limit named in `short` doubled, up to `most`'s (k2 and k3 there are per batch of `frames`: their
-        slots are pooled, and what they cost is the pool's size)."""
+        slots are pooled, and what they cost is the pool's size); a slot count doubled as often as it takes to
+        hold what the run `needed` of it (per frame), so that a crowded size is short once, not once a doubling."""
         def top(name: str) -> int:
             return getattr(most, name) // frames if name in ("k2", "k3") else getattr(most, name)
 
-        return replace(self, **{name: max(getattr(self, name), min(getattr(self, name) * 2, top(name)))
-                                for name in short})
+        def doubled(name: str) -> int:
+            value = getattr(self, name) * 2
+            while value < (needed or {}).get(name, 0):
+                value *= 2
+            return value
+
+        return replace(self, **{name: max(getattr(self, name), min(doubled(name), top(name))) for name in short})
 
 
 # The largest limits: what a slot costs in memory grows with them (P-Net's NMS holds a (frames, k1, k1) bool
@@ -71,6 +77,7 @@ class Limits:
 # takes any count (its NMS moves to the host past 2048 boxes).
 MOST = Limits(k1=2048, k2=4096, k3=1024, passes_level=64, passes_frame=64, passes_rnet=64, passes_onet=64)
 _LIMITS_FIELDS = tuple(f.name for f in fields(Limits))  # `cascade`'s flags come in this order
+_NEEDED = ("k1", "k2", "k3")  # then the slots each stage needed
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,13 @@ class Outcome:
 
     rows: Any  # (n, 16) float32 numpy: box, score, landmarks, the frame's index in the batch; by frame, then score
     short: list[str]
+    needed: dict[str, int]  # slots the run's boxes took at each stage, per frame (k2, k3: the pool's share)
 
 
 def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     """The cascade over (B, 3, H, W) float32 RGB frames of one size, in fixed shapes: one flat float32 tensor,
-    (k3 * B, ROW) face rows then one flag per limit (1: it was short). `detector`: the TorchMtcnn whose nets,
+    (k3 * B, ROW) face rows, one flag per limit (1: it was short), then the slots per frame that P-Net's, R-Net's
+    and O-Net's boxes needed (the pooled stages' over the frames, rounded up). `detector`: the TorchMtcnn whose nets,
     parameters and P-Net maps this uses. Launches only; nothing here waits for the device."""
     import torch
 
@@ -101,7 +110,8 @@ def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     key = torch.where(passing, order, order + cells)
     cell = torch.topk(key, k1, dim=1, largest=False, sorted=True).indices  # (B, k1)
     valid = passing.gather(1, cell)
-    short_k1 = passing.sum(1).max() > k1
+    needed_k1 = passing.sum(1).max()
+    short_k1 = needed_k1 > k1
     x1, y1, x2, y2 = cell_boxes(pyramid.xs[cell], pyramid.ys[cell], pyramid.scales[cell], torch)
     boxes = torch.cat([torch.stack([x1, y1, x2, y2, prob.gather(1, cell)], 2),
                        reg.gather(2, cell[:, None, :].expand(-1, 4, -1)).permute(0, 2, 1)], 2)  # (B, k1, 9)
@@ -119,7 +129,8 @@ def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     valid = valid.reshape(1, -1)
 
     # Stage 2: R-Net refines and rejects.
-    boxes, valid, short_k2 = _compact(boxes, valid, limits.k2 * frames)
+    boxes, valid, needed_k2 = _compact(boxes, valid, limits.k2 * frames)
+    short_k2 = needed_k2 > limits.k2 * frames
     frame_of = boxes[..., 5].long()
     score, out, passed = _refine(detector.rnet, rgb, table, boxes, valid, frame_of, 24, t2)
     boxes = torch.cat([boxes[..., :4], score[..., None], out["regression"], boxes[..., 5:6]], 2)
@@ -127,7 +138,8 @@ def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
     boxes = torch.cat([_rows(boxes, lambda b: square(regress(b[:, :5], b[:, 5:9], torch), torch)), boxes[..., 9:]], 2)
 
     # Stage 3: O-Net gives final boxes, scores and landmarks.
-    boxes, valid, short_k3 = _compact(boxes, valid, limits.k3 * frames)
+    boxes, valid, needed_k3 = _compact(boxes, valid, limits.k3 * frames)
+    short_k3 = needed_k3 > limits.k3 * frames
     frame_of = boxes[..., 5].long()
     score, out, passed = _refine(detector.onet, rgb, table, boxes, valid, frame_of, 48, t3)
     boxes = torch.cat([boxes[..., :4], score[..., None]], 2)
@@ -139,15 +151,19 @@ def cascade(detector: Any, rgb: Any, pyramid: Any, limits: Limits) -> Any:
 
     flags = torch.stack([short_k1, short_k2, short_k3, ~settled_level, ~settled_frame, ~settled_rnet,
                          ~settled_onet]).float()
-    return torch.cat([torch.cat([rows, valid[..., None].to(rows.dtype)], 2).reshape(-1), flags])
+    needed = torch.stack([needed_k1, (needed_k2 + frames - 1) // frames, (needed_k3 + frames - 1) // frames]).float()
+    return torch.cat([torch.cat([rows, valid[..., None].to(rows.dtype)], 2).reshape(-1), flags, needed])
 
 
 def read(flat: Any) -> Outcome:
-    """`cascade`'s output, on the host (numpy), as the faces it holds and the limits that were short."""
-    flags = flat[-len(_LIMITS_FIELDS):]
-    rows = flat[: -len(_LIMITS_FIELDS)].reshape(-1, ROW)
+    """`cascade`'s output, on the host (numpy), as the faces it holds, the limits that were short and the slots
+    each stage needed."""
+    tail = len(_LIMITS_FIELDS) + len(_NEEDED)
+    flags, needed = flat[-tail : -len(_NEEDED)], flat[-len(_NEEDED):]
+    rows = flat[:-tail].reshape(-1, ROW)
     return Outcome(rows[rows[:, ROW - 1] > 0.5, : ROW - 1],
-                   [name for name, flag in zip(_LIMITS_FIELDS, flags) if flag > 0.5])
+                   [name for name, flag in zip(_LIMITS_FIELDS, flags) if flag > 0.5],
+                   {name: int(round(float(count))) for name, count in zip(_NEEDED, needed)})
 
 
 def _rows(boxes: Any, fn: Any) -> Any:
@@ -188,7 +204,7 @@ def _nms(boxes: Any, scores: Any, groups: Any | None, valid: Any, threshold: flo
 
 def _compact(boxes: Any, valid: Any, slots: int) -> tuple[Any, Any, Any]:
     """The boxes of `valid` slots moved to the front, in order, into `slots` slots per frame (the rest zero), their
-    mask, and whether some frame had more than `slots`."""
+    mask, and the most boxes a frame had (more than `slots`: some did not fit)."""
     import torch
 
     frames, _, columns = boxes.shape
@@ -198,7 +214,7 @@ def _compact(boxes: Any, valid: Any, slots: int) -> tuple[Any, Any, Any]:
     out.scatter_(1, target[..., None].expand(-1, -1, columns), boxes)
     count = valid.sum(1)
     kept = torch.arange(slots, device=boxes.device)[None, :] < count[:, None]
-    return out[:, :slots], kept, count.max() > slots
+    return out[:, :slots], kept, count.max()
 
 
 def _refine(engine: Any, rgb: Any, table: Any, boxes: Any, valid: Any, frame_of: Any, size: int,

@@ -207,7 +207,7 @@ class TorchMtcnn:
             outcome = static.read(host[offset : offset + len(flat)])
             offset += len(flat)
             if outcome.short:
-                self._grow(key, limits, outcome.short)
+                self._grow(key, limits, outcome.short, outcome.needed)
                 left.append((indices, chunk))
                 continue
             self.frames_static += len(indices)
@@ -255,10 +255,12 @@ class TorchMtcnn:
         self.capture_s += time.perf_counter() - start
         return graph
 
-    def _grow(self, key: tuple[int, int, int], limits: static.Limits, short: list[str]) -> None:
-        """A chunk's answer was inexact: the short limits double (up to static.MOST) and its graph is captured
-        again at its next sight; at the most, its frames take the data-following cascade for good."""
-        grown = limits.grown(short, static.MOST, key[2])
+    def _grow(self, key: tuple[int, int, int], limits: static.Limits, short: list[str],
+              needed: dict[str, int]) -> None:
+        """A chunk's answer was inexact: the short limits double (slots: as often as it takes to hold what the
+        chunk `needed`; up to static.MOST) and its graph is captured again at its next sight; at the most, its
+        frames take the data-following cascade for good (or, pooled slots, go in smaller chunks)."""
+        grown = limits.grown(short, static.MOST, key[2], needed)
         if grown == limits:
             self._static_graphs[key] = _FAILED
             if set(short) <= {"k2", "k3"} and self._fewer_frames(key, limits, f"{', '.join(short)} at the most"):
