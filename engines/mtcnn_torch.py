@@ -263,7 +263,8 @@ class TorchMtcnn:
         grown = limits.grown(short, static.MOST, key[2], needed)
         if grown == limits:
             self._static_graphs[key] = _FAILED
-            if set(short) <= {"k2", "k3"} and self._fewer_frames(key, limits, f"{', '.join(short)} at the most"):
+            if set(short) <= {"k2", "k3"} and self._fewer_frames(key, limits, f"{', '.join(short)} at the most",
+                                                                 needed):
                 return  # pooled slots: a chunk of fewer frames gives each frame more
             logger.warning("frames of %dx%d need more than the fixed-shape cascade's largest %s; they take the "
                            "data-following cascade", key[0], key[1], ", ".join(short))
@@ -273,18 +274,26 @@ class TorchMtcnn:
         if self.pnet.cuda_graphs:
             self._static_graphs[key] = _SEEN  # captured again, with the new limits, at its next sight
 
-    def _fewer_frames(self, key: tuple[int, int, int], limits: static.Limits, why: str) -> bool:
+    def _fewer_frames(self, key: tuple[int, int, int], limits: static.Limits, why: str,
+                      needed: dict[str, int] | None = None) -> bool:
         """A chunk of `key`'s frames does not fit the fixed shapes (`why`): frames of its size go through in chunks
-        of at most half as many from now on, starting from its per-frame limits. False for a chunk of one frame."""
+        of at most half as many from now on (fewer where the pooled slots per frame it `needed` show that half
+        would not hold them either), starting from its per-frame limits, captured at the next sight. False for a
+        chunk of one frame."""
         height, width, frames = key
         if frames < 2:
             return False
         half = frames // 2
+        while half > 1 and any((needed or {}).get(name, 0) > getattr(static.MOST, name) // half
+                               for name in ("k2", "k3")):
+            half //= 2
         if self._static_chunks.get((height, width), _PNET_MAX_CHUNK) > half:
             logger.warning("fixed-shape cascade for %d frames of %dx%d: %s; frames of that size go through in "
                            "chunks of %d", frames, height, width, why, half)
             self._static_chunks[(height, width)] = half
         self._limits.setdefault((height, width, half), limits)
+        if self.pnet.cuda_graphs and (height, width, half) not in self._static_graphs:
+            self._static_graphs[(height, width, half)] = _SEEN  # a size known to come: captured at its next sight
         return True
 
     def _follow(self, groups: list[tuple[list[int], Any]]) -> np.ndarray:
