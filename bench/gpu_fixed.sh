@@ -27,7 +27,7 @@
 #   detected ahead (a stream whose frame takes longer than two frame times to publish runs out of slots).
 # One call, carry [".devsite/site.tar.xz"]: bash bench/gpu_fixed.sh images
 #   issue 24's served figures with the ceiling of the same run (bench.run --saturate --ceiling); MPS="variants" again
-#   with the CUDA MPS daemon up. Then, same warm machine, carry [".devsite/video.tar.xz", ".gpuclips"]:
+#   with the CUDA MPS daemon up (VARIANTS= MPS="..." MPS_CEILING=1 MPS_ANCHOR=1: only those, ceiling and anchor in). Then, same warm machine, carry [".devsite/video.tar.xz", ".gpuclips"]:
 #   bash bench/gpu_fixed.sh scale: streams per GPU under MPS, three workers, 720p and 1080p, ceilings included.
 # One call, carry [".devsite/site.tar.xz"]: bash bench/gpu_fixed.sh pass
 #   the device pass alone in one process, two halves on two threads against one (bench/device_pass.py), and the ceiling.
@@ -166,7 +166,9 @@ PY
     if [ -n "${MPS-}" ]; then
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d || exit 1
-      images_run ${TAG:-h100-images}-mps --no-anchor ${MPS_CEILING:+--ceiling} --variants $MPS
+      # MPS_CEILING=1, MPS_ANCHOR=1: the ceiling and the FastAPI anchor in this run too (a call with MPS alone)
+      images_run ${TAG:-h100-images}-mps $([ -n "${MPS_ANCHOR-}" ] || echo --no-anchor) ${MPS_CEILING:+--ceiling} \
+        --variants $MPS
       # run 9 counted no client here: whether the daemon saw any, and whether the replicas had its pipe directory
       echo quit | nvidia-cuda-mps-control; grep -ci "new client" $CUDA_MPS_LOG_DIRECTORY/control.log
       tail -n 4 $CUDA_MPS_LOG_DIRECTORY/control.log; ls $CUDA_MPS_PIPE_DIRECTORY
