@@ -278,8 +278,8 @@ class TorchMtcnn:
                       needed: dict[str, int] | None = None) -> bool:
         """A chunk of `key`'s frames does not fit the fixed shapes (`why`): frames of its size go through in chunks
         of at most half as many from now on (fewer where the pooled slots per frame it `needed` show that half
-        would not hold them either), starting from its per-frame limits, captured at the next sight. False for a
-        chunk of one frame."""
+        would not hold them either), with its per-frame limits and slots enough for what it needed, captured at
+        the next sight. False for a chunk of one frame."""
         height, width, frames = key
         if frames < 2:
             return False
@@ -291,7 +291,8 @@ class TorchMtcnn:
             logger.warning("fixed-shape cascade for %d frames of %dx%d: %s; frames of that size go through in "
                            "chunks of %d", frames, height, width, why, half)
             self._static_chunks[(height, width)] = half
-        self._limits.setdefault((height, width, half), limits)
+        short = [name for name in ("k2", "k3") if (needed or {}).get(name, 0) > getattr(limits, name)]
+        self._limits.setdefault((height, width, half), limits.grown(short, static.MOST, half, needed))
         if self.pnet.cuda_graphs and (height, width, half) not in self._static_graphs:
             self._static_graphs[(height, width, half)] = _SEEN  # a size known to come: captured at its next sight
         return True
