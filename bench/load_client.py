@@ -17,7 +17,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 JPEG = {"Content-Type": "image/jpeg"}
@@ -27,6 +27,7 @@ JPEG = {"Content-Type": "image/jpeg"}
 class Reply:
     status_code: int
     content: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
 
     def json(self) -> Any:
         return json.loads(self.content)
@@ -63,7 +64,8 @@ class LoadClient:
 
     async def get(self, url: str) -> Reply:
         async with self._session.get(url) as response:
-            return Reply(response.status, await response.read())
+            return Reply(response.status, await response.read(),
+                         {name.lower(): value for name, value in response.headers.items()})
 
 
 # -- the comparison: each client against a server that answers at once --------------------------------------

@@ -220,11 +220,12 @@ def slowest_spans(traces: list[dict[str, float]], share: float = SLOWEST_SHARE) 
 
 async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels: tuple = LEVELS,
                        trace: bool = True, sample_gpus: bool = False, all_levels: bool = False, replicas: int = 1,
-                       count_batches: bool = False) -> dict[str, Any]:
+                       count_batches: bool = False, detectors_per_ingress: bool = False) -> dict[str, Any]:
     """Each level's latency, throughput, errors and server CPU per request; the GPU's busy fraction at c16 and c32,
     or at every level (`all_levels`); `count_batches`: the detector's batches during each level (one replica's,
     from GET /v1/pipeline: their mean size, and which cascade answered); `replicas`: the ingress's, each warmed
-    before the first level (run 9: with two or three, c1's p95 was 6-7x its p50, the first sights of some)."""
+    before the first level (run 9: with two or three, c1's p95 was 6-7x its p50, the first sights of some);
+    `detectors_per_ingress` (layout ingress): each of them holds a detector, and the counts are summed over them."""
     from bench.load_client import LoadClient
 
     out: dict[str, Any] = {}
@@ -257,7 +258,8 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             if concurrency > 1:  # unmeasured: the batch sizes this level forms are seen (and their graphs captured)
                 await closed_loop(lambda: client.post(url, body), concurrency, concurrency * WARM_UP_ROUNDS,
                                   time_limit)
-            counted = await detector_counts(client, url) if count_batches else None
+            counting = replicas if detectors_per_ingress else 1
+            counted = await detector_counts(client, url, replicas=counting) if count_batches else None
             sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
                 else None
             cpu0, own0, procs0, kinds0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot(), proc_cpu.host_kinds()
@@ -282,7 +284,7 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             if sampler is not None:
                 out[key]["gpu_utilisation"] = sampler.stop()
             if counted is not None:
-                out[key]["detector"] = await detector_counts(client, url, counted)
+                out[key]["detector"] = await detector_counts(client, url, counted, counting)
             if traces and concurrency == 1:
                 out["breakdown_p50_ms"] = _medians(traces)
             elif traces:
@@ -394,7 +396,7 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
                     ingress = args["ingress"].get("deployment", {}).get("num_replicas", 1)
                     http = asyncio.run(measure_http(url, body, opts.requests, opts.time_limit, levels=levels,
                                                     sample_gpus=on_gpu, all_levels=opts.saturate, count_batches=True,
-                                                    replicas=ingress))
+                                                    replicas=ingress, detectors_per_ingress=args["layout"] == "ingress"))
                     results["workloads"][key_of(workload, image)] = {"http": {**http, "startup_s": startup_s,
                                                                               **placed}}
             except Exception as exc:  # one broken workload must not cost the others' numbers
@@ -412,28 +414,42 @@ def run_variant(opts: argparse.Namespace, bodies: dict[str, bytes]) -> dict[str,
     return results
 
 
-async def detector_counts(client: Any, infer_url: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What one detector replica did (GET /v1/pipeline, answered by one ingress replica): its engine batches and
-    frames, and, for the torch MTCNN, the frames each cascade answered (fixed shapes, or data-following: a batch
-    size whose graph is not captured yet, or failed to capture) and the limits grown; with `since`, the counts
-    since then, and the mean batch."""
+async def detector_counts(client: Any, infer_url: str, since: dict[str, Any] | None = None,
+                          replicas: int = 1) -> dict[str, Any]:
+    """What the detector did (GET /v1/pipeline): its engine batches and frames, and, for the torch MTCNN, the frames
+    each cascade answered (fixed shapes, or data-following: a batch size whose graph is not captured yet, or failed
+    to capture), the limits grown and the chunk sizes cut down; with `since`, the counts since then, and the mean
+    batch. `replicas` (layout ingress, each replica holding its own detector): asked until that many replicas
+    answered (`x-served-by`, HAProxy spreads the asks) and summed, so that a level's counts are every replica's,
+    not whichever one answered (run 11's deltas went negative between two replicas)."""
+    seen: dict[str, dict[str, Any]] = {}
     try:
-        answer = await client.get(infer_url.replace("/v1/infer", "/v1/pipeline"))
-        detector = answer.json()["detector"]
+        for _ in range(replicas * 8):
+            answer = await client.get(infer_url.replace("/v1/infer", "/v1/pipeline"))
+            seen[getattr(answer, "headers", {}).get("x-served-by", "one")] = answer.json()["detector"]
+            if len(seen) >= replicas:
+                break
     except Exception as exc:  # noqa: BLE001 - a count that cannot be read must not cost the level's figures
         return {"error": f"{type(exc).__name__}: {exc}"}
-    cascade = detector.get("cascade") or {}
-    batches = detector.get("batches") or {}
-    counts = {"batches": batches.get("count", 0), "frames": batches.get("frames", 0),
-              "frames_fixed_shapes": cascade.get("frames_fixed_shapes", 0),
-              "frames_data_following": cascade.get("frames_data_following", 0)}
+    counts: dict[str, Any] = dict.fromkeys(("batches", "frames", "frames_fixed_shapes", "frames_data_following"), 0)
+    extra: dict[str, Any] = {}
+    for detector in seen.values():
+        cascade, batches = detector.get("cascade") or {}, detector.get("batches") or {}
+        counts["batches"] += batches.get("count", 0)
+        counts["frames"] += batches.get("frames", 0)
+        counts["frames_fixed_shapes"] += cascade.get("frames_fixed_shapes", 0)
+        counts["frames_data_following"] += cascade.get("frames_data_following", 0)
+        for key in ("grown_limits", "largest_chunks"):  # the replicas' own, one after another
+            extra.setdefault(key, {}).update(cascade.get(key) or {})
+    counts["replicas"] = sorted(seen)
     if since is None or "error" in since:
         return counts
-    delta: dict[str, Any] = {k: v - since.get(k, 0) for k, v in counts.items()}
+    delta: dict[str, Any] = {k: v - since.get(k, 0) for k, v in counts.items() if k != "replicas"}
     delta["mean_batch"] = round(delta["frames"] / delta["batches"], 2) if delta["batches"] else None
-    for key in ("grown_limits", "largest_chunks"):
-        if cascade.get(key):
-            delta[key] = cascade[key]
+    if counts["replicas"] != since.get("replicas"):  # not the same replicas both times: deltas are not the level's
+        delta["replicas_differ"] = True
+    delta["replicas"] = len(seen)
+    delta.update({key: value for key, value in extra.items() if value})
     return delta
 
 

@@ -111,3 +111,10 @@ def test_a_dead_streams_replica_ends_its_listeners_with_a_lost_summary(two_ingre
     again = _fresh(two_ingresses, "POST", "/v1/streams", json={"source": "long.mp4"})
     assert again.status_code == 201
     _fresh(two_ingresses, "DELETE", f"/v1/streams/{again.json()['id']}")
+
+
+def test_the_pipeline_description_says_which_ingress_replica_gave_it(two_ingresses: str) -> None:
+    """GET /v1/pipeline names its replica (`x-served-by`): in layout ingress each replica's counts are its own
+    engines', and bench.run sums them over the replicas that answered."""
+    answers = _through_each_replica(two_ingresses, "GET", "/v1/pipeline")
+    assert all(answer.status_code == 200 and "detector" in answer.json() for answer in answers.values())

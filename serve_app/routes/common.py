@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from serve_app.admission import ApiGate
@@ -49,6 +49,24 @@ class Services:
     video: VideoService
     streams: StreamsProxy
     pipeline: PipelineService
+
+
+def _replica() -> str | None:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # served without Serve
+        return None
+
+
+async def served_by(response: Response) -> None:
+    """Which ingress replica answered (`x-served-by`): streams live in the streams deployment, so any replica
+    answers for any stream, and this says which one did; /v1/pipeline's counts are that replica's own engines'
+    in layout ingress."""
+    replica = _replica()
+    if replica is not None:
+        response.headers["x-served-by"] = replica
 
 
 def services(request: Request) -> Services:

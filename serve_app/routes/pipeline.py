@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve_app.config import PipelineConfig
-from serve_app.routes.common import bearer, error, errors, services
+from serve_app.routes.common import bearer, error, errors, served_by, services
 from serve_app.schema import Edge, Health, PipelineDescription
 
 router = APIRouter()
@@ -85,7 +85,7 @@ class PipelineService:
 
 
 @router.get("/v1/pipeline", response_model=PipelineDescription, responses=errors(401, 503),
-            dependencies=[Depends(bearer)])
+            dependencies=[Depends(bearer), Depends(served_by)])
 async def pipeline(request: Request) -> PipelineDescription | JSONResponse:
     """The running graph: the detector and each classifier with its filters, backend and device."""
     service = services(request).pipeline

@@ -9,26 +9,9 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from serve_app.routes.common import bearer, errors, services
+from serve_app.routes.common import bearer, errors, served_by, services
 from serve_app.routes.video import ndjson
 from serve_app.schema import StreamInfo, StreamList, StreamRequest
-
-def _replica() -> str | None:
-    from ray import serve
-
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # served without Serve
-        return None
-
-
-async def served_by(response: Response) -> None:
-    """Which ingress replica answered (`x-served-by`): streams live in the streams deployment, so any replica
-    answers for any stream, and this says which one did."""
-    replica = _replica()
-    if replica is not None:
-        response.headers["x-served-by"] = replica
-
 
 router = APIRouter(dependencies=[Depends(bearer), Depends(served_by)])
 
