@@ -31,6 +31,8 @@ from serve_app.stream_reader import Opened, StreamReader
 if TYPE_CHECKING:
     import av
 
+    from serve_app.config import PipelineConfig
+
 logger = logging.getLogger("ray.serve")
 
 # PyAV's codec name -> (PyNvVideoCodec's codec attribute, FFmpeg's filter that puts packets in Annex B form)

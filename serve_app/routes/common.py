@@ -51,7 +51,8 @@ class Services:
     pipeline: PipelineService
 
 
-def _replica() -> str | None:
+def replica_id() -> str | None:
+    """This Serve replica's id (None where the app is served without Serve)."""
     from ray import serve
 
     try:
@@ -64,7 +65,7 @@ async def served_by(response: Response) -> None:
     """Which ingress replica answered (`x-served-by`): streams live in the streams deployment, so any replica
     answers for any stream, and this says which one did; /v1/pipeline's counts are that replica's own engines'
     in layout ingress."""
-    replica = _replica()
+    replica = replica_id()
     if replica is not None:
         response.headers["x-served-by"] = replica
 

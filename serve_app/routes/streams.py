@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from serve_app.routes.common import bearer, errors, served_by, services
+from serve_app.routes.common import bearer, errors, replica_id, served_by, services
 from serve_app.routes.video import ndjson
 from serve_app.schema import StreamInfo, StreamList, StreamRequest
 
@@ -43,7 +43,7 @@ async def all_stream_events(request: Request) -> StreamingResponse:
         async for item in items:
             yield b"".join(map(ndjson, item)) if isinstance(item, list) else ndjson(item)
 
-    replica = _replica()
+    replica = replica_id()
     return StreamingResponse(lines(), media_type="application/x-ndjson",
                              headers={"x-served-by": replica} if replica else None)
 
@@ -64,7 +64,7 @@ async def stream_events(request: Request, stream_id: str) -> StreamingResponse:
         async for record in records:
             yield ndjson(record)
 
-    replica = _replica()  # a response returned as it is does not take the dependency's headers
+    replica = replica_id()  # a response returned as it is does not take the dependency's headers
     return StreamingResponse(lines(), media_type="application/x-ndjson",
                              headers={"x-served-by": replica} if replica else None)
 
