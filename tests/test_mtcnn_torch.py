@@ -398,16 +398,16 @@ def test_a_frame_beyond_the_largest_limits_stays_with_the_data_following_cascade
     assert detector._static_graphs[(*image.shape[:2], 1)] == "failed"
 
 
-@pytest.mark.parametrize("frames", [2, 4])
 def test_frames_whose_pooled_slots_do_not_fit_a_chunk_go_through_in_smaller_chunks(
-        captures: list, reference: Mtcnn, monkeypatch: pytest.MonkeyPatch, frames: int) -> None:
+        captures: list, reference: Mtcnn, monkeypatch: pytest.MonkeyPatch) -> None:
     """R-Net's slots are pooled over a chunk's frames, up to the largest pool: each astronaut needs 142 R-Net
     slots and a pool of 256 holds one's. Their size then goes through in chunks of one frame, each answered by the
     fixed shapes (the eight-face photo in batches of 16 on an H100 left them for good: docs/benchmarks.md run 11),
     and every answer on the way is the numpy cascade's. Four frames go straight to chunks of one: the slots a frame
-    needed say that two would not fit either."""
+    needed say that two would not fit either (halving alone: the next test)."""
     from engines import mtcnn_static
 
+    frames = 4
     monkeypatch.setattr(mtcnn_static, "MOST", Limits(k1=512, k2=256, k3=64))
     detector, image = _graphed(Limits(k1=512, k2=128, k3=16)), read(ASTRONAUT)
     answered = _fixed_shape_answers(detector, image, reference, 4, frames=frames)
