@@ -404,7 +404,7 @@ def test_frames_whose_pooled_slots_do_not_fit_a_chunk_go_through_in_smaller_chun
     slots and a pool of 256 holds one's. Their size then goes through in chunks of one frame, each answered by the
     fixed shapes (the eight-face photo in batches of 16 on an H100 left them for good: docs/benchmarks.md run 11),
     and every answer on the way is the numpy cascade's. Four frames go straight to chunks of one: the slots a frame
-    needed say that two would not fit either (halving alone: the next test)."""
+    needed say that two would not fit either (halving alone: the out-of-memory capture test below)."""
     from engines import mtcnn_static
 
     frames = 4
