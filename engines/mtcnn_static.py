@@ -32,6 +32,9 @@ from engines.torch_boxes import crop_resize, integral_image, suppression
 ROW = 17  # a face's row: x1 y1 x2 y2 score, the 5 landmarks' x, y pairs (10), its frame, 1 where the slot holds one
 
 
+POOLED = ("k2", "k3")  # the limits whose slots are pooled over a batch's frames (R-Net's and O-Net's)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Slots per frame at each stage and NMS passes. Every slot costs kernel time whether it holds a box or not
@@ -54,7 +57,7 @@ class Limits:
         slots are pooled, and what they cost is the pool's size); a slot count doubled as often as it takes to
         hold what the run `needed` of it (per frame), so that a crowded size is short once, not once a doubling."""
         def top(name: str) -> int:
-            return getattr(most, name) // frames if name in ("k2", "k3") else getattr(most, name)
+            return getattr(most, name) // frames if name in POOLED else getattr(most, name)
 
         def doubled(name: str) -> int:
             value = getattr(self, name) * 2

@@ -263,9 +263,9 @@ class TorchMtcnn:
         grown = limits.grown(short, static.MOST, key[2], needed)
         if grown == limits:
             self._static_graphs[key] = _FAILED
-            if set(short) <= {"k2", "k3"} and self._fewer_frames(key, limits, f"{', '.join(short)} at the most",
-                                                                 needed):
-                return  # pooled slots: a chunk of fewer frames gives each frame more
+            pooled = set(short) <= set(static.POOLED)  # a chunk of fewer frames gives each frame more of those
+            if pooled and self._fewer_frames(key, limits, f"{', '.join(short)} at the most", needed):
+                return
             logger.warning("frames of %dx%d need more than the fixed-shape cascade's largest %s; they take the "
                            "data-following cascade", key[0], key[1], ", ".join(short))
             return
@@ -283,15 +283,15 @@ class TorchMtcnn:
         height, width, frames = key
         if frames < 2:
             return False
+        needed = needed or {}
         half = frames // 2
-        while half > 1 and any((needed or {}).get(name, 0) > getattr(static.MOST, name) // half
-                               for name in ("k2", "k3")):
+        while half > 1 and any(needed.get(name, 0) > getattr(static.MOST, name) // half for name in static.POOLED):
             half //= 2
         if self._static_chunks.get((height, width), _PNET_MAX_CHUNK) > half:
             logger.warning("fixed-shape cascade for %d frames of %dx%d: %s; frames of that size go through in "
                            "chunks of %d", frames, height, width, why, half)
             self._static_chunks[(height, width)] = half
-        short = [name for name in ("k2", "k3") if (needed or {}).get(name, 0) > getattr(limits, name)]
+        short = [name for name in static.POOLED if needed.get(name, 0) > getattr(limits, name)]
         self._limits.setdefault((height, width, half), limits.grown(short, static.MOST, half, needed))
         if self.pnet.cuda_graphs and (height, width, half) not in self._static_graphs:
             self._static_graphs[(height, width, half)] = _SEEN  # a size known to come: captured at its next sight
