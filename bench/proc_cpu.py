@@ -90,6 +90,13 @@ def host_kinds() -> dict[str, float]:
                                       ("steal", steal))}
 
 
+def busy(kinds: dict[str, float]) -> float:
+    """The busy seconds of `host_kinds()`: processes' user and system time and interrupts; not steal, the time the
+    hypervisor gave another guest while this one waited to run (no work of ours: on the GPU machine's VM a third
+    of the busy time at c1 and 2 ms a request at c128, docs/benchmarks.md run 11)."""
+    return kinds["user"] + kinds["system"] + kinds["interrupts"]
+
+
 def spent(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], pid: int | None) -> float:
     """One process's CPU seconds between two snapshots (0 for None or a process not seen)."""
     if pid is None or str(pid) not in after:

@@ -124,11 +124,8 @@ def summary(latencies: list[float], wall_s: float) -> dict[str, float]:
 
 
 def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine spent busy so far (processes' user and system time, interrupts), from
-    /proc/stat. Not steal: time the hypervisor gave another guest while this one waited to run, no work of ours
-    (on the GPU machine's VM it was a third of the busy time at c1 and 2 ms a request at c128, run 11)."""
-    kinds = proc_cpu.host_kinds()
-    return kinds["user"] + kinds["system"] + kinds["interrupts"]
+    """CPU seconds the whole machine spent busy so far, from /proc/stat (`proc_cpu.busy`: steal left out)."""
+    return proc_cpu.busy(proc_cpu.host_kinds())
 
 
 def own_cpu_seconds() -> float:
@@ -262,11 +259,11 @@ async def measure_http(url: str, body: bytes, n: int, time_limit: float, levels:
             counted = await detector_counts(client, url, replicas=counting) if count_batches else None
             sampler = UtilisationSampler().start() if sample_gpus and (concurrency in SAMPLED_LEVELS or all_levels) \
                 else None
-            cpu0, own0, procs0, kinds0 = busy_cpu_seconds(), own_cpu_seconds(), proc_cpu.snapshot(), proc_cpu.host_kinds()
+            kinds0, own0, procs0 = proc_cpu.host_kinds(), own_cpu_seconds(), proc_cpu.snapshot()
             lat, wall = await closed_loop(call, concurrency, count, time_limit)
             procs1, kinds1 = proc_cpu.snapshot(), proc_cpu.host_kinds()
             left_out = (os.getpid(), sampler.pid if sampler else None)
-            cpu_s = (busy_cpu_seconds() - cpu0) - (own_cpu_seconds() - own0) - \
+            cpu_s = (proc_cpu.busy(kinds1) - proc_cpu.busy(kinds0)) - (own_cpu_seconds() - own0) - \
                 proc_cpu.spent(procs0, procs1, left_out[1])
             served = max(len(lat), 1)
             roles = proc_cpu.by_role(procs0, procs1, left_out)
@@ -426,7 +423,7 @@ async def detector_counts(client: Any, infer_url: str, since: dict[str, Any] | N
     try:
         for _ in range(replicas * 8):
             answer = await client.get(infer_url.replace("/v1/infer", "/v1/pipeline"))
-            seen[getattr(answer, "headers", {}).get("x-served-by", "one")] = answer.json()["detector"]
+            seen[answer.headers.get("x-served-by", "one")] = answer.json()["detector"]
             if len(seen) >= replicas:
                 break
     except Exception as exc:  # noqa: BLE001 - a count that cannot be read must not cost the level's figures
