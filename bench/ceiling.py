@@ -137,7 +137,7 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
         warm_up_passes, objects = _warm_up(whole, detector)
         if cuda:
             torch.cuda.synchronize()
-        counted = _cascade_frames(detector)
+        counted = cascade_frames(detector)
         start, cpu_start, threads_start = time.perf_counter(), time.process_time(), proc_cpu.threads()
         for _ in range(repeats):
             whole()
@@ -151,7 +151,7 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
                                "wall_images_per_s": round(1e3 / wall_ms, 1), "host_cpu_ms_per_image": round(cpu_ms, 3),
                                "torch_threads": torch.get_num_threads(),
                                "warm_up_passes": warm_up_passes,  # then measured: the frames each cascade answered
-                               "detector_frames": {k: v - counted[k] for k, v in _cascade_frames(detector).items()},
+                               "detector_frames": {k: v - counted[k] for k, v in cascade_frames(detector).items()},
                                "host_cpu_ms_per_image_by_thread": {k: round(v, 3) for k, v in by_name.items()
                                                                    if v >= 0.01}}
         if cuda:
@@ -162,7 +162,7 @@ def measure(device: str, fp16: bool, batch: int, repeats: int, crops: str, host_
     return out
 
 
-def _cascade_frames(detector: Any) -> dict[str, int]:
+def cascade_frames(detector: Any) -> dict[str, int]:
     """The frames the torch MTCNN's two cascades answered so far (zeros for another detector)."""
     return {"fixed_shapes": getattr(detector, "frames_static", 0),
             "data_following": getattr(detector, "frames_followed", 0)}
@@ -176,15 +176,15 @@ def _warm_up(whole: Callable[[], int], detector: Any, least: int = 3, most: int 
     one's objects."""
     split: list[int] = []
     for passes in range(1, most + 1):
-        before, limits = _cascade_frames(detector), _grown_limits(detector)
+        before, limits = cascade_frames(detector), grown_limits(detector)
         objects = whole()
-        previous, split = split, [v - before[k] for k, v in _cascade_frames(detector).items()]
-        if passes >= least and split == previous and _grown_limits(detector) == limits:
+        previous, split = split, [v - before[k] for k, v in cascade_frames(detector).items()]
+        if passes >= least and split == previous and grown_limits(detector) == limits:
             break
     return passes, objects
 
 
-def _grown_limits(detector: Any) -> Any:
+def grown_limits(detector: Any) -> Any:
     """The torch MTCNN's fixed-shape limits grown so far, per frame size and batch (None for another detector)."""
     counts = getattr(detector, "cascade_counts", None)
     return counts()["grown_limits"] if counts is not None else None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import proc_cpu
+from bench.ceiling import cascade_frames, grown_limits
 from bench.run import images, workload_args
 
 
@@ -71,24 +72,16 @@ async def _load(whole: Any, body: bytes, concurrency: int, seconds: float) -> tu
     return done, sums
 
 
-def _cascades(detector: Any) -> dict[str, Any]:
-    """Frames each cascade of the torch MTCNN answered so far, and the fixed-shape limits it grew."""
-    counts = getattr(detector.model, "cascade_counts", dict)()
-    return {k: int(counts.get(k, 0)) for k in ("frames_fixed_shapes", "frames_data_following")} | {
-        k: counts.get(k) for k in ("fixed_shapes", "grown_limits")}
-
-
 def _warm_up(whole: Any, body: bytes, concurrency: int, seconds: float, detector: Any, most: int = 12) -> None:
     """Load for `seconds`, then for a second at a time until one second grew no fixed-shape limit and left no frame
     to the data-following cascade (every batch size captured at the limits the image needs; the eight-face photo
     grows k1 three times, each growth answered by the data-following cascade first), or `most` seconds more."""
     asyncio.run(_load(whole, body, concurrency, seconds))
-    for _ in range(most if _cascades(detector)["fixed_shapes"] else 0):
-        before = _cascades(detector)
+    for _ in range(most if getattr(detector.model, "static", False) else 0):
+        before, limits = cascade_frames(detector.model), grown_limits(detector.model)
         asyncio.run(_load(whole, body, concurrency, 1.0))
-        after = _cascades(detector)
-        if after["grown_limits"] == before["grown_limits"] and \
-                after["frames_data_following"] == before["frames_data_following"]:
+        if grown_limits(detector.model) == limits and \
+                cascade_frames(detector.model)["data_following"] == before["data_following"]:
             break
 
 
@@ -102,19 +95,18 @@ def measure(device: str, fp16: bool, concurrency: int, seconds: float, overlap: 
             if image not in chosen:
                 continue
             _warm_up(whole, body, concurrency, min(seconds, 3.0), detector)
-            batches, frames, before = detector.batches, detector.frames, _cascades(detector)
+            batches, frames, before = detector.batches, detector.frames, cascade_frames(detector.model)
             start, cpu, threads = time.perf_counter(), time.process_time(), proc_cpu.threads()
             done, sums = asyncio.run(_load(whole, body, concurrency, seconds))
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             per_thread = {name: round(s * 1e3 / done, 3)
                           for name, s in list(proc_cpu.threads_spent(threads, proc_cpu.threads()).items())[:8] if s > 0}
-            after = _cascades(detector)
+            after = cascade_frames(detector.model)
             out[image] = {"images_per_s": round(done / wall, 1), "host_cpu_ms_per_image": round(cpu * 1e3 / done, 3),
                           "mean_detector_batch": round((detector.frames - frames) / max(detector.batches - batches, 1), 2),
                           # frames each cascade answered in the measured window: the data-following one's are
                           # batches whose fixed-shape graph was not there (first sight, or a capture that failed)
-                          "cascades": {k: after[k] - before[k] for k in ("frames_fixed_shapes",
-                                                                         "frames_data_following")},
+                          "cascades": {f"frames_{k}": after[k] - before[k] for k in after},
                           # each phase's wall time over a request's batch (ms; the batch's, not an image's share),
                           # and each thread's CPU per image (ms): which half's host work the other waits on
                           "mean_phase_ms": {k: round(v / max(done, 1), 3) for k, v in sums.items()},
