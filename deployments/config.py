@@ -49,6 +49,13 @@ class DeploymentConfig(StrictModel):
     autoscaling_config: dict[str, Any] | None = None
     access_log: bool = Field(True, description="Serve's per-request access log lines (about 2 ms a hop on 2 cores)")
     max_constructor_retry_count: int = Field(3, ge=1, description="replica start attempts before the app fails")
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="a stopping replica checks this often whether its requests are done (Serve sleeps "
+        "one period before the first check, so every stop takes at least this long)"
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="how long a stopping replica may wait for its requests before it is killed"
+    )
     env_vars: dict[str, str] = Field(default_factory=dict, description="environment of this deployment's replicas")
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources, e.g. to pin classifiers to a node that offers them"

@@ -35,6 +35,8 @@ def _options(name: str, deployment: DeploymentConfig, placement: Placement,
         "max_constructor_retry_count": deployment.max_constructor_retry_count,
         "ray_actor_options": placement.actor_options(deployment, environment),
         "logging_config": {"enable_access_log": deployment.access_log},
+        "graceful_shutdown_wait_loop_s": deployment.graceful_shutdown_wait_loop_s,
+        "graceful_shutdown_timeout_s": deployment.graceful_shutdown_timeout_s,
     }
     if deployment.autoscaling_config:
         options["autoscaling_config"] = deployment.autoscaling_config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import cv2
@@ -65,6 +66,7 @@ def phone_photo(image: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes
 UNCOMPRESSED = {".bmp": 3, ".ppm": 3, ".tiff": 3}  # bytes per pixel of the formats OpenCV writes raw
 
 
+@cache  # each layout's test sends the same bytes: written once (the 12 Mpx JPEG 2000 takes 1.6 s)
 def largest_legal(ext: str, max_pixels: int, max_bytes: int) -> tuple[bytes, tuple[int, int], float]:
     """The collage scaled up to the largest image of format `ext` a service with these limits takes: `max_pixels`
     for compressed formats, what fits in `max_bytes` for uncompressed ones (with room for the header). Returns
@@ -82,6 +84,7 @@ def largest_legal(ext: str, max_pixels: int, max_bytes: int) -> tuple[bytes, tup
     return data.tobytes(), size, size[0] / small.shape[1]
 
 
+@cache
 def heavy_below(ext: str, pixels: int) -> tuple[bytes, tuple[int, int], float]:
     """The collage scaled to just under `pixels`, with strong noise over it, so that its body is as large as the
     format makes it at that size (over 4 MiB for PNG, JPEG at quality 100, BMP, TIFF, PPM: a transport cap between

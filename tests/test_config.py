@@ -202,9 +202,36 @@ def test_example_configs_validate() -> None:
     assert main([two, "--gpus", "2", "--cpus", "2"]) == 1  # nor 3.25 CPUs of replicas on 2
 
 
+def test_stop_settings_reach_every_deployment_and_serve_defaults_stay_otherwise() -> None:
+    from serve_app.app import bind_pipeline
+
+    def stop_settings(config: PipelineConfig) -> dict[str, tuple[float, float]]:
+        configs = _deployment_configs(bind_pipeline(config, [{"CPU": 4.0}]))
+        return {name: (c.graceful_shutdown_wait_loop_s, c.graceful_shutdown_timeout_s) for name, c in configs.items()}
+
+    assert set(stop_settings(validate(lambda a: None)).values()) == {(2.0, 20.0)}  # Serve's own defaults
+    quick = validate(lambda a: a["classifiers"][1]["deployment"].update(graceful_shutdown_wait_loop_s=0.25,
+                                                                          graceful_shutdown_timeout_s=5))
+    settings = stop_settings(quick)
+    assert settings.pop(quick.classifiers[1].name) == (0.25, 5.0)
+    assert set(settings.values()) == {(2.0, 20.0)}
+    with pytest.raises(ValueError, match="graceful_shutdown_wait_loop_s"):
+        validate(lambda a: a["detector"]["deployment"].update(graceful_shutdown_wait_loop_s=0))
+
+
 def _actor_options(app: Any) -> dict[str, dict[str, Any]]:
     """Each deployment of a bound application: name -> ray_actor_options."""
-    found: dict[str, dict[str, Any]] = {}
+    return {name: deployment._replica_config.ray_actor_options for name, deployment in _deployments(app).items()}
+
+
+def _deployment_configs(app: Any) -> dict[str, Any]:
+    """Each deployment of a bound application: name -> Serve's DeploymentConfig."""
+    return {name: deployment._deployment_config for name, deployment in _deployments(app).items()}
+
+
+def _deployments(app: Any) -> dict[str, Any]:
+    """Each deployment of a bound application (the ingress's and those bound into it): name -> Serve's Deployment."""
+    found: dict[str, Any] = {}
 
     def walk(value: Any) -> None:
         if isinstance(value, (list, tuple)):
@@ -216,7 +243,7 @@ def _actor_options(app: Any) -> dict[str, dict[str, Any]]:
         elif hasattr(value, "_bound_deployment"):  # a bound Serve Application
             deployment = value._bound_deployment
             replica = deployment._replica_config
-            found[deployment.name] = replica.ray_actor_options
+            found[deployment.name] = deployment
             walk(replica.init_args)
             walk(replica.init_kwargs)
 

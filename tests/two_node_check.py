@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from serve_app.app import build_app
-from tests.conftest import demo_args
+from tests.conftest import demo_args, quick_to_stop
 from tests.images import ASTRONAUT
 from tests.videos import two_faces
 
@@ -44,7 +44,7 @@ def main() -> int:
         args["detector"]["deployment"] = {"num_cpus": 0.5, "num_gpus": 0, "resources": {"head": 0.1}}
         args["ingress"]["streams"] = {"media_dir": str(media), "max_streams": 2,
                                       "workers": {"count": 2, "num_cpus": 0.5, "num_gpus": 0, "spread": True}}
-        serve.run(build_app(args), name="faces", route_prefix="/")
+        serve.run(build_app(quick_to_stop(args)), name="faces", route_prefix="/")
         response = httpx.post(f"http://127.0.0.1:{port}/v1/infer", content=ASTRONAUT.read_bytes(),
                               headers={"Content-Type": "image/png"}, timeout=60)
         response.raise_for_status()
