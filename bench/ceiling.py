@@ -200,22 +200,31 @@ def _host_ops(work: Any, top: int) -> list[dict[str, Any]]:
     return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in ops]
 
 
-def _kernel_times(whole: Any, detect_only: Any, repeats: int, batch: int) -> dict[str, Any]:
-    """CUDA kernel time per image (ms) of the whole pass and of decode + detect alone, from torch.profiler."""
+def _kernel_times(whole: Any, detect_only: Any, repeats: int, batch: int, top: int = 12) -> dict[str, Any]:
+    """CUDA kernel time per image (ms) of the whole pass and of decode + detect alone, from torch.profiler, and
+    decode + detect's `top` busiest kernels."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    def kernel_ms(work: Any) -> float:
+    def kernels(work: Any) -> list[Any]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):
                 work()
             torch.cuda.synchronize()
-        total_us = sum(e.self_device_time_total for e in prof.key_averages())
-        return total_us / 1e3 / (repeats * batch)
+        return [e for e in prof.key_averages() if e.self_device_time_total > 0]
 
-    whole_ms, detect_ms = kernel_ms(whole), kernel_ms(detect_only)
+    def per_image(us: float) -> float:
+        return us / 1e3 / (repeats * batch)
+
+    of_whole, of_detect = kernels(whole), kernels(detect_only)
+    whole_ms, detect_ms = (per_image(sum(e.self_device_time_total for e in k)) for k in (of_whole, of_detect))
+    busiest = sorted(of_detect, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     return {"kernel_ms_per_image": round(whole_ms, 3), "decode_detect_kernel_ms_per_image": round(detect_ms, 3),
-            "ceiling_images_per_s": round(1e3 / whole_ms, 1) if whole_ms else None}
+            "ceiling_images_per_s": round(1e3 / whole_ms, 1) if whole_ms else None,
+            # where decode + detect's kernel time goes: its busiest kernels, launches per batch
+            "decode_detect_busiest_kernels": [
+                {"kernel": e.key[:120], "ms_per_image": round(per_image(e.self_device_time_total), 4),
+                 "per_batch": round(e.count / repeats, 1)} for e in busiest]}
 
 
 def main() -> None:

@@ -146,7 +146,13 @@ case "${1:-}" in
         --tag $tag --out "$O" "$@" 2> "$E/images-$tag.err" | grep -A8 "^Against the GPU-bound ceiling"
       python3 - "$O/bench-cuda-$tag.json" <<'PY' || tail -n 4 "$E/images-$tag.err"
 import json, sys
-for w, v in json.load(open(sys.argv[1]))["workloads"].items():
+result = json.load(open(sys.argv[1]))
+for image, c in ((result.get("ceiling") or {}).get("images") or {}).items():  # where decode + detect's kernels go
+    print("ceiling", image, c.get("kernel_ms_per_image"), c.get("decode_detect_kernel_ms_per_image"),
+          c.get("detector_frames"))
+    for k in c.get("decode_detect_busiest_kernels", [])[:8]:
+        print("  ", k["ms_per_image"], k["per_batch"], k["kernel"][:100])
+for w, v in result["workloads"].items():
     print(w, "anchor", {k: (a["p50_ms"], a["rps"]) for k, a in v.get("anchor", {}).items() if "rps" in a})
     for name, levels in v["variants"].items():
         for k, m in levels.items():

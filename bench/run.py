@@ -80,6 +80,12 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
                                     {"layout": "ingress", "ingress_replicas": 3}),
     "ingress+haproxy+x4+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
                                     {"layout": "ingress", "ingress_replicas": 4}),
+    # without Serve's per-request access log lines (each is formatted, written to the replica's log file and its
+    # stderr, which Ray's log monitor reads and sends to the driver: work in three processes per request)
+    "ingress+haproxy+one-loop+no-log": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                        {"layout": "ingress", "access_log": False}),
+    "ingress+haproxy+x4+one-loop+no-log": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+                                           {"layout": "ingress", "ingress_replicas": 4, "access_log": False}),
     # the whole pass's decode on a thread of its own (ingress.decode_apart) while the detector works on the batch before
     "ingress+haproxy+x4+one-loop+decode-apart": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
                                                  {"layout": "ingress", "ingress_replicas": 4, "decode_apart": True}),
