@@ -93,7 +93,14 @@ STOP_CHECK_S = 0.1
 def quick_to_stop(args: dict[str, Any]) -> dict[str, Any]:
     """`args` with every deployment checking for its requests' end every STOP_CHECK_S when it stops (unless the
     test set it): the same drain, without the idle wait."""
-    for section in (args.get("ingress"), args.get("detector"), *args.get("classifiers", [])):
+    from serve_app.config import StreamsConfig
+
+    if "ingress" in args:  # the streams deployment's own defaults kept (no GPU share, its request limit)
+        streams = args["ingress"].setdefault("streams", {})
+        default = StreamsConfig().deployment.model_dump(exclude={"graceful_shutdown_wait_loop_s"})
+        streams.setdefault("deployment", default)
+    for section in (args.get("ingress"), args.get("ingress", {}).get("streams"), args.get("detector"),
+                    *args.get("classifiers", [])):
         if section is not None:
             section["deployment"] = {"graceful_shutdown_wait_loop_s": STOP_CHECK_S, **section.get("deployment", {})}
     return args
