@@ -86,6 +86,12 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
                                         {"layout": "ingress", "access_log": False}),
     "ingress+haproxy+x4+one-loop+no-log": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
                                            {"layout": "ingress", "ingress_replicas": 4, "access_log": False}),
+    # Ray's documented high-throughput mode beside HAProxy (RAY_SERVE_THROUGHPUT_OPTIMIZED=1): the user code on the
+    # replica's loop (as one-loop), request-path log lines buffered (1000) and kept off stderr (so off Ray's log
+    # monitor and the driver), gRPC between deployments, the garbage collector's start-up objects frozen
+    "ingress+haproxy+throughput": ({**HAPROXY, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {"layout": "ingress"}),
+    "ingress+haproxy+x4+throughput": ({**HAPROXY, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+                                      {"layout": "ingress", "ingress_replicas": 4}),
     # the whole pass's decode on a thread of its own (ingress.decode_apart) while the detector works on the batch before
     "ingress+haproxy+x4+one-loop+decode-apart": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
                                                  {"layout": "ingress", "ingress_replicas": 4, "decode_apart": True}),
