@@ -148,7 +148,7 @@ case "${1:-}" in
 import json, sys
 result = json.load(open(sys.argv[1]))
 for image, c in ((result.get("ceiling") or {}).get("images") or {}).items():  # where decode + detect's kernels go
-    print("ceiling", image, c.get("kernel_ms_per_image"), c.get("decode_detect_kernel_ms_per_image"),
+    print("ceiling", image, c.get("cascade"), c.get("kernel_ms_per_image"), c.get("decode_detect_kernel_ms_per_image"),
           c.get("detector_frames"))
     for k in c.get("decode_detect_busiest_kernels", [])[:8]:
         print("  ", k["ms_per_image"], k["per_batch"], k["kernel"][:100])

@@ -42,14 +42,16 @@ def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout:
          access_log: bool = True, execution: str = "auto", detector_input: str = "encoded",
          max_batch_size: int | None = None, cpu_work: str = "auto", replicas: int = 1,
          frames_on_device: bool | str = "auto", ingress_replicas: int = 1,
-         host_threads: int | None = None, device_pass: str = "whole", decode_apart: bool = False) -> dict[str, Any]:
+         host_threads: int | None = None, device_pass: str = "whole", decode_apart: bool = False,
+         fixed_shapes: bool | str = "auto") -> dict[str, Any]:
     """Apply one benchmark variant's settings to every deployment. `replicas` multiplies every deployment's
     replicas but the streams one: with the shipped fractions (a quarter of a card each, one set of models a card)
     `replicas: 2` is one set of models per card on two GPUs. `ingress_replicas` (layout ingress): that many
     ingress replicas share one card, each model's fraction divided among them. `host_threads`: every engine's
     `intra_op_threads` (torch's CPU pool of its process). `device_pass`: frames on the device, through the whole
     pipeline a batch at a time, or stage by stage (`ingress.device_pass`); `decode_apart`: the whole pass's decode
-    on a thread of its own (`ingress.decode_apart`)."""
+    on a thread of its own (`ingress.decode_apart`); `fixed_shapes`: the torch MTCNN's fixed-shape cascade
+    (`detector.mtcnn.fixed_shapes`; false: the data-following one, fewer kernels and more host work)."""
     if replicas < 1 or ingress_replicas < 1:
         raise ValueError(f"replicas must be >= 1, not {replicas} / {ingress_replicas}")
     args = copy.deepcopy(args)
@@ -57,6 +59,8 @@ def tune(args: dict[str, Any], *, device: str, backend: str, fp16: bool, layout:
     args["ingress"]["frames_on_device"] = frames_on_device
     args["ingress"]["device_pass"] = device_pass
     args["ingress"]["decode_apart"] = decode_apart
+    if fixed_shapes != "auto":
+        args["detector"].setdefault("mtcnn", {})["fixed_shapes"] = fixed_shapes
     if frames_on_device is True and backend == "torch":  # the torch cascade takes device frames (auto: on CUDA)
         args["detector"].setdefault("mtcnn", {})["implementation"] = "torch"
     if layout == "ingress" and ingress_replicas > 1:

@@ -163,3 +163,22 @@ def test_a_kernel_trace_counts_overlapping_work_once_in_busy_and_finds_the_gaps(
     assert list(s["streams"]) == ["13", "21", "7"]
     assert s["device_ms_per_frame"] == pytest.approx(5.05)
     assert summarize([], frames=3) == {"events": 0}
+
+
+def test_the_ceiling_is_each_images_faster_cascade() -> None:
+    from bench.run import fastest_ceiling
+
+    # bench.ceiling's rows as run 13 measured them on an H100 (images/s from the kernel time per image)
+    fixed = {"images": {"face": {"kernel_ms_per_image": 1.065, "ceiling_images_per_s": 939.0},
+                        "face-many": {"kernel_ms_per_image": 5.493, "ceiling_images_per_s": 182.1}}}
+    following = {"images": {"face": {"kernel_ms_per_image": 0.705, "ceiling_images_per_s": 1418.4},
+                            "face-many": {"kernel_ms_per_image": 2.865, "ceiling_images_per_s": 349.1}}}
+    best = fastest_ceiling({"fixed_shapes": fixed, "data_following": following})
+    assert {k: (v["cascade"], v["ceiling_images_per_s"]) for k, v in best["images"].items()} == \
+        {"face": ("data_following", 1418.4), "face-many": ("data_following", 349.1)}
+    one_failed = fastest_ceiling({"fixed_shapes": fixed, "data_following": None})
+    assert one_failed["images"]["face"]["cascade"] == "fixed_shapes"
+    assert fastest_ceiling({"fixed_shapes": None, "data_following": None}) is None
+    on_cpu = {"images": {"face": {"kernel_ms_per_image": None, "ceiling_images_per_s": None}}}  # wall time only
+    assert fastest_ceiling({"fixed_shapes": on_cpu, "data_following": on_cpu})["images"]["face"]["cascade"] \
+        == "fixed_shapes"
