@@ -147,6 +147,8 @@ case "${1:-}" in
       python3 - "$O/bench-cuda-$tag.json" <<'PY' || tail -n 4 "$E/images-$tag.err"
 import json, sys
 result = json.load(open(sys.argv[1]))
+for cascade, ceiling in (result.get("ceilings") or {}).items():  # both cascades' kernel ms an image
+    print("ceiling of", cascade, {i: c.get("kernel_ms_per_image") for i, c in ((ceiling or {}).get("images") or {}).items()})
 for image, c in ((result.get("ceiling") or {}).get("images") or {}).items():  # where decode + detect's kernels go
     print("ceiling", image, c.get("cascade"), c.get("kernel_ms_per_image"), c.get("decode_detect_kernel_ms_per_image"),
           c.get("detector_frames"))
