@@ -47,6 +47,9 @@ from bench.gpus import UtilisationSampler, one_set_per_card, replicas_by_card, v
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# the user code on the replica's own (uvloop) event loop, the one its HTTP server runs on with HAProxy, instead of a
+# loop of its own on another thread (Ray 2.60's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, default 1)
+ONE_LOOP = {**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 # name -> (environment of the whole Ray cluster, config overrides)
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
@@ -69,23 +72,12 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "ingress+haproxy+x2+stages": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "device_pass": "stages"}),
     "ingress+haproxy+device-frames+stages": (HAPROXY, {"layout": "ingress", "frames_on_device": True,
                                                        "device_pass": "stages"}),
-    # the user code on the replica's own (uvloop) event loop, the one its HTTP server runs on with HAProxy, instead of
-    # a loop of its own on another thread (Ray 2.60's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, default 1)
-    "ingress+haproxy+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, {"layout": "ingress"}),
+    "ingress+haproxy+one-loop": (ONE_LOOP, {"layout": "ingress"}),
     # examples/faces_gpu.yaml: two ingress replicas sharing the card, each with its code on its own loop
-    "ingress+haproxy+x2+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                                    {"layout": "ingress", "ingress_replicas": 2}),
+    "ingress+haproxy+x2+one-loop": (ONE_LOOP, {"layout": "ingress", "ingress_replicas": 2}),
     "ingress+haproxy+x4": (HAPROXY, {"layout": "ingress", "ingress_replicas": 4}),
-    "ingress+haproxy+x3+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                                    {"layout": "ingress", "ingress_replicas": 3}),
-    "ingress+haproxy+x4+one-loop": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                                    {"layout": "ingress", "ingress_replicas": 4}),
-    # without Serve's per-request access log lines (each is formatted, written to the replica's log file and its
-    # stderr, which Ray's log monitor reads and sends to the driver: work in three processes per request)
-    "ingress+haproxy+one-loop+no-log": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                                        {"layout": "ingress", "access_log": False}),
-    "ingress+haproxy+x4+one-loop+no-log": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
-                                           {"layout": "ingress", "ingress_replicas": 4, "access_log": False}),
+    "ingress+haproxy+x3+one-loop": (ONE_LOOP, {"layout": "ingress", "ingress_replicas": 3}),
+    "ingress+haproxy+x4+one-loop": (ONE_LOOP, {"layout": "ingress", "ingress_replicas": 4}),
     # Ray's documented high-throughput mode beside HAProxy (RAY_SERVE_THROUGHPUT_OPTIMIZED=1): the user code on the
     # replica's loop (as one-loop), request-path log lines buffered (1000) and kept off stderr (so off Ray's log
     # monitor and the driver), gRPC between deployments, the garbage collector's start-up objects frozen
@@ -94,12 +86,12 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
                                       {"layout": "ingress", "ingress_replicas": 4}),
     # the data-following cascade instead of the fixed shapes (run 13, H100: half the detector's kernels a frame, 2.5-3x
     # its host CPU; the eight-face photo's pooled fixed shapes cost 5.5 against 2.9 ms of kernels an image)
-    "ingress+haproxy+x4+one-loop+data-following": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "ingress+haproxy+x4+one-loop+data-following": (ONE_LOOP,
                                                    {"layout": "ingress", "ingress_replicas": 4, "fixed_shapes": False}),
     # the whole pass's decode on a thread of its own (ingress.decode_apart) while the detector works on the batch before
-    "ingress+haproxy+x4+one-loop+decode-apart": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "ingress+haproxy+x4+one-loop+decode-apart": (ONE_LOOP,
                                                  {"layout": "ingress", "ingress_replicas": 4, "decode_apart": True}),
-    "ingress+haproxy+x2+one-loop+decode-apart": ({**HAPROXY, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "ingress+haproxy+x2+one-loop+decode-apart": (ONE_LOOP,
                                                  {"layout": "ingress", "ingress_replicas": 2, "decode_apart": True}),
     # torch's CPU pool at every core, as the engines left it on CUDA before they held it to `intra_op_threads`
     "ingress+haproxy+x2+threads16": (HAPROXY, {"layout": "ingress", "ingress_replicas": 2, "host_threads": 16}),
